@@ -1,0 +1,8 @@
+"""saelib: k-sparse (TopK) autoencoders on language-model activations.
+
+The recipe of Gao et al., "Scaling and evaluating sparse autoencoders": TopK SAEs with tied
+init, geometric-median ``b_pre``, unit-norm decoder rows, AuxK against dead latents and a
+learning rate that scales as ``1/sqrt(n_latents)``.
+"""
+
+__version__ = "0.1.0"

