@@ -1,0 +1,100 @@
+"""Sparse ops for a k-sparse autoencoder, each a custom autograd function with its backward.
+
+A TopK SAE touches only ``k`` of its ``n_latents`` rows per token, so neither the decoder nor
+the encoder's backward pass needs a dense ``(batch, n_latents)`` matrix:
+
+- ``sparse_decode(values, indices, W)``: ``out[b] = sum_j values[b, j] * W[indices[b, j]]``.
+- ``gather_preacts(x, W, b, indices, pre)``: ``pre[b, indices[b, j]]`` where
+  ``pre = x W^T + b`` was already computed without gradient (to choose the indices); the
+  gradient flows to ``x``, ``W`` and ``b`` through the chosen entries only.
+
+Both backwards write weight gradients with ``index_add`` into the rows that were touched.
+Shapes: ``values, indices (B, m)`` (``m`` = active latents per row), ``W (n_latents, d)``,
+``x (B, d)``; leading dimensions beyond one batch axis are flattened and restored.
+These are the seams where a GPU kernel (Triton) can replace the torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _rows_outer_add(n_rows: int, indices: Tensor, weights: Tensor, vectors: Tensor) -> Tensor:
+    """``G (n_rows, d)`` with ``G[indices[b, j]] += weights[b, j] * vectors[b]``."""
+    outer = (weights.unsqueeze(-1) * vectors.unsqueeze(1)).flatten(0, 1)
+    grad = vectors.new_zeros(n_rows, vectors.shape[-1])
+    return grad.index_add_(0, indices.flatten(), outer)
+
+
+def _bag_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """``(B, d)``: weighted sum of the rows ``W[indices[b]]`` with weights ``values[b]``."""
+    return F.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, W)
+        return _bag_sum(values, indices, W)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, indices, W = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            # d out[b] / d values[b, j] = W[indices[b, j]]
+            grad_values = torch.bmm(W[indices], grad_out.unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[2]:
+            grad_W = _rows_outer_add(W.shape[0], indices, values, grad_out)
+        return grad_values, None, grad_W
+
+
+class _GatherPreacts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W, indices)
+        return pre.gather(-1, indices)
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor):
+        x, W, indices = ctx.saved_tensors
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # the encoder's input gradient is a sparse decode through the encoder rows
+            grad_x = _bag_sum(grad_values, indices, W)
+        if ctx.needs_input_grad[1]:
+            grad_W = _rows_outer_add(W.shape[0], indices, grad_values, x)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_values.new_zeros(W.shape[0]).index_add_(0, indices.flatten(), grad_values.flatten())
+        return grad_x, grad_W, grad_b, None, None
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """``(..., d)``: ``sum_j values[..., j] * W[indices[..., j]]`` with a sparse backward.
+
+    Args:
+        values: ``(..., m)`` latent activations.
+        indices: ``(..., m)`` int64 latent ids, distinct within a row.
+        W: ``(n_latents, d)`` decoder rows.
+    """
+    lead = values.shape[:-1]
+    out = _SparseDecode.apply(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), W)
+    return out.reshape(*lead, W.shape[-1])
+
+
+def gather_preacts(x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
+    """``(..., m)``: the chosen pre-activations ``pre[..., indices]`` with a sparse backward.
+
+    Args:
+        x: ``(..., d)`` encoder input (already centred by ``b_pre``).
+        W: ``(n_latents, d)`` encoder rows; b: ``(n_latents,)`` encoder bias.
+        indices: ``(..., m)`` chosen latent ids.
+        pre: ``(..., n_latents)`` ``x W^T + b`` computed without gradient.
+    """
+    lead = indices.shape[:-1]
+    flat = _GatherPreacts.apply(
+        x.reshape(-1, x.shape[-1]), W, b, indices.reshape(-1, indices.shape[-1]), pre.reshape(-1, pre.shape[-1])
+    )
+    return flat.reshape(*lead, indices.shape[-1])

@@ -1,0 +1,413 @@
+"""The sparse autoencoder of Gao et al. (2024) and the variants it is compared with.
+
+Maths (rows of ``W_enc`` and ``W_dec`` are latents; shapes in brackets)::
+
+    pre     = W_enc (x - b_pre) + b_enc            (B, n_latents)   W_enc (n_latents, d_in)
+    z       = ReLU(select(pre))                    (B, k) values + indices
+    x_hat   = W_dec^T z + b_pre                    (B, d_in)        W_dec (n_latents, d_in)
+
+``select`` is the architecture (the ``arch`` config field, never inferred from a class name):
+
+- ``"topk"``: keep the ``k`` largest pre-activations per token (the paper's TopK).
+- ``"multitopk"``: trained with ``L(k) + L(4k) / 8`` so that any ``k' <= 4k`` decodes well
+  (``encode(x, k=k')``), a progressive code.
+- ``"batchtopk"``: keep the ``k * B`` largest over the whole batch while training; at
+  inference (``sae.eval()``) a global threshold estimated during training (running average of
+  the smallest kept activation) replaces it, so L0 varies per token.
+- ``"relu"``: the ReLU + L1 baseline, ``z = ReLU(pre)``, penalty ``l1_coef * sum z``. The
+  decoder rows stay unit norm (like every arch here), which makes ``sum z`` equal to the
+  "L1 times decoder row norm" penalty: the optimiser cannot shrink ``z`` by growing rows, and
+  all archs share one decoder constraint.
+
+Any SAE can be given an inference-time JumpReLU-style threshold,
+``sae.set_threshold_for_l0(x, l0)``: then ``z = pre * (pre > threshold)`` with a single global
+threshold chosen to hit the target L0 on a sample.
+
+The SAE works on normalised activations; ``sae.normalizer`` maps raw activations to that scale
+and back (``sae.normalizer.invert(x_hat)`` before splicing into the LM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .kernels import gather_preacts, sparse_decode
+from .normalize import Normalizer
+
+ARCHS = ("topk", "multitopk", "batchtopk", "relu")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "sae.safetensors"
+# running-average weight of each batch's smallest kept activation (BatchTopK threshold)
+BATCHTOPK_THRESHOLD_MOMENTUM = 0.99
+
+
+@dataclass(frozen=True)
+class Latents:
+    """Sparse latent code: ``values`` and ``indices`` of shape ``(..., m)`` each.
+
+    ``m`` is ``k`` for TopK; for threshold, BatchTopK and ReLU codes ``m`` is the largest
+    number of active latents in the batch and shorter rows are padded with ``value == 0``.
+    Unpacks as ``values, indices = latents``.
+    """
+
+    values: Tensor
+    indices: Tensor
+    n_latents: int | None = None
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.values, self.indices))
+
+    def to_dense(self, n_latents: int | None = None) -> Tensor:
+        """``(..., n_latents)`` dense code (differentiable in ``values``)."""
+        n = n_latents or self.n_latents
+        if n is None:
+            raise ValueError("Latents.to_dense needs n_latents: pass it, or build Latents with n_latents set.")
+        dense = self.values.new_zeros(*self.values.shape[:-1], n)
+        return dense.scatter(-1, self.indices, self.values)
+
+    def l0(self) -> Tensor:
+        """Mean number of non-zero latents per token (a scalar)."""
+        return (self.values > 0).sum(-1).float().mean()
+
+
+class ForwardOutput(NamedTuple):
+    """What ``sae(x)`` returns. Losses are scalars on the normalised scale."""
+
+    x_hat: Tensor  # (..., d_in)
+    latents: Latents
+    loss: Tensor  # nmse + multik_nmse / 8 + auxk_coef * auxk_loss + l1_coef * l1
+    nmse: Tensor  # ||x - x_hat||^2 / ||x - mean(x)||^2 over the batch
+    auxk_loss: Tensor  # NMSE of the dead latents' reconstruction of the residual (0 if none dead)
+    multik_nmse: Tensor  # NMSE at 4k for multitopk, else 0
+    l1: Tensor  # mean over tokens of sum z (the relu penalty), reported for every arch
+    l0: Tensor  # mean active latents per token
+
+
+def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Normalised MSE over a batch: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
+    x = x.reshape(-1, x.shape[-1])
+    return (x - x_hat.reshape(x.shape)).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def _check_size(name: str, value, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}.")
+
+
+class TopKSAE(nn.Module):
+    """A k-sparse autoencoder (and its variants, chosen by ``arch``).
+
+    Args:
+        d_in: activation width.
+        n_latents: dictionary size ``n``.
+        k: active latents per token (TopK/Multi-TopK/BatchTopK); ``None`` is allowed for
+            ``arch="relu"``, whose L0 is set by ``l1_coef`` instead.
+        arch: one of ``"topk"``, ``"multitopk"``, ``"batchtopk"``, ``"relu"``.
+        tied_init: ``W_enc = W_dec`` at init (the paper); ``False`` draws an independent
+            random encoder (the dead-latent ablation).
+        normalizer: the map from raw activations to the SAE's scale (identity if ``None``).
+        metadata: free-form provenance (model, layer, site, context length, corpus...),
+            saved in ``config.json``.
+        generator: seeds the random init.
+
+    Parameters: ``W_enc (n_latents, d_in)``, ``b_enc (n_latents,)``, ``W_dec (n_latents,
+    d_in)`` with unit-norm rows, ``b_pre (d_in,)``. Buffers: ``normalizer_mean (d_in,)``,
+    ``threshold ()`` (NaN when unset).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int | None,
+        *,
+        arch: str = "topk",
+        tied_init: bool = True,
+        normalizer: Normalizer | None = None,
+        metadata: dict | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}.")
+        _check_size("d_in", d_in, "pass the activation width")
+        _check_size("n_latents", n_latents, "pass the dictionary size")
+        if not (arch == "relu" and k is None):
+            _check_size("k", k, "pass the number of active latents per token, 1 <= k <= n_latents")
+            if k > n_latents:
+                raise ValueError(f"k={k} is larger than n_latents={n_latents}; choose k <= n_latents.")
+        if arch == "multitopk" and 4 * k > n_latents:
+            raise ValueError(f"multitopk trains with 4k={4 * k} latents but n_latents={n_latents}; choose k <= n_latents / 4.")
+        self.d_in, self.n_latents, self.k, self.arch = d_in, n_latents, k, arch
+        self.metadata = dict(metadata or {})
+        normalizer = normalizer or Normalizer.identity(d_in)
+        if normalizer.mean.shape != (d_in,):
+            raise ValueError(f"normalizer.mean has shape {tuple(normalizer.mean.shape)}, expected ({d_in},) for d_in={d_in}.")
+        self.normalizer_scale = float(normalizer.scale)
+
+        W_dec = torch.randn(n_latents, d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_enc = W_dec.clone() if tied_init else F.normalize(torch.randn(n_latents, d_in, generator=generator), dim=1)
+        self.W_enc = nn.Parameter(W_enc)
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_pre = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("normalizer_mean", normalizer.mean.detach().float().clone())
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    @property
+    def normalizer(self) -> Normalizer:
+        """Raw activations <-> this SAE's scale (``apply`` / ``invert``)."""
+        return Normalizer(self.normalizer_mean, self.normalizer_scale)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}"
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"Input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}.")
+
+    def _preacts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x - b_pre, pre)``; ``pre = W_enc (x - b_pre) + b_enc`` without gradient."""
+        self._check_input(x)
+        x_c = x - self.b_pre
+        with torch.no_grad():
+            pre = F.linear(x_c, self.W_enc, self.b_enc)
+        return x_c, pre
+
+    def _latents(self, x_c: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None) -> Latents:
+        """ReLU of the chosen pre-activations, differentiable through the sparse kernel."""
+        values = F.relu(gather_preacts(x_c, self.W_enc, self.b_enc, indices, pre))
+        if keep is not None:
+            values = values * keep
+        return Latents(values, indices, self.n_latents)
+
+    def _masked(self, x_c: Tensor, pre: Tensor, mask: Tensor) -> Latents:
+        """Latents for an arbitrary boolean ``mask (..., n_latents)``, rows padded with zeros."""
+        width = max(int(mask.sum(-1).max()), 1) if mask.numel() else 1
+        chosen = pre.masked_fill(~mask, float("-inf")).topk(width, dim=-1)
+        return self._latents(x_c, pre, chosen.indices, mask.gather(-1, chosen.indices))
+
+    def _topk(self, x_c: Tensor, pre: Tensor, k: int) -> Latents:
+        return self._latents(x_c, pre, pre.topk(k, dim=-1).indices)
+
+    def _batchtopk(self, x_c: Tensor, pre: Tensor) -> Latents:
+        flat = F.relu(pre).flatten()
+        kept = flat.topk(min(self.k * (flat.numel() // self.n_latents), flat.numel()))
+        mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept.indices, True) & (flat > 0)
+        if self.training and bool(mask.any()):
+            smallest = kept.values[kept.values > 0].min()
+            if torch.isnan(self.threshold):
+                self.threshold.copy_(smallest)
+            else:
+                self.threshold.lerp_(smallest, 1 - BATCHTOPK_THRESHOLD_MOMENTUM)
+        return self._masked(x_c, pre, mask.view_as(pre))
+
+    def _select(self, x_c: Tensor, pre: Tensor, k: int | None) -> Latents:
+        if k is not None:
+            _check_size("k", k, "pass the number of active latents per token")
+            if k > self.n_latents:
+                raise ValueError(f"k={k} is larger than n_latents={self.n_latents}; choose k <= n_latents.")
+            return self._topk(x_c, pre, k)
+        if self.arch == "batchtopk" and (self.training or torch.isnan(self.threshold)):
+            return self._batchtopk(x_c, pre)
+        if not torch.isnan(self.threshold):
+            return self._masked(x_c, pre, pre > self.threshold)
+        if self.arch == "relu":
+            return self._masked(x_c, pre, pre > 0)
+        return self._topk(x_c, pre, self.k)
+
+    def encode(self, x: Tensor, k: int | None = None) -> Latents:
+        """``(..., d_in)`` -> ``Latents`` of shape ``(..., m)``.
+
+        ``k`` overrides the arch with a per-token TopK of that size (for multitopk any
+        ``k <= 4 * sae.k`` is what it was trained for). Otherwise a threshold set by
+        ``set_threshold_for_l0`` applies, then the arch's own rule.
+        """
+        x_c, pre = self._preacts(x)
+        return self._select(x_c, pre, k)
+
+    def decode(self, z: Latents | Tensor) -> Tensor:
+        """``Latents`` (sparse decode, sparse backward) or dense ``(..., n_latents)`` -> ``(..., d_in)``."""
+        if isinstance(z, Latents):
+            return sparse_decode(z.values, z.indices, self.W_dec) + self.b_pre
+        if z.shape[-1] != self.n_latents:
+            raise ValueError(f"Dense code has last dimension {z.shape[-1]} but this SAE has n_latents={self.n_latents}.")
+        return z @ self.W_dec + self.b_pre
+
+    # ---- training loss --------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        *,
+        k_aux: int | None = None,
+        auxk_coef: float = 1 / 32,
+        l1_coef: float = 0.0,
+    ) -> ForwardOutput:
+        """Reconstruct ``x (B, d_in)`` and compute the loss terms.
+
+        Args:
+            dead_mask: ``(n_latents,)`` bool, latents counted as dead; enables AuxK: the top
+                ``k_aux`` dead pre-activations reconstruct the detached residual ``x - x_hat``.
+            k_aux: AuxK width, default ``min(512, d_in // 2)``.
+            auxk_coef: weight of the AuxK loss (the paper: 1/32).
+            l1_coef: weight of the L1 penalty (only meaningful for ``arch="relu"``).
+        """
+        x_c, pre = self._preacts(x)
+        zero = x.new_zeros(())
+        if self.arch == "relu" and torch.isnan(self.threshold):
+            z = F.relu(F.linear(x_c, self.W_enc, self.b_enc))  # dense: early ReLU codes are not sparse
+            x_hat = self.decode(z)
+            with torch.no_grad():
+                latents = self._masked(x_c, pre, pre > 0)
+            l1 = z.sum(-1).mean()
+        else:
+            if self.arch == "multitopk":  # top-4k, sorted: its first k columns are the top-k
+                wide = self._topk(x_c, pre, 4 * self.k)
+                latents = Latents(wide.values[..., : self.k], wide.indices[..., : self.k], self.n_latents)
+            else:
+                latents = self._select(x_c, pre, None)
+            x_hat = self.decode(latents)
+            l1 = latents.values.sum(-1).mean()
+        loss_nmse = nmse(x, x_hat)
+        multik = nmse(x, self.decode(wide)) if self.arch == "multitopk" else zero
+        auxk = zero
+        if dead_mask is not None and bool(dead_mask.any()):
+            k_aux = min(k_aux or min(512, self.d_in // 2), int(dead_mask.sum()))
+            dead = self._topk(x_c, pre.masked_fill(~dead_mask, float("-inf")), k_aux)
+            residual = (x - x_hat).detach()
+            auxk = nmse(residual, sparse_decode(dead.values, dead.indices, self.W_dec))
+        loss = loss_nmse + multik / 8 + auxk_coef * auxk + l1_coef * l1
+        return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
+
+    # ---- decoder constraint ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Project out of ``W_dec.grad`` the component along each (unit) decoder row."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Make decoder rows unit norm without changing ReLU/threshold reconstructions.
+
+        Latent ``i`` with row norm ``s`` becomes ``s * z_i`` against the row ``W_dec[i] / s``
+        (encoder row and bias scaled by ``s``). Used on EMA weights, whose rows drift from 1.
+        """
+        s = self.W_dec.norm(dim=-1).clamp_min(1e-12)
+        self.W_dec /= s[:, None]
+        self.W_enc *= s[:, None]
+        self.b_enc *= s
+
+    # ---- inference threshold --------------------------------------------------------------
+
+    def set_threshold(self, value: float | None) -> None:
+        """Set (or clear with ``None``) the global inference threshold."""
+        self.threshold.fill_(float("nan") if value is None else float(value))
+
+    @torch.no_grad()
+    def set_threshold_for_l0(self, x: Tensor, l0: float) -> float:
+        """Choose the global threshold that gives mean L0 ``l0`` on the sample ``x (N, d_in)``.
+
+        Returns the threshold; from then on ``encode`` keeps ``pre > threshold`` (JumpReLU-style).
+        """
+        if not 0 < l0 <= self.n_latents:
+            raise ValueError(f"target L0 must be in (0, n_latents={self.n_latents}], got {l0}.")
+        _, pre = self._preacts(x.reshape(-1, self.d_in))
+        flat = pre.flatten()
+        n_keep = min(max(int(round(l0 * pre.shape[0])), 1), flat.numel() - 1)
+        value = max(float(flat.topk(n_keep + 1).values[-1]), 0.0)
+        self.set_threshold(value)
+        return value
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """What ``config.json`` holds: everything but the tensors."""
+        from . import __version__
+
+        return {
+            "arch": self.arch,
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "normalizer_scale": self.normalizer_scale,
+            "metadata": self.metadata,
+            "saelib_version": __version__,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/config.json`` and ``path/sae.safetensors``, each atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        text = json.dumps(self.config(), indent=2)
+        _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        return path
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, target)
+
+
+def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "W_enc": (n_latents, d_in),
+        "b_enc": (n_latents,),
+        "W_dec": (n_latents, d_in),
+        "b_pre": (d_in,),
+        "normalizer_mean": (d_in,),
+        "threshold": (),
+    }
+
+
+def load(path: str | os.PathLike) -> TopKSAE:
+    """Load an SAE folder written by ``sae.save``; errors name the file and the value at fault."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No SAE folder at {path}; pass a folder written by sae.save (config.json + sae.safetensors).")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing; an SAE folder needs both {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+        d_in, n_latents, k, arch = (config[key] for key in ("d_in", "n_latents", "k", "arch"))
+    except (json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{path / CONFIG_FILE} is not a valid SAE config ({error!r}); it needs d_in, n_latents, k and arch.") from None
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    for name, shape in expected_shapes(d_in, n_latents).items():
+        if name not in tensors:
+            raise ValueError(f"{path / WEIGHTS_FILE} has no tensor {name!r}; the file is incomplete or not an saelib SAE.")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{path / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)} but {CONFIG_FILE} "
+                f"(d_in={d_in}, n_latents={n_latents}) implies {shape}."
+            )
+    normalizer = Normalizer(tensors["normalizer_mean"], float(config.get("normalizer_scale", 1.0)))
+    sae = TopKSAE(d_in, n_latents, k, arch=arch, normalizer=normalizer, metadata=config.get("metadata"))
+    sae.load_state_dict(tensors)
+    return sae.eval()
+
