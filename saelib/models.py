@@ -168,8 +168,10 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LM
         device: where to put it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     source = _embedded_folder(name) if name in EMBEDDED else name
+    transformers_logging.disable_progress_bar()  # one bar per shard read is noise in notebooks
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

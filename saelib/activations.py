@@ -1,0 +1,456 @@
+"""Activations: hook a site of a language model with nnsight, filter outlier tokens, cache and shuffle.
+
+Pipeline: packed contexts ``(n_ctx, T)`` -> :func:`extract` (one forward per batch, stopped
+after the last hooked layer) -> :func:`keep_mask` (drop position 0, special tokens and norm
+outliers) -> either :func:`build_cache` (sharded safetensors on disk, resumable) and
+:class:`CachedSource` (shuffled, normalised training batches), or :func:`shuffle` (a bounded
+shuffling buffer over a live stream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .models import LM, SITES
+from .normalize import Normalizer
+from .paths import cache_dir
+
+CACHE_FORMAT = 1
+# Execution order of the sites inside one decoder block: nnsight must be asked for them in it.
+_SITE_ORDER = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
+
+
+def _site_output(envoy, lm: LM, layer: int, site: str):
+    """The nnsight proxy of the output of ``site`` at ``layer``."""
+    for part in lm.site_module_path(layer, site).split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    out = envoy.output
+    # Attention (and, before transformers 5, decoder blocks) return (hidden, ...) tuples.
+    return out[0] if isinstance(out, tuple) else out
+
+
+def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post", batch_size: int = 64,
+            stop_early: bool = True, progress: bool = True) -> Iterator[tuple[int, dict[int, Tensor]]]:
+    """Run the LM over contexts and yield the activations at ``site`` of each layer.
+
+    Args:
+        lm: a loaded :class:`~saelib.models.LM`.
+        contexts: ``(n_ctx, T)`` token ids.
+        layers: decoder layers to read, all in one forward pass.
+        site: ``"resid_post"``, ``"mlp_out"`` or ``"attn_out"``.
+        batch_size: contexts per forward pass.
+        stop_early: stop the forward after the last hooked layer (later layers and the LM head
+            are never computed); ``False`` runs the full model, for comparison.
+
+    Yields:
+        ``(start, {layer: (b, T, d_model) float32})`` where ``start`` is the index of the first
+        context of the batch.
+    """
+    if site not in SITES:
+        raise ValueError(f"Unknown site {site!r}; choose one of {', '.join(SITES)}.")
+    layers = sorted(set(layers))
+    for layer in layers:
+        lm.check_layer(layer)
+    if contexts.shape[-1] > lm.max_context:
+        raise ValueError(f"Context length {contexts.shape[-1]} exceeds what {lm.name} allows ({lm.max_context} tokens).")
+    from nnsight import NNsight
+
+    model = NNsight(lm.model)
+    bar = tqdm(total=contexts.numel(), unit="tok", desc=f"activations L{','.join(map(str, layers))} {site}",
+               disable=not progress, leave=False)
+    with torch.inference_mode():
+        for start in range(0, len(contexts), batch_size):
+            ids = contexts[start:start + batch_size].to(lm.model.device)
+            saved = {}
+            with model.trace(ids) as tracer:
+                for layer in layers:
+                    saved[layer] = _site_output(model, lm, layer, site).save()
+                if stop_early:
+                    tracer.stop()
+            acts = {layer: t.float().cpu() for layer, t in saved.items()}
+            for layer, a in acts.items():
+                if not torch.isfinite(a).all():
+                    raise ValueError(f"NaN/Inf in the activations of layer {layer} {site}, batch of contexts "
+                                     f"{start}-{start + len(ids) - 1}; the model or its inputs are broken.")
+            bar.update(ids.numel())
+            yield start, acts
+    bar.close()
+
+
+@dataclass
+class Exclusion:
+    """Which tokens to leave out of training and metrics (they are never changed when splicing).
+
+    Attributes:
+        first_position: drop position 0 of every context (an attention sink with a huge norm).
+        special_tokens: drop the tokenizer's special tokens (e.g. the separator between packed
+            documents: under 1% of tokens, 99% of the squared norm at SmolLM2's layer 12).
+        outlier_factor: drop tokens whose norm exceeds this many times the batch's median norm
+            (``None`` keeps them).
+    """
+
+    first_position: bool = True
+    special_tokens: bool = True
+    outlier_factor: float | None = 10.0
+
+
+def keep_mask(ids: Tensor, acts: Tensor, special_ids: list[int], rule: Exclusion = Exclusion()) -> tuple[Tensor, dict[str, int]]:
+    """Which tokens to keep.
+
+    Args:
+        ids: ``(b, T)`` token ids.
+        acts: ``(b, T, d)`` their activations.
+        special_ids: ids of the tokenizer's special tokens.
+
+    Returns:
+        ``(b, T)`` bool mask and how many tokens each rule dropped (a token counts once, under
+        the first rule that drops it: first position, then special token, then outlier).
+    """
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    dropped = {"first_position": 0, "special_token": 0, "outlier": 0}
+    if rule.first_position:
+        dropped["first_position"] = int(keep[:, 0].sum())
+        keep[:, 0] = False
+    if rule.special_tokens and special_ids:
+        special = torch.isin(ids, torch.tensor(special_ids, device=ids.device)) & keep
+        dropped["special_token"] = int(special.sum())
+        keep &= ~special
+    if rule.outlier_factor is not None and keep.any():
+        norms = acts.norm(dim=-1)
+        outlier = (norms > rule.outlier_factor * norms[keep].median()) & keep
+        dropped["outlier"] = int(outlier.sum())
+        keep &= ~outlier
+    return keep, dropped
+
+
+@dataclass
+class CacheKey:
+    """Everything that determines a cache's contents; caches are found and checked by it."""
+
+    model: str
+    layer: int
+    site: str
+    corpus: str
+    split: str
+    ctx_len: int
+    max_tokens: int | None
+    val_fraction: float = 0.1
+    exclusion: dict = field(default_factory=lambda: asdict(Exclusion()))
+    format: int = CACHE_FORMAT
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def folder_name(self) -> str:
+        safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))[-40:]  # noqa: E731
+        return f"{safe(self.model)}-L{self.layer}-{self.site}-{safe(self.corpus)}-{self.split}-{self.digest()}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class ActivationCache:
+    """An on-disk activation cache: ``manifest.json``, ``contexts.safetensors`` and shards.
+
+    Each shard ``shard_XXXXX.safetensors`` holds ``acts`` ``(rows, d)`` float32 and ``index``
+    ``(rows,)`` int64 (flat token index ``context * T + position`` into ``contexts``). Shards
+    are written atomically and recorded in the manifest with their row count and SHA-256, so
+    an interrupted build resumes after the last recorded shard and corruption is detected.
+    """
+
+    def __init__(self, folder: str | Path, key: CacheKey | None = None):
+        self.folder = Path(folder)
+        self.manifest_path = self.folder / "manifest.json"
+        if self.manifest_path.exists():
+            self.manifest = json.loads(self.manifest_path.read_text())
+            if key is not None and self.manifest["key"] != asdict(key):
+                diff = {k: (v, self.manifest["key"].get(k)) for k, v in asdict(key).items() if self.manifest["key"].get(k) != v}
+                raise ValueError(f"The activation cache at {self.folder} was built for another configuration "
+                                 f"(wanted vs found: {diff}); delete it or point to another folder.")
+        elif key is None:
+            raise FileNotFoundError(f"No activation cache at {self.folder} (no manifest.json).")
+        else:
+            self.manifest = {"key": asdict(key), "shards": [], "complete": False,
+                             "dropped": {"first_position": 0, "special_token": 0, "outlier": 0}, "total_tokens": 0}
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest["complete"]
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s["rows"] for s in self.manifest["shards"])
+
+    @property
+    def d_in(self) -> int:
+        return self.manifest["d_in"]
+
+    @property
+    def normalizer(self) -> Normalizer:
+        if "normalizer" not in self.manifest:
+            raise ValueError(f"The activation cache at {self.folder} is not complete; build it first.")
+        return Normalizer.from_dict(self.manifest["normalizer"])
+
+    def contexts(self) -> Tensor:
+        """``(n_ctx, T)`` token ids the cache was extracted from."""
+        return load_file(self.folder / "contexts.safetensors")["contexts"]
+
+    def shard(self, i: int, verify: bool = False) -> dict[str, Tensor]:
+        """Shard ``i`` as ``{"acts": (rows, d), "index": (rows,)}``."""
+        entry = self.manifest["shards"][i]
+        path = self.folder / entry["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"Activation cache shard {path} is missing; delete {self.folder} and extract again.")
+        if verify and _sha256(path) != entry["sha256"]:
+            raise ValueError(f"Activation cache shard {path} is corrupt (checksum mismatch); delete {self.folder} and extract again.")
+        try:
+            data = load_file(path)
+        except Exception as e:
+            raise ValueError(f"Activation cache shard {path} cannot be read ({e}); delete {self.folder} and extract again.") from e
+        if data["acts"].shape[0] != entry["rows"]:
+            raise ValueError(f"Activation cache shard {path} has {data['acts'].shape[0]} rows, the manifest says {entry['rows']}.")
+        return data
+
+    def verify(self) -> None:
+        """Check every shard against its recorded checksum."""
+        for i in range(len(self.manifest["shards"])):
+            self.shard(i, verify=True)
+
+    def all_rows(self) -> Tensor:
+        """Every cached row, ``(n_rows, d)``, in extraction order."""
+        return torch.cat([self.shard(i)["acts"] for i in range(len(self.manifest["shards"]))])
+
+
+def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, rule: Exclusion = Exclusion(),
+                batch_size: int = 64, shard_contexts: int = 256, progress: bool = True,
+                stop_after_shards: int | None = None) -> dict[int, ActivationCache]:
+    """Extract activations of several layers in one pass into one cache per layer; resume if interrupted.
+
+    Args:
+        lm, contexts, layers, site, rule, batch_size: as in :func:`extract` / :func:`keep_mask`.
+        key_of: ``layer -> CacheKey``; the cache lives in ``$SAELIB_HOME/activations/<key folder>``.
+        shard_contexts: contexts per shard (the unit of resumption).
+        stop_after_shards: stop after writing this many new shards (to test interruption).
+
+    Returns:
+        ``{layer: ActivationCache}``, complete unless stopped early.
+    """
+    for layer in layers:
+        lm.site_module_path(layer, site)  # fails early, with the valid choices, on a bad layer or site
+    if contexts.shape[-1] > lm.max_context:
+        raise ValueError(f"Context length {contexts.shape[-1]} exceeds what {lm.name} allows ({lm.max_context} tokens).")
+    caches = {}
+    for layer in layers:
+        key = key_of(layer)
+        folder = cache_dir("activations") / key.folder_name()
+        caches[layer] = ActivationCache(folder, key)
+    todo = [c for c in caches.values() if not c.complete]
+    if not todo:
+        return caches
+    done = {len(c.manifest["shards"]) for c in todo}
+    if len(done) != 1:  # layers got out of step (e.g. one was deleted): rebuild them separately
+        for layer, c in caches.items():
+            if not c.complete:
+                build_cache(lm, contexts, [layer], site, key_of, rule, batch_size, shard_contexts, progress)
+        return {layer: ActivationCache(c.folder) for layer, c in caches.items()}
+    first_shard = done.pop()
+    for c in todo:
+        c.folder.mkdir(parents=True, exist_ok=True)
+        if not (c.folder / "contexts.safetensors").exists():
+            save_file({"contexts": contexts.contiguous()}, c.folder / "contexts.safetensors")
+    written = 0
+    n_shards = -(-len(contexts) // shard_contexts)
+    for s in tqdm(range(first_shard, n_shards), desc="caching activations", unit="shard", disable=not progress,
+                  initial=first_shard, total=n_shards):
+        lo, hi = s * shard_contexts, min((s + 1) * shard_contexts, len(contexts))
+        chunk = contexts[lo:hi]
+        parts = {layer: {"acts": [], "index": []} for layer in layers}
+        for start, acts in extract(lm, chunk, layers, site, batch_size, progress=False):
+            ids = chunk[start:start + batch_size]
+            flat = (torch.arange(lo + start, lo + start + len(ids))[:, None] * contexts.shape[1]
+                    + torch.arange(contexts.shape[1])[None, :])
+            for layer in layers:
+                keep, dropped = keep_mask(ids, acts[layer], lm.special_ids, rule)
+                parts[layer]["acts"].append(acts[layer][keep])
+                parts[layer]["index"].append(flat[keep])
+                for name, count in dropped.items():
+                    caches[layer].manifest["dropped"][name] += count
+        for layer in layers:
+            c = caches[layer]
+            a, idx = torch.cat(parts[layer]["acts"]), torch.cat(parts[layer]["index"])
+            name = f"shard_{s:05d}.safetensors"
+            tmp = c.folder / f".{name}.tmp"
+            save_file({"acts": a.contiguous(), "index": idx.contiguous()}, tmp)
+            os.replace(tmp, c.folder / name)
+            c.manifest["shards"].append({"file": name, "rows": len(a), "contexts": [lo, hi], "sha256": _sha256(c.folder / name)})
+            c.manifest["d_in"] = a.shape[1]
+            c.manifest["total_tokens"] += chunk.numel()
+            _write_json(c.manifest_path, c.manifest)
+        written += 1
+        if stop_after_shards is not None and written >= stop_after_shards and s + 1 < n_shards:
+            return caches
+    for c in caches.values():
+        if not c.complete:
+            if c.n_rows == 0:
+                raise ValueError(f"Every token of the corpus was excluded as an outlier or special token; check the exclusion rule {rule}.")
+            c.manifest["normalizer"] = _streaming_normalizer(c).to_dict()
+            c.manifest["complete"] = True
+            _write_json(c.manifest_path, c.manifest)
+    return caches
+
+
+def _streaming_normalizer(cache: ActivationCache) -> Normalizer:
+    """Mean and scale over all rows of a cache, one shard at a time, in float64."""
+    total, sumsq, n = None, 0.0, 0
+    for i in range(len(cache.manifest["shards"])):
+        a = cache.shard(i)["acts"].double()
+        total = a.sum(0) if total is None else total + a.sum(0)
+        sumsq += a.pow(2).sum().item()
+        n += len(a)
+    mean = total / n
+    scale = (sumsq / n - mean.pow(2).sum().item()) ** 0.5
+    return Normalizer(mean.float(), float(scale))
+
+
+class CachedSource:
+    """Shuffled, normalised training batches from an :class:`ActivationCache` (a ``BatchSource``).
+
+    Every epoch visits each row once, in an order fixed by ``(seed, epoch)``: shards are
+    permuted, then grouped so that a group fits in ``memory_gb``; rows are shuffled within a
+    group (with the default budget, a corpus of a few million tokens is one group: a full
+    shuffle across all contexts).
+    """
+
+    def __init__(self, cache: ActivationCache, normalizer: Normalizer | None = None, memory_gb: float = 4.0):
+        if not cache.complete:
+            raise ValueError(f"The activation cache at {cache.folder} is incomplete; finish building it first.")
+        self.cache = cache
+        self.normalizer = cache.normalizer if normalizer is None else normalizer
+        self.d_in = cache.d_in
+        self.n_tokens = cache.n_rows
+        rows = [s["rows"] for s in cache.manifest["shards"]]
+        row_bytes = 4 * self.d_in
+        self.group_rows = max(max(rows), int(memory_gb * 2**30 / row_bytes))
+        self._resident: tuple | None = None  # (shard ids, rows) of the last group loaded
+
+    def _groups(self, order: list[int]) -> list[list[int]]:
+        groups, current, size = [], [], 0
+        for i in order:
+            r = self.cache.manifest["shards"][i]["rows"]
+            if current and size + r > self.group_rows:
+                groups.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += r
+        return groups + [current] if current else groups
+
+    def _load(self, shard_ids: list[int]) -> Tensor:
+        key = tuple(sorted(shard_ids))
+        if self._resident is None or self._resident[0] != key:
+            self._resident = (key, torch.cat([self.cache.shard(i)["acts"] for i in key]))
+        return self._resident[1]
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        """One epoch of ``(batch_size, d_in)`` normalised batches, skipping the first ``start``."""
+        if batch_size > self.n_tokens:
+            raise ValueError(f"Batch size {batch_size} is larger than the {self.n_tokens} cached tokens; use a smaller batch or more data.")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.cache.manifest["shards"]), generator=g).tolist()
+        emitted = 0
+        for group in self._groups(order):
+            n_rows = sum(self.cache.manifest["shards"][i]["rows"] for i in group)
+            perm = torch.randperm(n_rows, generator=g)  # drawn even when skipped: keeps `g` in step
+            n_full = n_rows // batch_size  # batches stay inside a group; its last partial one is dropped
+            if emitted + n_full <= start:
+                emitted += n_full
+                continue
+            rows = self._load(group)
+            for b in range(n_full):
+                if emitted >= start:
+                    yield self.normalizer.apply(rows[perm[b * batch_size:(b + 1) * batch_size]])
+                emitted += 1
+
+
+def shuffle(batches: Iterable[Tensor], batch_size: int, capacity: int = 262_144, seed: int = 0) -> Iterator[Tensor]:
+    """A shuffling buffer over a stream of ``(n_i, d)`` row blocks, with bounded memory.
+
+    Rows accumulate until ``capacity``; the buffer is then shuffled and its first half is
+    emitted as ``(batch_size, d)`` batches, so each batch mixes tokens from many contexts.
+    The stream's tail is shuffled and emitted the same way (last partial batch dropped).
+    """
+    if capacity < 2 * batch_size:
+        raise ValueError(f"Shuffle capacity {capacity} must be at least twice the batch size {batch_size}.")
+    g = torch.Generator().manual_seed(seed)
+    buffer: list[Tensor] = []
+    size = 0
+
+    def drain(rows: Tensor, n_out: int) -> Iterator[Tensor]:
+        for b in range(n_out // batch_size):
+            yield rows[b * batch_size:(b + 1) * batch_size]
+
+    for block in batches:
+        buffer.append(block)
+        size += len(block)
+        if size >= capacity:
+            rows = torch.cat(buffer)
+            rows = rows[torch.randperm(len(rows), generator=g)]
+            half = (len(rows) // 2) // batch_size * batch_size
+            yield from drain(rows, half)
+            buffer, size = [rows[half:]], len(rows) - half
+    if buffer:
+        rows = torch.cat(buffer)
+        yield from drain(rows[torch.randperm(len(rows), generator=g)], len(rows))
+
+
+def stream(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", rule: Exclusion = Exclusion(),
+           batch_size: int = 64, progress: bool = True) -> Iterator[Tensor]:
+    """Live activations of one layer, outlier tokens removed: ``(n_kept, d)`` per forward pass."""
+    for start, acts in extract(lm, contexts, [layer], site, batch_size, progress=progress):
+        keep, _ = keep_mask(contexts[start:start + batch_size], acts[layer], lm.special_ids, rule)
+        yield acts[layer][keep]
+
+
+def cached_activations(model: str, layer: int | list[int], site: str = "resid_post", corpus: str = "wikipedia",
+                       split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
+                       val_fraction: float = 0.1, rule: Exclusion = Exclusion(), lm: LM | None = None,
+                       progress: bool = True) -> ActivationCache | dict[int, ActivationCache]:
+    """The activation cache of a model/layer/site/corpus/split, extracted on first use.
+
+    The language model is loaded only when something is left to extract. With a list of
+    layers, all are extracted in one forward pass and a ``{layer: cache}`` dict is returned.
+    """
+    layers = [layer] if isinstance(layer, int) else list(layer)
+
+    def key_of(L: int) -> CacheKey:
+        return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule))
+
+    caches = {L: ActivationCache(cache_dir("activations") / key_of(L).folder_name(), key_of(L)) for L in layers}
+    if not all(c.complete for c in caches.values()):
+        from . import data
+        from .models import load_lm
+
+        lm = lm or load_lm(model)
+        ctx = data.contexts(corpus, lm.tokenizer, split, ctx_len, max_tokens, val_fraction)
+        caches = build_cache(lm, ctx, layers, site, key_of, rule, progress=progress)
+    return caches[layer] if isinstance(layer, int) else caches

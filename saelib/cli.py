@@ -1,0 +1,108 @@
+"""The ``saelib`` command line (also ``python -m saelib``).
+
+    saelib extract [--preset P] [--model M --corpus C --layer L --site S ...]
+    saelib train   [--config FILE] [--preset ci|demo|full] [--model M --corpus C --layer L --site S
+                    --n-latents N --k K --tokens T --seed S ...] --out RUN
+
+Errors in the user's input end with one sentence on standard error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import config
+
+# flag -> (type, help); flags map to config keys with dashes turned into underscores
+DATA_FLAGS = {
+    "model": (str, "embedded name (smollm2-135m), Hugging Face name or local folder"),
+    "corpus": (str, "embedded name (wikipedia), a datasets name, or a local .txt/.jsonl file"),
+    "layer": (int, "decoder layer to hook (0-based)"),
+    "site": (str, "resid_post, mlp_out or attn_out"),
+    "ctx-len": (int, "tokens per context (the paper: 64)"),
+    "max-tokens": (int, "tokens of the train split to extract (default: all)"),
+}
+TRAIN_FLAGS = {
+    "n-latents": (int, "number of latents n"),
+    "k": (int, "active latents per token"),
+    "arch": (str, "topk, relu, multi_topk or batch_topk"),
+    "tokens": (int, "training budget in tokens (default: epochs x extracted tokens)"),
+    "epochs": (float, "training budget in passes over the extracted tokens"),
+    "batch-size": (int, "tokens per step"),
+    "lr": (float, "learning rate (default 2e-4 / sqrt(n / 2^14))"),
+    "seed": (int, "random seed"),
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
+    for flag, (type_, help_) in flags.items():
+        parser.add_argument(f"--{flag}", type=type_, default=None, help=help_)
+
+
+def _overrides(args: argparse.Namespace, *flag_sets: dict) -> dict:
+    return {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for flags in flag_sets for f in flags}
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .activations import cached_activations
+
+    cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS))
+    data_opts, _ = config.split(cfg)
+    cache = cached_activations(**data_opts, split=args.split)
+    print(json.dumps({"cache": str(cache.folder), "rows": cache.n_rows, "dropped": cache.manifest["dropped"]}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .activations import CachedSource, cached_activations
+    from .train import fit
+
+    cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS, TRAIN_FLAGS))
+    data_opts, train_opts = config.split(cfg)
+    cache = cached_activations(**data_opts, split="train")
+    source = CachedSource(cache)
+    if train_opts.get("tokens") is None:
+        train_opts["tokens"] = int(cfg["epochs"] * source.n_tokens)
+    metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
+    fit(source, out=args.out, normalizer=source.normalizer, metadata=metadata, **train_opts)
+    print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saelib", description="TopK sparse autoencoders on language-model activations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="extract and cache activations of a model's layer on a corpus")
+    p.add_argument("--preset", choices=sorted(config.PRESETS))
+    p.add_argument("--config", help="a JSON or YAML file of settings")
+    p.add_argument("--split", default="train", choices=["train", "validation"])
+    _add_flags(p, DATA_FLAGS)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train", help="train an SAE (resumes an interrupted RUN)")
+    p.add_argument("--preset", choices=sorted(config.PRESETS))
+    p.add_argument("--config", help="a JSON or YAML file of settings")
+    p.add_argument("--out", required=True, help="run folder: sae/, metrics.jsonl, checkpoints/")
+    _add_flags(p, DATA_FLAGS)
+    _add_flags(p, TRAIN_FLAGS)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"saelib {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saelib {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

