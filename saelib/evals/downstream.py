@@ -1,0 +1,122 @@
+"""Downstream loss: splice a reconstruction into the LM and measure next-token cross-entropy and KL.
+
+``splice`` runs the LM with the activation at one site replaced by ``reconstruct(x)`` at the kept
+tokens (position 0, special tokens and outliers keep their clean value, as in training). From
+it, :func:`downstream_loss` reports, over positions whose own token is kept and whose target is
+not a special token:
+
+- ``delta_ce = CE(SAE spliced) - CE(clean)`` and ``kl = E KL(p_clean || p_SAE)`` (nats/token);
+- ``loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)`` against zero-ablation of the
+  site, and ``loss_recovered_mean`` against mean-ablation (the SAE's normaliser mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..activations import keep_mask
+from ..models import LM
+
+Reconstruct = Callable[[Tensor], Tensor]  # raw (b, T, d) -> raw (b, T, d)
+
+
+def _site_envoy(model, lm: LM, layer: int, site: str):
+    for part in lm.site_module_path(layer, site).split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+@torch.inference_mode()
+def splice(lm: LM, ids: Tensor, layer: int, site: str, reconstruct: Reconstruct | None = None,
+           keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Logits of the LM on ``ids (b, T)`` with ``site`` at ``layer`` replaced by ``reconstruct``.
+
+    Args:
+        reconstruct: raw activations ``(b, T, d)`` -> replacement ``(b, T, d)``; ``None`` runs
+            the clean model.
+        keep: ``(b, T)`` bool, where to splice; default :func:`~saelib.activations.keep_mask` of
+            the clean activations (excluded tokens keep their clean value).
+
+    Returns:
+        ``(logits (b, T, vocab), keep (b, T))``.
+    """
+    import nnsight
+    from nnsight import NNsight
+
+    model = NNsight(lm.model)
+    envoy = _site_envoy(model, lm, layer, site)
+    ids = ids.to(lm.model.device)
+    with model.trace(ids):
+        out = envoy.output
+        x = out[0] if isinstance(out, tuple) else out
+        if keep is None:
+            keep = nnsight.save(keep_mask(ids, x, lm.special_ids)[0])
+        if reconstruct is not None:
+            new = torch.where(keep[..., None].to(x.device), reconstruct(x).to(x.dtype), x)
+            envoy.output = (new, *out[1:]) if isinstance(out, tuple) else new
+        logits = model.output.logits.save()
+    return logits.float(), keep.cpu()
+
+
+def sae_reconstruct(sae) -> Reconstruct:
+    """Raw activations -> the SAE's reconstruction, mapped back to the raw scale."""
+    def reconstruct(x: Tensor) -> Tensor:
+        return sae.normalizer.invert(sae.decode(sae.encode(sae.normalizer.apply(x))))
+    return reconstruct
+
+
+def scored_positions(ids: Tensor, keep: Tensor, special_ids: list[int]) -> Tensor:
+    """``(b, T-1)`` bool: predictions that count (own token kept, target not a special token)."""
+    return keep[:, :-1] & ~torch.isin(ids[:, 1:], torch.tensor(special_ids, dtype=ids.dtype))
+
+
+def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """Summed next-token cross-entropy over ``mask (b, T-1)``."""
+    logp = F.log_softmax(logits[:, :-1], -1)
+    return -logp.gather(-1, ids[:, 1:, None])[..., 0][mask].sum()
+
+
+@torch.inference_mode()
+def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_post", batch_size: int = 8,
+                    progress: bool = True) -> dict:
+    """Delta CE, KL and loss recovered for ``sae`` spliced at ``layer``/``site`` on ``ids (n_ctx, T)``.
+
+    Returns ``ce_clean, ce_sae, ce_zero, ce_mean, delta_ce, kl, loss_recovered,
+    loss_recovered_mean`` (nats per scored token) and ``downstream_tokens``.
+    """
+    ablations = {
+        "sae": sae_reconstruct(sae),
+        "zero": torch.zeros_like,
+        "mean": lambda x: sae.normalizer.mean.to(x).expand_as(x),
+    }
+    totals = dict.fromkeys(["clean", *ablations, "kl"], 0.0)
+    n = 0
+    for start in tqdm(range(0, len(ids), batch_size), desc="downstream loss", disable=not progress, leave=False):
+        batch = ids[start:start + batch_size]
+        clean, keep = splice(lm, batch, layer, site)
+        mask = scored_positions(batch, keep, lm.special_ids)
+        n += int(mask.sum())
+        totals["clean"] += float(_ce(clean, batch, mask))
+        for name, fn in ablations.items():
+            logits, _ = splice(lm, batch, layer, site, fn, keep)
+            totals[name] += float(_ce(logits, batch, mask))
+            if name == "sae":
+                p = F.log_softmax(clean[:, :-1], -1)
+                q = F.log_softmax(logits[:, :-1], -1)
+                totals["kl"] += float((p.exp() * (p - q)).sum(-1)[mask].sum())
+    if n == 0:
+        raise ValueError("No scored positions in the downstream-loss contexts; pass more (or longer) contexts.")
+    ce = {name: total / n for name, total in totals.items()}
+    return {
+        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
+        "delta_ce": ce["sae"] - ce["clean"],
+        "kl": ce["kl"],
+        "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+        "loss_recovered_mean": (ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"]),
+        "downstream_tokens": n,
+    }

@@ -1,0 +1,84 @@
+"""Held-out evaluation data: validation contexts, their activations at the SAE's site, and the SAE's code.
+
+Every metric runs on the ``validation`` split of a corpus (documents the SAE never trained on).
+Tokens that training excluded (position 0, special tokens, norm outliers; see
+:func:`saelib.activations.keep_mask`) are excluded from every metric here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..activations import extract, keep_mask
+from ..data import contexts
+from ..models import LM
+
+
+@dataclass
+class HeldOut:
+    """Validation contexts and their activations at one site.
+
+    Attributes:
+        ids: ``(n_ctx, T)`` token ids.
+        acts: ``(n_ctx, T, d_model)`` raw activations at ``layer``/``site``.
+        keep: ``(n_ctx, T)`` bool, tokens that count in metrics (and are spliced).
+        layer, site: where ``acts`` come from.
+    """
+
+    ids: Tensor
+    acts: Tensor
+    keep: Tensor
+    layer: int
+    site: str
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of kept tokens (the ``eval_tokens`` of the report)."""
+        return int(self.keep.sum())
+
+
+def site_activations(lm: LM, ids: Tensor, layer: int, site: str, batch_size: int = 32,
+                     progress: bool = True) -> HeldOut:
+    """Activations of ``ids (n_ctx, T)`` at ``layer``/``site`` (forward stopped after the layer)."""
+    acts = torch.empty(*ids.shape, lm.d_model)
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    for start, batch in extract(lm, ids, [layer], site, batch_size, progress=progress):
+        a = batch[layer]
+        acts[start:start + len(a)] = a
+        keep[start:start + len(a)] = keep_mask(ids[start:start + len(a)], a, lm.special_ids)[0]
+    return HeldOut(ids, acts, keep, layer, site)
+
+
+def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipedia", ctx_len: int = 64,
+             max_tokens: int | None = 4096, batch_size: int = 32, progress: bool = True) -> HeldOut:
+    """The validation split of ``corpus``, packed into contexts, with activations at ``layer``/``site``."""
+    ids = contexts(corpus, lm.tokenizer, split="validation", ctx_len=ctx_len, max_tokens=max_tokens)
+    return site_activations(lm, ids, layer, site, batch_size, progress)
+
+
+@torch.no_grad()
+def encode(sae, x_raw: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """The SAE's sparse code of raw activations ``(..., d)``: ``(values, indices)``, each ``(..., m)``.
+
+    Inputs are normalised with ``sae.normalizer`` first; batched to bound memory.
+    """
+    flat = x_raw.reshape(-1, x_raw.shape[-1])
+    values, indices = [], []
+    width = 0
+    for start in range(0, len(flat), batch_size):
+        z = sae.encode(sae.normalizer.apply(flat[start:start + batch_size]))
+        values.append(z.values)
+        indices.append(z.indices)
+        width = max(width, z.values.shape[-1])
+    # Threshold/ReLU codes vary in width per batch: pad with zero values (index 0, ignored).
+    values = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1])) for v in values])
+    indices = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for i in indices])
+    return values.view(*x_raw.shape[:-1], width), indices.view(*x_raw.shape[:-1], width)
+
+
+def dense_code(values: Tensor, indices: Tensor, n_latents: int) -> Tensor:
+    """``(..., n_latents)`` dense latents from a sparse ``(values, indices)`` code."""
+    return values.new_zeros(*values.shape[:-1], n_latents).scatter_add_(-1, indices, values)
