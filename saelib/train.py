@@ -1,0 +1,479 @@
+"""Train a sparse autoencoder with the recipe of Gao et al. (2024), readable top to bottom.
+
+    fit(activations, n_latents, k, tokens=..., out="runs/demo") -> TopKSAE
+
+Recipe: random unit decoder rows, tied init ``W_enc = W_dec`` (then trained untied),
+``b_pre`` = geometric median of a sample, ``b_enc = 0``; loss = NMSE + AuxK / 32, where AuxK
+lets the top ``k_aux`` dead latents (not fired for ``dead_tokens`` tokens) reconstruct the
+detached residual; Adam (eps 6.25e-10) with ``lr = 2e-4 / sqrt(n_latents / 2**14)``, linear
+warmup and optional linear decay to 0; gradient clipping; decoder gradients projected
+orthogonal to the rows before each step and rows renormalised after it; optional parameter EMA.
+
+A run folder (``out``) holds ``config.json`` (this ``TrainConfig``, resolved), ``metrics.jsonl``,
+``checkpoints/step_*/`` (safetensors + JSON, written atomically) and the final ``sae/``.
+Calling ``fit`` again with the same ``out`` resumes from the last checkpoint (bit-identical on
+CPU) or, when the run is finished, loads and returns it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import chain, islice
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .normalize import Normalizer
+from .sae import TopKSAE, load
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; ``None`` means "derive from the paper's rule" (see ``resolved``)."""
+
+    n_latents: int = 2**14
+    k: int | None = 32
+    arch: str = "topk"  # topk | multitopk | batchtopk | relu
+    batch_size: int = 4096  # the paper: 131,072 tokens; CPU runs use less
+    tokens: int | None = None  # training budget; None = one pass over the data
+    lr: float | None = None  # None = 2e-4 / sqrt(n_latents / 2**14)
+    warmup_steps: int | None = None  # None = 5% of the steps, at most 1000
+    decay: str = "linear"  # "linear" to 0 at the end of the run, or "none"
+    grad_clip: float | None = 1.0
+    adam_eps: float = 6.25e-10
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    auxk: bool = True
+    k_aux: int | None = None  # None = min(512, d_in // 2)
+    auxk_coef: float = 1 / 32
+    # The paper counts a latent dead after 10M tokens without firing. Short runs scale it:
+    # None = min(10M, max(batch_size, tokens // 10, 10 * n_latents // k)), i.e. a tenth of
+    # the run but never less than ten expected firings of an average latent.
+    dead_tokens: int | None = None
+    ema: float | None = None  # e.g. 0.999: the final SAE holds the EMA parameters
+    l1_coef: float = 0.05  # ReLU baseline only
+    seed: int = 0
+    log_every: int = 10  # steps
+    checkpoint_every_tokens: int | None = None  # None = ten checkpoints per run
+    geometric_median_samples: int = 32768
+    tied_init: bool = True  # False = independent random encoder (dead-latent ablation)
+
+    def resolved(self, d_in: int, n_tokens: int | None) -> TrainConfig:
+        """A copy with every ``None`` replaced by the value it stands for."""
+        for name in ("batch_size", "geometric_median_samples", "log_every"):
+            _check_positive(name, getattr(self, name))
+        for name in ("tokens", "warmup_steps", "k_aux", "dead_tokens", "checkpoint_every_tokens"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name), allow_zero=name == "warmup_steps")
+        if self.decay not in ("linear", "none"):
+            raise ValueError(f"decay must be 'linear' or 'none', got {self.decay!r}.")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be None or a decay in (0, 1) such as 0.999, got {self.ema!r}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        B = self.batch_size
+        tokens = self.tokens if self.tokens is not None else (n_tokens // B * B if n_tokens else None)
+        if tokens is not None and tokens < B:
+            raise ValueError(f"The run has {tokens} tokens, fewer than one batch of {B}; give more data or lower batch_size.")
+        steps = tokens // B if tokens else None
+        typical_gap = 10 * self.n_latents // self.k if self.k else 0
+        return replace(
+            self,
+            tokens=tokens,
+            adam_betas=tuple(self.adam_betas),
+            lr=self.lr or 2e-4 / math.sqrt(self.n_latents / 2**14),
+            warmup_steps=self.warmup_steps if self.warmup_steps is not None else min(1000, (steps or 20_000) // 20),
+            k_aux=self.k_aux or max(1, min(512, d_in // 2)),
+            dead_tokens=self.dead_tokens or min(10_000_000, max(B, (tokens or 100_000_000) // 10, typical_gap)),
+            checkpoint_every_tokens=self.checkpoint_every_tokens or max(B, (tokens or 10_000_000) // 10),
+        )
+
+
+# fields that change what is logged or saved, not the weights: a run may resume with others
+BOOKKEEPING = {"log_every", "checkpoint_every_tokens"}
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}.")
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Shuffled activations, one epoch at a time, deterministic in ``(seed, epoch)``.
+
+    ``batches`` yields ``(batch_size, d_in)`` float32 tensors covering one epoch (the last
+    partial batch dropped), skipping the first ``start`` batches (to resume mid-epoch).
+    """
+
+    d_in: int
+    n_tokens: int | None  # rows per epoch; None when unknown
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]: ...
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A torch generator seeded from ``(seed, epoch)`` (independent streams per epoch)."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class TensorSource:
+    """A ``(N, d_in)`` tensor as a ``BatchSource``: a fresh random permutation each epoch."""
+
+    def __init__(self, x: Tensor):
+        if x.ndim != 2:
+            raise ValueError(f"Activations must be a (N, d_in) tensor, got shape {tuple(x.shape)}.")
+        self.x, self.d_in, self.n_tokens = x, x.shape[1], x.shape[0]
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        order = torch.randperm(self.n_tokens, generator=epoch_generator(seed, epoch))
+        for i in range(start, self.n_tokens // batch_size):
+            yield self.x[order[i * batch_size : (i + 1) * batch_size]].to(torch.float32)
+
+
+class IterableSource:
+    """Any iterable of ``(B, d_in)`` batches as a ``BatchSource`` (order is the iterable's own).
+
+    A re-iterable (list, DataLoader) is replayed each epoch; a one-shot iterator gives one
+    epoch. The first ``head_rows`` rows are read ahead (for ``d_in`` and the ``b_pre`` sample)
+    and replayed. Resuming skips batches, which is exact only if the iterable repeats itself.
+    """
+
+    n_tokens = None
+
+    def __init__(self, iterable: Iterable[Tensor], head_rows: int):
+        self._iterable = iterable
+        self._rest = iter(iterable)
+        self._one_shot = self._rest is iterable
+        self._head: list[Tensor] = []
+        for x in self._rest:
+            self._head.append(x)
+            if sum(len(h) for h in self._head) >= head_rows:
+                break
+        if not self._head:
+            raise ValueError("The iterable of activation batches is empty.")
+        self.d_in = self._head[0].shape[-1]
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        if self._one_shot:
+            stream = chain(self._head, self._rest) if epoch == 0 else iter(())
+        else:
+            stream = iter(self._iterable)
+        return (x.to(torch.float32) for x in islice(stream, start, None))
+
+
+def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_rows: int) -> tuple[BatchSource, Normalizer]:
+    """The data as a ``BatchSource`` on the normalised scale, and the normaliser it carries."""
+    if isinstance(data, Tensor):
+        if normalizer is None and normalize is not False:
+            normalizer = Normalizer.fit(data)
+            data = normalizer.apply(data)
+        source = TensorSource(data)
+    elif isinstance(data, BatchSource):
+        source = data
+    else:
+        source = IterableSource(data, head_rows)
+    return source, normalizer or Normalizer.identity(source.d_in)
+
+
+def _stream(source: BatchSource, cfg: TrainConfig, epoch: int, start: int) -> Iterator[tuple[int, int, Tensor]]:
+    """``(epoch, batch index, batch)`` from position ``(epoch, start)`` on, epoch after epoch."""
+    while True:
+        seen = 0
+        for index, x in enumerate(source.batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start), start):
+            seen += 1
+            yield epoch, index, x
+        if cfg.tokens is None or (seen == 0 and start == 0):
+            return  # one pass of an unsized iterable, or a source that has run dry
+        epoch, start = epoch + 1, 0
+
+
+# ---- init and schedule ----------------------------------------------------------------------
+
+
+def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
+    """``(d,)`` point minimising the sum of Euclidean distances to the rows of ``x (N, d)``.
+
+    Weiszfeld's iterations with the Vardi-Zhang correction, so an estimate that lands on a
+    data point keeps moving when that point is not the median; computed in float64.
+    """
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        dist = (x - y).norm(dim=1)
+        away = dist > 1e-12
+        w = 1 / dist[away]
+        T = (w[:, None] * x[away]).sum(0) / w.sum()
+        if bool(away.all()):
+            y_new = T
+        else:  # y sits on a data point: step towards T only if the pull of the others exceeds 1
+            r = (w[:, None] * (x[away] - y)).sum(0).norm()
+            coincident = float((~away).sum())
+            y_new = y if r <= coincident else (1 - coincident / r) * T + (coincident / r) * y
+        if (y_new - y).norm() <= tol * max(1.0, float(y.norm())):
+            return y_new.float()
+        y = y_new
+    return y.float()
+
+
+def _sample(source: BatchSource, cfg: TrainConfig) -> Tensor:
+    """The first ``geometric_median_samples`` rows of epoch 0, for the ``b_pre`` init."""
+    rows, n = [], 0
+    for x in source.batches(cfg.batch_size, seed=cfg.seed, epoch=0):
+        rows.append(x)
+        n += len(x)
+        if n >= cfg.geometric_median_samples:
+            break
+    return torch.cat(rows)[: cfg.geometric_median_samples]
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None) -> float:
+    """Linear warmup over ``warmup_steps``, then constant or linear decay to 0 at the end."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "linear" and total_steps:
+        return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr
+
+
+@dataclass
+class TrainState:
+    """Everything besides the model and optimiser that a resumed run needs."""
+
+    since_fired: Tensor  # (n_latents,) int64 tokens since each latent last fired
+    ema: dict[str, Tensor] | None
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # next batch index within the epoch
+    tokens: int = 0
+
+
+# ---- the training loop ----------------------------------------------------------------------
+
+
+def fit(
+    data: Tensor | BatchSource | Iterable[Tensor],
+    n_latents: int,
+    k: int | None,
+    *,
+    out: str | os.PathLike | None = None,
+    normalizer: Normalizer | None = None,
+    normalize: bool | None = None,
+    metadata: dict | None = None,
+    progress: bool = True,
+    **options,
+) -> TopKSAE:
+    """Train an SAE on activations and return it (in eval mode).
+
+    Args:
+        data: ``(N, d_in)`` tensor, a ``BatchSource``, or an iterable of ``(B, d_in)`` batches.
+        n_latents, k: dictionary size and active latents per token.
+        out: run folder (metrics, checkpoints, final ``sae/``); re-running resumes it.
+        normalizer: a ``Normalizer`` already applied to ``data``; stored in the SAE.
+        normalize: for a raw tensor, fit and apply a ``Normalizer`` (default: yes, unless
+            ``normalizer`` is given). Other data is used as is.
+        metadata: provenance stored in the SAE's ``config.json``.
+        progress: show a tqdm bar (NMSE, dead fraction) and say what happens.
+        **options: any ``TrainConfig`` field (``tokens``, ``batch_size``, ``seed``, ``auxk``...).
+    """
+    unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"fit() got unknown option(s) {unknown}; options are TrainConfig fields: {[f.name for f in fields(TrainConfig)]}.")
+    cfg = TrainConfig(n_latents=n_latents, k=k, **options)
+    source, normalizer = as_source(data, normalizer, normalize, cfg.geometric_median_samples)
+    cfg = cfg.resolved(source.d_in, source.n_tokens)
+    sae = TopKSAE(source.d_in, n_latents, k, arch=cfg.arch, tied_init=cfg.tied_init, normalizer=normalizer,
+                  metadata=metadata, generator=torch.Generator().manual_seed(cfg.seed))
+    run = Path(out) if out is not None else None
+    if run is not None and _check_run_folder(run, cfg, source.d_in):
+        _say(progress, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")
+        return load(run / "sae")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    state = TrainState(since_fired=torch.zeros(n_latents, dtype=torch.int64), ema=None)
+    checkpoint = latest_checkpoint(run) if run is not None else None
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, sae, opt, state)
+        _say(progress, f"Resuming {run} from step {state.step} ({state.tokens} tokens).")
+    else:
+        with torch.no_grad():
+            sae.b_pre.copy_(geometric_median(_sample(source, cfg)))
+        state.ema = {name: p.detach().clone() for name, p in sae.named_parameters()} if cfg.ema else None
+    if run is not None:
+        _start_run_folder(run, cfg, source.d_in, state.step)
+
+    total_steps = cfg.tokens // cfg.batch_size if cfg.tokens else None
+    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, desc="fit", unit="step")
+    clock, clock_tokens = time.perf_counter(), state.tokens
+    for epoch, index, x in _stream(source, cfg, state.epoch, state.batch):
+        if total_steps is not None and state.step >= total_steps:
+            break
+        if x.ndim != 2 or x.shape[1] != source.d_in:
+            raise ValueError(f"Batch {index} of epoch {epoch} has shape {tuple(x.shape)}; expected (B, {source.d_in}).")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"Batch {index} of epoch {epoch} (step {state.step}) contains NaN or Inf; clean the activations (the last checkpoint is intact).")
+        lr = learning_rate(cfg, state.step, total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        dead = state.since_fired >= cfg.dead_tokens
+        result = sae(x, dead if cfg.auxk else None, k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, l1_coef=cfg.l1_coef)
+        if not bool(torch.isfinite(result.loss)):
+            raise FloatingPointError(f"Loss is {result.loss.item()} at step {state.step} (batch {index} of epoch {epoch}); lower lr (now {lr:.3g}). The last checkpoint is intact.")
+        opt.zero_grad(set_to_none=True)
+        result.loss.backward()
+        sae.remove_parallel_grads()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        opt.step()
+        sae.normalize_decoder()
+
+        if state.ema is not None:
+            for name, p in sae.named_parameters():
+                state.ema[name].lerp_(p.detach(), 1 - cfg.ema)
+        fired = result.latents.indices[result.latents.values > 0]
+        state.since_fired += len(x)
+        state.since_fired[fired] = 0
+        state.step, state.epoch, state.batch, state.tokens = state.step + 1, epoch, index + 1, state.tokens + len(x)
+
+        bar.update()
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            now = time.perf_counter()
+            row = {"step": state.step, "tokens": state.tokens, "nmse": result.nmse.item(), "l0": result.l0.item(),
+                   "dead_fraction": (state.since_fired >= cfg.dead_tokens).float().mean().item(),
+                   "auxk_loss": result.auxk_loss.item(), "lr": lr,
+                   "tokens_per_s": (state.tokens - clock_tokens) / max(now - clock, 1e-9)}
+            clock, clock_tokens = now, state.tokens
+            bar.set_postfix(nmse=f"{row['nmse']:.4f}", dead=f"{row['dead_fraction']:.3f}")
+            if run is not None:
+                with open(run / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        every = cfg.checkpoint_every_tokens
+        if run is not None and state.tokens // every != (state.tokens - len(x)) // every:
+            save_checkpoint(run, sae, opt, state)
+    bar.close()
+
+    if run is not None:
+        save_checkpoint(run, sae, opt, state)
+    if state.ema is not None:
+        with torch.no_grad():
+            for name, p in sae.named_parameters():
+                p.copy_(state.ema[name])
+        sae.fold_decoder_norms()
+    if run is not None:
+        sae.save(run / "sae")
+    return sae.eval()
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr)
+
+
+# ---- run folder and checkpoints -------------------------------------------------------------
+
+
+def _config_record(cfg: TrainConfig, d_in: int) -> dict:
+    return json.loads(json.dumps({"d_in": d_in, **asdict(cfg)}))
+
+
+def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:
+    """Raise if ``run`` holds a run with another config or d_in; True if it is finished."""
+    path = run / "config.json"
+    if not path.is_file():
+        return False
+    saved, current = json.loads(path.read_text()), _config_record(cfg, d_in)
+    if saved.get("d_in") != d_in:
+        raise ValueError(f"{run} was trained on activations with d_in={saved.get('d_in')} but the data has d_in={d_in}; use a new out folder.")
+    changed = sorted(key for key in saved.keys() | current.keys() if key not in BOOKKEEPING and saved.get(key) != current.get(key))
+    if changed:
+        diff = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        raise ValueError(f"{run} holds a run with a different config ({diff}); use a new out folder or the same options.")
+    return (run / "sae" / "config.json").is_file()
+
+
+def _start_run_folder(run: Path, cfg: TrainConfig, d_in: int, step: int) -> None:
+    """Write ``config.json`` and drop metrics logged after the checkpoint being resumed."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(_config_record(cfg, d_in), indent=2))
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete ``run/checkpoints/step_*`` folder (temp folders are ignored)."""
+    folders = sorted((run / "checkpoints").glob("step_*"))
+    return folders[-1] if folders else None
+
+
+def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> Path:
+    """Atomically write model, optimiser, EMA, dead counters, RNG states and data position.
+
+    Tensors go to ``state.safetensors``, the rest to ``state.json``; the folder is built under
+    a temporary name and renamed, and older checkpoints are removed afterwards.
+    """
+    root = run / "checkpoints"
+    final = root / f"step_{state.step:09d}"
+    if final.exists():
+        return final
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    optim = opt.state_dict()
+    tensors = {f"model.{name}": t for name, t in sae.state_dict().items()}
+    tensors |= {f"optim.{i}.{name}": t for i, s in optim["state"].items() for name, t in s.items()}
+    tensors |= {f"ema.{name}": t for name, t in (state.ema or {}).items()}
+    tensors |= {"since_fired": state.since_fired, "torch_rng": torch.get_rng_state()}
+    save_file({key: t.detach().contiguous().clone() for key, t in tensors.items()}, str(tmp / "state.safetensors"))
+    meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
+            "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
+            "param_groups": optim["param_groups"], "python_rng": random.getstate()}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> None:
+    """Restore what ``save_checkpoint`` wrote, in place."""
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    sae.load_state_dict({key[len("model."):]: t for key, t in tensors.items() if key.startswith("model.")})
+    sae.normalizer_scale = meta["normalizer_scale"]
+    optim_state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            optim_state.setdefault(int(i), {})[name] = t
+    groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": optim_state, "param_groups": groups})
+    state.ema = {key[len("ema."):]: t for key, t in tensors.items() if key.startswith("ema.")} if meta["has_ema"] else None
+    state.since_fired = tensors["since_fired"]
+    state.step, state.epoch, state.batch, state.tokens = meta["step"], meta["epoch"], meta["batch"], meta["tokens"]
+    torch.set_rng_state(tensors["torch_rng"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
