@@ -1,0 +1,195 @@
+"""The SAE models: sparse kernels, encode/decode, loss terms, decoder constraint, files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from saelib.kernels import gather_preacts, sparse_decode
+from saelib.normalize import Normalizer
+from saelib.sae import Latents, TopKSAE, load
+
+
+def make_sae(d_in=16, n_latents=64, k=4, seed=0, **kwargs):
+    return TopKSAE(d_in, n_latents, k, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def random_latents(B=8, k=4, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
+    return torch.rand(B, k, generator=g), indices
+
+
+def test_sparse_decode_equals_dense_values_and_grads():
+    values, indices = random_latents()
+    values.requires_grad_(True)
+    W = torch.randn(64, 16, requires_grad=True)
+    grad_out = torch.randn(8, 16)
+
+    sparse = sparse_decode(values, indices, W)
+    g_sparse = torch.autograd.grad((sparse * grad_out).sum(), [values, W])
+    dense = Latents(values, indices, 64).to_dense() @ W
+    g_dense = torch.autograd.grad((dense * grad_out).sum(), [values, W])
+
+    torch.testing.assert_close(sparse, dense)
+    for a, b in zip(g_sparse, g_dense):
+        torch.testing.assert_close(a, b)
+
+
+def test_gather_preacts_grads_equal_dense_autograd():
+    _, indices = random_latents()
+    x = torch.randn(8, 16, requires_grad=True)
+    W = torch.randn(64, 16, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    grad_out = torch.randn(8, 4)
+
+    with torch.no_grad():
+        pre = x @ W.T + b
+    sparse = gather_preacts(x, W, b, indices, pre)
+    g_sparse = torch.autograd.grad((sparse * grad_out).sum(), [x, W, b])
+    dense = (x @ W.T + b).gather(-1, indices)
+    g_dense = torch.autograd.grad((dense * grad_out).sum(), [x, W, b])
+
+    torch.testing.assert_close(sparse, dense)
+    for a, b_ in zip(g_sparse, g_dense):
+        torch.testing.assert_close(a, b_)
+
+
+def test_encode_is_relu_of_topk_and_decode_matches_dense():
+    sae = make_sae()
+    x = torch.randn(5, 3, 16)  # leading dims are kept
+    latents = sae.encode(x)
+    assert latents.values.shape == latents.indices.shape == (5, 3, 4)
+    pre = (x - sae.b_pre) @ sae.W_enc.T + sae.b_enc
+    torch.testing.assert_close(latents.values, pre.topk(4).values.relu())
+    dense = latents.to_dense()
+    assert dense.shape == (5, 3, 64) and ((dense != 0).sum(-1) <= 4).all()
+    torch.testing.assert_close(sae.decode(latents), sae.decode(dense))
+    values, indices = latents  # unpacks as a pair
+    assert values is latents.values and indices is latents.indices
+
+
+def test_unit_norm_decoder_rows_and_tied_init():
+    sae = make_sae()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec)
+    untied = make_sae(tied_init=False)
+    assert not torch.allclose(untied.W_enc, untied.W_dec)
+
+
+@pytest.mark.parametrize(
+    "d_in, n_latents, k, named",
+    [(16, 64, 65, "k=65"), (16, 64, 0, "k"), (16, 64, -3, "k"), (0, 64, 4, "d_in"), (16, -1, 4, "n_latents")],
+)
+def test_bad_sizes_raise_value_error_naming_the_value(d_in, n_latents, k, named):
+    with pytest.raises(ValueError, match=named):
+        TopKSAE(d_in, n_latents, k)
+
+
+def test_bad_arch_and_input_width():
+    with pytest.raises(ValueError, match="arch"):
+        TopKSAE(16, 64, 4, arch="gated")
+    with pytest.raises(ValueError, match="d_in=16"):
+        make_sae().encode(torch.randn(3, 17))
+    with pytest.raises(ValueError, match="k=100"):
+        make_sae().encode(torch.randn(3, 16), k=100)
+
+
+def test_decoder_grad_projection_and_renormalisation():
+    sae = make_sae()
+    x = torch.randn(32, 16)
+    sae(x).loss.backward()
+    sae.remove_parallel_grads()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(-1)
+    assert parallel.abs().max() < 1e-6
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        sae(x).loss.backward()
+        sae.remove_parallel_grads()
+        opt.step()
+        sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_auxk_grads_reach_only_dead_latents():
+    sae = make_sae()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 10, 20, 41]] = True
+    out = sae(torch.randn(32, 16), dead, k_aux=2)
+    assert out.auxk_loss > 0
+    out.auxk_loss.backward()
+    for grad in (sae.W_enc.grad, sae.W_dec.grad):
+        touched = grad.abs().sum(-1) > 0
+        assert touched[dead].all(), "every dead latent (chosen in some row) gets encoder and decoder grads"
+        assert not touched[~dead].any(), "live latents get no AuxK grads"
+    assert not sae(torch.randn(8, 16), torch.zeros(64, dtype=torch.bool)).auxk_loss
+
+
+def test_multitopk_decodes_at_any_k_up_to_4k():
+    sae = make_sae(arch="multitopk")
+    x = torch.randn(10, 16)
+    for k in (1, 4, 9, 16):
+        assert sae.encode(x, k=k).values.shape == (10, k)
+    out = sae(x)
+    assert out.latents.values.shape == (10, 4) and out.multik_nmse > 0
+    torch.testing.assert_close(out.loss, out.nmse + out.multik_nmse / 8)
+
+
+def test_batchtopk_keeps_k_per_token_on_average_and_estimates_threshold():
+    sae = make_sae(arch="batchtopk")
+    x = torch.randn(64, 16)
+    out = sae(x)
+    assert out.l0 == pytest.approx(4.0, abs=0.01)
+    assert torch.isfinite(sae.threshold)
+    sae.eval()
+    eval_latents = sae.encode(x)
+    assert (eval_latents.values[eval_latents.values > 0] > sae.threshold).all()
+
+
+def test_threshold_for_target_l0():
+    sae = make_sae(n_latents=256)
+    x = torch.randn(512, 16)
+    threshold = sae.set_threshold_for_l0(x, 10)
+    assert threshold > 0
+    assert sae.encode(x).l0().item() == pytest.approx(10, rel=0.05)
+    sae.set_threshold(None)
+    assert sae.encode(x).values.shape[-1] == 4
+
+
+def test_relu_baseline_l1_term():
+    sae = make_sae(arch="relu", k=None)
+    out = sae(torch.randn(32, 16), l1_coef=0.5)
+    torch.testing.assert_close(out.loss, out.nmse + 0.5 * out.l1)
+    assert out.l0 > 4  # a ReLU code is not k-sparse
+
+
+def test_save_load_round_trip(tmp_path):
+    normalizer = Normalizer(torch.randn(16), 3.5)
+    sae = make_sae(arch="multitopk", normalizer=normalizer, metadata={"model": "toy", "layer": 3})
+    sae.set_threshold(0.25)
+    folder = sae.save(tmp_path / "sae")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["arch"] == "multitopk" and config["metadata"]["layer"] == 3 and "saelib_version" in config
+    loaded = load(folder)
+    for (name, a), b in zip(sae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert loaded.normalizer.scale == 3.5 and torch.equal(loaded.normalizer.mean, normalizer.mean)
+    assert not loaded.training and not list(folder.glob(".*tmp*"))
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(loaded.encode(x).values, sae.encode(x).values)
+
+
+def test_load_errors_name_the_file_and_value(tmp_path):
+    folder = make_sae().save(tmp_path / "sae")
+    tensors = load_file(str(folder / "sae.safetensors"))
+    tensors["W_dec"] = torch.zeros(32, 16)
+    save_file(tensors, str(folder / "sae.safetensors"))
+    with pytest.raises(ValueError, match=r"sae.safetensors: W_dec has shape \(32, 16\)"):
+        load(folder)
+    (folder / "sae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="sae.safetensors is missing"):
+        load(folder)
+    with pytest.raises(FileNotFoundError, match="No SAE folder"):
+        load(tmp_path / "nowhere")
