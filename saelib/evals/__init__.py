@@ -1,0 +1,99 @@
+"""The evaluation suite of Gao et al. (2024), run on held-out text (the corpus's validation split).
+
+``evaluate(sae)`` returns one flat dict of numbers (what ``saelib eval RUN --json`` prints):
+
+=============================  ==============================================================
+keys                           module
+=============================  ==============================================================
+nmse, explained_variance, l0,  :mod:`.reconstruction` (normalised scale; ``latent_density``
+dead_fraction, dense_fraction  gives the per-latent densities for a histogram)
+delta_ce, kl, loss_recovered,  :mod:`.downstream` (SAE spliced into the LM with nnsight)
+loss_recovered_mean, ce_*
+probe_loss,                    :mod:`.probes` (1-D logistic probes on latents / on residual
+probe_loss_baseline            channels, tasks from offline sources: :mod:`.probe_sources`)
+n2g_precision, n2g_recall      :mod:`.n2g` (n-gram explanations of sampled latents)
+ablation_sparsity,             :mod:`.ablation` (sparsity of a latent's / a channel's effect
+ablation_sparsity_baseline     on later logits)
+eval_tokens                    kept held-out tokens of the reconstruction metrics
+=============================  ==============================================================
+
+Presets change scale, never code paths: ``"ci"`` runs in well under a minute on 2 CPU cores,
+``"demo"`` in minutes, ``"full"`` is for a GPU or a long CPU run.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .ablation import ablation_sparsity
+from .downstream import downstream_loss, splice
+from .heldout import HeldOut, encode, held_out
+from .n2g import n2g
+from .probes import TASKS, probe_loss, probe_results
+from .reconstruction import density_histogram, latent_density, reconstruction_metrics
+
+__all__ = ["PRESETS", "evaluate", "held_out", "HeldOut", "reconstruction_metrics", "latent_density",
+           "density_histogram", "downstream_loss", "splice", "probe_loss", "probe_results", "TASKS", "n2g",
+           "ablation_sparsity"]
+
+PRESETS = {
+    # eval_tokens: held-out tokens for reconstruction, N2G and ablation (the first half of the
+    # contexts explains N2G latents, the second scores them); downstream_contexts: contexts for the
+    # spliced CE; probe_per_source: contexts per text source for the probe tasks.
+    "ci": dict(eval_tokens=2048, downstream_contexts=4, probe_per_source=16, n2g_latents=16, ablation_latents=4),
+    "demo": dict(eval_tokens=65_536, downstream_contexts=64, probe_per_source=128, n2g_latents=64,
+                 ablation_latents=32),
+    "full": dict(eval_tokens=1_048_576, downstream_contexts=1024, probe_per_source=1024, n2g_latents=512,
+                 ablation_latents=256),
+}
+
+
+def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, seed: int = 0, progress: bool = True,
+             **overrides) -> dict:
+    """Every metric of the suite for ``sae`` on held-out text, as one flat dict of floats and ints.
+
+    Args:
+        sae: a trained SAE whose ``metadata`` names ``model``, ``layer``, ``site`` (default
+            ``resid_post``), ``ctx_len`` (default 64) and ``corpus`` (default ``wikipedia``).
+        lm: the loaded LM (:func:`saelib.models.load_lm`); loaded from ``sae.metadata["model"]`` if None.
+        preset: ``"ci"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`).
+        corpus: held-out corpus, default the SAE's training corpus (its validation split).
+        overrides: any key of a preset, e.g. ``eval_tokens=8192``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown eval preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    unknown = set(overrides) - set(PRESETS[preset])
+    if unknown:
+        raise ValueError(f"Unknown eval option(s) {', '.join(sorted(unknown))}; valid ones: {', '.join(PRESETS[preset])}.")
+    cfg = {**PRESETS[preset], **overrides}
+    meta = dict(getattr(sae, "metadata", {}) or {})
+    if "layer" not in meta:
+        raise ValueError("sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to evaluate it.")
+    if lm is None:
+        from ..models import DEFAULT_MODEL, load_lm
+
+        lm = load_lm(meta.get("model", DEFAULT_MODEL))
+    layer, site, ctx_len = int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
+    corpus = corpus or meta.get("corpus", "wikipedia")
+    sae.eval()
+    timings = {}
+
+    def timed(name, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[f"seconds_{name}"] = round(time.perf_counter() - start, 2)
+        return result
+
+    held = timed("activations", held_out, lm, layer, site, corpus, ctx_len, cfg["eval_tokens"], progress=progress)
+    report = {"eval_tokens": held.n_tokens}
+    report |= timed("reconstruction", reconstruction_metrics, sae, held.acts[held.keep])
+    report |= timed("downstream", downstream_loss, sae, lm, held.ids[:cfg["downstream_contexts"]], layer, site,
+                    progress=progress)
+    report |= timed("probes", probe_loss, sae, lm, layer, site, ctx_len=ctx_len, per_source=cfg["probe_per_source"],
+                    seed=seed, progress=progress)
+    values, indices = encode(sae, held.acts)
+    report |= timed("n2g", n2g, values, indices, held.ids, held.keep, sample=cfg["n2g_latents"], seed=seed,
+                    progress=progress)
+    report |= timed("ablation", ablation_sparsity, sae, lm, held, sample=cfg["ablation_latents"], seed=seed,
+                    progress=progress)
+    return {**report, **timings}
