@@ -69,11 +69,14 @@ def load_documents(corpus: str = DEFAULT_CORPUS, text_field: str = "text") -> li
     path = Path(corpus)
     if corpus in EMBEDDED:
         ds = datasets.load_dataset("json", data_files=str(_embedded_jsonl(corpus)), split="train")
-    elif path.suffix in (".jsonl", ".json") and path.exists():
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif path.suffix == ".txt" and path.exists():
-        ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="paragraph")
-        text_field = "text"
+    elif path.suffix in (".jsonl", ".json", ".txt") and path.exists():
+        if not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise ValueError(f"Corpus file {path} is empty; give it some text.")
+        builder, extra = ("text", {"sample_by": "paragraph"}) if path.suffix == ".txt" else ("json", {})
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+        except Exception as e:  # malformed JSON and the like
+            raise ValueError(f"Cannot read corpus file {path} as {builder}: {e}") from e
     else:
         name, _, config = corpus.partition(":")
         try:
@@ -134,7 +137,7 @@ def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None
             break
     n = len(ids) // ctx_len if limit is None else min(len(ids) // ctx_len, max_contexts)
     if n == 0:
-        raise ValueError(f"The corpus gives {len(ids)} tokens, fewer than one context of {ctx_len}; add text or shorten the context.")
+        raise ValueError(f"The corpus is empty or too short: it gives {len(ids)} tokens, fewer than one context of {ctx_len}; add text or shorten the context.")
     return torch.tensor(ids[: n * ctx_len], dtype=torch.long).view(n, ctx_len)
 
 

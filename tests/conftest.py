@@ -1,0 +1,29 @@
+"""Shared fixtures: the real embedded language model, loaded once per test session."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests share the project's cache (the converted model is reused) unless told otherwise.
+os.environ.setdefault("SAELIB_HOME", str(Path(__file__).resolve().parents[1] / ".cache"))
+# No hub here: without this, a name that is not found locally costs ~50 s of client retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def lm():
+    from saelib.models import load_lm
+
+    return load_lm("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def val_contexts(lm):
+    """A few real held-out contexts of 64 tokens."""
+    from saelib import data
+
+    return data.contexts("wikipedia", lm.tokenizer, "validation", ctx_len=64, max_tokens=64 * 16)

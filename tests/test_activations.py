@@ -1,0 +1,176 @@
+"""The activation pipeline on the real SmolLM2: hooks, early stop, exclusion, cache, shuffling."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saelib import activations as A
+from saelib import data
+from saelib.normalize import Normalizer
+
+
+def test_hooked_activations_equal_hidden_states(lm, val_contexts):
+    ids = val_contexts[:4]
+    (_, acts), = list(A.extract(lm, ids, [3, 12], progress=False))
+    with torch.no_grad():
+        hidden = lm.model(ids, output_hidden_states=True).hidden_states
+    # hidden_states[i + 1] is the output of decoder layer i
+    torch.testing.assert_close(acts[3], hidden[4], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acts[12], hidden[13], rtol=1e-5, atol=1e-4)
+
+
+def test_sub_module_sites_have_the_residual_width(lm, val_contexts):
+    for site in ("attn_out", "mlp_out"):
+        (_, acts), = list(A.extract(lm, val_contexts[:2], [5], site, progress=False))
+        assert acts[5].shape == (2, 64, lm.d_model)
+    # attention + MLP outputs add up to the change in the residual stream across the block
+    (_, a), = list(A.extract(lm, val_contexts[:2], [5], "attn_out", progress=False))
+    (_, m), = list(A.extract(lm, val_contexts[:2], [5], "mlp_out", progress=False))
+    (_, r4), = list(A.extract(lm, val_contexts[:2], [4], progress=False))
+    (_, r5), = list(A.extract(lm, val_contexts[:2], [5], progress=False))
+    torch.testing.assert_close(r4[4] + a[5] + m[5], r5[5], rtol=1e-4, atol=1e-3)
+
+
+def test_early_stop_skips_later_layers(lm, val_contexts):
+    calls = {"later": 0, "hooked": 0}
+    count = lambda name: lambda *_: calls.__setitem__(name, calls[name] + 1)  # noqa: E731
+    hooks = [lm.layers[13].register_forward_pre_hook(count("later")),
+             lm.model.lm_head.register_forward_pre_hook(count("later")),
+             lm.layers[12].register_forward_pre_hook(count("hooked"))]
+    try:
+        list(A.extract(lm, val_contexts[:2], [12], progress=False))
+        assert calls == {"later": 0, "hooked": 1}
+        list(A.extract(lm, val_contexts[:2], [12], progress=False, stop_early=False))
+        assert calls == {"later": 2, "hooked": 2}
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_exclusion_drops_first_position_separators_and_outliers(lm):
+    docs = data.split_documents(data.load_documents(), "validation")[:40]
+    ctx = data.pack(docs, lm.tokenizer, 64)
+    (_, acts), = list(A.extract(lm, ctx[:16], [12], progress=False))
+    ids = ctx[:16]
+    keep, dropped = A.keep_mask(ids, acts[12], lm.special_ids)
+    assert not keep[:, 0].any()
+    assert not keep[ids == lm.eos_id].any()
+    assert dropped["first_position"] == 16 and dropped["special_token"] == int((ids[:, 1:] == lm.eos_id).sum())
+    norms = acts[12].norm(dim=-1)
+    assert norms[keep].max() <= 10 * norms[keep].median()
+    # the separators are what wrecks the normalisation scale (OFFLINE.md): kept tokens have a far smaller one
+    assert Normalizer.fit(acts[12][keep]).scale < 0.5 * Normalizer.fit(acts[12].flatten(0, 1)).scale
+    keep_all, none = A.keep_mask(ids, acts[12], lm.special_ids, A.Exclusion(False, False, None))
+    assert keep_all.all() and sum(none.values()) == 0
+
+
+def _key(tmp_tag, layer=12):
+    return A.CacheKey("smollm2-135m", layer, "resid_post", f"test-{tmp_tag}", "validation", 64, None)
+
+
+def test_cache_round_trip_and_interrupted_build_resumes(lm, val_contexts, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    ctx = val_contexts[:12]
+    key_of = lambda L: _key("resume", L)  # noqa: E731
+    partial = A.build_cache(lm, ctx, [6, 12], "resid_post", key_of, shard_contexts=4, batch_size=4,
+                            stop_after_shards=1, progress=False)
+    assert not partial[12].complete and len(partial[12].manifest["shards"]) == 1
+    resumed = A.build_cache(lm, ctx, [6, 12], "resid_post", key_of, shard_contexts=4, batch_size=4, progress=False)
+    fresh = A.build_cache(lm, ctx, [6, 12], "resid_post", lambda L: _key("fresh", L), shard_contexts=4,
+                          batch_size=4, progress=False)
+    for layer in (6, 12):
+        assert resumed[layer].complete
+        rows = resumed[layer].all_rows()
+        torch.testing.assert_close(rows, fresh[layer].all_rows(), rtol=0, atol=0)
+        index = torch.cat([resumed[layer].shard(i)["index"] for i in range(3)])
+        assert len(index) == len(set(index.tolist())) == resumed[layer].n_rows  # no duplicate or missing rows
+        # the cached rows are exactly the extracted activations at the kept positions
+        (_, acts), = list(A.extract(lm, ctx, [layer], batch_size=12, progress=False))
+        keep, _ = A.keep_mask(ctx, acts[layer], lm.special_ids)
+        torch.testing.assert_close(rows, acts[layer][keep], rtol=1e-5, atol=1e-4)
+        assert torch.equal(index, keep.flatten().nonzero().squeeze(1))
+
+
+def test_cache_detects_key_mismatch_and_corruption(lm, val_contexts, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    cache = A.build_cache(lm, val_contexts[:4], [12], "resid_post", lambda L: _key("bad", L), shard_contexts=2,
+                          progress=False)[12]
+    with pytest.raises(ValueError, match="another configuration"):
+        A.ActivationCache(cache.folder, _key("other"))
+    save_file({"acts": torch.zeros(3, 576), "index": torch.zeros(3, dtype=torch.long)}, cache.folder / "shard_00001.safetensors")
+    with pytest.raises(ValueError, match="corrupt"):
+        A.ActivationCache(cache.folder).verify()
+    (cache.folder / "shard_00000.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        A.ActivationCache(cache.folder).shard(0)
+
+
+def test_cached_source_shuffles_across_contexts_and_resumes(lm, val_contexts, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    cache = A.build_cache(lm, val_contexts, [12], "resid_post", lambda L: _key("src", L), shard_contexts=4,
+                          progress=False)[12]
+    src = A.CachedSource(cache, memory_gb=cache.n_rows * 576 * 4 / 3 / 2**30)  # forces several groups
+    epoch = list(src.batches(64, seed=0, epoch=0))
+    assert torch.equal(torch.cat(epoch), torch.cat(list(src.batches(64, seed=0, epoch=0))))
+    assert not torch.equal(torch.cat(epoch), torch.cat(list(src.batches(64, seed=0, epoch=1))))
+    for a, b in zip(epoch[5:], src.batches(64, seed=0, epoch=0, start=5)):
+        assert torch.equal(a, b)
+    # with the whole cache in one group, every row appears once per epoch and a batch mixes many contexts
+    src = A.CachedSource(cache)
+    rows = cache.all_rows()
+    normed = src.normalizer.apply(rows)
+    first = next(src.batches(64, seed=0, epoch=0))
+    matches = torch.cdist(first, normed).argmin(1)
+    assert len(set(matches.tolist())) == 64
+    index = torch.cat([cache.shard(i)["index"] for i in range(len(cache.manifest["shards"]))])
+    assert len(set((index[matches] // 64).tolist())) >= 10
+    # normalised scale: unit mean squared norm over the whole cache
+    assert abs(normed.pow(2).sum(-1).mean().item() - 1) < 1e-3
+
+
+def test_shuffle_buffer_mixes_contexts():
+    # a stream of 40 "contexts", each a block of rows tagged with its context id
+    blocks = [torch.full((64, 1), float(c)) for c in range(40)]
+    out = list(A.shuffle(iter(blocks), batch_size=64, capacity=640, seed=0))
+    assert len(out) == 40
+    assert sorted(torch.cat(out).squeeze(1).tolist()) == sorted(torch.cat(blocks).squeeze(1).tolist())
+    distinct = [len(set(b.squeeze(1).tolist())) for b in out]
+    assert min(distinct) >= 4  # an unshuffled stream gives exactly 1 context per batch
+
+
+def test_bad_input_errors(lm, val_contexts):
+    with pytest.raises(ValueError, match=r"Layer 30 does not exist .* 30 layers"):
+        list(A.extract(lm, val_contexts[:1], [30], progress=False))
+    with pytest.raises(ValueError, match="Unknown site 'mlp'"):
+        list(A.extract(lm, val_contexts[:1], [1], "mlp", progress=False))
+    with pytest.raises(ValueError, match="exceeds"):
+        list(A.extract(lm, torch.zeros(1, lm.max_context + 1, dtype=torch.long), [1], progress=False))
+    with pytest.raises(ValueError, match="empty"):
+        data.pack([], lm.tokenizer, 64)
+    # NaN activations are named with their batch: break a real weight, then restore it
+    w = lm.layers[2].mlp.down_proj.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w[0, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"NaN/Inf .* layer 5 .* contexts 0-1"):
+            list(A.extract(lm, val_contexts[:2], [5], progress=False))
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def test_bad_model_and_corpus_errors(tmp_path):
+    from saelib.models import load_lm
+
+    with pytest.raises(ValueError, match="Cannot load model 'no-such-model-xyz'"):
+        load_lm("no-such-model-xyz")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_documents(str(empty))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(ValueError, match="no 'text' field"):
+        data.load_documents(str(tmp_path / "c.jsonl"))
