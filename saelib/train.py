@@ -193,6 +193,15 @@ def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_
     return source, normalizer or Normalizer.identity(source.d_in)
 
 
+def check_batch(x: Tensor, d_in: int, epoch: int, index: int) -> Tensor:
+    """``x`` if it is a finite ``(B, d_in)`` batch, else a ValueError naming the batch."""
+    if x.ndim != 2 or x.shape[1] != d_in:
+        raise ValueError(f"Batch {index} of epoch {epoch} has shape {tuple(x.shape)}; expected (B, {d_in}).")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"Batch {index} of epoch {epoch} contains NaN or Inf; clean the activations (checkpoints written so far are intact).")
+    return x
+
+
 def _stream(source: BatchSource, cfg: TrainConfig, epoch: int, start: int) -> Iterator[tuple[int, int, Tensor]]:
     """``(epoch, batch index, batch)`` from position ``(epoch, start)`` on, epoch after epoch."""
     while True:
@@ -236,8 +245,8 @@ def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
 def _sample(source: BatchSource, cfg: TrainConfig) -> Tensor:
     """The first ``geometric_median_samples`` rows of epoch 0, for the ``b_pre`` init."""
     rows, n = [], 0
-    for x in source.batches(cfg.batch_size, seed=cfg.seed, epoch=0):
-        rows.append(x)
+    for index, x in enumerate(source.batches(cfg.batch_size, seed=cfg.seed, epoch=0)):
+        rows.append(check_batch(x, source.d_in, 0, index))
         n += len(x)
         if n >= cfg.geometric_median_samples:
             break
@@ -306,8 +315,6 @@ def fit(
         _say(progress, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")
         return load(run / "sae")
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     state = TrainState(since_fired=torch.zeros(n_latents, dtype=torch.int64), ema=None)
     checkpoint = latest_checkpoint(run) if run is not None else None
@@ -327,10 +334,7 @@ def fit(
     for epoch, index, x in _stream(source, cfg, state.epoch, state.batch):
         if total_steps is not None and state.step >= total_steps:
             break
-        if x.ndim != 2 or x.shape[1] != source.d_in:
-            raise ValueError(f"Batch {index} of epoch {epoch} has shape {tuple(x.shape)}; expected (B, {source.d_in}).")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"Batch {index} of epoch {epoch} (step {state.step}) contains NaN or Inf; clean the activations (the last checkpoint is intact).")
+        check_batch(x, source.d_in, epoch, index)
         lr = learning_rate(cfg, state.step, total_steps)
         for group in opt.param_groups:
             group["lr"] = lr

@@ -1,0 +1,190 @@
+"""The trainer: the paper's findings at toy scale, resume, run folders and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelib.sae import TopKSAE, load
+from saelib.train import TensorSource, TrainConfig, fit, geometric_median, latest_checkpoint, learning_rate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toy_data(n_features=512, d=64, n=60_000, active=4, seed=0):
+    """Sparse combinations of known unit features plus a little noise: ``(x, features)``."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+    on = torch.rand(n, n_features, generator=g) < active / n_features
+    coefficients = on * (0.5 + torch.rand(n, n_features, generator=g))
+    return coefficients @ features + 0.01 * torch.randn(n, d, generator=g), features
+
+
+def mean_best_cosine(W_dec, features):
+    return (torch.nn.functional.normalize(W_dec, dim=1) @ features.T).max(0).values.mean().item()
+
+
+def evaluate(sae, x):
+    with torch.no_grad():
+        out = sae(sae.normalizer.apply(x))
+    return out.nmse.item(), out.l0.item()
+
+
+def test_topk_recovers_ground_truth_features():
+    x, features = toy_data()
+    sae = fit(x, 512, 4, tokens=100_000, batch_size=512, lr=3e-3, progress=False)
+    assert mean_best_cosine(sae.W_dec, features) >= 0.9
+    random_sae = TopKSAE(64, 512, 4, generator=torch.Generator().manual_seed(123))
+    assert mean_best_cosine(random_sae.W_dec, features) < 0.6
+
+
+def test_auxk_and_tied_init_prevent_dead_latents(tmp_path):
+    x, _ = toy_data(n_features=2048, active=8)
+    dead = {}
+    for name, options in {"paper": dict(auxk=True, tied_init=True), "ablation": dict(auxk=False, tied_init=False)}.items():
+        fit(x, 512, 4, tokens=50_000, batch_size=512, lr=1e-2, dead_tokens=5000, progress=False, out=tmp_path / name, **options)
+        dead[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["dead_fraction"]
+    assert dead["paper"] < 0.05
+    assert dead["ablation"] > dead["paper"] + 0.25
+
+
+def test_topk_beats_relu_l1_at_equal_or_higher_relu_l0():
+    x, _ = toy_data(active=6, n=30_000)
+    options = dict(tokens=60_000, batch_size=512, lr=3e-3, progress=False)
+    topk_nmse, topk_l0 = evaluate(fit(x, 512, 6, **options), x[:8192])
+    relu_nmse, relu_l0 = evaluate(fit(x, 512, None, arch="relu", l1_coef=0.3, **options), x[:8192])
+    assert relu_l0 >= topk_l0, "the ReLU baseline is given at least as many active latents"
+    assert topk_nmse < 0.8 * relu_nmse
+
+
+def test_geometric_median_minimises_sum_of_distances():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, 5, generator=g), 100 + torch.randn(20, 5, generator=g)])
+    median = geometric_median(x)
+    cost = lambda y: (x - y).norm(dim=1).sum()  # noqa: E731
+    for _ in range(20):
+        assert cost(median) <= cost(median + 0.01 * torch.randn(5, generator=g)) + 1e-4
+    assert median.norm() < 2 < x.mean(0).norm(), "robust to the outlying cluster, unlike the mean"
+    point_on_data = geometric_median(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    torch.testing.assert_close(point_on_data, torch.zeros(2))
+
+
+def test_tensor_source_is_deterministic_and_skips():
+    source = TensorSource(torch.arange(100.0).unsqueeze(1))
+    epoch0 = list(source.batches(8, seed=1, epoch=0))
+    assert len(epoch0) == 12 and all(b.shape == (8, 1) and b.dtype == torch.float32 for b in epoch0)
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, source.batches(8, seed=1, epoch=0)))
+    assert all(torch.equal(a, b) for a, b in zip(epoch0[5:], source.batches(8, seed=1, epoch=0, start=5)))
+    assert not torch.equal(epoch0[0], next(source.batches(8, seed=1, epoch=1)))
+    assert torch.cat(epoch0).unique().numel() == 96
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(n_latents=2**16, k=32, tokens=100 * 4096).resolved(d_in=768, n_tokens=None)
+    assert cfg.lr == pytest.approx(1e-4) and cfg.warmup_steps == 5 and cfg.k_aux == 384
+    rates = [learning_rate(cfg, step, 100) for step in range(100)]
+    assert rates[0] < rates[4] == pytest.approx(cfg.lr) and rates[5] == pytest.approx(cfg.lr)
+    assert all(a >= b for a, b in zip(rates[5:], rates[6:])) and rates[-1] < 0.02 * cfg.lr
+
+
+def test_fit_on_iterable_of_batches_and_ema():
+    x, _ = toy_data(n=4096, d=16, n_features=64)
+    sae = fit(list(x.split(256)), 64, 4, ema=0.9, progress=False)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    assert sae.normalizer.scale == 1.0  # non-tensor data is used as given
+
+
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    from saelib.train import TensorSource, fit
+
+    class Slow(TensorSource):  # same data, slow enough to be killed mid-run
+        def batches(self, *args, **kwargs):
+            for x in super().batches(*args, **kwargs):
+                time.sleep(float(sys.argv[2]))
+                yield x
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    fit(Slow(x), 128, 8, out=sys.argv[1], tokens=60 * 128, batch_size=128, ema=0.99,
+        checkpoint_every_tokens=5 * 128, log_every=2, seed=7)
+    """
+)
+
+
+def run_script(out, delay):
+    return subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(out), str(delay)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    reference = run_script(tmp_path / "reference", 0)
+    killed = run_script(tmp_path / "resumed", 0.05)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(tmp_path / "resumed") is None and time.monotonic() < deadline:
+        assert killed.poll() is None, killed.stderr.read()
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run must still be going when it is killed"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "resumed" / "sae").exists()
+
+    resumed = run_script(tmp_path / "resumed", 0)
+    _, log = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, log
+    assert "Resuming" in log and "from step 0 " not in log
+    _, log = reference.communicate(timeout=120)
+    assert reference.returncode == 0, log
+
+    a, b = load(tmp_path / "reference" / "sae"), load(tmp_path / "resumed" / "sae")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 61, 2))
+
+
+def test_finished_run_is_loaded_and_a_changed_config_is_refused(tmp_path, capsys):
+    x, _ = toy_data(n=2048, d=16, n_features=64)
+    options = dict(tokens=1024, batch_size=256, out=tmp_path / "run")
+    first = fit(x, 64, 4, progress=False, **options)
+    assert (tmp_path / "run" / "sae" / "sae.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["d_in"] == 16
+    again = fit(x, 64, 4, progress=True, **options)
+    assert "without retraining" in capsys.readouterr().err
+    assert torch.equal(first.W_dec, again.W_dec)
+    with pytest.raises(ValueError, match="k: 4 -> 8"):
+        fit(x, 64, 8, progress=False, **options)
+    with pytest.raises(ValueError, match="d_in=16 but the data has d_in=8"):
+        fit(x[:, :8], 64, 4, progress=False, **options)
+
+
+@pytest.mark.parametrize("k, match", [(65, "k=65"), (0, "k must be a positive integer, got 0")])
+def test_bad_k_is_refused(k, match):
+    with pytest.raises(ValueError, match=match):
+        fit(torch.randn(512, 16), 64, k, tokens=256, batch_size=128, progress=False)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match="learning_rate"):
+        fit(torch.randn(512, 16), 64, 4, learning_rate=1e-3, progress=False)
+
+
+def test_nan_batch_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    batches = list(torch.randn(12 * 64, 16).split(64))
+    batches[9][3, 5] = float("nan")
+    with pytest.raises(ValueError, match="Batch 9 of epoch 0 .*NaN"):
+        fit(batches, 64, 4, out=tmp_path, checkpoint_every_tokens=4 * 64, geometric_median_samples=128, progress=False)
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.name == "step_000000008"
+    assert json.loads((checkpoint / "state.json").read_text())["batch"] == 8
+    assert not (tmp_path / "sae").exists()
+    with pytest.raises(ValueError, match="non-finite"):
+        fit(torch.stack(batches[8:]).flatten(0, 1), 64, 4, progress=False)
