@@ -3,6 +3,7 @@
     saelib extract [--preset P] [--model M --corpus C --layer L --site S ...]
     saelib train   [--config FILE] [--preset ci|demo|full] [--model M --corpus C --layer L --site S
                     --n-latents N --k K --tokens T --seed S ...] --out RUN
+    saelib eval    RUN [--preset ci|demo|full] [--json]
 
 Errors in the user's input end with one sentence on standard error and exit status 2.
 """
@@ -56,18 +57,25 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .activations import CachedSource, cached_activations
-    from .train import fit
+    from .runs import train_run
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS, TRAIN_FLAGS))
-    data_opts, train_opts = config.split(cfg)
-    cache = cached_activations(**data_opts, split="train")
-    source = CachedSource(cache)
-    if train_opts.get("tokens") is None:
-        train_opts["tokens"] = int(cfg["epochs"] * source.n_tokens)
-    metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
-    fit(source, out=args.out, normalizer=source.normalizer, metadata=metadata, **train_opts)
+    train_run(cfg, args.out)
     print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evals import evaluate
+    from .runs import load_run
+
+    report = evaluate(load_run(args.run), preset=args.preset, progress=not args.json)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(map(len, report))
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 
 
@@ -89,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(p, DATA_FLAGS)
     _add_flags(p, TRAIN_FLAGS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="the paper's metrics of a trained SAE on held-out text")
+    p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
+    p.add_argument("--preset", default="ci", choices=["ci", "demo", "full"], help="evaluation scale")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -27,9 +27,9 @@ DATA_DEFAULTS = {
 RUN_DEFAULTS = {**DATA_DEFAULTS, "epochs": 1.0}
 
 PRESETS = {
-    "ci": {"max_tokens": 16_384, "n_latents": 1152, "k": 16, "batch_size": 1024, "epochs": 2.0, "warmup": 5},
-    "demo": {"n_latents": 4608, "k": 32, "batch_size": 4096, "epochs": 2.0, "warmup": 50, "decay": "linear"},
-    "full": {"n_latents": 32768, "k": 32, "batch_size": 16384, "epochs": 8.0, "warmup": 200, "decay": "linear",
+    "ci": {"max_tokens": 16_384, "n_latents": 1152, "k": 16, "batch_size": 1024, "epochs": 2.0, "warmup_steps": 5},
+    "demo": {"n_latents": 4608, "k": 32, "batch_size": 4096, "epochs": 2.0, "warmup_steps": 50, "decay": "linear"},
+    "full": {"n_latents": 32768, "k": 32, "batch_size": 16384, "epochs": 8.0, "warmup_steps": 200, "decay": "linear",
              "ema": 0.999},
 }
 
