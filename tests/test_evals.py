@@ -1,0 +1,160 @@
+"""The evaluation suite on real SmolLM2 activations at tiny scale (a quickly trained TopK SAE)."""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("SAELIB_HOME", str(Path(__file__).resolve().parents[1] / ".cache"))
+
+from saelib.evals import evaluate  # noqa: E402
+from saelib.evals import probe_sources, probes  # noqa: E402
+from saelib.evals.ablation import ablation_sparsity  # noqa: E402
+from saelib.evals.downstream import downstream_loss, splice  # noqa: E402
+from saelib.evals.heldout import encode, held_out, site_activations  # noqa: E402
+from saelib.evals.n2g import n2g  # noqa: E402
+from saelib.evals.reconstruction import latent_density, reconstruction_metrics  # noqa: E402
+from saelib.normalize import Normalizer  # noqa: E402
+from saelib.sae import TopKSAE  # noqa: E402
+
+LAYER = 3  # an early layer keeps the stopped-early forwards cheap
+META = {"model": "smollm2-135m", "layer": LAYER, "site": "resid_post", "ctx_len": 64, "corpus": "wikipedia"}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from saelib.models import load_lm
+
+    return load_lm("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def held(lm):
+    return held_out(lm, LAYER, max_tokens=16 * 64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sae(lm):
+    """A TopK SAE trained briefly on real training-split activations."""
+    from saelib.data import contexts
+    from saelib.train import fit
+
+    train = site_activations(lm, contexts("wikipedia", lm.tokenizer, "train", max_tokens=48 * 64), LAYER,
+                             "resid_post", progress=False)
+    x = train.acts[train.keep]
+    return fit(x, 256, 8, tokens=4 * len(x), batch_size=256, seed=0, metadata=META, progress=False)
+
+
+def test_reconstruction_metrics(sae, held):
+    x = held.acts[held.keep]
+    m = reconstruction_metrics(sae, x)
+    assert 0 < m["nmse"] < 0.9, m
+    assert m["explained_variance"] == pytest.approx(1 - m["nmse"], abs=0.05)
+    assert 0 < m["l0"] <= sae.k
+    density = latent_density(sae, x)
+    assert density.shape == (sae.n_latents,)
+    assert m["dead_fraction"] == pytest.approx(float((density == 0).float().mean()))
+    assert m["dense_fraction"] == pytest.approx(float((density > 0.1).float().mean()))
+    assert float(density.sum()) == pytest.approx(m["l0"], rel=1e-4)
+
+
+def test_identity_splice_changes_nothing_and_exclusions_stay_clean(lm, held):
+    ids = held.ids[:2]
+    clean, keep = splice(lm, ids, LAYER, "resid_post")
+    same, _ = splice(lm, ids, LAYER, "resid_post", lambda x: x, keep)
+    assert torch.allclose(clean, same, atol=1e-4)
+    zeroed, _ = splice(lm, ids, LAYER, "resid_post", torch.zeros_like, keep)
+    assert not keep[:, 0].any()
+    # position 0 is excluded, so its logits (which see only position 0) stay clean
+    assert torch.allclose(clean[:, 0], zeroed[:, 0], atol=1e-4)
+    assert not torch.allclose(clean[:, 1:], zeroed[:, 1:], atol=1e-2)
+
+
+def test_zero_reconstruction_equals_zero_ablation(lm, held):
+    """A real SAE whose reconstruction is exactly 0 on the raw scale scores as zero-ablation."""
+    norm = Normalizer.fit(held.acts[held.keep])
+    zero = TopKSAE(lm.d_model, 16, 2, normalizer=norm)
+    with torch.no_grad():
+        zero.W_dec.zero_()
+        zero.b_pre.copy_(-norm.mean / norm.scale)  # decode() = b_pre, inverted to 0
+    m = downstream_loss(zero, lm, held.ids[:2], LAYER, progress=False)
+    # equal up to float rounding of (b_pre * scale + mean), about 1e-6 per coordinate
+    assert m["ce_sae"] == pytest.approx(m["ce_zero"], rel=1e-3)
+    assert m["loss_recovered"] == pytest.approx(0.0, abs=1e-3)
+    assert m["ce_zero"] > m["ce_clean"] + 1
+    assert m["kl"] > 0.5
+
+
+def test_probe_builders_give_20_tasks_with_both_labels(lm):
+    tasks, skipped = probes.available_tasks()
+    assert len(tasks) >= 20, f"only {len(tasks)} probe tasks available; missing sources: {skipped}"
+    ids, tags = probes.probe_contexts(lm.tokenizer, 64, per_source=64)
+    tokens = probes.token_strings(lm.tokenizer, ids)
+    keep = torch.ones(ids.shape, dtype=torch.bool)
+    both = [t.name for t in tasks if all(m.any() for m in probes.task_labels(t, tags, tokens, keep))]
+    assert len(both) >= 20, both
+
+
+def test_missing_source_skips_its_tasks(monkeypatch):
+    def gone():
+        raise probe_sources.SourceUnavailable("install it")
+
+    monkeypatch.setitem(probe_sources.TEXT_SOURCES, "austen", gone)
+    tasks, skipped = probes.available_tasks()
+    assert "wikipedia_vs_austen" in skipped and skipped["wikipedia_vs_austen"] == "install it"
+    assert "digit" in {t.name for t in tasks}
+
+
+def test_best_single_feature_finds_the_informative_column():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(400, generator=g) > 0.5).float()
+    x = torch.randn(400, 50, generator=g)
+    x[:, 17] += 4 * y
+    ce, col = probes.best_single_feature(x[:200], y[:200], x[200:], y[200:])
+    assert col == 17 and ce < 0.2
+
+
+def test_n2g_is_exact_for_a_latent_that_detects_one_token(held):
+    """A 2-latent TopK SAE (k=1) whose latent 0 fires exactly on one token id, found from real activations."""
+    norm = Normalizer.fit(held.acts[held.keep])
+    x = norm.apply(held.acts)[held.keep]
+    ids = held.ids[held.keep]
+    token = int(ids.bincount().argmax())
+    target = (ids == token).float() * 2 - 1
+    design = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    w = torch.linalg.lstsq(design, target.double()[:, None]).solution[:-1, 0].float()
+    proj = x @ w
+    low, high = float(proj[ids != token].max()), float(proj[ids == token].min())
+    assert low < high, "the token is not linearly separable at this layer"
+    sae = TopKSAE(x.shape[1], 2, 1, normalizer=norm)
+    with torch.no_grad():
+        sae.b_pre.zero_()
+        sae.W_enc.zero_()
+        sae.W_enc[0] = w
+        sae.b_enc.copy_(torch.tensor([-(low + high) / 2, 0.0]))  # latent 1 stays at 0: never fires
+    values, indices = encode(sae, held.acts)
+    fires = ((values > 0) & (indices == 0)).any(-1) & held.keep
+    assert torch.equal(fires, (held.ids == token) & held.keep)
+    m = n2g(values, indices, held.ids, held.keep, sample=4, progress=False)
+    assert m == {"n2g_precision": 1.0, "n2g_recall": 1.0, "n2g_latents": 1}
+
+
+def test_ablation_sparsity_in_unit_interval(sae, lm, held):
+    m = ablation_sparsity(sae, lm, held, sample=2, progress=False)
+    assert 0 < m["ablation_sparsity"] <= 1 and 0 < m["ablation_sparsity_baseline"] <= 1
+    assert m["ablation_latents"] == 2
+
+
+def test_evaluate_reports_every_metric(sae, lm):
+    report = evaluate(sae, lm, "ci", progress=False, eval_tokens=1024, downstream_contexts=2, probe_per_source=12,
+                      n2g_latents=8, ablation_latents=2)
+    required = ("nmse explained_variance l0 dead_fraction dense_fraction delta_ce kl loss_recovered probe_loss "
+                "probe_loss_baseline n2g_precision n2g_recall ablation_sparsity ablation_sparsity_baseline eval_tokens")
+    for key in required.split():
+        assert isinstance(report[key], (int, float)) and math.isfinite(report[key]), (key, report[key])
+    assert report["delta_ce"] > 0 and 0 < report["loss_recovered"] <= 1
+    assert report["probe_tasks"] >= 10
+    with pytest.raises(ValueError, match="Unknown eval option"):
+        evaluate(sae, lm, "ci", eval_token=5)
