@@ -18,6 +18,15 @@ from saelib.train import TensorSource, TrainConfig, fit, geometric_median, lates
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and lose a lot on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def toy_data(n_features=512, d=64, n=60_000, active=4, seed=0):
     """Sparse combinations of known unit features plus a little noise: ``(x, features)``."""
     g = torch.Generator().manual_seed(seed)
@@ -121,8 +130,8 @@ RUN_SCRIPT = textwrap.dedent(
 
 
 def run_script(out, delay):
-    return subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(out), str(delay)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(out), str(delay)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
