@@ -1,6 +1,6 @@
 """Offline text sources for the probe tasks, each with where it comes from and its licence.
 
-Each source yields documents ``(text, tags)``; ``tags`` label the document for context-level
+Each source returns documents ``(text, tags)`` (loaded once per process; treat them as read-only); ``tags`` label the document for context-level
 probe tasks (``source``, and e.g. ``book``, ``genre`` or ``category``). A source whose files are
 absent raises :class:`SourceUnavailable` with the command that installs it; the probe suite
 then skips the tasks that need it and says why.
@@ -65,12 +65,14 @@ def _paragraphs(text: str, min_chars: int = 400) -> list[str]:
     return chunks + [current] if current else chunks
 
 
+@lru_cache(maxsize=1)
 def wikipedia() -> list[tuple[str, dict]]:
     from ..data import load_documents, split_documents
 
     return [(d, {"source": "wikipedia"}) for d in split_documents(load_documents("wikipedia"), "validation")]
 
 
+@lru_cache(maxsize=1)
 def austen() -> list[tuple[str, dict]]:
     """Austen's six novels, one document per group of paragraphs, tagged with ``book``."""
     rdx, rdb = AUSTEN_DIR / "Rdata.rdx", AUSTEN_DIR / "Rdata.rdb"
@@ -119,6 +121,7 @@ def _gutenberg_texts() -> dict[str, str]:
     return texts
 
 
+@lru_cache(maxsize=1)
 def shakespeare() -> list[tuple[str, dict]]:
     """Shakespeare's plays and poems, tagged with ``book`` and ``genre`` (tragedy/comedy/other)."""
     docs = []
@@ -130,6 +133,7 @@ def shakespeare() -> list[tuple[str, dict]]:
     return docs
 
 
+@lru_cache(maxsize=1)
 def milton() -> list[tuple[str, dict]]:
     """Milton's poems and prose (from the same sdist), tagged with ``book``."""
     return [(c, {"source": "milton", "book": key.split("/")[1]})
@@ -137,6 +141,7 @@ def milton() -> list[tuple[str, dict]]:
             for c in _paragraphs(text)]
 
 
+@lru_cache(maxsize=1)
 def fortunes() -> list[tuple[str, dict]]:
     """BSD fortune cookies, grouped into documents per category (tagged ``category``)."""
     if not FORTUNES_DIR.is_dir():
