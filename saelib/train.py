@@ -52,7 +52,7 @@ class TrainConfig:
     tokens: int | None = None  # training budget; None = one pass over the data
     lr: float | None = None  # None = 2e-4 / sqrt(n_latents / 2**14)
     warmup_steps: int | None = None  # None = 5% of the steps, at most 1000
-    decay: str = "linear"  # "linear" to 0 at the end of the run, or "none"
+    decay: str = "linear"  # "linear" to 0 at the end of the run (if its length is known), or "none"
     grad_clip: float | None = 1.0
     adam_eps: float = 6.25e-10
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -153,7 +153,8 @@ class IterableSource:
 
     A re-iterable (list, DataLoader) is replayed each epoch; a one-shot iterator gives one
     epoch. The first ``head_rows`` rows are read ahead (for ``d_in`` and the ``b_pre`` sample)
-    and replayed. Resuming skips batches, which is exact only if the iterable repeats itself.
+    and replayed. ``batch_size`` is the first batch's; ``n_tokens`` is known for sized
+    re-iterables. Resuming skips batches, which is exact only if the iterable repeats itself.
     """
 
     n_tokens = None
@@ -169,7 +170,9 @@ class IterableSource:
                 break
         if not self._head:
             raise ValueError("The iterable of activation batches is empty.")
-        self.d_in = self._head[0].shape[-1]
+        self.d_in, self.batch_size = self._head[0].shape[-1], len(self._head[0])
+        if not self._one_shot and hasattr(iterable, "__len__"):
+            self.n_tokens = len(iterable) * self.batch_size
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
         if self._one_shot:
@@ -307,6 +310,8 @@ def fit(
         raise TypeError(f"fit() got unknown option(s) {unknown}; options are TrainConfig fields: {[f.name for f in fields(TrainConfig)]}.")
     cfg = TrainConfig(n_latents=n_latents, k=k, **options)
     source, normalizer = as_source(data, normalizer, normalize, cfg.geometric_median_samples)
+    if isinstance(source, IterableSource) and "batch_size" not in options:
+        cfg = replace(cfg, batch_size=source.batch_size)  # the iterable's batches set the step size
     cfg = cfg.resolved(source.d_in, source.n_tokens)
     sae = TopKSAE(source.d_in, n_latents, k, arch=cfg.arch, tied_init=cfg.tied_init, normalizer=normalizer,
                   metadata=metadata, generator=torch.Generator().manual_seed(cfg.seed))
@@ -325,8 +330,9 @@ def fit(
         with torch.no_grad():
             sae.b_pre.copy_(geometric_median(_sample(source, cfg)))
         state.ema = {name: p.detach().clone() for name, p in sae.named_parameters()} if cfg.ema else None
+    record = _config_record(cfg, source.d_in)
     if run is not None:
-        _start_run_folder(run, cfg, source.d_in, state.step)
+        _start_run_folder(run, record, state.step)
 
     total_steps = cfg.tokens // cfg.batch_size if cfg.tokens else None
     bar = tqdm(total=total_steps, initial=state.step, disable=not progress, desc="fit", unit="step")
@@ -373,11 +379,11 @@ def fit(
                     f.write(json.dumps(row) + "\n")
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - len(x)) // every:
-            save_checkpoint(run, sae, opt, state)
+            save_checkpoint(run, sae, opt, state, record)
     bar.close()
 
     if run is not None:
-        save_checkpoint(run, sae, opt, state)
+        save_checkpoint(run, sae, opt, state, record)
     if state.ema is not None:
         with torch.no_grad():
             for name, p in sae.named_parameters():
@@ -415,10 +421,10 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:
     return (run / "sae" / "config.json").is_file()
 
 
-def _start_run_folder(run: Path, cfg: TrainConfig, d_in: int, step: int) -> None:
+def _start_run_folder(run: Path, record: dict, step: int) -> None:
     """Write ``config.json`` and drop metrics logged after the checkpoint being resumed."""
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(_config_record(cfg, d_in), indent=2))
+    (run / "config.json").write_text(json.dumps(record, indent=2))
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
@@ -433,7 +439,7 @@ def latest_checkpoint(run: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> Path:
+def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState, config: dict) -> Path:
     """Atomically write model, optimiser, EMA, dead counters, RNG states and data position.
 
     Tensors go to ``state.safetensors``, the rest to ``state.json``; the folder is built under
@@ -454,7 +460,7 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
     save_file({key: t.detach().contiguous().clone() for key, t in tensors.items()}, str(tmp / "state.safetensors"))
     meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
             "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
-            "param_groups": optim["param_groups"], "python_rng": random.getstate()}
+            "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config}
     (tmp / "state.json").write_text(json.dumps(meta))
     os.replace(tmp, final)
     for old in sorted(root.glob("step_*"))[:-1]:
