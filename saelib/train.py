@@ -368,15 +368,10 @@ def fit(
         bar.update()
         if state.step % cfg.log_every == 0 or state.step == total_steps:
             now = time.perf_counter()
-            row = {"step": state.step, "tokens": state.tokens, "nmse": result.nmse.item(), "l0": result.l0.item(),
-                   "dead_fraction": (state.since_fired >= cfg.dead_tokens).float().mean().item(),
-                   "auxk_loss": result.auxk_loss.item(), "lr": lr,
-                   "tokens_per_s": (state.tokens - clock_tokens) / max(now - clock, 1e-9)}
+            _log(run, bar, step=state.step, tokens=state.tokens, nmse=result.nmse.item(), l0=result.l0.item(),
+                 dead_fraction=(state.since_fired >= cfg.dead_tokens).float().mean().item(),
+                 auxk_loss=result.auxk_loss.item(), lr=lr, tokens_per_s=(state.tokens - clock_tokens) / max(now - clock, 1e-9))
             clock, clock_tokens = now, state.tokens
-            bar.set_postfix(nmse=f"{row['nmse']:.4f}", dead=f"{row['dead_fraction']:.3f}")
-            if run is not None:
-                with open(run / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - len(x)) // every:
             save_checkpoint(run, sae, opt, state, record)
@@ -392,6 +387,14 @@ def fit(
     if run is not None:
         sae.save(run / "sae")
     return sae.eval()
+
+
+def _log(run: Path | None, bar: tqdm, **row) -> None:
+    """One ``metrics.jsonl`` line and the progress bar's NMSE / dead fraction."""
+    bar.set_postfix(nmse=f"{row['nmse']:.4f}", dead=f"{row['dead_fraction']:.3f}")
+    if run is not None:
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def _say(progress: bool, message: str) -> None:
@@ -463,7 +466,7 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
             "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config}
     (tmp / "state.json").write_text(json.dumps(meta))
     os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-1]:
+    for old in [*sorted(root.glob("step_*"))[:-1], *root.glob(".tmp-*")]:  # older and half-written ones
         shutil.rmtree(old, ignore_errors=True)
     return final
 
