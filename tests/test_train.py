@@ -197,3 +197,15 @@ def test_nan_batch_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     assert not (tmp_path / "sae").exists()
     with pytest.raises(ValueError, match="non-finite"):
         fit(torch.stack(batches[8:]).flatten(0, 1), 64, 4, progress=False)
+
+
+def test_batch_source_with_normalizer_and_metadata_is_saved(tmp_path):
+    from saelib.normalize import Normalizer
+
+    raw = torch.randn(2048, 16) * 3 + 1
+    normalizer = Normalizer.fit(raw)
+    sae = fit(TensorSource(normalizer.apply(raw)), 64, 4, tokens=1024, batch_size=256, out=tmp_path,
+              normalizer=normalizer, metadata={"model": "toy", "layer": 2}, progress=False)
+    loaded = load(tmp_path / "sae")
+    assert loaded.metadata == {"model": "toy", "layer": 2} and loaded.normalizer.scale == normalizer.scale
+    assert loaded.normalizer.invert(loaded.decode(loaded.encode(normalizer.apply(raw[:4])))).shape == (4, 16)
