@@ -23,7 +23,9 @@ Presets change scale, never code paths: ``"ci"`` runs in well under a minute on 
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from .ablation import ablation_sparsity
 from .downstream import downstream_loss, splice
@@ -53,7 +55,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
     """Every metric of the suite for ``sae`` on held-out text, as one flat dict of floats and ints.
 
     Args:
-        sae: a trained SAE whose ``metadata`` names ``model``, ``layer``, ``site`` (default
+        sae: a trained SAE (or the folder of one, or a run folder holding ``sae/``) whose ``metadata`` names ``model``, ``layer``, ``site`` (default
             ``resid_post``), ``ctx_len`` (default 64) and ``corpus`` (default ``wikipedia``).
         lm: the loaded LM (:func:`saelib.models.load_lm`); loaded from ``sae.metadata["model"]`` if None.
         preset: ``"ci"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`).
@@ -66,6 +68,11 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
     if unknown:
         raise ValueError(f"Unknown eval option(s) {', '.join(sorted(unknown))}; valid ones: {', '.join(PRESETS[preset])}.")
     cfg = {**PRESETS[preset], **overrides}
+    if isinstance(sae, (str, os.PathLike)):
+        from ..sae import load
+
+        folder = Path(sae)
+        sae = load(folder / "sae" if (folder / "sae").is_dir() else folder)
     meta = dict(getattr(sae, "metadata", {}) or {})
     if "layer" not in meta:
         raise ValueError("sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to evaluate it.")

@@ -94,6 +94,6 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
         delta[j, ch] = held.acts[c, t, ch] - mean[ch]
     channel_sparsity = _sparsities(lm, held, [c for c, _ in picks], [t for _, t in picks], delta, None,
                                    batch_size, "ablation sparsity (channels)", progress)
-    mean_of = lambda xs: sum(x for x in xs if x == x) / max(1, sum(1 for x in xs if x == x))  # noqa: E731
-    return {"ablation_sparsity": mean_of(latent_sparsity), "ablation_sparsity_baseline": mean_of(channel_sparsity),
+    return {"ablation_sparsity": float(torch.tensor(latent_sparsity, dtype=torch.float64).nanmean()),
+            "ablation_sparsity_baseline": float(torch.tensor(channel_sparsity, dtype=torch.float64).nanmean()),
             "ablation_latents": len(latents)}

@@ -93,5 +93,5 @@ def n2g(values: Tensor, indices: Tensor, ids: Tensor, keep: Tensor, sample: int 
             precisions.append(p)
         if r is not None:
             recalls.append(r)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return {"n2g_precision": mean(precisions), "n2g_recall": mean(recalls), "n2g_latents": len(latents)}
+    return {"n2g_precision": float(torch.tensor(precisions, dtype=torch.float64).mean()),
+            "n2g_recall": float(torch.tensor(recalls, dtype=torch.float64).mean()), "n2g_latents": len(latents)}
