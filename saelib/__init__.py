@@ -6,3 +6,10 @@ learning rate that scales as ``1/sqrt(n_latents)``.
 """
 
 __version__ = "0.1.0"
+
+from .normalize import Normalizer
+from .sae import ForwardOutput, Latents, TopKSAE, load
+from .train import BatchSource, TensorSource, TrainConfig, fit
+
+__all__ = ["TopKSAE", "Latents", "ForwardOutput", "load", "fit", "TrainConfig", "BatchSource", "TensorSource",
+           "Normalizer", "__version__"]
