@@ -307,7 +307,7 @@ def fit(
     """
     unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        raise TypeError(f"fit() got unknown option(s) {unknown}; options are TrainConfig fields: {[f.name for f in fields(TrainConfig)]}.")
+        raise ValueError(f"fit() got unknown option(s) {unknown}; options are TrainConfig fields: {[f.name for f in fields(TrainConfig)]}.")
     cfg = TrainConfig(n_latents=n_latents, k=k, **options)
     source, normalizer = as_source(data, normalizer, normalize, cfg.geometric_median_samples)
     if isinstance(source, IterableSource) and "batch_size" not in options:

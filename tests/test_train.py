@@ -182,7 +182,7 @@ def test_bad_k_is_refused(k, match):
 
 
 def test_unknown_option_is_refused():
-    with pytest.raises(TypeError, match="learning_rate"):
+    with pytest.raises(ValueError, match="learning_rate"):
         fit(torch.randn(512, 16), 64, 4, learning_rate=1e-3, progress=False)
 
 
