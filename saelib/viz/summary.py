@@ -1,0 +1,561 @@
+"""The visualizer's data layer: everything one would show about each latent, computed once over held-out text.
+
+``summarize(run_or_sae, lm, preset)`` encodes the held-out tokens (the corpus's validation split,
+or your own ``texts``) and keeps, per latent (``n`` latents, over ``N`` kept tokens):
+
+- activation density (fraction of kept tokens where it fires), mean and max activation, and a
+  histogram of its non-zero activations (``hist_bins`` bins from 0 to its max);
+- example contexts: the ``n_top`` top-activating tokens, then ``per_quantile`` random tokens from
+  each of ``n_quantiles`` equal-count slices of its firing tokens ranked by activation (top
+  examples alone mislead: they hide what the latent does most of the time), each with the
+  latent's activation on every token of its context;
+- output effect: the tokens its decoder direction promotes and suppresses through the
+  unembedding (:func:`logit_effects`, direct logit attribution) and, for a few latents, the
+  measured effect of ablating it (:func:`ablation_effects`);
+- its N2G explanation (:mod:`saelib.evals.n2g`: n-grams from the first half of the contexts)
+  with precision and recall on the second half;
+- its nearest latents by decoder cosine;
+- and, for search, each token's latents with the highest mean activation on it.
+
+The result is a :class:`Summary`, cached as ``summary.safetensors`` + ``summary.json`` (never
+pickle) in ``RUN/viz_summary/<preset>/`` when a run folder is given. Both front ends (the static
+site, :mod:`.static`, and the notebook browser, :mod:`.widget`) read it through
+:meth:`Summary.latent`, :meth:`Summary.overview` and :meth:`Summary.search`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+FORMAT_VERSION = 1
+SUMMARY_DIR = "viz_summary"
+DENSE_THRESHOLD = 0.1  # the paper's (and saelib.evals') "dense latent": fires on more than 10% of tokens
+
+PRESETS = {
+    # eval_tokens: held-out tokens to summarise; n2g_latents: how many latents get an N2G
+    # explanation (None: all that fire); ablation_latents: how many get measured ablation effects.
+    "ci": dict(eval_tokens=4096, n_top=8, n_quantiles=3, per_quantile=3, hist_bins=24, n_logits=10, n_neighbours=8,
+               search_latents=10, n2g_latents=None, ablation_latents=4, window=(20, 6), seed=0),
+    "demo": dict(eval_tokens=65_536, n_top=16, n_quantiles=4, per_quantile=4, hist_bins=32, n_logits=12,
+                 n_neighbours=10, search_latents=16, n2g_latents=None, ablation_latents=32, window=(24, 8), seed=0),
+    "full": dict(eval_tokens=1_048_576, n_top=24, n_quantiles=5, per_quantile=5, hist_bins=40, n_logits=16,
+                 n_neighbours=12, search_latents=20, n2g_latents=4096, ablation_latents=256, window=(24, 8), seed=0),
+}
+
+
+@dataclass
+class Summary:
+    """Per-latent visualizer data. ``tensors`` (saved as safetensors) and ``info`` (saved as JSON).
+
+    Tensors (``n`` latents, ``E`` examples per latent, ``T`` context length, ``L`` logits):
+    ``density, mean_act, max_act, n2g_precision, n2g_recall (n,)`` (NaN where undefined);
+    ``hist (n, bins)``; ``ids (n_ctx, T)`` held-out tokens; ``ex_ctx, ex_pos (n, E)`` (-1: none)
+    and ``ex_acts (n, E, T)``; ``logit_top_ids, logit_top, logit_bottom_ids, logit_bottom (n, L)``;
+    ``neighbours, neighbour_cos (n, M)``; ``ablation_latents (a,)`` and ``ablation_top_ids,
+    ablation_top, ablation_bottom_ids, ablation_bottom (a, L)``; ``search_ids (U,)`` token ids and
+    ``search_latents, search_scores (U, S)`` (-1: none).
+
+    ``info``: ``options``, ``metadata`` (the SAE's), ``n_latents, k, n_tokens, fingerprint``,
+    ``groups`` (example slots: name, start, count), ``tokens`` (id -> text of every token
+    referenced) and ``n2g`` (latent -> n-grams, each a list of token ids).
+    """
+
+    tensors: dict[str, Tensor]
+    info: dict
+    _search_index: dict | None = field(default=None, repr=False)
+
+    @property
+    def n_latents(self) -> int:
+        return int(self.info["n_latents"])
+
+    def text(self, token_id: int) -> str:
+        return self.info["tokens"][str(int(token_id))]
+
+    def check_latent(self, latent: int) -> int:
+        if isinstance(latent, bool) or not isinstance(latent, int) or not 0 <= latent < self.n_latents:
+            raise ValueError(f"Latent {latent!r} does not exist: this SAE has {self.n_latents} latents (0 to "
+                             f"{self.n_latents - 1}).")
+        return latent
+
+    def latent(self, latent: int) -> dict:
+        """Everything about one latent as a JSON-able dict (what both front ends render).
+
+        Keys: ``id, density, mean_act, max_act, hist {edges, counts}, examples`` (list of
+        ``{group, tokens, acts, center}``: a window of token texts around the example token,
+        the latent's activation on each, and the example token's index in the window),
+        ``promoted, suppressed`` (``[token, logit]`` lists), ``ablation`` (``{promoted,
+        suppressed}`` or None), ``n2g {patterns, precision, recall}``, ``neighbours`` (``[id,
+        cosine]``).
+        """
+        i = self.check_latent(latent)
+        t, bins = self.tensors, self.info["options"]["hist_bins"]
+        left, right = self.info["options"]["window"]
+        max_act = float(t["max_act"][i])
+        examples = []
+        for group in self.info["groups"]:
+            for e in range(group["start"], group["start"] + group["count"]):
+                c, p = int(t["ex_ctx"][i, e]), int(t["ex_pos"][i, e])
+                if c < 0:
+                    continue
+                lo, hi = max(0, p - left), min(t["ids"].shape[1], p + right + 1)
+                examples.append({"group": group["name"], "center": p - lo,
+                                 "tokens": [self.text(x) for x in t["ids"][c, lo:hi].tolist()],
+                                 "acts": [round(a, 4) for a in t["ex_acts"][i, e, lo:hi].float().tolist()]})
+        ablation = None
+        rows = (t["ablation_latents"] == i).nonzero()
+        if len(rows):
+            r = int(rows[0])
+            ablation = {"promoted": self._logits("ablation_top", r), "suppressed": self._logits("ablation_bottom", r)}
+        patterns = self.info["n2g"].get(str(i), [])
+        return {
+            "id": i, "density": float(t["density"][i]), "mean_act": float(t["mean_act"][i]), "max_act": max_act,
+            "hist": {"edges": [max_act * b / bins for b in range(bins + 1)], "counts": t["hist"][i].tolist()},
+            "examples": examples,
+            "promoted": self._logits("logit_top", i), "suppressed": self._logits("logit_bottom", i),
+            "ablation": ablation,
+            "n2g": {"patterns": ["".join(self.text(x) for x in p) for p in patterns],
+                    "precision": _finite(t["n2g_precision"][i]), "recall": _finite(t["n2g_recall"][i])},
+            "neighbours": [[int(j), round(float(c), 4)] for j, c in zip(t["neighbours"][i], t["neighbour_cos"][i])],
+        }
+
+    def _logits(self, name: str, row: int) -> list:
+        ids, vals = self.tensors[f"{name}_ids"][row], self.tensors[name][row]
+        return [[self.text(x), round(float(v), 4)] for x, v in zip(ids.tolist(), vals)]
+
+    def overview(self) -> dict:
+        """Overview data: SAE facts, counts of dead and dense latents, the log10-density histogram,
+        and per-latent columns (``id, density, mean_act, max_act, n2g_precision, n2g_recall,
+        top_token``) for a sortable table."""
+        t = self.tensors
+        density = t["density"]
+        alive = density[density > 0].log10()
+        lo = math.floor(float(alive.min())) if len(alive) else -6
+        counts, edges = torch.histogram(alive, bins=40, range=(float(lo), 0.0))
+        top_token = [self.text(t["ids"][c, p]) if c >= 0 else "" for c, p in zip(t["ex_ctx"][:, 0].tolist(),
+                                                                              t["ex_pos"][:, 0].tolist())]
+        return {
+            "metadata": self.info["metadata"], "n_latents": self.n_latents, "k": self.info["k"],
+            "n_tokens": self.info["n_tokens"], "preset": self.info["options"].get("preset"),
+            "dead": int((density == 0).sum()), "dense": int((density > DENSE_THRESHOLD).sum()),
+            "dense_threshold": DENSE_THRESHOLD,
+            "density_hist": {"edges": edges.tolist(), "counts": counts.int().tolist()},
+            "columns": {
+                "id": list(range(self.n_latents)),
+                "density": [round(x, 7) for x in density.tolist()],
+                "mean_act": [round(x, 4) for x in t["mean_act"].tolist()],
+                "max_act": [round(x, 4) for x in t["max_act"].tolist()],
+                "n2g_precision": [_finite(x, 3) for x in t["n2g_precision"]],
+                "n2g_recall": [_finite(x, 3) for x in t["n2g_recall"]],
+                "top_token": top_token,
+            },
+        }
+
+    def search_index(self) -> dict[str, list]:
+        """Token search: normalised token text -> ``[[latent, mean activation], ...]``, best first.
+
+        The key is the token's text stripped and lower-cased, so " Paris" and "paris" meet; tokens
+        with the same key are merged, keeping each latent's best score.
+        """
+        if self._search_index is None:
+            merged: dict[str, dict[int, float]] = {}
+            t = self.tensors
+            for tok, lats, scores in zip(t["search_ids"].tolist(), t["search_latents"].tolist(),
+                                         t["search_scores"].tolist()):
+                key = normalise_query(self.text(tok))
+                if not key:
+                    continue
+                best = merged.setdefault(key, {})
+                for j, s in zip(lats, scores):
+                    if j >= 0 and s > best.get(j, 0.0):
+                        best[j] = round(s, 4)
+            self._search_index = {key: sorted(best.items(), key=lambda kv: -kv[1]) for key, best in merged.items()}
+        return self._search_index
+
+    def search(self, query: str, limit: int = 20) -> list[tuple[int, float]]:
+        """Latents that fire most on a token: ``[(latent, mean activation on it)]``, best first.
+
+        Matches tokens whose normalised text equals ``query``'s; if none does, those containing it.
+        """
+        key, index = normalise_query(query), self.search_index()
+        if not key:
+            return []
+        keys = [key] if key in index else [k for k in index if key in k]
+        best: dict[int, float] = {}
+        for k in keys:
+            for j, s in index[k]:
+                best[j] = max(best.get(j, 0.0), s)
+        return sorted(best.items(), key=lambda kv: -kv[1])[:limit]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``summary.safetensors`` and ``summary.json`` into ``folder`` (replacing it whole)."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp / "summary.safetensors")
+        (tmp / "summary.json").write_text(json.dumps(self.info))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Summary:
+        folder = Path(folder)
+        if not (folder / "summary.json").exists():
+            raise FileNotFoundError(f"No visualizer summary in {folder}; build one with saelib.viz.summarize(RUN).")
+        return cls(load_file(folder / "summary.safetensors"), json.loads((folder / "summary.json").read_text()))
+
+
+def normalise_query(text: str) -> str:
+    """How token texts and queries are compared in search: stripped and lower-cased."""
+    return text.strip().lower()
+
+
+def _finite(x, digits: int = 4) -> float | None:
+    x = float(x)
+    return round(x, digits) if math.isfinite(x) else None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def fingerprint(sae) -> str:
+    """A hash of the SAE's weights: a cached summary is reused only for the same SAE."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, tensor in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(repr(sae.normalizer.scale).encode())
+    return h.hexdigest()
+
+
+def _as_sae(run_or_sae):
+    """``(sae, run folder or None)`` from an SAE, an SAE folder or a run folder."""
+    if isinstance(run_or_sae, (str, os.PathLike)):
+        from ..runs import load_run
+
+        path = Path(run_or_sae)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is neither a run folder nor an SAE folder; train one with `saelib train --out {path}`.")
+        return load_run(path), path
+    return run_or_sae, None
+
+
+def resolve_options(preset: str, overrides: dict) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown visualizer preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    unknown = set(overrides) - set(PRESETS[preset])
+    if unknown:
+        raise ValueError(f"Unknown visualizer option(s) {', '.join(sorted(unknown))}; valid ones: "
+                         f"{', '.join(PRESETS[preset])}.")
+    opts = {**PRESETS[preset], **overrides, "preset": preset}
+    opts["window"] = list(opts["window"])
+    return opts
+
+
+def summarize(run_or_sae, lm=None, preset: str = "ci", *, texts: list[str] | None = None, cache: bool = True,
+              progress: bool = True, **overrides) -> Summary:
+    """The visualizer summary of an SAE over held-out text (computed once, then read from the cache).
+
+    Args:
+        run_or_sae: a run folder (``saelib train --out RUN``), an SAE folder, or a loaded SAE whose
+            ``metadata`` names ``model``, ``layer``, ``site``, ``ctx_len`` and ``corpus``.
+        lm: the loaded LM (:func:`saelib.models.load_lm`); loaded from the SAE's metadata if None.
+        preset: ``"ci"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`).
+        texts: summarise these documents instead of the corpus's validation split (packed into
+            contexts of the SAE's ``ctx_len``; the incomplete tail is dropped).
+        cache: for a folder, read/write ``RUN/viz_summary/<preset>[-<hash of options>]/``.
+        overrides: any key of a preset, e.g. ``eval_tokens=8192``.
+    """
+    sae, folder = _as_sae(run_or_sae)
+    opts = resolve_options(preset, overrides)
+    cache_folder = None
+    if folder is not None and cache:
+        custom = {k: v for k, v in overrides.items()} | ({"texts": texts} if texts is not None else {})
+        suffix = "-" + hashlib.blake2b(json.dumps(custom, sort_keys=True).encode(), digest_size=4).hexdigest() if custom else ""
+        cache_folder = folder / SUMMARY_DIR / f"{preset}{suffix}"
+        if (cache_folder / "summary.json").exists():
+            cached = Summary.load(cache_folder)
+            if cached.info.get("fingerprint") == fingerprint(sae) and cached.info.get("version") == FORMAT_VERSION:
+                return cached
+    summary = build_summary(sae, lm, opts, texts=texts, progress=progress)
+    if cache_folder is not None:
+        summary.save(cache_folder)
+    return summary
+
+
+@torch.no_grad()
+def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress: bool = True) -> Summary:
+    """Compute a :class:`Summary` (no caching; :func:`summarize` is the usual entry point)."""
+    from ..evals.heldout import encode, held_out, site_activations
+
+    meta = dict(getattr(sae, "metadata", {}) or {})
+    if "layer" not in meta:
+        raise ValueError("sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to summarise it.")
+    if lm is None:
+        from ..models import DEFAULT_MODEL, load_lm
+
+        lm = load_lm(meta.get("model", DEFAULT_MODEL))
+    layer, site, ctx_len = int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
+    sae.eval()
+    steps = tqdm(total=6, desc="visualizer summary", disable=not progress)
+    if texts is None:
+        held = held_out(lm, layer, site, meta.get("corpus", "wikipedia"), ctx_len, opts["eval_tokens"], progress=progress)
+    else:
+        from ..data import pack
+
+        ids = pack(list(texts), lm.tokenizer, ctx_len, max_contexts=max(1, opts["eval_tokens"] // ctx_len))
+        held = site_activations(lm, ids, layer, site, progress=progress)
+    steps.update()
+    values, indices = encode(sae, held.acts)
+    values = values * held.keep[..., None]  # excluded tokens (position 0, separators) show and count as 0
+    n, (n_ctx, T) = sae.n_latents, held.ids.shape
+    n_tokens = int(held.keep.sum())
+
+    fired = values > 0
+    tok = torch.arange(n_ctx * T)[:, None].expand(-1, values.shape[-1]).reshape(n_ctx, T, -1)[fired]
+    lat, val = indices[fired], values[fired]
+    order, counts, starts = _rank_by_group(lat, val, n)
+    tok, lat, val = tok[order], lat[order], val[order]
+
+    tensors = _activation_stats(lat, val, counts, n, n_tokens, opts["hist_bins"])
+    ex_ctx, ex_pos, groups = _pick_examples(tok, counts, starts, T, opts)
+    tensors |= {"ids": held.ids.int(), "ex_ctx": ex_ctx, "ex_pos": ex_pos,
+                "ex_acts": _example_acts(values, indices, ex_ctx, T)}
+    steps.update()
+    tensors |= dict(zip(("logit_top_ids", "logit_top", "logit_bottom_ids", "logit_bottom"),
+                        logit_effects(sae, lm, opts["n_logits"])))
+    tensors["neighbours"], tensors["neighbour_cos"] = nearest_latents(sae, opts["n_neighbours"])
+    steps.update()
+    tensors |= _token_search(tok, lat, val, held.ids, held.keep, n, opts["search_latents"])
+    steps.update()
+    patterns, tensors["n2g_precision"], tensors["n2g_recall"] = _n2g(tok, lat, val, counts, starts, held, opts, progress)
+    steps.update()
+    alive = (counts > 0).nonzero().flatten().tolist()
+    chosen = sorted(random.Random(opts["seed"]).sample(alive, min(opts["ablation_latents"], len(alive))))
+    tensors |= ablation_effects(sae, lm, held, values, indices, chosen, opts["n_logits"], progress=progress)
+    steps.update()
+    steps.close()
+
+    referenced = set(held.ids.flatten().tolist())
+    for name in ("logit_top_ids", "logit_bottom_ids", "ablation_top_ids", "ablation_bottom_ids"):
+        referenced |= set(tensors[name].flatten().tolist())
+    info = {
+        "version": FORMAT_VERSION, "options": opts, "metadata": meta, "n_latents": n, "k": sae.k,
+        "n_tokens": n_tokens, "n_contexts": n_ctx, "fingerprint": fingerprint(sae), "groups": groups,
+        "tokens": {str(x): lm.tokenizer.decode([x]) for x in sorted(referenced)},
+        "n2g": patterns,
+    }
+    return Summary(tensors, info)
+
+
+def _rank_by_group(group: Tensor, score: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort entries by group, then by descending score: ``(order, counts (n_groups,), starts (n_groups,))``."""
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    counts = torch.bincount(group, minlength=n_groups)
+    return order, counts, torch.cumsum(counts, 0) - counts
+
+
+def _activation_stats(lat: Tensor, val: Tensor, counts: Tensor, n: int, n_tokens: int, bins: int) -> dict:
+    """Density, mean and max activation, and a ``bins``-bin histogram from 0 to the max, per latent."""
+    total = torch.zeros(n).index_add_(0, lat, val)
+    max_act = torch.zeros(n).scatter_reduce_(0, lat, val, "amax")
+    b = (val / max_act[lat] * bins).long().clamp_(max=bins - 1)
+    hist = torch.bincount(lat * bins + b, minlength=n * bins).view(n, bins)
+    return {"density": counts.float() / max(n_tokens, 1), "mean_act": total / counts.clamp_min(1),
+            "max_act": max_act, "hist": hist.int()}
+
+
+def _pick_examples(tok: Tensor, counts: Tensor, starts: Tensor, T: int, opts: dict) -> tuple[Tensor, Tensor, list]:
+    """Example tokens per latent from its firing tokens ranked by activation: ``n_top`` top ones,
+    then ``per_quantile`` spread at random over each of ``n_quantiles`` equal-count rank slices."""
+    n, top, Q, P = len(counts), opts["n_top"], opts["n_quantiles"], opts["per_quantile"]
+    g = torch.Generator().manual_seed(opts["seed"])
+    c = counts[:, None, None].double()
+    q = torch.arange(Q)[None, :, None]
+    lo, hi = (c * q / Q).floor(), (c * (q + 1) / Q).floor()
+    width, j = hi - lo, torch.arange(P)[None, None, :]
+    spread = lo + ((j + torch.rand(n, Q, P, generator=g, dtype=torch.float64)) * width / P).floor()
+    ranks = torch.where(width >= P, spread, lo + j).long()
+    valid = (width >= P) | (j < width)
+    ranks = torch.cat([torch.arange(top)[None].expand(n, -1), ranks.view(n, -1)], 1)
+    valid = torch.cat([torch.arange(top)[None] < counts[:, None], valid.view(n, -1)], 1)
+    flat = tok[(starts[:, None] + ranks).clamp(max=max(len(tok) - 1, 0))] if len(tok) else torch.zeros_like(ranks)
+    ex_ctx = torch.where(valid, flat // T, -1).int()
+    ex_pos = torch.where(valid, flat % T, -1).int()
+    groups = [{"name": "top activations", "start": 0, "count": top}]
+    for k in range(Q):
+        groups.append({"name": f"activation quantile {k * 100 // Q}-{(k + 1) * 100 // Q}% from the top",
+                       "start": top + k * P, "count": P})
+    return ex_ctx, ex_pos, groups
+
+
+def _example_acts(values: Tensor, indices: Tensor, ex_ctx: Tensor, T: int, chunk: int = 256) -> Tensor:
+    """``(n, E, T)`` float16: each latent's activation over each of its example contexts."""
+    n, E = ex_ctx.shape
+    out = torch.zeros(n, E, T, dtype=torch.float16)
+    for s in range(0, n, chunk):
+        ctx = ex_ctx[s:s + chunk].clamp_min(0).long()
+        lat = torch.arange(s, min(s + chunk, n))[:, None, None, None]
+        acts = (values[ctx] * (indices[ctx] == lat)).sum(-1)  # (chunk, E, T)
+        out[s:s + chunk] = (acts * (ex_ctx[s:s + chunk, :, None] >= 0)).half()
+    return out
+
+
+def _final_norm(lm):
+    """The LM's final normalisation module (before the unembedding)."""
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm"):
+        module = lm.model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if module is not None:
+            return module
+    raise ValueError(f"Cannot find the final norm of {lm.name}; logit effects need a model with a standard layout.")
+
+
+@torch.no_grad()
+def logit_effects(sae, lm, top: int = 10, chunk: int = 512) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Direct logit attribution of each latent's decoder direction: the tokens it promotes and suppresses.
+
+    For latent ``i``: ``u = lm_head(g * (scale * W_dec[i]))`` (``(V,)``), where ``scale`` maps the
+    SAE's normalised scale back to the raw residual (:class:`saelib.normalize.Normalizer`) and ``g``
+    is the final norm's weight; with a LayerNorm the direction is centred first. ``u`` is then
+    centred over the vocabulary (softmax ignores a constant). The approximation: only the direct
+    path from the SAE's layer to the logits (later layers are skipped), and the final norm is
+    treated as linear (its division by the residual's RMS, a positive per-token factor, is left
+    out: it rescales all of a latent's logits alike, so the ranking is exact for that path, the
+    magnitudes are "per unit activation, before the norm's 1/RMS").
+
+    Returns ``(top_ids, top_values, bottom_ids, bottom_values)``, each ``(n_latents, top)``.
+    """
+    norm, head = _final_norm(lm), lm.model.get_output_embeddings()
+    weight = head.weight.detach().float()
+    out = []
+    for s in range(0, sae.n_latents, chunk):
+        d = sae.W_dec.detach()[s:s + chunk].float() * sae.normalizer.scale
+        if isinstance(norm, torch.nn.LayerNorm):
+            d = d - d.mean(-1, keepdim=True)
+        d = d * norm.weight.detach().float()
+        logits = d.to(weight.device) @ weight.T
+        logits = (logits - logits.mean(-1, keepdim=True)).cpu()
+        hi, lo = logits.topk(top, -1), logits.topk(top, -1, largest=False)
+        out.append((hi.indices.int(), hi.values, lo.indices.int(), lo.values))
+    return tuple(torch.cat(parts) for parts in zip(*out))
+
+
+@torch.no_grad()
+def nearest_latents(sae, m: int = 8, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """The ``m`` latents whose decoder rows are closest by cosine to each latent's: ``(ids, cosines)``, ``(n, m)``."""
+    W = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
+    m = min(m, sae.n_latents - 1)
+    ids, cos = [], []
+    for s in range(0, sae.n_latents, chunk):
+        sim = W[s:s + chunk] @ W.T
+        sim[torch.arange(len(sim)), torch.arange(s, s + len(sim))] = -2.0
+        best = sim.topk(m, -1)
+        ids.append(best.indices.int().cpu())
+        cos.append(best.values.cpu())
+    return torch.cat(ids), torch.cat(cos)
+
+
+def _token_search(tok: Tensor, lat: Tensor, val: Tensor, ids: Tensor, keep: Tensor, n: int, m: int) -> dict:
+    """For each token id in the kept text: the ``m`` latents with the highest mean activation on it."""
+    token_of = ids.flatten()[tok].long()
+    pair = token_of * n + lat
+    keys, inverse = torch.unique(pair, return_inverse=True)
+    sums = torch.zeros(len(keys)).index_add_(0, inverse, val)
+    occurrences = torch.bincount(ids[keep].long())
+    tokens, lats = keys // n, keys % n
+    mean = sums / occurrences[tokens]
+    uniq, group = torch.unique(tokens, return_inverse=True)
+    order, counts, starts = _rank_by_group(group, mean, len(uniq))
+    rank = torch.arange(len(order)) - starts[group[order]]
+    pick = order[rank < m]
+    out_lat = torch.full((len(uniq), m), -1, dtype=torch.int32)
+    out_score = torch.zeros(len(uniq), m)
+    rows, cols = group[pick], (torch.arange(len(order)) - starts[group[order]])[rank < m]
+    out_lat[rows, cols] = lats[pick].int()
+    out_score[rows, cols] = mean[pick]
+    return {"search_ids": uniq.int(), "search_latents": out_lat, "search_scores": out_score}
+
+
+def _n2g(tok, lat, val, counts, starts, held, opts, progress) -> tuple[dict, Tensor, Tensor]:
+    """N2G explanation (:func:`saelib.evals.n2g.explain` on the first half of the contexts) and its
+    precision/recall (:func:`saelib.evals.n2g.score` on the second half), per latent."""
+    from ..evals.n2g import explain, score
+
+    n, (n_ctx, T) = len(counts), held.ids.shape
+    precision, recall = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    half = n_ctx // 2
+    if half == 0:
+        return {}, precision, recall
+    first = (tok < half * T)
+    alive = torch.bincount(lat[first], minlength=n).nonzero().flatten().tolist()
+    if opts["n2g_latents"] is not None:
+        alive = sorted(random.Random(opts["seed"]).sample(alive, min(opts["n2g_latents"], len(alive))))
+    patterns = {}
+    for i in tqdm(alive, desc="N2G explanations", disable=not progress, leave=False):
+        s, c = int(starts[i]), int(counts[i])
+        acts = torch.zeros(n_ctx * T).index_put_((tok[s:s + c],), val[s:s + c]).view(n_ctx, T)
+        found = explain(held.ids[:half], acts[:half], held.keep[:half])
+        p, r = score(found, held.ids[half:], acts[half:], held.keep[half:])
+        patterns[str(i)] = [list(x) for x in found]
+        precision[i] = float("nan") if p is None else p
+        recall[i] = float("nan") if r is None else r
+    return patterns, precision, recall
+
+
+@torch.no_grad()
+def ablation_effects(sae, lm, held, values: Tensor, indices: Tensor, latents: list[int], top: int = 10,
+                     batch_size: int = 8, progress: bool = True) -> dict:
+    """Measured output effect of ``latents``: at each one's top-activating token, the next-token
+    logits with the SAE spliced in minus those with that latent's contribution removed (the
+    latent's own effect, through every later layer), centred over the vocabulary.
+
+    Returns ``ablation_latents (a,)`` and ``ablation_top_ids, ablation_top, ablation_bottom_ids,
+    ablation_bottom`` ``(a, top)``.
+    """
+    from ..evals.downstream import sae_reconstruct, splice
+
+    T = held.ids.shape[1]
+    reconstruct = sae_reconstruct(sae)
+    rows = []
+    for s in tqdm(range(0, len(latents), batch_size), desc="ablation effects", disable=not progress, leave=False):
+        chunk = latents[s:s + batch_size]
+        ctx, pos, delta = [], [], []
+        for i in chunk:
+            act = (values * (indices == i)).sum(-1)
+            c, t = divmod(int(act.argmax()), T)
+            ctx.append(c)
+            pos.append(t)
+            delta.append(float(act[c, t]) * sae.W_dec.detach()[i] * sae.normalizer.scale)
+        ids, keep = held.ids[ctx], held.keep[ctx]
+        r, p, delta = torch.arange(len(chunk)), torch.tensor(pos), torch.stack(delta)
+
+        def ablated(x, r=r, p=p, delta=delta):
+            out = reconstruct(x).clone()
+            out[r, p] -= delta.to(out)
+            return out
+
+        base, _ = splice(lm, ids, held.layer, held.site, reconstruct, keep)
+        without, _ = splice(lm, ids, held.layer, held.site, ablated, keep)
+        effect = (base[r, p] - without[r, p]).float()
+        rows.append(effect - effect.mean(-1, keepdim=True))
+    effect = torch.cat(rows) if rows else torch.zeros(0, lm.model.get_output_embeddings().weight.shape[0])
+    hi, lo = effect.topk(top, -1), effect.topk(top, -1, largest=False)
+    return {"ablation_latents": torch.tensor(latents, dtype=torch.int32), "ablation_top_ids": hi.indices.int(),
+            "ablation_top": hi.values, "ablation_bottom_ids": lo.indices.int(), "ablation_bottom": lo.values}
