@@ -1,0 +1,277 @@
+"""Scaling-law fits of Gao et al. (2024), each with bootstrap confidence intervals and goodness of fit.
+
+Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active latents,
+``C`` the training compute of :func:`saelib.sweep.training_flops`, ``T`` training tokens):
+
+- :func:`fit_power_law` -- ``L(x) = exp(a) * x^b + c``: a power law with an irreducible term
+  ``c >= 0``; used for ``L(n)`` at fixed ``k`` and ``L(k)`` at fixed ``n`` (``b < 0``).
+- :func:`fit_joint_law` -- the paper's joint law (its eq. for GPT-4 autoencoders)::
+
+      L(n, k) = exp(a + b_k log k + b_n log n + g log k log n) + exp(z + e log k)
+
+  the first term falls with ``n`` (its exponent ``b_n + g log k`` depends on ``k``), the second
+  is an irreducible loss that depends on ``k`` only.
+- :func:`fit_compute_law` -- ``L(C) = c0 + c1 * C^-p`` on the compute-efficient frontier
+  (:func:`compute_frontier`: the lowest loss reached with at most ``C`` FLOPs over all runs).
+- :func:`fit_convergence` -- tokens to convergence ``T(n) = exp(a) * n^b`` (paper: ``b ~ 0.6``
+  on GPT-2), with :func:`tokens_to_convergence` read off a learning curve.
+
+Every fit is a least-squares fit of ``log L`` (errors are relative, as on the paper's log-log
+plots). Goodness of fit: ``r2`` and ``rmse_log``, both of ``log L``. Confidence intervals come from
+a case bootstrap: points are resampled with replacement, the law is refitted, and the
+``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each coefficient are reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy.optimize import least_squares
+
+# The paper's coefficients (GPT-4 joint and compute laws; GPT-2 tokens-to-convergence exponent).
+PAPER = {
+    "joint": {"a": -0.50, "b_k": 0.26, "b_n": -0.017, "g": -0.042, "z": -1.32, "e": -0.085},
+    "compute": {"c0": 0.09, "c1": 0.056, "p": 0.084},
+    "convergence": {"b": 0.6},
+}
+
+
+@dataclass
+class Fit:
+    """A fitted law: coefficients, bootstrap intervals and goodness of fit.
+
+    Attributes:
+        law: a name (``"power"``, ``"joint"``, ``"compute"``, ``"convergence"``).
+        params: coefficient name -> value.
+        ci: coefficient name -> ``(low, high)`` bootstrap interval at ``level``.
+        r2: coefficient of determination of ``log y``.
+        rmse_log: root-mean-square residual of ``log y`` (0.01 is about 1% error).
+        n_points: points fitted.
+        level: confidence level of ``ci``.
+        boot_failures: bootstrap resamples whose fit failed (left out of ``ci``).
+    """
+
+    law: str
+    params: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    r2: float
+    rmse_log: float
+    n_points: int
+    level: float = 0.95
+    boot_failures: int = 0
+    _model: Callable = field(default=None, repr=False)
+
+    def predict(self, *x) -> np.ndarray:
+        """The law at ``x`` (one array per input, e.g. ``predict(n, k)`` for the joint law)."""
+        return self._model(np.array([self.params[name] for name in self.params]), *map(np.asarray, x))
+
+    def table(self, paper: dict[str, float] | None = None) -> list[dict]:
+        """One row per coefficient: ``coefficient, ours, ci_low, ci_high`` and ``paper`` where known."""
+        paper = paper or {}
+        return [{"law": self.law, "coefficient": name, "ours": value, "ci_low": self.ci[name][0],
+                 "ci_high": self.ci[name][1], "paper": paper.get(name), "r2": self.r2, "rmse_log": self.rmse_log,
+                 "n_points": self.n_points} for name, value in self.params.items()]
+
+    def to_dict(self) -> dict:
+        return {"law": self.law, "params": self.params, "ci": {k: list(v) for k, v in self.ci.items()},
+                "r2": self.r2, "rmse_log": self.rmse_log, "n_points": self.n_points, "level": self.level,
+                "boot_failures": self.boot_failures}
+
+
+# ---- the generic fitter ---------------------------------------------------------------------
+
+
+def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: np.ndarray,
+         starts: list[np.ndarray], bounds: Callable | None = None, n_boot: int = 200, level: float = 0.95,
+         seed: int = 0) -> Fit:
+    """Least squares of ``log model(theta, *xs)`` against ``log y`` from several starts, then a bootstrap."""
+    xs = [np.asarray(x, dtype=float) for x in xs]
+    y = np.asarray(y, dtype=float)
+    if y.ndim != 1 or any(x.shape != y.shape for x in xs):
+        raise ValueError(f"Inputs must be 1-D arrays of one length; got shapes {[x.shape for x in xs]} and {y.shape}.")
+    if len(y) <= len(names):
+        raise ValueError(f"The {law} law has {len(names)} coefficients but only {len(y)} points were given; "
+                         f"give at least {len(names) + 1}.")
+    if not (np.all(np.isfinite(y)) and np.all(y > 0)):
+        raise ValueError(f"The {law} law fits log(y): every y must be positive and finite, got min {y.min()!r}.")
+
+    def solve(xs_, y_) -> np.ndarray | None:
+        best, best_cost = None, math.inf
+        for theta0 in starts:
+            lo, hi = bounds(y_) if bounds else (-np.inf, np.inf)
+            theta0 = np.clip(theta0, lo, hi) if bounds else theta0
+
+            def residual(theta):
+                with np.errstate(all="ignore"):
+                    r = np.log(model(theta, *xs_)) - np.log(y_)
+                return np.where(np.isfinite(r), r, 1e3)
+
+            try:
+                result = least_squares(residual, theta0, bounds=(lo, hi), method="trf", x_scale="jac",
+                                       max_nfev=2000)
+            except ValueError:
+                continue
+            if result.cost < best_cost:
+                best, best_cost = result.x, result.cost
+        return best
+
+    theta = solve(xs, y)
+    if theta is None:
+        raise RuntimeError(f"The {law} law could not be fitted to these {len(y)} points.")
+    resid = np.log(model(theta, *xs)) - np.log(y)
+    total = np.sum((np.log(y) - np.log(y).mean()) ** 2)
+    r2 = float(1 - np.sum(resid**2) / total) if total > 0 else float("nan")
+
+    rng = np.random.default_rng(seed)
+    boots, failures = [], 0
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(idx)) <= len(names):
+            failures += 1
+            continue
+        t = solve([x[idx] for x in xs], y[idx])
+        if t is None:
+            failures += 1
+        else:
+            boots.append(t)
+    boots = np.array(boots) if boots else theta[None]
+    q = [(1 - level) / 2, (1 + level) / 2]
+    ci = {name: tuple(float(v) for v in np.quantile(boots[:, i], q)) for i, name in enumerate(names)}
+    return Fit(law, {name: float(v) for name, v in zip(names, theta)}, ci, r2, float(np.sqrt(np.mean(resid**2))),
+               len(y), level, failures, model)
+
+
+# ---- the laws -------------------------------------------------------------------------------
+
+
+def _power(theta, x):
+    a, b, c = theta
+    return np.exp(a + b * np.log(x)) + c
+
+
+def fit_power_law(x, y, irreducible: bool = True, **options) -> Fit:
+    """``y = exp(a) * x^b + c`` with ``0 <= c < min(y)`` (``c = 0`` when ``irreducible=False``).
+
+    ``options``: ``n_boot`` (default 200), ``level`` (0.95), ``seed``.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if not (np.all(np.isfinite(y)) and np.all(y > 0) and np.all(x > 0)):
+        raise ValueError(f"A power law fits log(x) and log(y): every x and y must be positive and finite; "
+                         f"got min x {x.min()!r}, min y {y.min()!r}.")
+    slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+    if not irreducible:
+        return _fit("power", ["a", "b"], lambda t, x: np.exp(t[0] + t[1] * np.log(x)), [x], y,
+                    [np.array([intercept, slope])], **options)
+    starts = [np.array([intercept, slope, 0.0])]
+    for frac in (0.3, 0.6, 0.9):  # irreducible term a fraction of the smallest loss
+        c = frac * y.min()
+        s, i = np.polyfit(np.log(x), np.log(np.clip(y - c, 1e-12, None)), 1)
+        starts.append(np.array([i, s, c]))
+
+    def bounds(y_):
+        return np.array([-np.inf, -np.inf, 0.0]), np.array([np.inf, np.inf, y_.min() * (1 - 1e-9)])
+
+    return _fit("power", ["a", "b", "c"], _power, [x], y, starts, bounds, **options)
+
+
+def _joint(theta, n, k):
+    a, b_k, b_n, g, z, e = theta
+    lk, ln = np.log(k), np.log(n)
+    return np.exp(a + b_k * lk + b_n * ln + g * lk * ln) + np.exp(z + e * lk)
+
+
+def fit_joint_law(n, k, loss, **options) -> Fit:
+    """The joint law ``L(n, k) = exp(a + b_k log k + b_n log n + g log k log n) + exp(z + e log k)``.
+
+    Needs runs on a grid of at least 2 values of ``k`` and several of ``n`` (7 points or more).
+    Starts from the paper's GPT-4 coefficients and from data-driven guesses.
+    """
+    n, k, loss = (np.asarray(v, float) for v in (n, k, loss))
+    if len(np.unique(k)) < 2 or len(np.unique(n)) < 3:
+        raise ValueError(f"The joint law needs at least 2 values of k and 3 of n; got k={sorted(set(k.tolist()))}, "
+                         f"n={sorted(set(n.tolist()))}.")
+    design = np.column_stack([np.ones_like(n), np.log(k), np.log(n), np.log(k) * np.log(n)])
+    starts = [np.array(list(PAPER["joint"].values()))]
+    for frac in (0.2, 0.5, 0.8):
+        floor = frac * loss.min()
+        coef = np.linalg.lstsq(design, np.log(np.clip(loss - floor, 1e-12, None)), rcond=None)[0]
+        starts.append(np.array([*coef, np.log(floor), 0.0]))
+    return _fit("joint", list(PAPER["joint"]), _joint, [n, k], loss, starts, **options)
+
+
+def _compute(theta, C):
+    c0, log_c1, p = theta
+    return c0 + np.exp(log_c1 - p * np.log(C))
+
+
+def fit_compute_law(flops, loss, **options) -> Fit:
+    """``L(C) = c0 + c1 * C^-p`` (``c0 >= 0``, reported as ``c0, c1, p``); give frontier points.
+
+    ``C`` is in FLOPs as given; ``c1`` depends on the unit, ``c0`` and ``p`` do not.
+    """
+    C, loss = np.asarray(flops, float), np.asarray(loss, float)
+    fit = fit_power_law(C, loss, **options)
+    a, b, c = fit.params["a"], fit.params["b"], fit.params["c"]
+    params = {"c0": c, "c1": math.exp(a), "p": -b}
+    ci = {"c0": fit.ci["c"], "c1": tuple(math.exp(v) for v in fit.ci["a"]), "p": (-fit.ci["b"][1], -fit.ci["b"][0])}
+
+    def model(theta, C):
+        c0, c1, p = theta
+        return c0 + c1 * np.power(C, -p)
+
+    return Fit("compute", params, ci, fit.r2, fit.rmse_log, fit.n_points, fit.level, fit.boot_failures, model)
+
+
+def compute_frontier(flops, loss, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """The compute-efficient frontier: for ``bins`` log-spaced budgets ``C``, the lowest loss any point
+    reached with at most ``C`` FLOPs. ``flops``/``loss`` are all points of all runs (e.g. every
+    logged step of every learning curve). Returns ``(C, L)`` with strictly falling ``L``.
+    """
+    C, L = np.asarray(flops, float), np.asarray(loss, float)
+    order = np.argsort(C)
+    C, L = C[order], np.minimum.accumulate(L[order])
+    edges = np.geomspace(C[0], C[-1], bins)
+    idx = np.searchsorted(C, edges, side="right") - 1
+    fc, fl = C[idx], L[idx]
+    keep = np.concatenate([[True], np.diff(fl) < 0])
+    return fc[keep], fl[keep]
+
+
+def smooth(values, window: int = 5) -> np.ndarray:
+    """Trailing moving average over ``window`` points (the first points average what exists)."""
+    v = np.asarray(values, float)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, i - window)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def tokens_to_convergence(tokens, loss, tol: float = 0.05, window: int = 5) -> float:
+    """Tokens after which the (smoothed) training loss stays within ``1 + tol`` of its final value.
+
+    ``tokens``/``loss``: a learning curve (``metrics.jsonl`` rows' ``tokens`` and ``nmse``). The
+    final value is the mean of the last ``window`` logged losses. With a decaying learning rate
+    the end of the curve bends down, so compare runs trained with one schedule.
+    """
+    t, s = np.asarray(tokens, float), smooth(loss, window)
+    final = s[-1]
+    above = np.nonzero(s > (1 + tol) * final)[0]
+    return float(t[0] if len(above) == 0 else t[min(above[-1] + 1, len(t) - 1)])
+
+
+def fit_convergence(n, tokens, **options) -> Fit:
+    """Tokens to convergence against ``n``: ``T = exp(a) * n^b`` (paper, GPT-2: ``b ~ 0.6``)."""
+    fit = fit_power_law(n, tokens, irreducible=False, **options)
+    fit.law = "convergence"
+    return fit
+
+
+def comparison_table(fits: dict[str, Fit]) -> list[dict]:
+    """Rows of every fit's coefficients next to the paper's (where the paper has that law)."""
+    rows = []
+    for name, fit in fits.items():
+        rows += [{"fit": name, **row} for row in fit.table(PAPER.get(fit.law))]
+    return rows

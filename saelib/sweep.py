@@ -1,0 +1,168 @@
+"""Sweeps: many SAEs trained on the same cached activations, one run folder each, one table out.
+
+    configs = sweep.grid(n_latents=[256, 1024, 4096], k=[8, 32], seed=[0, 1])
+    table = sweep.run_sweep(configs, train_cache, "runs/03_scaling_laws-ci", validation=val_cache,
+                            tokens=32_768, batch_size=1024)
+
+Every run trains with :func:`saelib.train.fit` on one :class:`~saelib.activations.CachedSource`
+(the cache is read once and shared), in ``root/<run_name(config)>``. ``fit`` resumes an
+interrupted run and loads a finished one, so re-running a sweep only trains what is missing.
+
+Each row of the table holds the run's configuration, its final training metrics, the
+reconstruction metrics on held-out activations (a ``split="validation"`` cache, normalised with
+the *training* normaliser the SAE carries), the training compute ``flops`` (see
+:func:`training_flops`) and its learning curve (``curve``: the ``metrics.jsonl`` rows).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .activations import ActivationCache, CachedSource
+from .evals.reconstruction import reconstruction_metrics
+from .runs import read_metrics
+from .train import BatchSource, TrainConfig, fit
+
+# the keys a run name spells out, in order, with their short labels
+NAME_KEYS = {"arch": "", "n_latents": "n", "k": "k", "l1_coef": "l1", "auxk": "auxk", "tied_init": "tied",
+             "tokens": "T", "seed": "s"}
+TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__}
+RESULT_FILE = "sweep_result.json"
+
+
+def grid(**axes) -> list[dict]:
+    """Every combination of the given values: ``grid(n_latents=[256, 512], k=[8, 32])`` -> 4 configs.
+
+    A scalar is one value; a list is an axis. Configs are ordered with the last axis varying
+    fastest. Configs that ``fit`` would reject (``k > n_latents``, Multi-TopK with
+    ``4k > n_latents``) are left out.
+    """
+    lists = {key: value if isinstance(value, (list, tuple)) else [value] for key, value in axes.items()}
+    configs = [dict(zip(lists, values)) for values in itertools.product(*lists.values())]
+    return [c for c in configs if _feasible(c)]
+
+
+def _feasible(cfg: dict) -> bool:
+    n, k = cfg.get("n_latents"), cfg.get("k")
+    if n is None or k is None:
+        return True
+    return k <= n and (cfg.get("arch") != "multitopk" or 4 * k <= n)
+
+
+def run_name(cfg: dict) -> str:
+    """A folder name that identifies a config, e.g. ``topk-n1024-k32-s0`` (other keys hashed in)."""
+    parts = []
+    for key, label in NAME_KEYS.items():
+        if key in cfg:
+            value = cfg[key]
+            value = {True: "1", False: "0"}.get(value, value) if isinstance(value, bool) else value
+            parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{label}{value}")
+    rest = {key: cfg[key] for key in sorted(cfg) if key not in NAME_KEYS}
+    if rest:
+        import hashlib
+
+        parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8])
+    return "-".join(parts)
+
+
+def training_flops(d_in: int, n_latents: int, tokens: int) -> float:
+    """Training compute ``C = 6 * d_in * n_latents * tokens`` (FLOPs).
+
+    The dense encoder matmul costs ``2 * d_in * n_latents`` per token forward and twice that
+    backward; the decoder is sparse (``k`` rows per token) and is left out, as the paper's
+    compute counts the dominant dense term. For ReLU SAEs the decoder is dense too; the same
+    formula keeps the architectures on one axis.
+    """
+    return 6.0 * d_in * n_latents * tokens
+
+
+def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: str | Path, *,
+              validation: ActivationCache | torch.Tensor | None = None, progress: bool = True,
+              **common) -> list[dict]:
+    """Train every config (skipping finished ones) and return one row of results per config.
+
+    Args:
+        configs: dicts of ``fit`` options, each with at least ``n_latents`` (and ``k``, unless
+            ``arch="relu"``); see :func:`grid`.
+        cache: the training activations: an :class:`ActivationCache`, or any ``BatchSource``
+            already on the normalised scale (a ``CachedSource``; a ``TensorSource`` in tests).
+        root: sweep folder; each run goes to ``root/<run_name(config)>``.
+        validation: held-out raw activations (a validation-split cache or an ``(N, d_in)``
+            tensor) for the reconstruction metrics; without it the row has training metrics only.
+        progress: print one line per run.
+        **common: ``fit`` options shared by every run (``tokens``, ``batch_size``...); a config's
+            own value wins.
+    """
+    source = CachedSource(cache) if isinstance(cache, ActivationCache) else cache
+    x_val = validation.all_rows() if isinstance(validation, ActivationCache) else validation
+    root = Path(root)
+    table = []
+    for i, cfg in enumerate(configs):
+        options = {**common, **cfg}
+        unknown = sorted(set(options) - TRAIN_FIELDS)
+        if unknown:
+            raise ValueError(f"Sweep config {cfg} has unknown option(s) {unknown}; use TrainConfig fields.")
+        row = _run_one(source, options, root / run_name(cfg), x_val)
+        table.append(row)
+        if progress:
+            shown = {key: row[key] for key in ("val_nmse", "val_l0", "dead_fraction") if key in row}
+            print(f"[{i + 1}/{len(configs)}] {run_name(cfg)}: "
+                  + ", ".join(f"{key} {value:.4g}" for key, value in shown.items())
+                  + f" ({row['train_seconds']:.1f} s)", flush=True)
+    return table
+
+
+def _run_one(source: BatchSource, options: dict, folder: Path, x_val: torch.Tensor | None) -> dict:
+    """Train (or load) one run and measure it; the training time is kept in ``folder/sweep_result.json``."""
+    options = dict(options)
+    n_latents, k = options.pop("n_latents"), options.pop("k", None)
+    saved = folder / RESULT_FILE
+    start = time.perf_counter()
+    sae = fit(source, n_latents, k, out=folder, normalizer=getattr(source, "normalizer", None), progress=False,
+              **options)
+    seconds = time.perf_counter() - start
+    if saved.exists():
+        seconds = json.loads(saved.read_text())["train_seconds"]
+    else:
+        saved.write_text(json.dumps({"train_seconds": seconds}))
+    config = json.loads((folder / "config.json").read_text())
+    curve = read_metrics(folder)
+    last = curve[-1]
+    row = {"run": str(folder), **{key: config[key] for key in ("n_latents", "k", "arch", "seed", "auxk", "tied_init",
+                                                                 "l1_coef", "tokens", "batch_size", "lr")},
+           "d_in": config["d_in"], "flops": training_flops(config["d_in"], n_latents, config["tokens"]),
+           "train_nmse": last["nmse"], "train_l0": last["l0"], "dead_fraction": last["dead_fraction"],
+           "dead_tokens": config["dead_tokens"], "train_seconds": seconds, "curve": curve}
+    if x_val is not None:
+        row |= {f"val_{key}": value for key, value in reconstruction_metrics(sae, x_val).items()}
+    return row
+
+
+def summarize(table: list[dict], by: list[str], metrics: list[str]) -> list[dict]:
+    """Mean and standard deviation of ``metrics`` over rows that share the values of ``by`` (seeds).
+
+    Returns one dict per group: the ``by`` values, ``runs`` (the group size), and for each
+    metric ``m``: ``m`` (mean) and ``m_std`` (sample standard deviation, 0 for one run).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in table:
+        groups.setdefault(tuple(row[key] for key in by), []).append(row)
+    out = []
+    for values, rows in groups.items():
+        summary = dict(zip(by, values), runs=len(rows))
+        for m in metrics:
+            x = torch.tensor([float(r[m]) for r in rows], dtype=torch.float64)
+            summary[m] = float(x.mean())
+            summary[f"{m}_std"] = float(x.std()) if len(x) > 1 else 0.0
+        out.append(summary)
+    return out
+
+
+def without_curves(table: list[dict]) -> list[dict]:
+    """The table without the ``curve`` column (for compact JSON next to a figure)."""
+    return [{key: value for key, value in row.items() if key != "curve"} for row in table]

