@@ -6,6 +6,7 @@
 - :func:`screenshot` photographs a written site with the local headless Chromium.
 """
 
+from .static import screenshot, write_site
 from .summary import PRESETS, Summary, summarize
 
-__all__ = ["PRESETS", "Summary", "summarize"]
+__all__ = ["PRESETS", "Summary", "summarize", "write_site", "screenshot"]
