@@ -15,7 +15,7 @@ from saelib.evals.ablation import ablation_sparsity  # noqa: E402
 from saelib.evals.downstream import downstream_loss, splice  # noqa: E402
 from saelib.evals.heldout import encode, held_out, site_activations  # noqa: E402
 from saelib.evals.n2g import n2g  # noqa: E402
-from saelib.evals.reconstruction import latent_density, reconstruction_metrics  # noqa: E402
+from saelib.evals.reconstruction import density_histogram, latent_density, reconstruction_metrics  # noqa: E402
 from saelib.normalize import Normalizer  # noqa: E402
 from saelib.sae import TopKSAE  # noqa: E402
 
@@ -58,6 +58,8 @@ def test_reconstruction_metrics(sae, held):
     assert m["dead_fraction"] == pytest.approx(float((density == 0).float().mean()))
     assert m["dense_fraction"] == pytest.approx(float((density > 0.1).float().mean()))
     assert float(density.sum()) == pytest.approx(m["l0"], rel=1e-4)
+    counts, edges = density_histogram(density, bins=10)
+    assert int(counts.sum()) == int((density > 0).sum()) and len(edges) == 11
 
 
 def test_identity_splice_changes_nothing_and_exclusions_stay_clean(lm, held):
