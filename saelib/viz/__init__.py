@@ -8,5 +8,6 @@
 
 from .static import screenshot, write_site
 from .summary import PRESETS, Summary, summarize
+from .widget import LatentBrowser, browser
 
-__all__ = ["PRESETS", "Summary", "summarize", "write_site", "screenshot"]
+__all__ = ["PRESETS", "Summary", "summarize", "write_site", "screenshot", "browser", "LatentBrowser"]
