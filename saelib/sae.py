@@ -29,6 +29,7 @@ and back (``sae.normalizer.invert(x_hat)`` before splicing into the LM).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -357,20 +359,48 @@ class TopKSAE(nn.Module):
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/config.json`` and ``path/sae.safetensors``, each atomically."""
+        """Write ``path/sae.safetensors`` then ``path/config.json`` (with the weights' SHA-256), each atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        text = json.dumps(self.config(), indent=2)
+        text = json.dumps({**self.config(), "sha256": {WEIGHTS_FILE: sha256_file(path / WEIGHTS_FILE)}}, indent=2)
         _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
         return path
 
 
 def _atomic_write(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, target)
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, sha256: str | None, fix: str) -> None:
+    """A ValueError naming ``path`` (and what to do: ``fix``) unless its SHA-256 is ``sha256`` (``None``: unchecked)."""
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ValueError(f"{path} is corrupt (its SHA-256 does not match the one recorded when it was written); {fix}.")
+
+
+def load_safetensors(path: Path, sha256: str | None, fix: str) -> dict[str, Tensor]:
+    """The tensors of ``path``; a ValueError naming the file and ``fix`` if it is unreadable or fails ``check_sha256``."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} cannot be read as safetensors ({error}); the file is truncated or corrupt, {fix}.") from None
+    check_sha256(path, sha256, fix)
+    return tensors
 
 
 def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
@@ -395,9 +425,10 @@ def load(path: str | os.PathLike) -> TopKSAE:
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         d_in, n_latents, k, arch = (config[key] for key in ("d_in", "n_latents", "k", "arch"))
-    except (json.JSONDecodeError, KeyError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path / CONFIG_FILE} is not a valid SAE config ({error!r}); it needs d_in, n_latents, k and arch.") from None
-    tensors = load_file(str(path / WEIGHTS_FILE))
+    fix = "save or download the SAE again"
+    tensors = load_safetensors(path / WEIGHTS_FILE, None, fix)
     for name, shape in expected_shapes(d_in, n_latents).items():
         if name not in tensors:
             raise ValueError(f"{path / WEIGHTS_FILE} has no tensor {name!r}; the file is incomplete or not an saelib SAE.")
@@ -406,6 +437,8 @@ def load(path: str | os.PathLike) -> TopKSAE:
                 f"{path / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)} but {CONFIG_FILE} "
                 f"(d_in={d_in}, n_latents={n_latents}) implies {shape}."
             )
+    # after the shape checks, whose message is more specific; folders from before checksums have none
+    check_sha256(path / WEIGHTS_FILE, config.get("sha256", {}).get(WEIGHTS_FILE), fix)
     normalizer = Normalizer(tensors["normalizer_mean"], float(config.get("normalizer_scale", 1.0)))
     sae = TopKSAE(d_in, n_latents, k, arch=arch, normalizer=normalizer, metadata=config.get("metadata"))
     sae.load_state_dict(tensors)

@@ -13,6 +13,12 @@ A run folder (``out``) holds ``config.json`` (this ``TrainConfig``, resolved), `
 ``checkpoints/step_*/`` (safetensors + JSON, written atomically) and the final ``sae/``.
 Calling ``fit`` again with the same ``out`` resumes from the last checkpoint (bit-identical on
 CPU) or, when the run is finished, loads and returns it.
+
+Faults: while ``fit`` trains into a run folder it holds a lock on ``out/.lock`` (a second trainer
+is refused; the OS drops the lock when the process dies, even by ``kill -9``); SIGINT or SIGTERM
+finish the current step, write a checkpoint and exit with status 0; checkpoints carry the
+SHA-256 of their tensors, so a damaged one is an error naming the file, never a silent load; a
+failed checkpoint write (disk full) removes the partial folder and leaves the previous one.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from itertools import chain, islice
 from pathlib import Path
@@ -31,12 +40,13 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .normalize import Normalizer
-from .sae import TopKSAE, load
+from .sae import TopKSAE, load, load_safetensors, sha256_file
 
 # ---- configuration --------------------------------------------------------------------------
 
@@ -82,8 +92,12 @@ class TrainConfig:
             raise ValueError(f"decay must be 'linear' or 'none', got {self.decay!r}.")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be None or a decay in (0, 1) such as 0.999, got {self.ema!r}.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}.")
+        for name in ("adam_eps", "auxk_coef", "l1_coef") + (("grad_clip",) if self.grad_clip is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}.")
         B = self.batch_size
         tokens = self.tokens if self.tokens is not None else (n_tokens // B * B if n_tokens else None)
         if tokens is not None and tokens < B:
@@ -316,12 +330,19 @@ def fit(
     sae = TopKSAE(source.d_in, n_latents, k, arch=cfg.arch, tied_init=cfg.tied_init, normalizer=normalizer,
                   metadata=metadata, generator=torch.Generator().manual_seed(cfg.seed))
     run = Path(out) if out is not None else None
-    if run is not None and _check_run_folder(run, cfg, source.d_in):
-        _say(progress, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")
-        return load(run / "sae")
+    if run is None:
+        return _train(source, sae, cfg, None, progress, [])
+    with _run_lock(run), _deferred_signals() as stop:
+        if _check_run_folder(run, cfg, source.d_in):
+            _say(progress, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")
+            return load(run / "sae")
+        return _train(source, sae, cfg, run, progress, stop)
 
+
+def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None, progress: bool, stop: list[str]) -> TopKSAE:
+    """The training loop of ``fit``; a signal name appended to ``stop`` ends it after a checkpoint."""
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
-    state = TrainState(since_fired=torch.zeros(n_latents, dtype=torch.int64), ema=None)
+    state = TrainState(since_fired=torch.zeros(cfg.n_latents, dtype=torch.int64), ema=None)
     checkpoint = latest_checkpoint(run) if run is not None else None
     if checkpoint is not None:
         load_checkpoint(checkpoint, sae, opt, state)
@@ -375,6 +396,12 @@ def fit(
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - len(x)) // every:
             save_checkpoint(run, sae, opt, state, record)
+        if stop and (total_steps is None or state.step < total_steps):
+            bar.close()
+            folder = save_checkpoint(run, sae, opt, state, record)
+            print(f"Stopped by {stop[0]} after step {state.step} ({state.tokens} tokens); checkpoint written to {folder}. "
+                  f"Run the same command again (or fit with out={str(run)!r}) to resume.", file=sys.stderr)
+            raise SystemExit(0)
     bar.close()
 
     if run is not None:
@@ -402,6 +429,53 @@ def _say(progress: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+@contextmanager
+def _run_lock(run: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``run/.lock``; the OS releases it when the process ends, however it ends."""
+    import fcntl
+
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise BlockingIOError(f"{run} is in use by another trainer ({f.read().strip() or 'unknown process'}); "
+                                  "wait for it to finish or pass another out folder.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _deferred_signals() -> Iterator[list[str]]:
+    """Turn SIGINT / SIGTERM into a request to stop after the current step (the names land in the list).
+
+    A second SIGINT interrupts at once. Signal handlers can only be set from the main thread;
+    elsewhere signals keep their usual effect.
+    """
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def request_stop(signum, frame):
+        received.append(signal.Signals(signum).name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 # ---- run folder and checkpoints -------------------------------------------------------------
 
 
@@ -414,7 +488,10 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:
     path = run / "config.json"
     if not path.is_file():
         return False
-    saved, current = json.loads(path.read_text()), _config_record(cfg, d_in)
+    try:
+        saved, current = json.loads(path.read_text()), _config_record(cfg, d_in)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete {run} to start the run again.") from None
     if saved.get("d_in") != d_in:
         raise ValueError(f"{run} was trained on activations with d_in={saved.get('d_in')} but the data has d_in={d_in}; use a new out folder.")
     changed = sorted(key for key in saved.keys() | current.keys() if key not in BOOKKEEPING and saved.get(key) != current.get(key))
@@ -427,10 +504,13 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:
 def _start_run_folder(run: Path, record: dict, step: int) -> None:
     """Write ``config.json`` and drop metrics logged after the checkpoint being resumed."""
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(record, indent=2))
+    tmp = run / ".config.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, run / "config.json")
     metrics = run / "metrics.jsonl"
     if metrics.exists():
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        # a process killed mid-write leaves a partial last line: dropped with the rows after `step`
+        kept = [line for line in metrics.read_text().splitlines() if line.endswith("}") and json.loads(line)["step"] <= step]
         tmp = metrics.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, metrics)
@@ -460,21 +540,34 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
     tensors |= {f"optim.{i}.{name}": t for i, s in optim["state"].items() for name, t in s.items()}
     tensors |= {f"ema.{name}": t for name, t in (state.ema or {}).items()}
     tensors |= {"since_fired": state.since_fired, "torch_rng": torch.get_rng_state()}
-    save_file({key: t.detach().contiguous().clone() for key, t in tensors.items()}, str(tmp / "state.safetensors"))
-    meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
-            "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
-            "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    os.replace(tmp, final)
+    try:
+        save_file({key: t.detach().contiguous().clone() for key, t in tensors.items()}, str(tmp / "state.safetensors"))
+        meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
+                "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
+                "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config,
+                "sha256": sha256_file(tmp / "state.safetensors")}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise OSError(f"Could not write the checkpoint of step {state.step} to {final} ({error}); {kept}. "
+                      "Free disk space and run again to resume.") from error
     for old in [*sorted(root.glob("step_*"))[:-1], *root.glob(".tmp-*")]:  # older and half-written ones
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> None:
-    """Restore what ``save_checkpoint`` wrote, in place."""
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
+    """Restore what ``save_checkpoint`` wrote, in place; a damaged checkpoint is a ValueError naming the file."""
+    fix = f"delete {folder} to restart the run from the beginning"
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{folder / 'state.json'} cannot be read ({error}); {fix}.") from None
+    # checkpoints written before checksums were recorded have none
+    tensors = load_safetensors(folder / "state.safetensors", meta.get("sha256"), fix)
     sae.load_state_dict({key[len("model."):]: t for key, t in tensors.items() if key.startswith("model.")})
     sae.normalizer_scale = meta["normalizer_scale"]
     optim_state: dict[int, dict[str, Tensor]] = {}
