@@ -264,6 +264,9 @@ def probe_contexts(tokenizer, ctx_len: int = 64, per_source: int = 64, seed: int
                 rows.append(ids)
                 tags.append(tag)
                 taken += 1
+    if not rows:
+        raise ValueError(f"No probe text source gave a document of {ctx_len} tokens; install the sources "
+                         "listed in data/probe_tasks/README.md or shorten ctx_len.")
     return torch.tensor(rows, dtype=torch.long), tags
 
 
