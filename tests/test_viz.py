@@ -1,0 +1,270 @@
+"""The visualizer on a real (briefly trained) SAE and the real SmolLM2: the data layer, the static site
+in headless Chromium (from file:// and over HTTP), untrusted corpus text, and the notebook widget."""
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelib.viz import Summary, browser, screenshot, summarize, write_site
+from saelib.viz.static import CHROMIUM_FLAGS, chromium
+
+LAYER = 3  # an early layer keeps the stopped-early forwards cheap
+META = {"model": "smollm2-135m", "layer": LAYER, "site": "resid_post", "ctx_len": 64, "corpus": "wikipedia"}
+OPTIONS = dict(eval_tokens=24 * 64, ablation_latents=2)
+PAYLOAD = ('Win a prize <script>window.__xss_script = 1</script> now, or see '
+           '<img src=x onerror="window.__xss_img = 1"> for details.')
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """Real held-out documents, with the injection payload planted in the first few."""
+    from saelib.data import load_documents, split_documents
+
+    docs = split_documents(load_documents("wikipedia"), "validation")[:40]
+    return [f"{doc[:200]} {PAYLOAD} {doc[200:]}" if i < 4 else doc for i, doc in enumerate(docs)]
+
+
+@pytest.fixture(scope="module")
+def run(lm, tmp_path_factory):
+    """A run folder holding a TopK SAE trained briefly on real training-split activations."""
+    from saelib.data import contexts
+    from saelib.evals.heldout import site_activations
+    from saelib.train import fit
+
+    train = site_activations(lm, contexts("wikipedia", lm.tokenizer, "train", max_tokens=48 * 64), LAYER,
+                             "resid_post", progress=False)
+    x = train.acts[train.keep]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls lose to thread overhead on a shared CPU
+    try:
+        sae = fit(x, 256, 8, tokens=4 * len(x), batch_size=256, seed=0, metadata=META, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path_factory.mktemp("viz") / "run"
+    sae.save(folder / "sae")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def summary(run, lm, texts):
+    return summarize(run, lm, "ci", texts=texts, progress=False, **OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def site(run, lm, texts, summary, tmp_path_factory):
+    out = tmp_path_factory.mktemp("site")
+    write_site(run, out, lm, "ci", texts=texts, progress=False, **OPTIONS)  # reads the cached summary
+    return out
+
+
+def shown(tokens):
+    """What the page prints for a list of tokens (newlines and tabs made visible)."""
+    return "".join(tokens).replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def test_summary_numbers_match_the_sparse_code(summary, run, lm):
+    from saelib.evals.heldout import encode
+    from saelib.runs import load_run
+
+    t, n = summary.tensors, summary.n_latents
+    assert t["density"].shape == (n,) and t["hist"].shape[0] == n
+    # density and histogram agree: every firing token lands in one bin
+    assert torch.equal(t["hist"].sum(1).float(), (t["density"] * summary.info["n_tokens"]).round())
+    # the top example of the densest latent is its largest activation, re-derived from the SAE
+    i = int(t["density"].argmax())
+    c, p = int(t["ex_ctx"][i, 0]), int(t["ex_pos"][i, 0])
+    sae = load_run(run)
+    from saelib.evals.heldout import site_activations
+
+    held = site_activations(lm, t["ids"][c:c + 1].long(), LAYER, "resid_post", progress=False)
+    values, indices = encode(sae, held.acts)
+    act = float((values[0, p] * (indices[0, p] == i)).sum())
+    assert act == pytest.approx(float(t["max_act"][i]), rel=1e-3)
+    assert float(t["ex_acts"][i, 0, p]) == pytest.approx(act, rel=1e-2)
+    # quantile examples are ordered: each slice's activations are below the top ones
+    data = summary.latent(i)
+    top = [ex["acts"][ex["center"]] for ex in data["examples"] if ex["group"] == "top activations"]
+    rest = [ex["acts"][ex["center"]] for ex in data["examples"] if ex["group"] != "top activations"]
+    assert top == sorted(top, reverse=True) and len(rest) > 0 and max(rest) <= top[0]
+    # nearest latents really are the most similar decoder rows
+    W = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1)
+    sim = W @ W[i]
+    sim[i] = -2
+    assert int(t["neighbours"][i, 0]) == int(sim.argmax())
+    # output effect: promoted logits are positive, suppressed negative, and ablation was measured
+    assert data["promoted"][0][1] > 0 > data["suppressed"][0][1]
+    assert len(t["ablation_latents"]) == OPTIONS["ablation_latents"]
+    assert summary.latent(int(t["ablation_latents"][0]))["ablation"] is not None
+    with pytest.raises(ValueError, match="256 latents"):
+        summary.latent(256)
+
+
+def test_summary_is_cached_next_to_the_run_without_pickle(summary, run, lm, texts):
+    folders = list((run / "viz_summary").iterdir())
+    assert len(folders) == 1
+    assert sorted(p.name for p in folders[0].iterdir()) == ["summary.json", "summary.safetensors"]
+    again = summarize(run, None, "ci", texts=texts, progress=False, **OPTIONS)  # no LM needed: cached
+    assert again.info == json.loads(json.dumps(summary.info))
+    for k, v in summary.tensors.items():
+        torch.testing.assert_close(again.tensors[k], v, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="Unknown visualizer option"):
+        summarize(run, lm, "ci", eval_token=3)
+
+
+def test_search_finds_latents_that_fire_on_a_token(summary):
+    hits = summary.search(" the")
+    assert hits and hits == sorted(hits, key=lambda h: -h[1])
+    j = hits[0][0]
+    assert any(tok.strip().lower() == "the" and ex["acts"][k] > 0
+               for ex in summary.latent(j)["examples"] for k, tok in enumerate(ex["tokens"]))
+    assert summary.search("zzzz-not-a-token") == []
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        pytest.skip("chromedriver is not installed (apt-get install chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium()
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=1280,1000"]:
+        options.add_argument(flag)
+    d = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield d
+    d.quit()
+
+
+def wait_for(driver, css, text=None):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    condition = (EC.text_to_be_present_in_element((By.CSS_SELECTOR, css), text) if text is not None
+                 else EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+    WebDriverWait(driver, 10).until(condition)
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def submit(driver, field, value):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.ID, field)
+    box.clear()
+    box.send_keys(value + Keys.ENTER)
+
+
+def test_site_overview_from_disk_sorts_its_table(site, summary, driver):
+    from selenium.webdriver.common.by import By
+
+    driver.get((site / "index.html").as_uri())
+    table = wait_for(driver, "#latents tbody tr")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#latents tbody tr")
+    assert len(rows) == 100
+    densest = int(summary.tensors["density"].argmax())
+    assert table.get_attribute("data-latent") == str(densest)
+    driver.find_element(By.CSS_SELECTOR, "th[data-key=max_act]").click()
+    first = wait_for(driver, "#latents tbody tr")
+    assert first.get_attribute("data-latent") == str(int(summary.tensors["max_act"].argmax()))
+    assert str(summary.overview()["dead"]) in driver.find_element(By.CSS_SELECTOR, ".facts").text
+    assert driver.find_elements(By.CSS_SELECTOR, "svg.chart rect.bar")
+
+
+def test_site_navigates_to_a_latent_and_shows_its_contexts(site, summary, driver):
+    from selenium.webdriver.common.by import By
+
+    driver.get((site / "index.html").as_uri())
+    wait_for(driver, "#latents")
+    latent = int(summary.tensors["density"].argmax())
+    submit(driver, "latent-input", str(latent))
+    wait_for(driver, "#latent-title", f"Latent {latent}")
+    examples = [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, "#examples .example")]
+    assert examples == [shown(ex["tokens"]) for ex in summary.latent(latent)["examples"]]
+    highlighted = driver.find_elements(By.CSS_SELECTOR, "#examples .example span.center")
+    assert len(highlighted) == len(examples)
+
+
+def test_site_search_lists_the_latents_of_a_token(site, summary, driver):
+    from selenium.webdriver.common.by import By
+
+    driver.get((site / "index.html").as_uri())
+    wait_for(driver, "#latents")
+    submit(driver, "search-input", "the")
+    wait_for(driver, "#search-results li")
+    found = [int(li.get_attribute("data-latent")) for li in driver.find_elements(By.CSS_SELECTOR, "#search-results li")]
+    assert found == [j for j, _ in summary.search("the", limit=50)]
+    driver.find_element(By.CSS_SELECTOR, "#search-results li a").click()
+    wait_for(driver, "#latent-title", f"Latent {found[0]}")
+
+
+def test_injected_markup_in_the_corpus_shows_as_text_and_never_runs(site, summary, driver):
+    from selenium.webdriver.common.by import By
+
+    hits = [i for i in range(summary.n_latents)
+            if any("<script>" in shown(ex["tokens"]) or "onerror" in shown(ex["tokens"])
+                   for ex in summary.latent(i)["examples"])]
+    assert hits, "the payload should appear in some latent's examples"
+    for latent in hits[:3]:
+        driver.get((site / "index.html").as_uri() + f"#latent/{latent}")
+        wait_for(driver, "#examples")
+        text = driver.find_element(By.ID, "examples").get_attribute("textContent")
+        assert "<script>" in text or "onerror" in text
+        assert not driver.find_elements(By.CSS_SELECTOR, "#main img, #main script")
+        assert driver.execute_script("return [window.__xss_script, window.__xss_img]") == [None, None]
+    submit(driver, "search-input", "script")
+    wait_for(driver, "#search-results")
+    assert driver.execute_script("return [window.__xss_script, window.__xss_img]") == [None, None]
+
+
+def test_site_works_over_http(site, summary, driver):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        latent = int(summary.tensors["max_act"].argmax())
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/index.html#latent/{latent}")
+        wait_for(driver, "#latent-title", f"Latent {latent}")
+        wait_for(driver, "#examples .example")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_screenshot_writes_a_png(site, tmp_path):
+    if shutil.which("chromedriver") is None and shutil.which("chromium") is None:
+        pytest.skip("no Chromium")
+    png = screenshot(site, tmp_path / "latent.png", latent=0, width=800, height=600)
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(head[16:20], "big") == 800
+
+
+def test_widget_renders_a_latent_and_searches(summary):
+    w = browser(summary, latent=1)
+    assert isinstance(w.summary, Summary)
+    assert w.latent.value == 1 and w.latent_box.value == 1 and w.latent.max == summary.n_latents - 1
+    assert "Latent 1" in w.info.value
+    assert list(w.histogram.data[0].y) == summary.tensors["hist"][1].tolist()
+    w.latent_box.value = 7
+    assert w.latent.value == 7 and "Latent 7" in w.info.value
+    assert list(w.histogram.data[0].y) == summary.tensors["hist"][7].tolist()
+    w.query.value = "the"
+    assert [v for _, v in w.results.options] == [j for j, _ in summary.search("the")]
+    w.results.value = w.results.options[0][1]
+    assert w.latent.value == w.results.options[0][1]
+    # corpus text reaches the HTML widget escaped
+    payload = next(i for i in range(summary.n_latents)
+                   if any("<script>" in shown(ex["tokens"]) for ex in summary.latent(i)["examples"]))
+    w.latent.value = payload
+    assert "&lt;" in w.contexts.value and "<script" not in w.contexts.value and "<img" not in w.contexts.value
+    assert len(w.overview_figure.data[0].y) == len(summary.overview()["density_hist"]["counts"])
