@@ -113,7 +113,7 @@ class Summary:
                 lo, hi = max(0, p - left), min(t["ids"].shape[1], p + right + 1)
                 examples.append({"group": group["name"], "center": p - lo,
                                  "tokens": [self.text(x) for x in t["ids"][c, lo:hi].tolist()],
-                                 "acts": [round(a, 4) for a in t["ex_acts"][i, e, lo:hi].float().tolist()]})
+                                 "acts": [_short(a) for a in t["ex_acts"][i, e, lo:hi].float().tolist()]})
         ablation = None
         rows = (t["ablation_latents"] == i).nonzero()
         if len(rows):
@@ -122,7 +122,7 @@ class Summary:
         patterns = self.info["n2g"].get(str(i), [])
         return {
             "id": i, "density": float(t["density"][i]), "mean_act": float(t["mean_act"][i]), "max_act": max_act,
-            "hist": {"edges": [max_act * b / bins for b in range(bins + 1)], "counts": t["hist"][i].tolist()},
+            "hist": {"edges": [_short(max_act * b / bins, 4) for b in range(bins + 1)], "counts": t["hist"][i].tolist()},
             "examples": examples,
             "promoted": self._logits("logit_top", i), "suppressed": self._logits("logit_bottom", i),
             "ablation": ablation,
@@ -222,6 +222,11 @@ class Summary:
 def normalise_query(text: str) -> str:
     """How token texts and queries are compared in search: stripped and lower-cased."""
     return text.strip().lower()
+
+
+def _short(x: float, digits: int = 3) -> float | int:
+    """``x`` to ``digits`` significant digits (0 as the integer 0): compact JSON for the site."""
+    return float(f"{x:.{digits}g}") if x else 0
 
 
 def _finite(x, digits: int = 4) -> float | None:
