@@ -1,0 +1,311 @@
+"""Export saelib SAEs to the layouts of SAELens, sparsify and OpenAI's released autoencoders, and import them.
+
+    export(sae, "saelens" | "sparsify" | "openai", out_dir) -> path the peer library loads
+    import_sae(path) -> TopKSAE        # any of those layouts, or a native saelib folder
+
+Conventions (the full mapping is in ``docs/interop.md``). A saelib SAE works on normalised
+activations ``x_n = (x - mean) / s``; the peers take raw activations and subtract one decoder
+bias. Exports fold the normaliser into the weights so that the peer sees raw activations::
+
+    b_dec  = mean + s * b_pre          (SAELens b_dec, sparsify b_dec, OpenAI pre_bias)
+    W_enc, W_dec unchanged             (decoder rows stay unit norm)
+    b_enc' = s * b_enc                 (latents come out multiplied by s: z' = s z)
+    threshold' = s * threshold         (JumpReLU-style threshold, SAELens only)
+
+so ``peer_reconstruction(x) == s * saelib_reconstruction(x_n) + mean`` to float tolerance. The
+folding is not bit-exact in float32, so every export also writes ``saelib.json`` and
+``saelib.safetensors`` (the config and the small vectors ``b_enc, b_pre, normalizer_mean,
+threshold``) next to the peer's files: importing an unmodified export gives back the SAE bit
+for bit. A folder trained by a peer library (no sidecar, or weights changed since the export)
+imports on the raw scale with an identity normaliser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .normalize import Normalizer
+from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load, load_safetensors, sha256_file
+
+FORMATS = ("saelens", "sparsify", "openai")
+SIDECAR_CONFIG = "saelib.json"
+SIDECAR_TENSORS = "saelib.safetensors"
+SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
+# Hook names of a site at layer L: TransformerLens's (SAELens) and the Hugging Face module path (sparsify).
+SAELENS_HOOKS = {"resid_post": "blocks.{}.hook_resid_post", "mlp_out": "blocks.{}.hook_mlp_out", "attn_out": "blocks.{}.hook_attn_out"}
+SPARSIFY_HOOKS = {"resid_post": "layers.{}", "mlp_out": "layers.{}.mlp", "attn_out": "layers.{}.self_attn"}
+
+
+# ---- the folding ----------------------------------------------------------------------------
+
+
+def raw_scale_tensors(sae: TopKSAE) -> dict[str, Tensor]:
+    """The SAE as a raw-scale SAE with one decoder bias (float32, computed in float64).
+
+    Returns ``W_enc (n, d)``, ``b_enc (n,)``, ``W_dec (n, d)``, ``b_dec (d,)`` and
+    ``threshold ()`` (NaN when unset), with ``b_dec = mean + s b_pre``, ``b_enc' = s b_enc`` and
+    ``threshold' = s threshold``; latents come out as ``s z``.
+    """
+    s = float(sae.normalizer_scale)
+    with torch.no_grad():
+        out = {
+            "W_enc": sae.W_enc.detach().clone(),
+            "b_enc": (sae.b_enc.double() * s).float(),
+            "W_dec": sae.W_dec.detach().clone(),
+            "b_dec": (sae.normalizer_mean.double() + s * sae.b_pre.double()).float(),
+            "threshold": (sae.threshold.double() * s).float(),
+        }
+    return {name: t.contiguous().cpu() for name, t in out.items()}
+
+
+def layer_norm(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """OpenAI's (and SAELens's ``layer_norm``) per-token input normalisation: ``(x_ln, mu, std)``.
+
+    ``x_ln = (x - mu) / (std + eps)`` over the last dimension (unbiased std); reconstructions map
+    back with ``x_hat_ln * std + mu``. SAEs imported with ``metadata["input_norm"] == "layer_norm"``
+    expect ``x_ln``: saelib's affine ``Normalizer`` cannot express a per-token map.
+    """
+    mu = x.mean(dim=-1, keepdim=True)
+    std = (x - mu).std(dim=-1, keepdim=True)
+    return (x - mu) / (std + eps), mu, std
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+
+def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
+    """Write ``sae`` in a peer library's layout under ``out_dir``; return what that library loads.
+
+    - ``"saelens"``: ``out_dir/cfg.json`` + ``sae_weights.safetensors`` (``SAE.load_from_disk(out_dir)``);
+      architecture ``topk`` (topk, multitopk), ``standard`` (relu) or ``jumprelu`` (any SAE with
+      a threshold set).
+    - ``"sparsify"``: ``out_dir/<hookpoint>/cfg.json`` + ``sae.safetensors`` (``SparseCoder.load_from_disk``
+      on the returned folder, ``load_many(out_dir)`` for all); topk and multitopk.
+    - ``"openai"``: ``out_dir/<layer>.pt``, the state dict of ``sparse_autoencoder.Autoencoder``
+      (``Autoencoder.from_state_dict(torch.load(path, weights_only=True))``, then
+      ``ae.normalize = False``: their loader switches on per-token layer norm for every TopK
+      file, and this one is on the raw scale); topk, multitopk and relu.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    thresholded = not bool(torch.isnan(sae.threshold))
+    supported = {"saelens": ("topk", "multitopk", "relu"), "sparsify": ("topk", "multitopk"), "openai": ("topk", "multitopk", "relu")}[fmt]
+    if not (thresholded and fmt == "saelens") and (thresholded or sae.arch not in supported):
+        rule = f"a {sae.arch} SAE" + (" with an inference threshold" if thresholded else "")
+        raise ValueError(f"The {fmt} format cannot hold {rule}; it takes {', '.join(supported)} SAEs without a threshold"
+                         + (" (SAELens also takes thresholded ones, as jumprelu)." if fmt != "saelens" else "."))
+    out_dir = Path(out_dir)
+    raw = raw_scale_tensors(sae)
+    layer, site = sae.metadata.get("layer"), sae.metadata.get("site", "resid_post")
+    if fmt == "saelens":
+        folder, weights_file = out_dir, SAELENS_WEIGHTS
+        folder.mkdir(parents=True, exist_ok=True)
+        arch = "jumprelu" if thresholded else "standard" if sae.arch == "relu" else "topk"
+        tensors = {"W_enc": raw["W_enc"].T.contiguous(), "b_enc": raw["b_enc"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+        if arch == "jumprelu":
+            tensors["threshold"] = raw["threshold"].expand(sae.n_latents).contiguous()
+        hook = SAELENS_HOOKS.get(site, "{}").format(layer) if layer is not None else None
+        cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.n_latents, "dtype": "float32", "device": "cpu",
+               "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+               "metadata": {"model_name": sae.metadata.get("model"), "hook_name": hook,
+                            "context_size": sae.metadata.get("ctx_len"), "saelib_metadata": sae.metadata}}
+        if arch == "topk":
+            cfg["k"] = sae.k
+        save_file(tensors, str(folder / weights_file))
+        (folder / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=2))
+        target = folder
+    elif fmt == "sparsify":
+        hookpoint = SPARSIFY_HOOKS.get(site, "{}").format(layer) if layer is not None else "sae"
+        folder, weights_file = out_dir / hookpoint, SPARSIFY_WEIGHTS
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"encoder.weight": raw["W_enc"], "encoder.bias": raw["b_enc"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+        cfg = {"activation": "topk", "expansion_factor": max(1, sae.n_latents // sae.d_in), "normalize_decoder": True,
+               "num_latents": sae.n_latents, "k": sae.k, "multi_topk": sae.arch == "multitopk",
+               "skip_connection": False, "transcode": False, "d_in": sae.d_in}
+        save_file(tensors, str(folder / weights_file))
+        (folder / SPARSIFY_CONFIG).write_text(json.dumps(cfg, indent=2))
+        target = folder
+    else:
+        folder = out_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        weights_file = f"{layer if layer is not None else 'ae'}.pt"
+        activation = "ReLU" if sae.arch == "relu" else "TopK"
+        state = {"pre_bias": raw["b_dec"], "encoder.weight": raw["W_enc"], "latent_bias": raw["b_enc"],
+                 "decoder.weight": raw["W_dec"].T.contiguous(),
+                 "stats_last_nonzero": torch.zeros(sae.n_latents, dtype=torch.long),
+                 "latents_activation_frequency": torch.ones(sae.n_latents),
+                 "latents_mean_square": torch.zeros(sae.n_latents),
+                 "activation": activation,
+                 "activation_state_dict": {"k": sae.k, "postact_fn": "ReLU"} if activation == "TopK" else {}}
+        torch.save(state, folder / weights_file)  # their layout is a torch pickle of tensors, str and int only
+        target = folder / weights_file
+    _write_sidecar(sae, folder, weights_file, fmt)
+    return target
+
+
+def _write_sidecar(sae: TopKSAE, folder: Path, weights_file: str, fmt: str) -> None:
+    vectors = {name: getattr(sae, name).detach().contiguous().cpu().clone() for name in ("b_enc", "b_pre", "normalizer_mean", "threshold")}
+    save_file(vectors, str(folder / SIDECAR_TENSORS))
+    record = {"format": fmt, "weights_file": weights_file, "weights_sha256": sha256_file(folder / weights_file),
+              "vectors_sha256": sha256_file(folder / SIDECAR_TENSORS), "config": sae.config()}
+    (folder / SIDECAR_CONFIG).write_text(json.dumps(record, indent=2))
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+
+def detect(path: str | os.PathLike) -> tuple[str, Path]:
+    """``(format, weights path or folder)`` of what ``path`` holds: ``"saelib"`` or one of ``FORMATS``."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in (".pt", ".pth"):
+            return "openai", path
+        raise ValueError(f"{path} is a file but not an OpenAI autoencoder (.pt); pass an SAE folder or a .pt file.")
+    if not path.is_dir():
+        raise FileNotFoundError(f"No SAE at {path}; pass an saelib, SAELens or sparsify folder or an OpenAI .pt file.")
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return "saelib", path
+    if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+        return "saelens", path
+    if (path / SPARSIFY_CONFIG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
+        return "sparsify", path
+    hookpoints = sorted(p.name for p in path.iterdir() if (p / SPARSIFY_CONFIG).is_file() and (p / SPARSIFY_WEIGHTS).is_file())
+    if len(hookpoints) == 1:
+        return "sparsify", path / hookpoints[0]
+    if hookpoints:
+        raise ValueError(f"{path} holds sparsify SAEs for several hookpoints ({', '.join(hookpoints)}); pass one of those folders.")
+    checkpoints = sorted(path.glob("*.pt"))
+    if len(checkpoints) == 1:
+        return "openai", checkpoints[0]
+    raise ValueError(f"{path} is not an saelib, SAELens, sparsify or OpenAI SAE: it needs config.json + sae.safetensors, "
+                     f"cfg.json + sae_weights.safetensors, cfg.json + sae.safetensors, or a single .pt file.")
+
+
+def import_sae(path: str | os.PathLike) -> TopKSAE:
+    """Load an SAE from any supported layout (see :func:`detect`), in eval mode.
+
+    Unmodified saelib exports come back bit for bit (via the sidecar); other SAELens, sparsify
+    and OpenAI SAEs come in on the raw scale (identity normaliser, ``b_pre = b_dec``) with
+    ``metadata["source_format"]`` set, and ``metadata["input_norm"] = "layer_norm"`` where the
+    peer normalises each token (OpenAI TopK files, SAELens ``layer_norm``; see :func:`layer_norm`).
+    """
+    fmt, where = detect(path)
+    if fmt == "saelib":
+        return load(where)
+    reader = {"saelens": _read_saelens, "sparsify": _read_sparsify, "openai": _read_openai}[fmt]
+    raw, arch, k, extra = reader(where)
+    folder = where.parent if where.is_file() else where
+    weights_file = where.name if where.is_file() else (SAELENS_WEIGHTS if fmt == "saelens" else SPARSIFY_WEIGHTS)
+    exact = _read_sidecar(folder, weights_file)
+    n_latents, d_in = raw["W_dec"].shape
+    if exact is not None:
+        config, vectors = exact
+        normalizer = Normalizer(vectors["normalizer_mean"], float(config["normalizer_scale"]))
+        sae = TopKSAE(d_in, n_latents, config["k"], arch=config["arch"], normalizer=normalizer, metadata=config["metadata"])
+        sae.load_state_dict({"W_enc": raw["W_enc"], "W_dec": raw["W_dec"], **vectors})
+        return sae.eval()
+    sae = TopKSAE(d_in, n_latents, k, arch=arch, metadata={"source_format": fmt, "source": str(where), **extra})
+    threshold = raw.get("threshold")
+    if threshold is not None and not bool((threshold == threshold.flatten()[0]).all()):
+        raise ValueError(f"{where} has a per-latent threshold; saelib holds one global threshold, so it cannot import this SAE exactly.")
+    sae.load_state_dict({"W_enc": raw["W_enc"], "b_enc": raw["b_enc"], "W_dec": raw["W_dec"], "b_pre": raw["b_dec"],
+                         "normalizer_mean": torch.zeros(d_in),
+                         "threshold": torch.tensor(float("nan")) if threshold is None else threshold.flatten()[0].clone()})
+    return sae.eval()
+
+
+def _read_sidecar(folder: Path, weights_file: str) -> tuple[dict, dict[str, Tensor]] | None:
+    """The saelib config and vectors of an export whose peer weights are unchanged, else ``None``."""
+    if not (folder / SIDECAR_CONFIG).is_file():
+        return None
+    record = json.loads((folder / SIDECAR_CONFIG).read_text())
+    if record.get("weights_file") != weights_file or sha256_file(folder / weights_file) != record.get("weights_sha256"):
+        return None  # trained on in the peer library since: its weights are the truth
+    vectors = load_safetensors(folder / SIDECAR_TENSORS, record["vectors_sha256"], "export the SAE again")
+    return record["config"], vectors
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    return cfg
+
+
+def _shape_check(path: Path, tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise ValueError(f"{path} has no tensor {name!r}; the file is incomplete or of another layout.")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}.")
+
+
+def _read_saelens(folder: Path) -> tuple[dict[str, Tensor], str, int | None, dict]:
+    cfg = _read_json(folder / SAELENS_CONFIG)
+    arch, norm = cfg.get("architecture", "standard"), cfg.get("normalize_activations", "none")
+    if arch not in ("topk", "standard", "jumprelu"):
+        raise ValueError(f"{folder / SAELENS_CONFIG}: architecture {arch!r} has no saelib equivalent; saelib imports topk, standard and jumprelu.")
+    if norm not in ("none", "expected_average_only_in", "layer_norm"):
+        raise ValueError(f"{folder / SAELENS_CONFIG}: normalize_activations={norm!r} has no saelib equivalent; fold it into the weights first.")
+    if not cfg.get("apply_b_dec_to_input", True):
+        raise ValueError(f"{folder / SAELENS_CONFIG}: apply_b_dec_to_input=false has no saelib equivalent (saelib always subtracts b_pre).")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"{folder / SAELENS_CONFIG}: rescale_acts_by_decoder_norm=true has no saelib equivalent; fold the decoder norms first.")
+    d_in, n = int(cfg["d_in"]), int(cfg["d_sae"])
+    t = load_safetensors(folder / SAELENS_WEIGHTS, None, "download or export it again")
+    shapes = {"W_enc": (d_in, n), "b_enc": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)} | ({"threshold": (n,)} if arch == "jumprelu" else {})
+    _shape_check(folder / SAELENS_WEIGHTS, t, shapes)
+    raw = {"W_enc": t["W_enc"].T.contiguous().float(), "b_enc": t["b_enc"].float(), "W_dec": t["W_dec"].float(), "b_dec": t["b_dec"].float()}
+    if arch == "jumprelu":
+        raw["threshold"] = t["threshold"].float()
+    extra = {"input_norm": "layer_norm"} if norm == "layer_norm" else {}
+    return raw, {"topk": "topk", "standard": "relu", "jumprelu": "relu"}[arch], cfg.get("k") if arch == "topk" else None, extra
+
+
+def _read_sparsify(folder: Path) -> tuple[dict[str, Tensor], str, int | None, dict]:
+    cfg = _read_json(folder / SPARSIFY_CONFIG)
+    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
+        raise ValueError(f"{folder / SPARSIFY_CONFIG}: only plain TopK sparse autoencoders import into saelib "
+                         "(not groupmax activations, transcoders or skip connections).")
+    t = load_safetensors(folder / SPARSIFY_WEIGHTS, None, "download or export it again")
+    d_in = int(cfg["d_in"])
+    n = cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32))
+    _shape_check(folder / SPARSIFY_WEIGHTS, t, {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)})
+    raw = {"W_enc": t["encoder.weight"].float(), "b_enc": t["encoder.bias"].float(), "W_dec": t["W_dec"].float(), "b_dec": t["b_dec"].float()}
+    k = int(cfg.get("k", 32))
+    return raw, "multitopk" if cfg.get("multi_topk") and 4 * k <= n else "topk", k, {"hookpoint": folder.name}
+
+
+def _read_openai(path: Path) -> tuple[dict[str, Tensor], str, int | None, dict]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Refusing to load {path}: it holds more than tensors and plain values, and loading it would run code "
+                         f"(torch.load with weights_only=True said: {reason}).") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} cannot be read as a torch file ({error}); the file is truncated or corrupt.") from None
+    if not isinstance(state, dict) or "encoder.weight" not in state:
+        raise ValueError(f"{path} is not an OpenAI autoencoder state dict (no 'encoder.weight').")
+    n, d_in = state["encoder.weight"].shape
+    _shape_check(path, state, {"pre_bias": (d_in,), "latent_bias": (n,), "decoder.weight": (d_in, n)})
+    activation = state.get("activation", "ReLU")
+    if activation not in ("TopK", "ReLU"):
+        raise ValueError(f"{path}: activation {activation!r} has no saelib equivalent; saelib imports TopK and ReLU autoencoders.")
+    raw = {"W_enc": state["encoder.weight"].float(), "b_enc": state["latent_bias"].float(),
+           "W_dec": state["decoder.weight"].T.contiguous().float(), "b_dec": state["pre_bias"].float()}
+    if activation == "ReLU":
+        return raw, "relu", None, {}
+    # their loader normalises each token whenever the activation is TopK (model.py, from_state_dict)
+    return raw, "topk", int(state.get("activation_state_dict", {})["k"]), {"input_norm": "layer_norm"}

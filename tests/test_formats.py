@@ -1,0 +1,246 @@
+"""Export and import against the real peer libraries (SAELens, sparsify, OpenAI's sparse_autoencoder).
+
+The peers live in their own virtual environment, ``.venv-peers`` (see docs/interop.md for the
+recipe). One subprocess there loads every export with the peer's own loader, builds SAEs with
+the peers' own classes and save functions, and writes reconstructions; this file compares them
+with saelib's. Without ``.venv-peers`` those tests are skipped, saying why.
+"""
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from saelib import formats
+from saelib.normalize import Normalizer
+from saelib.sae import TopKSAE
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+D_IN, N_LATENTS, K = 16, 64, 4
+
+PEER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from safetensors.torch import load_file, save_file
+
+    job = json.loads(sys.argv[1])
+    x = load_file(job["x"])["x"]
+    out = {}
+    torch.manual_seed(0)
+
+    def saelens(path):
+        from sae_lens import SAE
+        sae = SAE.load_from_disk(path, device="cpu")
+        return sae.decode(sae.encode(x)), sae.encode(x)
+
+    def sparsify(path):
+        from sparsify import SparseCoder
+        sae = SparseCoder.load_from_disk(path)
+        enc = sae.encode(x)
+        return sae.decode(enc.top_acts, enc.top_indices), torch.zeros(x.shape[0], sae.num_latents).scatter(-1, enc.top_indices, enc.top_acts)
+
+    def openai(path, raw=True):
+        from sparse_autoencoder.model import Autoencoder
+        ae = Autoencoder.from_state_dict(torch.load(path, weights_only=True))
+        if raw:
+            ae.normalize = False  # saelib exports are on the raw scale (docs/interop.md)
+        _, latents, recons = ae(x)
+        return recons, latents
+
+    with torch.no_grad():
+        for name, (fmt, path) in job["load"].items():
+            out[name + ".recons"], out[name + ".latents"] = {"saelens": saelens, "sparsify": sparsify, "openai": openai}[fmt](path)
+
+        # SAEs made and saved by the peers themselves, with random (non-zero) biases
+        from sae_lens import TopKSAE, TopKSAEConfig
+        sae = TopKSAE(TopKSAEConfig(d_in=x.shape[1], d_sae=job["n"], k=job["k"]))
+        sae.b_enc.normal_(0, 0.1); sae.b_dec.normal_(0, 0.5)
+        sae.save_model(job["native"] + "/saelens")
+        out["native_saelens.recons"] = sae.decode(sae.encode(x))
+
+        from sparsify import SparseCoder, SparseCoderConfig
+        sc = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=job["n"], k=job["k"], multi_topk=True))
+        sc.encoder.bias.normal_(0, 0.1); sc.b_dec.normal_(0, 0.5)
+        sc.save_to_disk(job["native"] + "/sparsify/layers.3")
+        enc = sc.encode(x)
+        out["native_sparsify.recons"] = sc.decode(enc.top_acts, enc.top_indices)
+
+        from sparse_autoencoder.model import Autoencoder, TopK
+        ae = Autoencoder(job["n"], x.shape[1], activation=TopK(job["k"]), normalize=True)
+        torch.nn.init.normal_(ae.encoder.weight, 0, 0.3); torch.nn.init.normal_(ae.decoder.weight, 0, 0.3)
+        ae.pre_bias.normal_(0, 0.5); ae.latent_bias.normal_(0, 0.1)
+        torch.save(ae.state_dict(), job["native"] + "/8.pt")
+        out["native_openai.recons"] = ae(x)[2]
+    save_file({k: v.contiguous() for k, v in out.items()}, job["out"])
+    """
+)
+
+
+def make_sae(arch="topk", k=K, seed=0, threshold=None):
+    """A trained-looking SAE: untied weights, non-zero biases, a non-trivial normaliser."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(512, D_IN, generator=g) * 3 + torch.linspace(-2, 2, D_IN)
+    sae = TopKSAE(D_IN, N_LATENTS, k, arch=arch, normalizer=Normalizer.fit(raw), generator=g,
+                  metadata={"model": "toy", "layer": 3, "site": "resid_post", "ctx_len": 64})
+    with torch.no_grad():
+        sae.W_enc.add_(0.2 * torch.randn(N_LATENTS, D_IN, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(N_LATENTS, generator=g))
+        sae.b_pre.copy_(0.3 * torch.randn(D_IN, generator=g))
+    if threshold is not None:
+        sae.set_threshold(threshold)
+    return sae.eval()
+
+
+def raw_input(n=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_IN, generator=g) * 3 + torch.linspace(-2, 2, D_IN)
+
+
+def reconstruct(sae, x):
+    """saelib's reconstruction of raw activations, on the raw scale."""
+    with torch.no_grad():
+        if sae.metadata.get("input_norm") == "layer_norm":
+            x_ln, mu, std = formats.layer_norm(x)
+            return sae.decode(sae.encode(x_ln)) * std + mu
+        return sae.normalizer.invert(sae.decode(sae.encode(sae.normalizer.apply(x))))
+
+
+def assert_same_state(a, b):
+    assert a.config() == b.config()
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+EXPORTS = [  # (name, format, arch, threshold)
+    ("saelens_topk", "saelens", "topk", None),
+    ("saelens_relu", "saelens", "relu", None),
+    ("saelens_jumprelu", "saelens", "topk", 0.2),
+    ("sparsify_topk", "sparsify", "topk", None),
+    ("sparsify_multitopk", "sparsify", "multitopk", None),
+    ("openai_topk", "openai", "topk", None),
+    ("openai_relu", "openai", "relu", None),
+]
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory):
+    """Export every case, run the peer script once, return ``(saes, paths, x, peer outputs, native folder)``."""
+    if not PEERS_PYTHON.exists():
+        pytest.skip(f"{PEERS_PYTHON} is absent: build .venv-peers with the recipe in docs/interop.md to run the interop tests.")
+    root = tmp_path_factory.mktemp("interop")
+    x = raw_input()
+    save_file({"x": x}, str(root / "x.safetensors"))
+    saes, paths = {}, {}
+    for i, (name, fmt, arch, threshold) in enumerate(EXPORTS):
+        saes[name] = make_sae(arch, k=None if arch == "relu" else K, seed=i, threshold=threshold)
+        paths[name] = formats.export(saes[name], fmt, root / name)
+    (root / "native").mkdir()
+    job = {"x": str(root / "x.safetensors"), "out": str(root / "peer.safetensors"), "native": str(root / "native"),
+           "n": N_LATENTS, "k": K, "load": {name: (fmt, str(paths[name])) for name, fmt, _, _ in EXPORTS}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([str(PEERS_PYTHON), "-c", PEER_SCRIPT, json.dumps(job)], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return saes, paths, x, load_file(str(root / "peer.safetensors")), root / "native"
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in EXPORTS])
+def test_peer_library_reconstructs_like_saelib(peers, name):
+    saes, _, x, out, _ = peers
+    sae = saes[name]
+    torch.testing.assert_close(out[f"{name}.recons"], reconstruct(sae, x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # latents: the same code, multiplied by the normaliser's scale
+        ours = sae.encode(sae.normalizer.apply(x)).to_dense() * sae.normalizer_scale
+    torch.testing.assert_close(out[f"{name}.latents"], ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in EXPORTS])
+def test_export_round_trip_is_exact(peers, name):
+    saes, paths, *_ = peers
+    assert_same_state(formats.import_sae(paths[name]), saes[name])
+
+
+@pytest.mark.parametrize("fmt, where", [("saelens", "saelens"), ("sparsify", "sparsify"), ("openai", "8.pt")])
+def test_sae_saved_by_peer_imports_with_same_reconstructions(peers, fmt, where):
+    _, _, x, out, native = peers
+    sae = formats.import_sae(native / where)
+    assert sae.metadata["source_format"] == fmt
+    torch.testing.assert_close(reconstruct(sae, x), out[f"native_{fmt}.recons"], rtol=1e-4, atol=1e-4)
+    if fmt == "openai":  # their TopK files normalise each token: recorded, not guessed later
+        assert sae.metadata["input_norm"] == "layer_norm" and sae.k == K
+    if fmt == "sparsify":
+        assert sae.arch == "multitopk" and sae.metadata["hookpoint"] == "layers.3"
+
+
+def test_peer_trained_weights_win_over_a_stale_sidecar(tmp_path):
+    sae = make_sae()
+    folder = formats.export(sae, "saelens", tmp_path)
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    tensors["b_dec"] = tensors["b_dec"] + 1  # as if fine-tuned in SAELens after the export
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    imported = formats.import_sae(folder)
+    assert imported.metadata["source_format"] == "saelens" and imported.normalizer_scale == 1.0
+    assert torch.equal(imported.b_pre, tensors["b_dec"]) and torch.equal(imported.W_enc, tensors["W_enc"].T)
+
+
+def test_native_folders_and_detection(tmp_path):
+    sae = make_sae()
+    assert_same_state(formats.import_sae(sae.save(tmp_path / "native")), sae)
+    formats.export(sae, "sparsify", tmp_path / "many")
+    other = make_sae(seed=1)
+    other.metadata["layer"] = 5
+    formats.export(other, "sparsify", tmp_path / "many")
+    assert formats.detect(tmp_path / "many" / "layers.5")[0] == "sparsify"
+    with pytest.raises(ValueError, match="several hookpoints .*layers.3, layers.5"):
+        formats.import_sae(tmp_path / "many")
+    with pytest.raises(ValueError, match="is not an saelib, SAELens, sparsify or OpenAI SAE"):
+        formats.import_sae(tmp_path / "native" / "..")
+    with pytest.raises(FileNotFoundError, match="No SAE at"):
+        formats.import_sae(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("fmt, sae, match", [
+    ("onnx", make_sae(), "Unknown export format 'onnx'"),
+    ("sparsify", make_sae("relu", k=None), "sparsify format cannot hold a relu SAE"),
+    ("openai", make_sae(threshold=0.1), "openai format cannot hold a topk SAE with an inference threshold"),
+])
+def test_unsupported_exports_are_refused(tmp_path, fmt, sae, match):
+    with pytest.raises(ValueError, match=match):
+        formats.export(sae, fmt, tmp_path)
+
+
+class RunsCode:
+    """A pickle that runs code when loaded: what ``weights_only=True`` must refuse."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["SAELIB_TEST_MARKER"]),))
+
+
+def test_openai_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("SAELIB_TEST_MARKER", str(marker))
+    state = {"encoder.weight": torch.zeros(N_LATENTS, D_IN), "payload": RunsCode()}
+    with open(tmp_path / "8.pt", "wb") as f:
+        torch.save(state, f)
+    with pytest.raises(ValueError, match=r"Refusing to load .*8.pt.*would run code"):
+        formats.import_sae(tmp_path / "8.pt")
+    assert not marker.exists()
+
+
+def test_truncated_exports_name_the_file(tmp_path):
+    path = formats.export(make_sae(), "openai", tmp_path / "oai")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"3.pt cannot be read as a torch file"):
+        formats.import_sae(path)
+    folder = formats.export(make_sae(), "saelens", tmp_path / "sl")
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors cannot be read as safetensors"):
+        formats.import_sae(folder)
+    assert json.loads((folder / "saelib.json").read_text())["format"] == "saelens"
