@@ -6,7 +6,6 @@ import http.server
 import json
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -69,7 +68,7 @@ def shown(tokens):
 
 
 def test_summary_numbers_match_the_sparse_code(summary, run, lm):
-    from saelib.evals.heldout import encode
+    from saelib.evals.heldout import encode, site_activations
     from saelib.runs import load_run
 
     t, n = summary.tensors, summary.n_latents
@@ -80,8 +79,6 @@ def test_summary_numbers_match_the_sparse_code(summary, run, lm):
     i = int(t["density"].argmax())
     c, p = int(t["ex_ctx"][i, 0]), int(t["ex_pos"][i, 0])
     sae = load_run(run)
-    from saelib.evals.heldout import site_activations
-
     held = site_activations(lm, t["ids"][c:c + 1].long(), LAYER, "resid_post", progress=False)
     values, indices = encode(sae, held.acts)
     act = float((values[0, p] * (indices[0, p] == i)).sum())
@@ -241,8 +238,10 @@ def test_site_works_over_http(site, summary, driver):
 
 
 def test_screenshot_writes_a_png(site, tmp_path):
-    if shutil.which("chromedriver") is None and shutil.which("chromium") is None:
-        pytest.skip("no Chromium")
+    try:
+        chromium()
+    except FileNotFoundError:
+        pytest.skip("no Chromium installed")
     png = screenshot(site, tmp_path / "latent.png", latent=0, width=800, height=600)
     head = png.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"

@@ -289,7 +289,7 @@ def summarize(run_or_sae, lm=None, preset: str = "ci", *, texts: list[str] | Non
     opts = resolve_options(preset, overrides)
     cache_folder = None
     if folder is not None and cache:
-        custom = {k: v for k, v in overrides.items()} | ({"texts": texts} if texts is not None else {})
+        custom = dict(overrides) | ({"texts": texts} if texts is not None else {})
         suffix = "-" + hashlib.blake2b(json.dumps(custom, sort_keys=True).encode(), digest_size=4).hexdigest() if custom else ""
         cache_folder = folder / SUMMARY_DIR / f"{preset}{suffix}"
         if (cache_folder / "summary.json").exists():
@@ -492,7 +492,7 @@ def _token_search(tok: Tensor, lat: Tensor, val: Tensor, ids: Tensor, keep: Tens
     pick = order[rank < m]
     out_lat = torch.full((len(uniq), m), -1, dtype=torch.int32)
     out_score = torch.zeros(len(uniq), m)
-    rows, cols = group[pick], (torch.arange(len(order)) - starts[group[order]])[rank < m]
+    rows, cols = group[pick], rank[rank < m]
     out_lat[rows, cols] = lats[pick].int()
     out_score[rows, cols] = mean[pick]
     return {"search_ids": uniq.int(), "search_latents": out_lat, "search_scores": out_score}
