@@ -15,7 +15,7 @@ from saelib.viz.static import CHROMIUM_FLAGS, chromium
 
 LAYER = 3  # an early layer keeps the stopped-early forwards cheap
 META = {"model": "smollm2-135m", "layer": LAYER, "site": "resid_post", "ctx_len": 64, "corpus": "wikipedia"}
-OPTIONS = dict(eval_tokens=24 * 64, ablation_latents=2)
+OPTIONS = dict(eval_tokens=16 * 64, ablation_latents=2)
 PAYLOAD = ('Win a prize <script>window.__xss_script = 1</script> now, or see '
            '<img src=x onerror="window.__xss_img = 1"> for details.')
 
@@ -36,7 +36,7 @@ def run(lm, tmp_path_factory):
     from saelib.evals.heldout import site_activations
     from saelib.train import fit
 
-    train = site_activations(lm, contexts("wikipedia", lm.tokenizer, "train", max_tokens=48 * 64), LAYER,
+    train = site_activations(lm, contexts("wikipedia", lm.tokenizer, "train", max_tokens=32 * 64), LAYER,
                              "resid_post", progress=False)
     x = train.acts[train.keep]
     threads = torch.get_num_threads()
