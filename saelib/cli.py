@@ -4,6 +4,7 @@
     saelib train   [--config FILE] [--preset ci|demo|full] [--model M --corpus C --layer L --site S
                     --n-latents N --k K --tokens T --seed S ...] --out RUN
     saelib eval    RUN [--preset ci|demo|full] [--json]
+    saelib view    RUN --out DIR [--preset ci|demo|full]
 
 Errors in the user's input end with one sentence on standard error and exit status 2.
 """
@@ -80,6 +81,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    from .viz import write_site
+
+    index = write_site(args.run, args.out, preset=args.preset)
+    print(f"Visualizer written to {index}; open it in a browser (it works from disk, offline).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saelib", description="TopK sparse autoencoders on language-model activations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="ci", choices=["ci", "demo", "full"], help="evaluation scale")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("view", help="write a static, offline HTML visualizer of a trained SAE's latents")
+    p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
+    p.add_argument("--out", required=True, help="folder for the site (index.html inside)")
+    p.add_argument("--preset", default="ci", choices=["ci", "demo", "full"], help="how many tokens to summarise")
+    p.set_defaults(func=cmd_view)
     return parser
 
 
