@@ -27,6 +27,15 @@ OPTIONS = dict(batch_size=BATCH, tokens=STEPS * BATCH, lr=1e-2, warmup_steps=2, 
 INTERRUPT_AT = 5  # batch index at which the interrupted run stops (its last checkpoint: step 4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads on a shared CPU (the ranks get one each too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def activations():
     """Already-normalised activations, so every run uses them as they are."""
     g = torch.Generator().manual_seed(0)
@@ -57,7 +66,7 @@ def _worker(rank, world, port, jobs, errors_file):
     torch.set_num_threads(1)
     x, errors = activations(), {}
     for name, latent_parallel, out, n_latents in jobs:
-        data = StopsAt(x, INTERRUPT_AT) if name == "interrupted" else x
+        data = StopsAt(x, INTERRUPT_AT) if name.startswith("interrupted") else x
         try:
             fit_distributed(data, n_latents, K, latent_parallel=latent_parallel, out=out, normalize=False,
                             progress=False, **OPTIONS)
@@ -91,17 +100,24 @@ def runs(tmp_path_factory):
     """Run folders: the one-process reference and every distributed job; errors by job."""
     root = tmp_path_factory.mktemp("distributed")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a module fixture starts before the per-test one_thread
     try:
         fit(activations(), N_LATENTS, K, out=root / "one", normalize=False, progress=False, **OPTIONS)
     finally:
         torch.set_num_threads(threads)
     errors = _spawn(2, [("data", 1, root / "data", N_LATENTS), ("latent", 2, root / "latent", N_LATENTS),
-                        ("interrupted", 2, root / "resumed", N_LATENTS)], root)
-    assert not (root / "resumed" / "sae").exists()
+                        ("interrupted", 2, root / "resumed", N_LATENTS),
+                        ("interrupted_data", 1, root / "handoff", N_LATENTS)], root)
+    assert not (root / "resumed" / "sae").exists() and not (root / "handoff" / "sae").exists()
     errors |= _spawn(4, [("grid", 2, root / "grid", N_LATENTS), ("resumed", 4, root / "resumed", N_LATENTS),
                          ("bad_world", 3, root / "bad", N_LATENTS), ("bad_n", 4, root / "bad", 30)], root)
     return root, errors
+
+
+def test_one_process_fit_resumes_a_data_parallel_run(runs):
+    root, _ = runs  # a 2-rank data-parallel run stopped at step 5, finished by saelib.fit
+    fit(activations(), N_LATENTS, K, out=root / "handoff", normalize=False, progress=False, **OPTIONS)
+    _assert_same_run(root / "handoff", root / "one")
 
 
 def _assert_same_run(run, reference):
