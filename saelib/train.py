@@ -83,7 +83,7 @@ class TrainConfig:
 
     def resolved(self, d_in: int, n_tokens: int | None) -> TrainConfig:
         """A copy with every ``None`` replaced by the value it stands for."""
-        for name in ("batch_size", "geometric_median_samples", "log_every"):
+        for name in ("n_latents", "batch_size", "geometric_median_samples", "log_every") + (("k",) if self.k is not None else ()):
             _check_positive(name, getattr(self, name))
         for name in ("tokens", "warmup_steps", "k_aux", "dead_tokens", "checkpoint_every_tokens"):
             if getattr(self, name) is not None:
