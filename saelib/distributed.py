@@ -515,7 +515,9 @@ def fit_distributed(
     main = grid.rank == 0
     run = Path(out) if out is not None else None
     shard = _make_shard(source.d_in, cfg, grid, normalizer, metadata)
-    if run is not None and (_check_run_folder(run, cfg, source.d_in) or _finished(run)):
+    finished = run is not None and (_check_run_folder(run, cfg, source.d_in) or _finished(run))
+    dist.barrier()  # every rank has read the run folder before rank 0 writes to it
+    if finished:
         _say(progress and main, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")
         start = grid.latent_rank * shard.n_latents
         shard.load_state_dict(_read_rows(_sae_layout(run / "sae")[2], start, start + shard.n_latents))
