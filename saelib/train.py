@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .normalize import Normalizer
-from .sae import TopKSAE, load, load_safetensors, sha256_file
+from .sae import ForwardOutput, TopKSAE, load, load_safetensors, sha256_file
 
 # ---- configuration --------------------------------------------------------------------------
 
@@ -339,6 +339,25 @@ def fit(
         return _train(source, sae, cfg, run, progress, stop)
 
 
+def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor | None, cfg: TrainConfig) -> ForwardOutput:
+    """One step of the recipe on a batch ``x (B, d_in)``: loss (AuxK over ``dead`` latents if given),
+    backward, decoder-gradient projection, clipping, ``opt.step()``, decoder renormalisation.
+
+    Raises ``FloatingPointError`` before touching the weights if the loss is not finite.
+    """
+    result = sae(x, dead, k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, l1_coef=cfg.l1_coef)
+    if not bool(torch.isfinite(result.loss)):
+        raise FloatingPointError(f"Loss is {result.loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    result.loss.backward()
+    sae.remove_parallel_grads()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    opt.step()
+    sae.normalize_decoder()
+    return result
+
+
 def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None, progress: bool, stop: list[str]) -> TopKSAE:
     """The training loop of ``fit``; a signal name appended to ``stop`` ends it after a checkpoint."""
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
@@ -367,16 +386,10 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             group["lr"] = lr
 
         dead = state.since_fired >= cfg.dead_tokens
-        result = sae(x, dead if cfg.auxk else None, k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, l1_coef=cfg.l1_coef)
-        if not bool(torch.isfinite(result.loss)):
-            raise FloatingPointError(f"Loss is {result.loss.item()} at step {state.step} (batch {index} of epoch {epoch}); lower lr (now {lr:.3g}). The last checkpoint is intact.")
-        opt.zero_grad(set_to_none=True)
-        result.loss.backward()
-        sae.remove_parallel_grads()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sae.normalize_decoder()
+        try:
+            result = train_step(sae, opt, x, dead if cfg.auxk else None, cfg)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error} at step {state.step} (batch {index} of epoch {epoch}); lower lr (now {lr:.3g}). The last checkpoint is intact.") from None
 
         if state.ema is not None:
             for name, p in sae.named_parameters():

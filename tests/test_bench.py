@@ -1,0 +1,137 @@
+"""The benchmark's step implementations compute the right thing (no timing assertions here).
+
+saelib and the naive dense step implement the same recipe, so they agree on the loss before and
+after a step; every step lowers the loss; the peers (in ``.venv-peers``, through a subprocess)
+compute saelib's reconstruction loss on the same weights and learn too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelib import bench
+from saelib.bench import BenchConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+TINY = BenchConfig(d_in=32, n_latents=256, k=8, batch_size=128, dead_fraction=0.25)
+
+
+def _losses(impl: str, cfg: BenchConfig, steps: int, same_batch: bool = True) -> list[float]:
+    x = bench.synthetic_activations(cfg.batch_size * (1 if same_batch else 4), cfg.d_in)
+    batches = list(x.split(cfg.batch_size))
+    step = bench.make_step(impl, cfg, bench.initial_weights(cfg), bench.dead_mask(cfg))
+    return [float(step(batches[i % len(batches)])) for i in range(steps)]
+
+
+def test_synthetic_activations_are_normalised_and_structured():
+    x = bench.synthetic_activations(2048, 32)
+    assert x.shape == (2048, 32) and x.dtype == torch.float32
+    assert torch.allclose(x.mean(0), torch.zeros(32), atol=1e-5)
+    assert x.pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=1e-4)
+    # sparse structure: a few directions explain much more variance than isotropic noise would
+    eig = torch.linalg.eigvalsh(x.T @ x / len(x))
+    assert eig[-1] / eig.mean() > 2
+
+
+@pytest.mark.parametrize("dead_fraction", [0.25, 0.0])
+def test_naive_dense_step_matches_saelib_step(dead_fraction):
+    cfg = BenchConfig(d_in=32, n_latents=256, k=8, batch_size=128, dead_fraction=dead_fraction)
+    saelib, naive = _losses("saelib", cfg, 3), _losses("naive", cfg, 3)
+    assert saelib[0] == pytest.approx(naive[0], rel=1e-5)  # same weights, same loss (with AuxK)
+    assert saelib == pytest.approx(naive, rel=1e-3)  # and the same updates
+
+
+@pytest.mark.parametrize("impl", ["saelib", "naive"])
+def test_step_lowers_the_loss(impl):
+    losses = _losses(impl, TINY, 30)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_dead_mask_and_k_aux():
+    assert bench.dead_mask(BenchConfig(32, 256, dead_fraction=0.0)) is None
+    assert int(bench.dead_mask(TINY).sum()) == 64
+    assert BenchConfig(576, 4608).k_aux == 288 and BenchConfig(2048, 4608).k_aux == 512 and TINY.k_aux == 16
+
+
+def test_run_bench_rows_ratios_and_unavailable_peers():
+    rows = bench.run_bench([TINY], ["saelib", "naive", "sparsify"], warmup=1, steps=2)
+    by_impl = {r["impl"]: r for r in rows}
+    assert list(by_impl) == ["saelib", "naive", "sparsify", "roofline"]  # roofline is always measured
+    for key in ("impl", "d_in", "n_latents", "k", "batch_size", "tokens_per_s", "ratio_to_best_peer",
+                "ratio_to_roofline", "peak_rss_mb", "threads", "cpu", "torch_version", "impl_version"):
+        assert all(key in r for r in rows), key
+    assert by_impl["roofline"]["ratio_to_roofline"] == 1.0
+    assert by_impl["saelib"]["tokens_per_s"] > 0 and 0 < by_impl["saelib"]["ratio_to_roofline"]
+    peer = by_impl["sparsify"]
+    if peer["status"] == "ok":
+        assert by_impl["saelib"]["ratio_to_best_peer"] == pytest.approx(by_impl["saelib"]["tokens_per_s"] / peer["tokens_per_s"])
+    else:  # not installed here: the row stays and says why
+        assert peer["status"] == "unavailable" and "pip install" in peer["reason"] and peer["tokens_per_s"] is None
+        assert by_impl["saelib"]["ratio_to_best_peer"] is None
+
+
+def test_main_prints_json_rows(capsys):
+    assert bench.main(["--preset", "quick", "--impl", "saelib", "--warmup", "0", "--steps", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["impl"] for r in rows] == ["saelib", "roofline"]
+    assert rows[0]["n_latents"] == bench.PRESETS["quick"]["n_latents"][0]
+
+
+@pytest.mark.parametrize("argv, named", [(["--n-latents", "0"], "--n-latents"), (["--dead-fraction", "1"], "--dead-fraction"),
+                                         (["--k", "600", "--n-latents", "512"], "k=600")])
+def test_bad_flags_exit_2_naming_the_value(argv, named, capsys):
+    assert bench.main(argv) == 2
+    assert named in capsys.readouterr().err
+
+
+PEER_SCRIPT = r"""
+import json, torch
+from saelib import bench
+from saelib.bench import BenchConfig
+from saelib.sae import TopKSAE
+
+out = {}
+for dead_fraction in (0.0, 0.25):
+    cfg = BenchConfig(d_in=32, n_latents=256, k=8, batch_size=128, dead_fraction=dead_fraction)
+    x = bench.synthetic_activations(cfg.batch_size, cfg.d_in)
+    w, dead = bench.initial_weights(cfg), bench.dead_mask(cfg)
+    sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k)
+    sae.load_state_dict({**sae.state_dict(), **w})
+    out[f"saelib_nmse_{dead_fraction}"] = float(sae(x).nmse)
+    for impl in ("sparsify", "sae-lens"):
+        step = bench.make_step(impl, cfg, w, dead)
+        out[f"{impl}_{dead_fraction}"] = [float(step(x)) for _ in range(30)]
+    out["total_var"] = float((x - x.mean(0)).pow(2).sum())
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def peer_losses():
+    if not PEERS_PYTHON.exists():
+        pytest.skip(f"{PEERS_PYTHON} is absent: build .venv-peers (docs/interop.md) to test the peers' bench steps.")
+    result = subprocess.run([str(PEERS_PYTHON), "-c", PEER_SCRIPT], capture_output=True, text=True, cwd=REPO, timeout=600)
+    if "No module named 'saelib'" in result.stderr:
+        pytest.skip("saelib is not installed in .venv-peers: run `.venv-peers/bin/pip install --no-deps -e .`.")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_peer_steps_compute_saelibs_reconstruction_loss_on_the_same_weights(peer_losses):
+    nmse = peer_losses["saelib_nmse_0.0"]
+    assert peer_losses["sparsify_0.0"][0] == pytest.approx(nmse, rel=1e-5)  # sparsify's FVU is saelib's NMSE
+    # SAELens' loss is the per-token summed squared error: NMSE times total variance / B
+    assert peer_losses["sae-lens_0.0"][0] == pytest.approx(nmse * peer_losses["total_var"] / 128, rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sparsify", "sae-lens"])
+@pytest.mark.parametrize("dead_fraction", [0.0, 0.25])
+def test_peer_steps_lower_the_loss(peer_losses, impl, dead_fraction):
+    losses = peer_losses[f"{impl}_{dead_fraction}"]
+    assert losses[-1] < 0.9 * losses[0], losses
