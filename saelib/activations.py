@@ -353,6 +353,7 @@ class CachedSource:
         row_bytes = 4 * self.d_in
         self.group_rows = max(max(rows), int(memory_gb * 2**30 / row_bytes))
         self._resident: tuple | None = None  # (shard ids, rows) of the last group loaded
+        self._verified: set[int] = set()  # shards whose checksum was checked in this process
 
     def _groups(self, order: list[int]) -> list[list[int]]:
         groups, current, size = [], [], 0
@@ -368,7 +369,8 @@ class CachedSource:
     def _load(self, shard_ids: list[int]) -> Tensor:
         key = tuple(sorted(shard_ids))
         if self._resident is None or self._resident[0] != key:
-            self._resident = (key, torch.cat([self.cache.shard(i)["acts"] for i in key]))
+            self._resident = (key, torch.cat([self.cache.shard(i, verify=i not in self._verified)["acts"] for i in key]))
+            self._verified.update(key)
         return self._resident[1]
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:

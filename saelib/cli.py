@@ -5,6 +5,7 @@
                     --n-latents N --k K --tokens T --seed S ...] --out RUN
     saelib eval    RUN [--preset ci|demo|full] [--json]
     saelib view    RUN --out DIR [--preset ci|demo|full]
+    saelib export  RUN --format saelens|sparsify|openai --out DIR
 
 Errors in the user's input end with one sentence on standard error and exit status 2.
 """
@@ -30,7 +31,7 @@ DATA_FLAGS = {
 TRAIN_FLAGS = {
     "n-latents": (int, "number of latents n"),
     "k": (int, "active latents per token"),
-    "arch": (str, "topk, relu, multi_topk or batch_topk"),
+    "arch": (str, "topk, relu, multitopk or batchtopk"),
     "tokens": (int, "training budget in tokens (default: epochs x extracted tokens)"),
     "epochs": (float, "training budget in passes over the extracted tokens"),
     "batch-size": (int, "tokens per step"),
@@ -52,6 +53,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .activations import cached_activations
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS))
+    config.check(cfg)
     data_opts, _ = config.split(cfg)
     cache = cached_activations(**data_opts, split=args.split)
     print(json.dumps({"cache": str(cache.folder), "rows": cache.n_rows, "dropped": cache.manifest["dropped"]}))
@@ -62,6 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs import train_run
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS, TRAIN_FLAGS))
+    config.check(cfg)
     train_run(cfg, args.out)
     print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
     return 0
@@ -89,8 +92,25 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .formats import export
+    from .runs import load_run
+
+    print(f"{args.format} export written to {export(load_run(args.run), args.format, args.out)}.")
+    return 0
+
+
+class UsageError(Exception):
+    """A command line argparse cannot parse; reported in one sentence, not as usage text."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saelib", description="TopK sparse autoencoders on language-model activations.")
+    parser = _Parser(prog="saelib", description="TopK sparse autoencoders on language-model activations.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="extract and cache activations of a model's layer on a corpus")
@@ -119,14 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the site (index.html inside)")
     p.add_argument("--preset", default="ci", choices=["ci", "demo", "full"], help="how many tokens to summarise")
     p.set_defaults(func=cmd_view)
+
+    p = sub.add_parser("export", help="write an SAE in SAELens, sparsify or OpenAI layout (saelib.load reads them back)")
+    p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
+    p.add_argument("--format", required=True, choices=["saelens", "sparsify", "openai"])
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"saelib: error: {e}; see `saelib --help`.", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a locked run folder, a failed write
         print(f"saelib {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

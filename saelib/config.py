@@ -70,3 +70,33 @@ def split(cfg: dict) -> tuple[dict, dict]:
     data = {k: cfg[k] for k in DATA_DEFAULTS}
     train = {k: v for k, v in cfg.items() if k not in RUN_DEFAULTS}
     return data, train
+
+
+def check(cfg: dict) -> None:
+    """Refuse an invalid run configuration with one sentence, before any heavy work starts."""
+    import math
+    from dataclasses import fields
+
+    from .models import SITES
+    from .sae import ARCHS
+    from .train import TrainConfig
+
+    if cfg["site"] not in SITES:
+        raise ValueError(f"Unknown site {cfg['site']!r}; choose one of {', '.join(SITES)}.")
+    for key in ("layer", "ctx_len"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "layer" else 2):
+            raise ValueError(f"{key} must be an integer {'>= 0' if key == 'layer' else '>= 2'}, got {value!r}.")
+    if cfg["max_tokens"] is not None and (not isinstance(cfg["max_tokens"], int) or cfg["max_tokens"] < cfg["ctx_len"]):
+        raise ValueError(f"max_tokens must be at least one context ({cfg['ctx_len']} tokens), got {cfg['max_tokens']!r}.")
+    if not isinstance(cfg["epochs"], (int, float)) or not (0 < cfg["epochs"] and math.isfinite(cfg["epochs"])):
+        raise ValueError(f"epochs must be a positive finite number, got {cfg['epochs']!r}.")
+    _, train = split(cfg)
+    unknown = sorted(set(train) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"Unknown training option(s) {', '.join(unknown)}; valid ones are the fields of saelib.train.TrainConfig.")
+    tc = TrainConfig(**train).resolved(d_in=1, n_tokens=None)
+    if tc.arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {tc.arch!r}.")
+    if tc.k is not None and tc.k > tc.n_latents:
+        raise ValueError(f"k={tc.k} is larger than n_latents={tc.n_latents}; choose k <= n_latents.")

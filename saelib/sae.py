@@ -415,8 +415,13 @@ def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
 
 
 def load(path: str | os.PathLike) -> TopKSAE:
-    """Load an SAE folder written by ``sae.save``; errors name the file and the value at fault."""
+    """Load an SAE: a folder written by ``sae.save``, or a SAELens / sparsify folder or an OpenAI
+    ``.pt`` file (see :mod:`saelib.formats`); errors name the file and the value at fault."""
     path = Path(path)
+    if path.exists() and not (path / CONFIG_FILE).is_file():  # another library's layout
+        from .formats import import_sae
+
+        return import_sae(path)
     if not path.is_dir():
         raise FileNotFoundError(f"No SAE folder at {path}; pass a folder written by sae.save (config.json + sae.safetensors).")
     for name in (CONFIG_FILE, WEIGHTS_FILE):

@@ -212,7 +212,6 @@ def test_activation_cache_corruption_and_missing_shards_are_named(tmp_path):
         list(CachedSource(cache).batches(16, seed=0, epoch=0))
 
 
-@pytest.mark.xfail(strict=True, reason="CachedSource reads shards without checking their SHA-256 (proposed fix: verify each shard on first load)")
 def test_cached_source_detects_a_corrupt_shard(tmp_path):
     cache = small_cache(tmp_path / "cache", n_shards=1)
     flip_byte(tmp_path / "cache" / "shard_00000.safetensors", offset_from_end=8)  # inside acts' data

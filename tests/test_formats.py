@@ -71,12 +71,13 @@ PEER_SCRIPT = textwrap.dedent(
         enc = sc.encode(x)
         out["native_sparsify.recons"] = sc.decode(enc.top_acts, enc.top_indices)
 
-        from sparse_autoencoder.model import Autoencoder, TopK
-        ae = Autoencoder(job["n"], x.shape[1], activation=TopK(job["k"]), normalize=True)
-        torch.nn.init.normal_(ae.encoder.weight, 0, 0.3); torch.nn.init.normal_(ae.decoder.weight, 0, 0.3)
-        ae.pre_bias.normal_(0, 0.5); ae.latent_bias.normal_(0, 0.1)
-        torch.save(ae.state_dict(), job["native"] + "/8.pt")
-        out["native_openai.recons"] = ae(x)[2]
+        if job["openai"]:
+            from sparse_autoencoder.model import Autoencoder, TopK
+            ae = Autoencoder(job["n"], x.shape[1], activation=TopK(job["k"]), normalize=True)
+            torch.nn.init.normal_(ae.encoder.weight, 0, 0.3); torch.nn.init.normal_(ae.decoder.weight, 0, 0.3)
+            ae.pre_bias.normal_(0, 0.5); ae.latent_bias.normal_(0, 0.1)
+            torch.save(ae.state_dict(), job["native"] + "/8.pt")
+            out["native_openai.recons"] = ae(x)[2]
     save_file({k: v.contiguous() for k, v in out.items()}, job["out"])
     """
 )
@@ -133,6 +134,8 @@ def peers(tmp_path_factory):
     """Export every case, run the peer script once, return ``(saes, paths, x, peer outputs, native folder)``."""
     if not PEERS_PYTHON.exists():
         pytest.skip(f"{PEERS_PYTHON} is absent: build .venv-peers with the recipe in docs/interop.md to run the interop tests.")
+    # OpenAI's package is not on PyPI: CI's .venv-peers lacks it, and its cases are skipped there
+    has_openai = subprocess.run([str(PEERS_PYTHON), "-c", "import sparse_autoencoder.model"], capture_output=True).returncode == 0
     root = tmp_path_factory.mktemp("interop")
     x = raw_input()
     save_file({"x": x}, str(root / "x.safetensors"))
@@ -142,7 +145,8 @@ def peers(tmp_path_factory):
         paths[name] = formats.export(saes[name], fmt, root / name)
     (root / "native").mkdir()
     job = {"x": str(root / "x.safetensors"), "out": str(root / "peer.safetensors"), "native": str(root / "native"),
-           "n": N_LATENTS, "k": K, "load": {name: (fmt, str(paths[name])) for name, fmt, _, _ in EXPORTS}}
+           "n": N_LATENTS, "k": K, "openai": has_openai,
+           "load": {name: (fmt, str(paths[name])) for name, fmt, _, _ in EXPORTS if has_openai or fmt != "openai"}}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run([str(PEERS_PYTHON), "-c", PEER_SCRIPT, json.dumps(job)], capture_output=True, text=True,
                             timeout=300, env=env, cwd=root)
@@ -150,9 +154,15 @@ def peers(tmp_path_factory):
     return saes, paths, x, load_file(str(root / "peer.safetensors")), root / "native"
 
 
+def needs_peer_output(out, key):
+    if key not in out:
+        pytest.skip("OpenAI's sparse_autoencoder is not installed in .venv-peers (it is not on PyPI; see docs/interop.md).")
+
+
 @pytest.mark.parametrize("name", [name for name, *_ in EXPORTS])
 def test_peer_library_reconstructs_like_saelib(peers, name):
     saes, _, x, out, _ = peers
+    needs_peer_output(out, f"{name}.recons")
     sae = saes[name]
     torch.testing.assert_close(out[f"{name}.recons"], reconstruct(sae, x), rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # latents: the same code, multiplied by the normaliser's scale
@@ -169,6 +179,7 @@ def test_export_round_trip_is_exact(peers, name):
 @pytest.mark.parametrize("fmt, where", [("saelens", "saelens"), ("sparsify", "sparsify"), ("openai", "8.pt")])
 def test_sae_saved_by_peer_imports_with_same_reconstructions(peers, fmt, where):
     _, _, x, out, native = peers
+    needs_peer_output(out, f"native_{fmt}.recons")
     sae = formats.import_sae(native / where)
     assert sae.metadata["source_format"] == fmt
     torch.testing.assert_close(reconstruct(sae, x), out[f"native_{fmt}.recons"], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,101 @@
+"""The command line refuses bad input with one sentence naming the value, and exit status 2."""
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from saelib.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_sentence(err, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+BAD_TRAIN = st.one_of(
+    st.tuples(st.just("--n-latents"), st.integers(-10**6, 0)),
+    st.tuples(st.just("--k"), st.integers(-10**6, 0)),
+    st.tuples(st.just("--k"), st.integers(1153, 10**6)),  # the ci preset has n_latents 1152
+    st.tuples(st.just("--batch-size"), st.integers(-10**6, 0)),
+    st.tuples(st.just("--lr"), st.sampled_from([math.nan, math.inf, -math.inf, -1e-3, 0.0])),
+    st.tuples(st.just("--epochs"), st.sampled_from([math.nan, math.inf, -1.0, 0.0])),
+    st.tuples(st.just("--site"), st.text("abcxyz_", min_size=1, max_size=8).filter(
+        lambda s: s not in ("resid_post", "mlp_out", "attn_out"))),
+    st.tuples(st.just("--arch"), st.text("abcxyz", min_size=1, max_size=6)),
+    st.tuples(st.just("--layer"), st.integers(-10**6, -1)),
+    st.tuples(st.just("--ctx-len"), st.integers(-10**6, 1)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(BAD_TRAIN)
+def test_invalid_train_options_get_one_sentence(capsys, tmp_path_factory, bad):
+    flag, value = bad
+    out = tmp_path_factory.mktemp("run")
+    code, _, err = run(["train", "--preset", "ci", flag, str(value), "--out", str(out)], capsys)
+    assert code == 2
+    shown = "nan" if isinstance(value, float) and math.isnan(value) else str(value)
+    assert_one_sentence(err, shown)
+    assert not any(out.iterdir())  # refused before any work
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text("-abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=10), min_size=1, max_size=4))
+def test_unparseable_command_lines_get_one_sentence(capsys, argv):
+    if argv[0] in ("extract", "train", "eval", "view", "export") or argv[0] in ("-h", "--help"):
+        argv = ["bogus-" + argv[0], *argv[1:]]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert_one_sentence(err, "saelib: error:")
+
+
+def test_layer_out_of_range_names_the_valid_ones(capsys, tmp_path):
+    code, _, err = run(["train", "--preset", "ci", "--layer", "30", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert_one_sentence(err, "Layer 30", "30 layers", "0 to 29")
+
+
+def test_unknown_model_and_corpus_and_config_key(capsys, tmp_path):
+    code, _, err = run(["extract", "--model", "no/such-model", "--layer", "1"], capsys)
+    assert code == 2
+    assert_one_sentence(err, "'no/such-model'")
+    code, _, err = run(["extract", "--corpus", str(tmp_path / "missing.jsonl")], capsys)
+    assert code == 2
+    assert_one_sentence(err, "missing.jsonl")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"learning_rate": 1e-3}))
+    code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert_one_sentence(err, "learning_rate")
+
+
+def test_eval_of_a_missing_run(capsys, tmp_path):
+    code, _, err = run(["eval", str(tmp_path / "nothing")], capsys)
+    assert code == 2
+    assert_one_sentence(err, "nothing")
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_export_then_load_round_trip(capsys, tmp_path, fmt):
+    import torch
+
+    from saelib import TopKSAE, load
+
+    sae = TopKSAE(16, 64, 4, metadata={"model": "toy", "layer": 3, "site": "resid_post"})
+    sae.save(tmp_path / "sae")
+    code, out, _ = run(["export", str(tmp_path / "sae"), "--format", fmt, "--out", str(tmp_path / fmt)], capsys)
+    assert code == 0 and fmt in out
+    back = load(tmp_path / fmt)
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)))
