@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from .kernels import gather_preacts, sparse_decode
 from .normalize import Normalizer
-from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load
+from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
 from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
                     _sample, _say, _start_run_folder, _stream, as_source, check_batch, geometric_median,
                     latest_checkpoint, learning_rate)
@@ -436,7 +436,8 @@ def save_checkpoint(run: Path, shard: TopKSAE, opt: torch.optim.Optimizer, state
         meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
                 "normalizer_scale": shard.normalizer_scale, "has_ema": state.ema is not None,
                 "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config,
-                "shard": {"index": grid.latent_rank, "count": grid.latent_size, "n_latents": config["n_latents"]}}
+                "shard": {"index": grid.latent_rank, "count": grid.latent_size, "n_latents": config["n_latents"]},
+                "sha256": sha256_file(folder / CHECKPOINT_TENSORS)}
         (folder / CHECKPOINT_META).write_text(json.dumps(meta))
 
     _shared_folder(final, grid, write)
@@ -451,6 +452,10 @@ def load_checkpoint(folder: Path, shard: TopKSAE, opt: torch.optim.Optimizer, st
     """Restore this rank's rows from a checkpoint written with any number of latent shards."""
     start = grid.latent_rank * shard.n_latents
     files = _shard_files(folder, CHECKPOINT_TENSORS, n_latents)
+    for path, a, b in files:
+        if a < start + shard.n_latents and start < b:
+            meta = json.loads((path.parent / CHECKPOINT_META).read_text())
+            check_sha256(path, meta.get("sha256"), f"delete {folder} to restart the run from the beginning")
     tensors = {key: t.to(grid.device) for key, t in _read_rows(files, start, start + shard.n_latents).items()}
     meta = json.loads((files[0][0].parent / CHECKPOINT_META).read_text())
     shard.load_state_dict({key[len("model."):]: t for key, t in tensors.items() if key.startswith("model.")})
