@@ -14,7 +14,7 @@ holding ``x_d (B/D, d_in)``::
     chosen    = top-k of all_gather_l(cand_l)                         (B/D, k)    the global top-k
     z_l       = ReLU(pre at the chosen latents that shard l owns)     (B/D, k)    zeros elsewhere
     x_hat     = all_reduce_l(W_dec_l^T z_l) + b_pre                   (B/D, d_in)
-    loss_d    = sum ||x_d - x_hat||^2 / sum_{global batch} ||x - mean(x)||^2 + AuxK_d / 32 + l1_coef * sum z / B
+    loss_d    = sum ||x_d - x_hat||^2 / sum_{global batch} ||x - mean(x)||^2 + AuxK_d / 32
 
 The denominators are global (two small all-reduces), so the per-rank losses add up to the
 one-process loss exactly and gradients are summed, not averaged, over the data group. The
@@ -225,7 +225,7 @@ def sharded_forward(shard: TopKSAE, x: Tensor, grid: Grid, cfg: TrainConfig, bat
     x_hat = partial + shard.b_pre
     error = (x - x_hat).pow(2).sum()
     scale = _centred_sumsq(x, grid, batch_tokens)
-    loss = error / scale + cfg.l1_coef * values.sum() / batch_tokens
+    loss = error / scale  # topk only: no L1 term (it belongs to the ReLU baseline)
     auxk_error = auxk_scale = x.new_zeros(())
     if dead is not None and n_dead > 0:
         dead_values, dead_indices, aux_hat = code(pre.masked_fill(~dead, float("-inf")), min(cfg.k_aux, n_dead))

@@ -266,7 +266,7 @@ class TopKSAE(nn.Module):
                 ``k_aux`` dead pre-activations reconstruct the detached residual ``x - x_hat``.
             k_aux: AuxK width, default ``min(512, d_in // 2)``.
             auxk_coef: weight of the AuxK loss (the paper: 1/32).
-            l1_coef: weight of the L1 penalty (only meaningful for ``arch="relu"``).
+            l1_coef: weight of the L1 penalty (used by ``arch="relu"`` only; ``l1`` is reported for all).
         """
         x_c, pre = self._preacts(x)
         zero = x.new_zeros(())
@@ -292,7 +292,8 @@ class TopKSAE(nn.Module):
             dead = self._topk(x_c, pre.masked_fill(~dead_mask, float("-inf")), k_aux)
             residual = (x - x_hat).detach()
             auxk = nmse(residual, sparse_decode(dead.values, dead.indices, self.W_dec))
-        loss = loss_nmse + multik / 8 + auxk_coef * auxk + l1_coef * l1
+        # The L1 penalty belongs to the ReLU baseline only: TopK's sparsity comes from k.
+        loss = loss_nmse + multik / 8 + auxk_coef * auxk + (l1_coef * l1 if self.arch == "relu" else zero)
         return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
 
     # ---- decoder constraint ---------------------------------------------------------------

@@ -207,8 +207,8 @@ def test_activation_cache_corruption_and_missing_shards_are_named(tmp_path):
     flip_byte(tmp_path / "cache" / "shard_00001.safetensors")
     with pytest.raises(ValueError, match=r"shard_00001.safetensors is corrupt \(checksum mismatch\); delete .* and extract again"):
         cache.verify()
-    (tmp_path / "cache" / "shard_00002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"shard_00002.safetensors is missing"):
+    (tmp_path / "cache" / "shard_00001.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard_00001.safetensors is missing"):
         list(CachedSource(cache).batches(16, seed=0, epoch=0))
 
 
