@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from . import config
@@ -37,6 +38,7 @@ TRAIN_FLAGS = {
     "batch-size": (int, "tokens per step"),
     "lr": (float, "learning rate (default 2e-4 / sqrt(n / 2^14))"),
     "seed": (int, "random seed"),
+    "latent-parallel": (int, "with --nproc: shards of the latents (the rest of the ranks split the data)"),
 }
 
 
@@ -61,12 +63,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .activations import cached_activations
+    from .distributed import launch, launched
     from .runs import train_run
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS, TRAIN_FLAGS))
     config.check(cfg)
-    train_run(cfg, args.out)
-    print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
+    if args.nproc > 1 and not launched():
+        cached_activations(**config.split(cfg)[0], split="train")  # once, here, not by every rank
+        argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and args.argv[i - 1] != "--nproc"]
+        return launch(args.nproc, argv)
+    train_run(cfg, args.out, progress=os.environ.get("RANK", "0") == "0")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
     return 0
 
 
@@ -124,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(config.PRESETS))
     p.add_argument("--config", help="a JSON or YAML file of settings")
     p.add_argument("--out", required=True, help="run folder: sae/, metrics.jsonl, checkpoints/")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torch.distributed, gloo/NCCL)")
     _add_flags(p, DATA_FLAGS)
     _add_flags(p, TRAIN_FLAGS)
     p.set_defaults(func=cmd_train)
@@ -149,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
     except UsageError as e:
         print(f"saelib: error: {e}; see `saelib --help`.", file=sys.stderr)
         return 2

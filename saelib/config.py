@@ -24,7 +24,8 @@ DATA_DEFAULTS = {
     "val_fraction": 0.1,
 }
 # Training budget in passes over the extracted tokens, used when "tokens" is not given.
-RUN_DEFAULTS = {**DATA_DEFAULTS, "epochs": 1.0}
+# latent_parallel: latent shards of a distributed run (see saelib.distributed); 1 = none.
+RUN_DEFAULTS = {**DATA_DEFAULTS, "epochs": 1.0, "latent_parallel": 1}
 
 PRESETS = {
     "ci": {"max_tokens": 16_384, "n_latents": 1152, "k": 16, "batch_size": 1024, "epochs": 2.0, "warmup_steps": 5},
@@ -66,7 +67,8 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, **
 
 
 def split(cfg: dict) -> tuple[dict, dict]:
-    """``(data options, trainer options)`` of a run configuration (``epochs`` goes to neither)."""
+    """``(data options, trainer options)`` of a run configuration (``epochs`` and
+    ``latent_parallel`` go to neither)."""
     data = {k: cfg[k] for k in DATA_DEFAULTS}
     train = {k: v for k, v in cfg.items() if k not in RUN_DEFAULTS}
     return data, train

@@ -18,6 +18,7 @@ from .sae import TopKSAE, load
 
 def train_run(cfg: dict, out: str | Path, progress: bool = True) -> TopKSAE:
     """Train the SAE a resolved run configuration describes; return it."""
+    from .distributed import fit_distributed, launched
     from .train import fit
 
     data_opts, train_opts = config.split(cfg)
@@ -26,13 +27,23 @@ def train_run(cfg: dict, out: str | Path, progress: bool = True) -> TopKSAE:
     if train_opts.get("tokens") is None:
         train_opts["tokens"] = int(cfg["epochs"] * source.n_tokens)
     metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
-    return fit(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress, **train_opts)
+    if launched():  # one rank of `saelib train --nproc N` / torchrun
+        train_opts["latent_parallel"] = cfg["latent_parallel"]
+        train = fit_distributed
+    else:
+        train = fit
+    return train(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress, **train_opts)
 
 
 def load_run(path: str | Path) -> TopKSAE:
     """The SAE of a run folder (``RUN/sae``) or an SAE folder itself."""
+    from .distributed import merge_shards
+
     path = Path(path)
-    return load(path / "sae" if (path / "sae" / "config.json").exists() else path)
+    if not path.exists():
+        raise FileNotFoundError(f"No run or SAE folder at {path}.")
+    sae_dir = path / "sae" if (path / "sae").is_dir() else path
+    return merge_shards(sae_dir) if any(sae_dir.glob("shard_*_of_*")) else load(sae_dir)
 
 
 def read_metrics(run: str | Path) -> list[dict]:

@@ -99,3 +99,19 @@ def test_export_then_load_round_trip(capsys, tmp_path, fmt):
     back = load(tmp_path / fmt)
     x = torch.randn(8, 16)
     torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)))
+
+
+def test_train_nproc_launches_torchrun_and_merges_latent_shards(capsys, tmp_path):
+    """`saelib train --nproc 2 --latent-parallel 2`: two gloo ranks, one shard of latents each."""
+    from saelib.runs import load_run, read_metrics
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "ci", "--max-tokens", "4096", "--n-latents", "256", "--k", "8", "--batch-size", "512",
+            "--nproc", "2", "--latent-parallel", "2", "--out", str(out)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "sae").iterdir()) == ["shard_000_of_002", "shard_001_of_002"]
+    sae = load_run(out)
+    assert (sae.n_latents, sae.k) == (256, 8)
+    rows = read_metrics(out)
+    assert rows[-1]["nmse"] < rows[0]["nmse"]
