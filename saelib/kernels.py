@@ -16,6 +16,8 @@ These are the seams where a GPU kernel (Triton) can replace the torch reference.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,6 +38,21 @@ def _rows_outer_add(n_rows: int, indices: Tensor, weights: Tensor, vectors: Tens
     return torch.sparse.mm(S, vectors)
 
 
+def _rows_dot(indices: Tensor, W: Tensor, vectors: Tensor) -> Tensor:
+    """``(B, m)`` with ``out[b, j] = W[indices[b, j]] . vectors[b]``.
+
+    A sampled dense-dense matmul (only the ``B * m`` chosen entries of ``vectors @ W^T``): it
+    never builds the ``(B, m, d)`` gathered rows, which on CPU cost more than the whole step.
+    """
+    B, m = indices.shape
+    rows = torch.arange(0, B * m + 1, m, device=indices.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(rows, indices.flatten(), vectors.new_zeros(B * m), (B, W.shape[0]),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, vectors.contiguous(), W.to(vectors.dtype).T, beta=0.0).values().view(B, m)
+
+
 def _bag_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     """``(B, d)``: weighted sum of the rows ``W[indices[b]]`` with weights ``values[b]``."""
     return F.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")
@@ -53,7 +70,7 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
             # d out[b] / d values[b, j] = W[indices[b, j]]
-            grad_values = torch.bmm(W[indices], grad_out.unsqueeze(-1)).squeeze(-1)
+            grad_values = _rows_dot(indices, W, grad_out).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = _rows_outer_add(W.shape[0], indices, values, grad_out)
         return grad_values, None, grad_W

@@ -50,6 +50,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
 # running-average weight of each batch's smallest kept activation (BatchTopK threshold)
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.99
+# AuxK switches from sparse kernels to dense GEMMs over the dead rows when it keeps at least this
+# share of them: on CPU a GEMM does a multiply-add about 7x faster than a gather (measured, 2 cores)
+AUXK_DENSE_SHARE = 0.125
 
 
 @dataclass(frozen=True)
@@ -289,12 +292,27 @@ class TopKSAE(nn.Module):
         auxk = zero
         if dead_mask is not None and bool(dead_mask.any()):
             k_aux = min(k_aux or min(512, self.d_in // 2), int(dead_mask.sum()))
-            dead = self._topk(x_c, pre.masked_fill(~dead_mask, float("-inf")), k_aux)
             residual = (x - x_hat).detach()
-            auxk = nmse(residual, sparse_decode(dead.values, dead.indices, self.W_dec))
+            auxk = nmse(residual, self._auxk_decode(x_c, pre, dead_mask, k_aux))
         # The L1 penalty belongs to the ReLU baseline only: TopK's sparsity comes from k.
         loss = loss_nmse + multik / 8 + auxk_coef * auxk + (l1_coef * l1 if self.arch == "relu" else zero)
         return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
+
+    def _auxk_decode(self, x_c: Tensor, pre: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
+        """``(..., d_in)``: the top ``k_aux`` dead latents' reconstruction, without ``b_pre``.
+
+        Top-k runs over the dead columns only. When the kept latents are a large share of the
+        dead ones (``k_aux / n_dead >= AUXK_DENSE_SHARE``) dense GEMMs over the dead rows beat
+        the sparse kernels on CPU; both give the same values and gradients.
+        """
+        dead_ids = dead_mask.nonzero().squeeze(-1)
+        chosen = pre.index_select(-1, dead_ids).topk(k_aux, dim=-1).indices  # positions in dead_ids
+        if k_aux < AUXK_DENSE_SHARE * len(dead_ids):
+            dead = self._latents(x_c, pre, dead_ids[chosen])
+            return sparse_decode(dead.values, dead.indices, self.W_dec)
+        pre_dead = F.linear(x_c, self.W_enc[dead_ids], self.b_enc[dead_ids])
+        z = torch.zeros_like(pre_dead).scatter(-1, chosen, F.relu(pre_dead.gather(-1, chosen)))
+        return z @ self.W_dec[dead_ids]
 
     # ---- decoder constraint ---------------------------------------------------------------
 

@@ -39,9 +39,10 @@ def test_synthetic_activations_are_normalised_and_structured():
     assert eig[-1] / eig.mean() > 2
 
 
-@pytest.mark.parametrize("dead_fraction", [0.25, 0.0])
-def test_naive_dense_step_matches_saelib_step(dead_fraction):
-    cfg = BenchConfig(d_in=32, n_latents=256, k=8, batch_size=128, dead_fraction=dead_fraction)
+# AuxK on 64 dead of 256 keeps 16 = 25% of them (saelib's dense AuxK path), on 512 of 2048 3% (sparse path)
+@pytest.mark.parametrize("n_latents, dead_fraction", [(256, 0.25), (2048, 0.25), (256, 0.0)])
+def test_naive_dense_step_matches_saelib_step(n_latents, dead_fraction):
+    cfg = BenchConfig(d_in=32, n_latents=n_latents, k=8, batch_size=128, dead_fraction=dead_fraction)
     saelib, naive = _losses("saelib", cfg, 3), _losses("naive", cfg, 3)
     assert saelib[0] == pytest.approx(naive[0], rel=1e-5)  # same weights, same loss (with AuxK)
     assert saelib == pytest.approx(naive, rel=1e-3)  # and the same updates
