@@ -17,8 +17,9 @@ Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active
   on GPT-2), with :func:`tokens_to_convergence` read off a learning curve.
 
 Every fit is a least-squares fit of ``log L`` (errors are relative, as on the paper's log-log
-plots). Goodness of fit: ``r2`` and ``rmse_log``, both of ``log L``. Confidence intervals come from
-a case bootstrap: points are resampled with replacement, the law is refitted, and the
+plots), the best of several starting points. Goodness of fit: ``r2`` and ``rmse_log``, both of
+``log L``. Confidence intervals come from a case bootstrap: points are resampled with replacement,
+the law is refitted (starting from the fit to all points), and the
 ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each coefficient are reported.
 """
 
@@ -98,9 +99,9 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
     if not (np.all(np.isfinite(y)) and np.all(y > 0)):
         raise ValueError(f"The {law} law fits log(y): every y must be positive and finite, got min {y.min()!r}.")
 
-    def solve(xs_, y_) -> np.ndarray | None:
+    def solve(xs_, y_, starts_) -> np.ndarray | None:
         best, best_cost = None, math.inf
-        for theta0 in starts:
+        for theta0 in starts_:
             lo, hi = bounds(y_) if bounds else (-np.inf, np.inf)
             theta0 = np.clip(theta0, lo, hi) if bounds else theta0
 
@@ -111,14 +112,14 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
 
             try:
                 result = least_squares(residual, theta0, bounds=(lo, hi), method="trf", x_scale="jac",
-                                       max_nfev=2000)
+                                       max_nfev=100 * len(theta0))
             except ValueError:
                 continue
             if result.cost < best_cost:
                 best, best_cost = result.x, result.cost
         return best
 
-    theta = solve(xs, y)
+    theta = solve(xs, y, starts)
     if theta is None:
         raise RuntimeError(f"The {law} law could not be fitted to these {len(y)} points.")
     resid = np.log(model(theta, *xs)) - np.log(y)
@@ -132,7 +133,7 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
         if len(np.unique(idx)) <= len(names):
             failures += 1
             continue
-        t = solve([x[idx] for x in xs], y[idx])
+        t = solve([x[idx] for x in xs], y[idx], [theta])  # resamples start from the fit itself
         if t is None:
             failures += 1
         else:
