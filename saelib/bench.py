@@ -143,13 +143,13 @@ Step = Callable[[Tensor], Tensor]
 
 
 def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> Step:
-    from .train import TrainConfig, train_step
+    from .train import TrainConfig, make_optimizer, train_step
 
     sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k)
     sae.load_state_dict({**sae.state_dict(), **w})
     train_cfg = TrainConfig(n_latents=cfg.n_latents, k=cfg.k, batch_size=cfg.batch_size, auxk=dead is not None,
                             k_aux=cfg.k_aux, lr=cfg.lr(), adam_eps=ADAM_EPS, grad_clip=GRAD_CLIP, l1_coef=0.0)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr(), eps=ADAM_EPS)
+    opt = make_optimizer(sae, train_cfg)
 
     def step(x: Tensor) -> Tensor:
         return train_step(sae, opt, x, dead, train_cfg).loss.detach()

@@ -339,6 +339,13 @@ def fit(
         return _train(source, sae, cfg, run, progress, stop)
 
 
+def make_optimizer(sae: TopKSAE, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with the recipe's settings, fused where torch has the kernel (about 4x faster on CPU)."""
+    params = list(sae.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused)
+
+
 def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor | None, cfg: TrainConfig) -> ForwardOutput:
     """One step of the recipe on a batch ``x (B, d_in)``: loss (AuxK over ``dead`` latents if given),
     backward, decoder-gradient projection, clipping, ``opt.step()``, decoder renormalisation.
@@ -360,7 +367,7 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor
 
 def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None, progress: bool, stop: list[str]) -> TopKSAE:
     """The training loop of ``fit``; a signal name appended to ``stop`` ends it after a checkpoint."""
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    opt = make_optimizer(sae, cfg)
     state = TrainState(since_fired=torch.zeros(cfg.n_latents, dtype=torch.int64), ema=None)
     checkpoint = latest_checkpoint(run) if run is not None else None
     if checkpoint is not None:
