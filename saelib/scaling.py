@@ -52,7 +52,8 @@ class Fit:
         rmse_log: root-mean-square residual of ``log y`` (0.01 is about 1% error).
         n_points: points fitted.
         level: confidence level of ``ci``.
-        boot_failures: bootstrap resamples whose fit failed (left out of ``ci``).
+        boot_failures: bootstrap resamples left out of ``ci`` (the fit failed, or the resample had
+            no more distinct points than coefficients); when they are half or more, ``ci`` is NaN.
     """
 
     law: str
@@ -138,9 +139,12 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
             failures += 1
         else:
             boots.append(t)
-    boots = np.array(boots) if boots else theta[None]
     q = [(1 - level) / 2, (1 + level) / 2]
-    ci = {name: tuple(float(v) for v in np.quantile(boots[:, i], q)) for i, name in enumerate(names)}
+    if len(boots) < n_boot / 2:  # too few points to resample (e.g. 4 points, 3 coefficients): no interval
+        ci = {name: (float("nan"), float("nan")) for name in names}
+    else:
+        boots = np.array(boots)
+        ci = {name: tuple(float(v) for v in np.quantile(boots[:, i], q)) for i, name in enumerate(names)}
     return Fit(law, {name: float(v) for name, v in zip(names, theta)}, ci, r2, float(np.sqrt(np.mean(resid**2))),
                len(y), level, failures, model)
 

@@ -59,6 +59,11 @@ def test_tokens_to_convergence_and_its_law():
     assert fit.ci["b"][0] <= 0.6 <= fit.ci["b"][1]
 
 
+def test_too_few_points_to_resample_give_no_interval():
+    fit = scaling.fit_power_law([8, 16, 32, 64], [0.5, 0.4, 0.33, 0.3], n_boot=40)
+    assert all(np.isnan(v).all() for v in fit.ci.values()) and fit.boot_failures > 20
+
+
 def test_bad_inputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="positive"):
         scaling.fit_power_law([1, 2, 3, 4, 5], [1, 0, 1, 1, 1])
