@@ -306,7 +306,8 @@ class TopKSAE(nn.Module):
         the sparse kernels on CPU; both give the same values and gradients.
         """
         dead_ids = dead_mask.nonzero().squeeze(-1)
-        chosen = pre.index_select(-1, dead_ids).topk(k_aux, dim=-1).indices  # positions in dead_ids
+        # positions in dead_ids; unsorted is faster and the order does not matter to a sum
+        chosen = pre.index_select(-1, dead_ids).topk(k_aux, dim=-1, sorted=False).indices
         if k_aux < AUXK_DENSE_SHARE * len(dead_ids):
             dead = self._latents(x_c, pre, dead_ids[chosen])
             return sparse_decode(dead.values, dead.indices, self.W_dec)
