@@ -321,8 +321,8 @@ class TopKSAE(nn.Module):
     def remove_parallel_grads(self) -> None:
         """Project out of ``W_dec.grad`` the component along each (unit) decoder row."""
         if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # no (n_latents, d_in) temporaries
+            self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
