@@ -6,6 +6,7 @@
     saelib eval    RUN [--preset ci|demo|full] [--json]
     saelib view    RUN --out DIR [--preset ci|demo|full]
     saelib export  RUN --format saelens|sparsify|openai --out DIR
+    saelib bench   [--preset quick|default|full] [--json]
 
 Errors in the user's input end with one sentence on standard error and exit status 2.
 """
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the site (index.html inside)")
     p.add_argument("--preset", default="ci", choices=["ci", "demo", "full"], help="how many tokens to summarise")
     p.set_defaults(func=cmd_view)
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="training throughput beside sparsify, SAELens, a naive dense step and the GEMM roofline")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run_from_args)
 
     p = sub.add_parser("export", help="write an SAE in SAELens, sparsify or OpenAI layout (saelib.load reads them back)")
     p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
