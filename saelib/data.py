@@ -11,7 +11,6 @@ for users online.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .paths import cache_dir
+from .paths import cache_dir, packaged_file
 
 DEFAULT_CORPUS = "wikipedia"
 
@@ -38,12 +37,7 @@ def _embedded_jsonl(name: str) -> Path:
     out = cache_dir("corpora") / f"{name}.jsonl"
     if out.exists():
         return out
-    try:
-        src = Path(importlib.metadata.distribution(dist).locate_file(rel))
-    except importlib.metadata.PackageNotFoundError:
-        src = None
-    if src is None or not src.exists():
-        raise FileNotFoundError(f"The embedded corpus {name!r} needs the package {dist}: run `{hint}`.")
+    src = packaged_file(dist, rel, f"The embedded corpus {name!r}", hint)
     articles = json.loads(src.read_text(encoding="utf-8"))
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as f:

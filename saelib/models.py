@@ -8,7 +8,6 @@ The result wraps the model for nnsight and knows where its decoder layers and si
 
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .paths import cache_dir
+from .paths import cache_dir, packaged_file
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -133,12 +132,7 @@ def _embedded_folder(name: str) -> Path:
     folder = cache_dir("models") / name
     if (folder / "config.json").exists():
         return folder
-    try:
-        gguf_path = Path(importlib.metadata.distribution(dist).locate_file(rel))
-    except importlib.metadata.PackageNotFoundError:
-        gguf_path = None
-    if gguf_path is None or not gguf_path.exists():
-        raise FileNotFoundError(f"The embedded model {name!r} needs the package {dist}: run `{hint}`.")
+    gguf_path = packaged_file(dist, rel, f"The embedded model {name!r}", hint)
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -23,3 +23,16 @@ def cache_dir(*parts: str) -> Path:
     path = home().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def packaged_file(dist: str, rel: str, what: str, hint: str) -> Path:
+    """A data file shipped inside an installed distribution; a clear error naming the install step."""
+    import importlib.metadata
+
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"{what} needs the package {dist}: run `{hint}`.")
+    return path
