@@ -207,5 +207,6 @@ def test_batch_source_with_normalizer_and_metadata_is_saved(tmp_path):
     sae = fit(TensorSource(normalizer.apply(raw)), 64, 4, tokens=1024, batch_size=256, out=tmp_path,
               normalizer=normalizer, metadata={"model": "toy", "layer": 2}, progress=False)
     loaded = load(tmp_path / "sae")
+    assert torch.equal(loaded.W_dec, sae.W_dec) and torch.equal(loaded.normalizer_mean, normalizer.mean)
     assert loaded.metadata == {"model": "toy", "layer": 2} and loaded.normalizer.scale == normalizer.scale
     assert loaded.normalizer.invert(loaded.decode(loaded.encode(normalizer.apply(raw[:4])))).shape == (4, 16)
