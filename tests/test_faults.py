@@ -238,7 +238,7 @@ BAD_OPTIONS = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(BAD_OPTIONS)
 def test_every_invalid_training_option_is_one_sentence_naming_the_value(option):
     name, value = option
