@@ -27,3 +27,12 @@ def val_contexts(lm):
     from saelib import data
 
     return data.contexts("wikipedia", lm.tokenizer, "validation", ctx_len=64, max_tokens=64 * 16)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny matmuls lose more to threading than they gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ OPTIONS = dict(batch_size=BATCH, tokens=STEPS * BATCH, lr=1e-2, warmup_steps=2, 
 INTERRUPT_AT = 5  # batch index at which the interrupted run stops (its last checkpoint: step 4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads on a shared CPU (the ranks get one each too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls gain nothing from threads
 
 
 def activations():

@@ -18,13 +18,7 @@ from saelib.train import TensorSource, TrainConfig, fit, geometric_median, lates
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and lose a lot on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls gain nothing from threads
 
 
 def toy_data(n_features=512, d=64, n=60_000, active=4, seed=0):
