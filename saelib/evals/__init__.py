@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from .ablation import ablation_sparsity
 from .downstream import downstream_loss, splice
-from .heldout import HeldOut, encode, held_out
+from .heldout import HeldOut, encode, held_out, trained_site
 from .n2g import n2g
 from .probes import TASKS, probe_loss, probe_results
 from .reconstruction import density_histogram, latent_density, reconstruction_metrics
@@ -69,19 +68,11 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
         raise ValueError(f"Unknown eval option(s) {', '.join(sorted(unknown))}; valid ones: {', '.join(PRESETS[preset])}.")
     cfg = {**PRESETS[preset], **overrides}
     if isinstance(sae, (str, os.PathLike)):
-        from ..sae import load
+        from ..runs import load_run
 
-        folder = Path(sae)
-        sae = load(folder / "sae" if (folder / "sae").is_dir() else folder)
-    meta = dict(getattr(sae, "metadata", {}) or {})
-    if "layer" not in meta:
-        raise ValueError("sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to evaluate it.")
-    if lm is None:
-        from ..models import DEFAULT_MODEL, load_lm
-
-        lm = load_lm(meta.get("model", DEFAULT_MODEL))
-    layer, site, ctx_len = int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
-    corpus = corpus or meta.get("corpus", "wikipedia")
+        sae = load_run(sae)
+    lm, layer, site, ctx_len = trained_site(sae, lm, "evaluate")
+    corpus = corpus or sae.metadata.get("corpus", "wikipedia")
     sae.eval()
     timings = {}
 

@@ -17,6 +17,19 @@ from ..data import contexts
 from ..models import LM
 
 
+def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
+    """``(lm, layer, site, ctx_len)`` the SAE was trained on, from ``sae.metadata``; the LM is
+    loaded from ``metadata["model"]`` when ``lm`` is None."""
+    meta = dict(getattr(sae, "metadata", {}) or {})
+    if "layer" not in meta:
+        raise ValueError(f"sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to {purpose} it.")
+    if lm is None:
+        from ..models import DEFAULT_MODEL, load_lm
+
+        lm = load_lm(meta.get("model", DEFAULT_MODEL))
+    return lm, int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
+
+
 @dataclass
 class HeldOut:
     """Validation contexts and their activations at one site.

@@ -305,16 +305,10 @@ def summarize(run_or_sae, lm=None, preset: str = "ci", *, texts: list[str] | Non
 @torch.no_grad()
 def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress: bool = True) -> Summary:
     """Compute a :class:`Summary` (no caching; :func:`summarize` is the usual entry point)."""
-    from ..evals.heldout import encode, held_out, site_activations
+    from ..evals.heldout import encode, held_out, site_activations, trained_site
 
     meta = dict(getattr(sae, "metadata", {}) or {})
-    if "layer" not in meta:
-        raise ValueError("sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to summarise it.")
-    if lm is None:
-        from ..models import DEFAULT_MODEL, load_lm
-
-        lm = load_lm(meta.get("model", DEFAULT_MODEL))
-    layer, site, ctx_len = int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
+    lm, layer, site, ctx_len = trained_site(sae, lm, "summarise")
     sae.eval()
     steps = tqdm(total=6, desc="visualizer summary", disable=not progress)
     if texts is None:
