@@ -2,6 +2,7 @@
 #   make demo   create the environment, provision the embedded model and text, run the quickstart (demo preset)
 #   make test   create the environments if missing, run pytest and nbval over every notebook (ci preset)
 #   make lab    JupyterLab on the notebooks, with the project's environment
+#   make figures  every experiment notebook at its demo preset: the published figures/ (tens of minutes)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel of torch that lies on this machine kind's disk; on a CUDA machine: make TORCH=torch
@@ -14,7 +15,7 @@ PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.saelib-installed
 export SAELIB_HOME ?= $(CURDIR)/.cache
 
-.PHONY: env peers demo test lab clean
+.PHONY: env peers demo figures test lab clean
 
 # Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks)
 DEBS := chromium chromium-driver fonts-liberation fonts-dejavu-core r-cran-janeaustenr fortunes
@@ -52,6 +53,14 @@ peers: $(PEERS_STAMP)
 demo: env
 	@mkdir -p runs
 	cd notebooks && ../$(BIN)/papermill 00_quickstart.ipynb ../runs/00_quickstart-demo.ipynb -p preset demo
+
+# The experiment notebooks at their demo preset, one after another; each writes figures/NN_*.
+# NOTEBOOKS=03_scaling_laws runs one. Executed copies land in runs/NN_name-demo.ipynb.
+NOTEBOOKS ?= $(basename $(notdir $(filter-out %00_quickstart.ipynb,$(wildcard notebooks/0*.ipynb))))
+figures: env
+	@mkdir -p runs
+	cd notebooks && for nb in $(NOTEBOOKS); do \
+	  ../$(BIN)/papermill $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo || exit 1; done
 
 test: env peers
 	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider

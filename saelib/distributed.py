@@ -58,7 +58,7 @@ from .kernels import gather_preacts, sparse_decode
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
 from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
-                    _sample, _say, _start_run_folder, _stream, as_source, check_batch, geometric_median,
+                    _sample, _say, _start_run_folder, _stream, as_source, check_batch, initial_b_pre,
                     latest_checkpoint, learning_rate)
 
 LATENT_PARAMS = ("W_enc", "b_enc", "W_dec")  # split by rows over the latent group; b_pre is replicated
@@ -306,12 +306,14 @@ def _unit_rows(generator: torch.Generator, n: int, d: int, start: int, stop: int
 
 
 @torch.no_grad()
-def init_shard(shard: TopKSAE, n_latents: int, start: int, seed: int, tied_init: bool) -> None:
-    """Rows ``[start, start + shard.n_latents)`` of ``TopKSAE(..., generator=seed)``'s init."""
+def init_shard(shard: TopKSAE, n_latents: int, start: int, seed: int, tied_init: bool, encoder_scale: float = 1.0) -> None:
+    """Rows ``[start, start + shard.n_latents)`` of ``TopKSAE(..., generator=seed)``'s init,
+    with the encoder rows scaled by ``encoder_scale`` (as ``fit`` does)."""
     g = torch.Generator().manual_seed(seed)
     stop = start + shard.n_latents
     shard.W_dec.copy_(_unit_rows(g, n_latents, shard.d_in, start, stop))
     shard.W_enc.copy_(shard.W_dec if tied_init else _unit_rows(g, n_latents, shard.d_in, start, stop))
+    shard.W_enc.mul_(encoder_scale)
     shard.b_enc.zero_()
 
 
@@ -537,8 +539,8 @@ def fit_distributed(
         _say(progress and main, f"Resuming {run} from step {state.step} ({state.tokens} tokens) on a "
                                 f"{grid.data_size} x {grid.latent_size} grid (data x latent).")
     else:
-        init_shard(shard, n_latents, grid.latent_rank * shard.n_latents, cfg.seed, cfg.tied_init)
-        b_pre = _broadcast_from_main(lambda: geometric_median(_sample(source, cfg)), torch.zeros(source.d_in), grid)
+        init_shard(shard, n_latents, grid.latent_rank * shard.n_latents, cfg.seed, cfg.tied_init, cfg.encoder_init_scale)
+        b_pre = _broadcast_from_main(lambda: initial_b_pre(_sample(source, cfg), cfg.b_pre_init), torch.zeros(source.d_in), grid)
         with torch.no_grad():
             shard.b_pre.copy_(b_pre)
         state.ema = {name: p.detach().clone() for name, p in shard.named_parameters()} if cfg.ema else None

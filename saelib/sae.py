@@ -435,8 +435,13 @@ def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
 
 
 def load(path: str | os.PathLike) -> TopKSAE:
-    """Load an SAE: a folder written by ``sae.save``, or a SAELens / sparsify folder or an OpenAI
-    ``.pt`` file (see :mod:`saelib.formats`); errors name the file and the value at fault."""
+    """Load an SAE: a folder written by ``sae.save``, a released SAE's name (see
+    :mod:`saelib.released`), or a SAELens / sparsify folder or an OpenAI ``.pt`` file (see
+    :mod:`saelib.formats`); errors name the file and the value at fault."""
+    if not Path(path).exists():  # a released SAE's name, e.g. "smollm2-135m/resid_12/n4608_k32"
+        from .released import find
+
+        path = find(str(path)) or path
     path = Path(path)
     if path.exists() and not (path / CONFIG_FILE).is_file():  # another library's layout
         from .formats import import_sae

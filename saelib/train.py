@@ -80,6 +80,11 @@ class TrainConfig:
     checkpoint_every_tokens: int | None = None  # None = ten checkpoints per run
     geometric_median_samples: int = 32768
     tied_init: bool = True  # False = independent random encoder (dead-latent ablation)
+    # recipe ablations: b_pre from the geometric median (the paper), the mean or zero of the
+    # sample; encoder rows scaled at init (1 = the paper's tied W_enc = W_dec; sparsify's
+    # nn.Linear init has row norms of about 1/sqrt(3))
+    b_pre_init: str = "geometric_median"
+    encoder_init_scale: float = 1.0
 
     def resolved(self, d_in: int, n_tokens: int | None) -> TrainConfig:
         """A copy with every ``None`` replaced by the value it stands for."""
@@ -88,6 +93,11 @@ class TrainConfig:
         for name in ("tokens", "warmup_steps", "k_aux", "dead_tokens", "checkpoint_every_tokens"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name), allow_zero=name == "warmup_steps")
+        if self.b_pre_init not in B_PRE_INITS:
+            raise ValueError(f"b_pre_init must be one of {', '.join(B_PRE_INITS)}, got {self.b_pre_init!r}.")
+        if isinstance(self.encoder_init_scale, bool) or not isinstance(self.encoder_init_scale, (int, float)) \
+                or not 0 < self.encoder_init_scale < math.inf:
+            raise ValueError(f"encoder_init_scale must be a positive finite number, got {self.encoder_init_scale!r}.")
         if self.decay not in ("linear", "none"):
             raise ValueError(f"decay must be 'linear' or 'none', got {self.decay!r}.")
         if self.ema is not None and not 0 < self.ema < 1:
@@ -115,6 +125,8 @@ class TrainConfig:
             checkpoint_every_tokens=self.checkpoint_every_tokens or max(B, (tokens or 10_000_000) // 10),
         )
 
+
+B_PRE_INITS = ("geometric_median", "mean", "zero")
 
 # fields that change what is logged or saved, not the weights: a run may resume with others
 BOOKKEEPING = {"log_every", "checkpoint_every_tokens"}
@@ -259,6 +271,14 @@ def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
     return y.float()
 
 
+def initial_b_pre(sample: Tensor, how: str = "geometric_median") -> Tensor:
+    """``(d,)`` start of ``b_pre`` from a ``(N, d)`` sample: its geometric median (the paper),
+    its mean, or zero (``how``, one of ``B_PRE_INITS``)."""
+    if how == "geometric_median":
+        return geometric_median(sample)
+    return sample.mean(0) if how == "mean" else torch.zeros(sample.shape[1])
+
+
 def _sample(source: BatchSource, cfg: TrainConfig) -> Tensor:
     """The first ``geometric_median_samples`` rows of epoch 0, for the ``b_pre`` init."""
     rows, n = [], 0
@@ -375,7 +395,8 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
         _say(progress, f"Resuming {run} from step {state.step} ({state.tokens} tokens).")
     else:
         with torch.no_grad():
-            sae.b_pre.copy_(geometric_median(_sample(source, cfg)))
+            sae.b_pre.copy_(initial_b_pre(_sample(source, cfg), cfg.b_pre_init))
+            sae.W_enc.mul_(cfg.encoder_init_scale)
         state.ema = {name: p.detach().clone() for name, p in sae.named_parameters()} if cfg.ema else None
     record = _config_record(cfg, source.d_in)
     if run is not None:
