@@ -3,6 +3,7 @@
 #   make test   create the environments if missing, run pytest and nbval over every notebook (ci preset)
 #   make lab    JupyterLab on the notebooks, with the project's environment
 #   make figures  every experiment notebook at its demo preset: the published figures/ (tens of minutes)
+#   make release  re-create the released SAEs in saelib/saes/ and their model card (about an hour)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel of torch that lies on this machine kind's disk; on a CUDA machine: make TORCH=torch
@@ -15,7 +16,7 @@ PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.saelib-installed
 export SAELIB_HOME ?= $(CURDIR)/.cache
 
-.PHONY: env peers demo figures test lab clean
+.PHONY: env peers demo figures release test lab clean
 
 # Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks)
 DEBS := chromium chromium-driver fonts-liberation fonts-dejavu-core r-cran-janeaustenr fortunes
@@ -61,6 +62,10 @@ figures: env
 	@mkdir -p runs
 	cd notebooks && for nb in $(NOTEBOOKS); do \
 	  ../$(BIN)/papermill $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo || exit 1; done
+
+# The released SAEs (saelib/saes/): train, convert to float16, evaluate, write the model card (about an hour)
+release: env
+	$(BIN)/python -m saelib.released build
 
 test: env peers
 	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider

@@ -1,14 +1,80 @@
 """SAEs released with saelib, loadable by name: ``saelib.load("smollm2-135m/resid_12/n4608_k32")``.
 
 Each lives in the package as ``saelib/saes/<model>/<site>_<layer>/n<n_latents>_k<k>/`` (an
-ordinary SAE folder: ``config.json`` + ``sae.safetensors``).
+ordinary SAE folder: ``config.json`` + ``sae.safetensors``, the weights in float16; ``load``
+gives float32 parameters). ``config.json`` holds the provenance under ``metadata``: model, layer,
+site, corpus, tokens trained, the recipe and the held-out evaluation; ``saes/README.md`` is the
+model card, generated from those numbers.
+
+Re-create every released SAE, its evaluation and the card with one command (``make release``)::
+
+    python -m saelib.released build [NAME ...]
+
+It trains each entry of :data:`RELEASES` into ``runs/release/<name>`` (an interrupted build
+resumes; finished runs are loaded, not retrained), then converts, evaluates and writes them.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).parent / "saes"
+CARD = ROOT / "README.md"
+
+MODEL = "smollm2-135m"
+SITE = "resid_post"
+# The recipe of every release: the demo preset (n 4608, k 32, batch 4096, 2 epochs over the
+# ~0.93M-token Wikipedia train split, warmup 50, linear decay), with n, k and the layer set per entry
+# and the learning rate LR_MULTIPLE x the paper's rule 2e-4 / sqrt(n / 2^14), as the demo preset does.
+RECIPE_PRESET = "demo"
+LR_MULTIPLE = 4.0
+# Held-out evaluation on the corpus's validation split: reconstruction metrics on EVAL_TOKENS
+# tokens, delta CE with the SAE spliced in on the first DOWNSTREAM_CONTEXTS contexts of 64 tokens.
+EVAL_TOKENS = 65_536
+DOWNSTREAM_CONTEXTS = 256
+LICENCE = ("SmolLM2-135M (HuggingFaceTB; the embedded Q4_1 GGUF of SmolLM2-135M-Instruct, dequantised) is "
+           "Apache-2.0; the training text, lead sections of Wikipedia articles, is CC BY-SA; these SAEs are "
+           "released under the Apache-2.0 licence of saelib.")
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released SAE: where it reads the model and its size."""
+
+    layer: int
+    n_latents: int
+    k: int
+    model: str = MODEL
+    site: str = SITE
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.site.split('_')[0]}_{self.layer}/n{self.n_latents}_k{self.k}"
+
+    @property
+    def lr(self) -> float:
+        return LR_MULTIPLE * 2e-4 / math.sqrt(self.n_latents / 2**14)
+
+    def run_config(self) -> dict:
+        """The resolved run configuration (:mod:`saelib.config`) that trains it."""
+        from . import config
+
+        return config.resolve(RECIPE_PRESET, model=self.model, site=self.site, layer=self.layer,
+                              n_latents=self.n_latents, k=self.k, lr=self.lr)
+
+
+# One size per layer; n 3072 at layers 4 and 8 keeps the three under 30 MB in float16
+# (2 x n x 576 x 2 bytes: 7.1 MB at n 3072, 10.6 MB at n 4608).
+RELEASES = (
+    Release(layer=4, n_latents=3072, k=32),
+    Release(layer=8, n_latents=3072, k=32),
+    Release(layer=12, n_latents=4608, k=32),
+)
 
 
 def names() -> list[str]:
@@ -20,3 +86,197 @@ def find(name: str) -> Path | None:
     """The folder of the released SAE called ``name``, or ``None`` if there is none."""
     folder = ROOT / name
     return folder if name and ".." not in Path(name).parts and (folder / "config.json").is_file() else None
+
+
+def resolve(name: str) -> Path:
+    """The folder of the released SAE called ``name``; a one-sentence error listing the names if there is none."""
+    folder = find(name)
+    if folder is None:
+        raise FileNotFoundError(f"No SAE folder at {name} and no released SAE of that name; pass a folder written by "
+                                f"sae.save or a released name: {', '.join(names()) or 'none installed'}.")
+    return folder
+
+
+# ---- building -----------------------------------------------------------------------------
+
+
+def build(selected: list[str] | None = None, runs: str | Path = "runs/release", progress: bool = True) -> list[dict]:
+    """Train (or load), convert to float16, evaluate and write the released SAEs, then the card.
+
+    Args:
+        selected: names to build (default: all of :data:`RELEASES`).
+        runs: where the training runs live (``<runs>/<name>``).
+
+    Returns:
+        One row of the card per built SAE.
+    """
+    from . import config
+    from .activations import cached_activations
+    from .models import load_lm
+
+    by_name = {r.name: r for r in RELEASES}
+    unknown = [n for n in selected or [] if n not in by_name]
+    if unknown:
+        raise ValueError(f"Unknown release(s) {', '.join(unknown)}; choose from {', '.join(by_name)}.")
+    todo = [by_name[n] for n in selected] if selected else list(RELEASES)
+    for r in todo:
+        config.check(r.run_config())
+    lm = load_lm(MODEL)
+    for site in {r.site for r in todo}:  # the training caches of all layers, in one forward pass
+        data = config.split(todo[0].run_config())[0]
+        cached_activations(**{**data, "site": site, "layer": sorted({r.layer for r in todo if r.site == site})},
+                           split="train", lm=lm, progress=progress)
+    rows = []
+    for r in todo:
+        start = time.perf_counter()
+        rows.append(build_one(r, Path(runs) / r.name, lm, progress))
+        _say(progress, f"{r.name}: built in {time.perf_counter() - start:.0f} s: {rows[-1]}")
+    write_card()
+    return rows
+
+
+def build_one(release: Release, run: Path, lm, progress: bool = True) -> dict:
+    """Train ``release`` into ``run`` (resuming or loading), write it in float16 and evaluate the written file."""
+    from .evals import downstream_loss, held_out, reconstruction_metrics
+    from .runs import load_run, read_metrics, train_run
+    from .sae import CONFIG_FILE, load
+
+    cfg = release.run_config()
+    start = time.perf_counter()
+    train_run(cfg, run, progress=progress)
+    train_seconds = time.perf_counter() - start
+    sae = load_run(run)
+    recipe = json.loads((run / "config.json").read_text())
+    folder = ROOT / release.name
+    sae.metadata = {**sae.metadata, "release": release.name, "preset": RECIPE_PRESET, "lr_multiple": LR_MULTIPLE,
+                    "tokens": read_metrics(run)[-1]["tokens"], "recipe": recipe, "licence": LICENCE}
+    sae.half().save(folder)
+
+    sae = load(folder)  # evaluate exactly what ships
+    start = time.perf_counter()
+    held = held_out(lm, release.layer, release.site, sae.metadata["corpus"], sae.metadata["ctx_len"], EVAL_TOKENS,
+                    progress=progress)
+    scores = reconstruction_metrics(sae, held.acts[held.keep])
+    scores |= downstream_loss(sae, lm, held.ids[:DOWNSTREAM_CONTEXTS], release.layer, release.site, progress=progress)
+    scores["eval_tokens"] = held.n_tokens
+    eval_seconds = time.perf_counter() - start
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["metadata"]["eval"] = {"split": "validation", **scores}
+    config["metadata"]["build_seconds"] = {"train": round(train_seconds), "eval": round(eval_seconds)}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))  # the weights' SHA-256 is unchanged
+    return card_row(release.name)
+
+
+# ---- the model card -----------------------------------------------------------------------
+
+COLUMNS = ("name", "layer", "n", "k", "tokens", "NMSE", "L0", "dead", "delta CE (nats)", "MB")
+
+
+def card_row(name: str) -> dict:
+    """The model card's row of a released SAE, from its ``config.json``."""
+    folder = resolve(name)
+    config = json.loads((folder / "config.json").read_text())
+    meta, scores = config["metadata"], config["metadata"]["eval"]
+    return {
+        "name": name, "layer": meta["layer"], "n": config["n_latents"], "k": config["k"],
+        "tokens": f"{meta['tokens'] / 1e6:.2f}M", "NMSE": f"{scores['nmse']:.3f}", "L0": f"{scores['l0']:.1f}",
+        "dead": f"{scores['dead_fraction']:.1%}", "delta CE (nats)": f"{scores['delta_ce']:.3f}",
+        "MB": f"{(folder / 'sae.safetensors').stat().st_size / 1e6:.1f}",
+    }
+
+
+def card() -> str:
+    """The model card (``saes/README.md``) of the released SAEs, as markdown."""
+    rows = [card_row(n) for n in names()]
+    first = json.loads((ROOT / names()[0] / "config.json").read_text())["metadata"] if rows else {}
+    evals = first.get("eval", {})
+    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    table += ["| " + " | ".join(f"`{r[c]}`" if c == "name" else str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join([
+        "# Released SAEs",
+        "",
+        "TopK sparse autoencoders (Gao et al., \"Scaling and evaluating sparse autoencoders\") on the residual "
+        "stream (`resid_post`, the output of a decoder layer) of SmolLM2-135M, one per layer. Load one by name:",
+        "",
+        "```python",
+        "import saelib",
+        "",
+        f"sae = saelib.load(\"{names()[-1] if rows else 'smollm2-135m/resid_12/n4608_k32'}\")  # float32 parameters",
+        "```",
+        "",
+        "Weights are stored in float16 (`sae.safetensors`, checked against the SHA-256 in `config.json` on "
+        "load); `config.json` also holds the provenance under `metadata`: model, layer, site, corpus, "
+        "tokens trained, the training recipe and the evaluation below.",
+        "",
+        *table,
+        "",
+        f"- tokens: activations seen in training ({first.get('preset', RECIPE_PRESET)} recipe: 2 epochs over "
+        f"the {first.get('train_rows', 0) / 1e6:.2f}M kept tokens of the embedded Wikipedia train split, "
+        "contexts of 64 tokens, position 0 and special tokens left out; batch 4096, Adam with warmup and linear "
+        f"decay, lr {first.get('lr_multiple', LR_MULTIPLE):g}x the paper's rule 2e-4 / sqrt(n / 2^14), AuxK, "
+        "tied init).",
+        f"- NMSE, L0 and dead (latents that never fire) on {evals.get('eval_tokens', 0):,} held-out tokens of the "
+        "validation split (documents never trained on), on the SAE's normalised scale, measured from the "
+        "float16 files.",
+        f"- delta CE: next-token cross-entropy with the SAE's reconstruction spliced in at its layer minus the "
+        f"clean model's, over {evals.get('downstream_tokens', 0):,} scored tokens of {DOWNSTREAM_CONTEXTS} held-out "
+        f"contexts (clean CE {evals.get('ce_clean', float('nan')):.2f} nats); `config.json` also has KL and "
+        "loss recovered.",
+        "- MB: size of `sae.safetensors`.",
+        "",
+        "This table is generated by the build from each SAE's `config.json`; do not edit it by hand.",
+        "",
+        "## Re-create",
+        "",
+        "```bash",
+        "make release        # = python -m saelib.released build",
+        "```",
+        "",
+        "trains every SAE into `runs/release/<name>` (resumable; finished runs are loaded, not retrained), "
+        "writes the float16 weights here, evaluates them and rewrites this card. On 2 CPU cores it takes "
+        "about an hour, most of it extracting the activations of layers 4 and 8 (one forward pass, stopped "
+        "after layer 8) and training. The sizes and the recipe are the table `RELEASES` in "
+        "`saelib/released.py`.",
+        "",
+        "## Licence and provenance",
+        "",
+        LICENCE,
+        "",
+    ])
+
+
+def write_card() -> Path:
+    """Write ``saes/README.md`` from the released SAEs' ``config.json`` files."""
+    CARD.write_text(card())
+    return CARD
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m saelib.released",
+                                     description="Re-create the released SAEs, their evaluation and model card.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="train (or load), convert, evaluate and write the released SAEs and the card")
+    p.add_argument("names", nargs="*", help=f"releases to build (default: all of {', '.join(r.name for r in RELEASES)})")
+    p.add_argument("--runs", default="runs/release", help="folder of the training runs")
+    sub.add_parser("card", help="rewrite saes/README.md from the released SAEs' config.json files")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            build(args.names, args.runs)
+        else:
+            print(f"Model card written to {write_card()}.")
+    except (ValueError, OSError) as e:
+        print(f"python -m saelib.released {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

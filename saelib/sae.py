@@ -19,6 +19,10 @@ Maths (rows of ``W_enc`` and ``W_dec`` are latents; shapes in brackets)::
   "L1 times decoder row norm" penalty: the optimiser cannot shrink ``z`` by growing rows, and
   all archs share one decoder constraint.
 
+``encoder_dtype="bfloat16"`` computes ``pre`` (the step's one dense GEMM) in bf16: it chooses
+the latents and gives their values (bf16-rounded); the decoder, the loss and every gradient stay
+in fp32. It is an execution setting, not saved with the SAE (a loaded SAE encodes in fp32).
+
 Any SAE can be given an inference-time JumpReLU-style threshold,
 ``sae.set_threshold_for_l0(x, l0)``: then ``z = pre * (pre > threshold)`` with a single global
 threshold chosen to hit the target L0 on a sample.
@@ -46,6 +50,8 @@ from .kernels import gather_preacts, sparse_decode
 from .normalize import Normalizer
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
+# dtype of the encoder's (B, n_latents) GEMM; bfloat16 pays only where fast_bf16() (AMX, GPUs)
+ENCODER_DTYPES = ("float32", "bfloat16")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
 # running-average weight of each batch's smallest kept activation (BatchTopK threshold)
@@ -123,6 +129,8 @@ class TopKSAE(nn.Module):
         metadata: free-form provenance (model, layer, site, context length, corpus...),
             saved in ``config.json``.
         generator: seeds the random init.
+        encoder_dtype: ``"float32"`` (default) or ``"bfloat16"``, the dtype of the
+            pre-activation GEMM (see the module docstring); not saved.
 
     Parameters: ``W_enc (n_latents, d_in)``, ``b_enc (n_latents,)``, ``W_dec (n_latents,
     d_in)`` with unit-norm rows, ``b_pre (d_in,)``. Buffers: ``normalizer_mean (d_in,)``,
@@ -140,6 +148,7 @@ class TopKSAE(nn.Module):
         normalizer: Normalizer | None = None,
         metadata: dict | None = None,
         generator: torch.Generator | None = None,
+        encoder_dtype: str = "float32",
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -152,7 +161,10 @@ class TopKSAE(nn.Module):
                 raise ValueError(f"k={k} is larger than n_latents={n_latents}; choose k <= n_latents.")
         if arch == "multitopk" and 4 * k > n_latents:
             raise ValueError(f"multitopk trains with 4k={4 * k} latents but n_latents={n_latents}; choose k <= n_latents / 4.")
+        if encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {encoder_dtype!r}.")
         self.d_in, self.n_latents, self.k, self.arch = d_in, n_latents, k, arch
+        self.encoder_dtype = encoder_dtype
         self.metadata = dict(metadata or {})
         normalizer = normalizer or Normalizer.identity(d_in)
         if normalizer.mean.shape != (d_in,):
@@ -184,11 +196,15 @@ class TopKSAE(nn.Module):
             raise ValueError(f"Input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}.")
 
     def _preacts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x - b_pre, pre)``; ``pre = W_enc (x - b_pre) + b_enc`` without gradient."""
+        """``(x - b_pre, pre)``; ``pre = W_enc (x - b_pre) + b_enc`` without gradient, in ``encoder_dtype``."""
         self._check_input(x)
         x_c = x - self.b_pre
         with torch.no_grad():
-            pre = F.linear(x_c, self.W_enc, self.b_enc)
+            if self.encoder_dtype == "float32":  # the parameters' own dtype
+                pre = F.linear(x_c, self.W_enc, self.b_enc)
+            else:
+                dtype = getattr(torch, self.encoder_dtype)
+                pre = F.linear(x_c.to(dtype), self.W_enc.to(dtype), self.b_enc.to(dtype))
         return x_c, pre
 
     def _latents(self, x_c: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None) -> Latents:
@@ -439,9 +455,9 @@ def load(path: str | os.PathLike) -> TopKSAE:
     :mod:`saelib.released`), or a SAELens / sparsify folder or an OpenAI ``.pt`` file (see
     :mod:`saelib.formats`); errors name the file and the value at fault."""
     if not Path(path).exists():  # a released SAE's name, e.g. "smollm2-135m/resid_12/n4608_k32"
-        from .released import find
+        from .released import resolve
 
-        path = find(str(path)) or path
+        path = resolve(str(path))
     path = Path(path)
     if path.exists() and not (path / CONFIG_FILE).is_file():  # another library's layout
         from .formats import import_sae
