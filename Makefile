@@ -62,6 +62,7 @@ figures: env
 	@mkdir -p runs
 	cd notebooks && for nb in $(NOTEBOOKS); do \
 	  ../$(BIN)/papermill $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo || exit 1; done
+	$(BIN)/python -m saelib.results
 
 # The released SAEs (saelib/saes/): train, convert to float16, evaluate, write the model card (about an hour)
 release: env

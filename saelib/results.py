@@ -1,0 +1,128 @@
+"""The README's results tables, rendered from the JSON the notebooks write beside their figures.
+
+    python -m saelib.results            # after `make figures`; rewrites README.md's result blocks
+
+Each block sits in the README between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+and is replaced whole, so no number in it is typed by hand. A block whose notebook has not been
+run at its ``demo`` preset (no JSON in ``figures/``) says which command makes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def frontier(data: dict) -> str:
+    """01: TopK / BatchTopK / ReLU+L1 at each setting, mean ± sd over seeds."""
+    rows = [[r["arch"], f"k={r['k']}" if r["arch"] != "relu" else f"λ={r['l1_coef']:g}", r["runs"],
+             f"{r['val_l0']:.1f}", f"{r['val_nmse']:.4f} ± {r['val_nmse_std']:.4f}",
+             f"{r['delta_ce']:.3f} ± {r['delta_ce_std']:.3f}"]
+            for r in sorted(data["summary"], key=lambda r: (r["arch"], r["val_l0"]))]
+    return _table(["architecture", "setting", "seeds", "L0", "validation NMSE", "Δ CE (nats)"], rows)
+
+
+def dead_latents(data: dict) -> str:
+    """02: the fraction of dead latents at the end of training, by n, mitigation and lr multiplier."""
+    runs = data["runs"]
+    ns = sorted({r["n_latents"] for r in runs})
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["lr_multiplier"], r["mitigation"]), {})[r["n_latents"]] = r["dead_fraction"]
+    rows = [[f"{m:g}x", mitigation] + [f"{by_n[n]:.1%}" if n in by_n else "–" for n in ns]
+            for (m, mitigation), by_n in sorted(groups.items(), key=lambda item: item[0][0])]
+    return _table(["lr (x the rule)", "mitigation"] + [f"dead at n={n}" for n in ns], rows)
+
+
+def scaling(data: list[dict]) -> str:
+    """03: every fitted coefficient with its 95% bootstrap interval, next to the paper's."""
+    rows = []
+    for r in data:
+        per_curve = r["fit"].startswith(("L(n) at", "L(k) at"))
+        if per_curve and r["coefficient"] != "b":
+            continue  # per-curve fits: only the exponent goes in the README (the CSV has all)
+        rows.append([r["fit"], r["coefficient"], f"{r['ours']:+.3g}", f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
+                     "–" if r["paper"] is None else f"{r['paper']:+.3g}", f"{r['r2']:.3f}", r["n_points"]])
+    return _table(["fit", "coefficient", "ours", "95% bootstrap CI", "paper", "R²", "runs"], rows)
+
+
+def ablation(data: dict) -> str:
+    """07: held-out NMSE of each one-knob change from the reference recipe."""
+    runs = data["runs"]
+    ref = [r["val_nmse"] for r in runs if r["variant"] == "reference"]
+    ref_mean = sum(ref) / len(ref)
+    ref_dead = sum(r["dead_fraction"] for r in runs if r["variant"] == "reference") / len(ref)
+    rows = [[f"reference (mean of {len(ref)} seeds: {', '.join(f'{v:.4f}' for v in ref)})",
+             f"{data['reference']['lr']:.3g}", f"{ref_mean:.4f}", "–", f"{ref_dead:.1%}"]]
+    for r in sorted((r for r in runs if r["variant"] != "reference"), key=lambda r: r["val_nmse"]):
+        rows.append([r["variant"], f"{r['lr']:.3g}", f"{r['val_nmse']:.4f}", f"{r['val_nmse'] - ref_mean:+.4f}",
+                     f"{r['dead_fraction']:.1%}"])
+    return _table(["variant", "lr", "validation NMSE", "vs reference", "dead"], rows)
+
+
+# block name -> (JSON file under figures/, renderer, figure embedded above the table, command that makes it)
+BLOCKS = {
+    "frontier": ("01_frontier.json", frontier, "01_frontier.png", "make figures NOTEBOOKS=01_topk_vs_relu"),
+    "dead_latents": ("02_dead_vs_n.json", dead_latents, "02_dead_vs_n.png", "make figures NOTEBOOKS=02_dead_latents"),
+    "scaling": ("03_coefficients.json", scaling, "03_joint_law.png", "make figures NOTEBOOKS=03_scaling_laws"),
+    "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
+                 "make figures NOTEBOOKS=07_recipe_ablation"),
+}
+
+
+def render(name: str, figures: Path, link_prefix: str = "figures/") -> str:
+    """The markdown of block ``name`` from the JSON in ``figures``."""
+    file, renderer, image, command = BLOCKS[name]
+    path = figures / file
+    if not path.exists():
+        return f"*Not run yet: `{command}` writes `{link_prefix}{file}`.*"
+    out = renderer(json.loads(path.read_text()))
+    if (figures / image).exists():
+        out = f"![{name}]({link_prefix}{image})\n\n{out}"
+    return out + f"\n\n*From `{link_prefix}{file}`, written by `{command}`.*"
+
+
+def update_readme(readme: str | Path = "README.md", figures: str | Path = "figures") -> list[str]:
+    """Rewrite every result block found in ``readme``; returns the names rewritten."""
+    readme, figures = Path(readme), Path(figures)
+    text = readme.read_text()
+    done = []
+    for name in BLOCKS:
+        pattern = re.compile(rf"(<!-- results:{name} -->).*?(<!-- /results:{name} -->)", re.S)
+        if pattern.search(text):
+            body = render(name, figures)
+            text = pattern.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text)
+            done.append(name)
+    readme.write_text(text)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m saelib.results", description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--figures", default="figures")
+    args = parser.parse_args(argv)
+    for name in ("readme", "figures"):
+        if not Path(getattr(args, name)).exists():
+            parser.error(f"--{name} {getattr(args, name)} does not exist; run from the repository root.")
+    print("rewrote:", ", ".join(update_readme(args.readme, args.figures)) or "no result blocks found")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

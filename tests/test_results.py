@@ -1,0 +1,38 @@
+"""The README's result blocks are rendered from the notebooks' JSON, replaced whole and idempotently."""
+
+import json
+
+from saelib import results
+
+
+def _ablation_json(folder):
+    runs = [dict(variant="reference", seed=0, lr=1e-3, val_nmse=0.20, dead_fraction=0.0),
+            dict(variant="reference", seed=1, lr=1e-3, val_nmse=0.22, dead_fraction=0.0),
+            dict(variant="no AuxK", seed=0, lr=1e-3, val_nmse=0.25, dead_fraction=0.5)]
+    (folder / "07_recipe_ablation.json").write_text(json.dumps({"reference": {"lr": 1e-3}, "runs": runs}))
+
+
+def test_blocks_are_rewritten_from_json_and_the_rest_kept(tmp_path):
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    _ablation_json(figures)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:ablation -->\nold text\n<!-- /results:ablation -->\n"
+                      "<!-- results:scaling -->\n<!-- /results:scaling -->\noutro\n")
+    assert results.update_readme(readme, figures) == ["scaling", "ablation"]
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old text" not in text
+    assert "| reference (mean of 2 seeds: 0.2000, 0.2200) | 0.001 | 0.2100 | – | 0.0% |" in text
+    assert "| no AuxK | 0.001 | 0.2500 | +0.0400 | 50.0% |" in text
+    # no JSON for the scaling block: it names the command that makes it
+    assert "make figures NOTEBOOKS=03_scaling_laws" in text
+    results.update_readme(readme, figures)
+    assert readme.read_text() == text
+
+
+def test_the_repository_readme_has_every_block():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in results.BLOCKS:
+        assert f"<!-- results:{name} -->" in text and f"<!-- /results:{name} -->" in text, name
