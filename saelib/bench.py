@@ -12,6 +12,8 @@ structured activations and the same initial weights: forward, loss (with AuxK wh
 latents are marked dead), backward, optimiser step (Adam) and decoder renormalisation.
 
 - ``saelib``: ``saelib.train.train_step`` (the step ``fit`` runs).
+- ``saelib-bf16``: the same with ``encoder_dtype="bfloat16"`` (the encoder GEMM in bf16); only
+  where ``kernels.fast_bf16()`` (a CPU with AMX, a GPU), else its row says why.
 - ``sparsify``: EleutherAI's ``SparseCoder`` as its trainer steps it (AuxK weight 1/32 when
   latents are dead; its default is AuxK off).
 - ``sae-lens``: SAELens' ``TopKTrainingSAE`` with its default config, as its trainer steps it
@@ -54,7 +56,7 @@ from torch import Tensor, nn
 from . import __version__
 from .sae import TopKSAE, nmse
 
-IMPLS = ("saelib", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
+IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
 PEERS = ("sparsify", "sae-lens", "sae-lens-sparse")
 ADAM_EPS = 6.25e-10  # the paper's; saelib and the naive step use it, peers keep their own default
 AUXK_COEF = 1 / 32
@@ -142,13 +144,17 @@ class Unavailable(Exception):
 Step = Callable[[Tensor], Tensor]
 
 
-def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> Step:
+def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
+    from .kernels import fast_bf16
     from .train import TrainConfig, make_optimizer, train_step
 
-    sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k)
+    if encoder_dtype == "bfloat16" and not fast_bf16("cpu"):
+        raise Unavailable("this CPU has no fast bf16 matmul (AMX): fp32 stays the default here")
+    sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k, encoder_dtype=encoder_dtype)
     sae.load_state_dict({**sae.state_dict(), **w})
     train_cfg = TrainConfig(n_latents=cfg.n_latents, k=cfg.k, batch_size=cfg.batch_size, auxk=dead is not None,
-                            k_aux=cfg.k_aux, lr=cfg.lr(), adam_eps=ADAM_EPS, grad_clip=GRAD_CLIP, l1_coef=0.0)
+                            k_aux=cfg.k_aux, lr=cfg.lr(), adam_eps=ADAM_EPS, grad_clip=GRAD_CLIP, l1_coef=0.0,
+                            encoder_dtype=encoder_dtype)
     opt = make_optimizer(sae, train_cfg)
 
     def step(x: Tensor) -> Tensor:
@@ -272,6 +278,7 @@ def _roofline(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> St
 
 BUILDERS: dict[str, Callable[[BenchConfig, dict, Tensor | None], Step]] = {
     "saelib": _saelib,
+    "saelib-bf16": lambda cfg, w, dead: _saelib(cfg, w, dead, encoder_dtype="bfloat16"),
     "sparsify": _sparsify,
     "sae-lens": _sae_lens,
     "sae-lens-sparse": lambda cfg, w, dead: _sae_lens(cfg, w, dead, sparse=True),
@@ -291,7 +298,7 @@ def make_step(impl: str, cfg: BenchConfig, weights: dict[str, Tensor], dead: Ten
 
 
 def _version(impl: str) -> str | None:
-    package = {"saelib": None, "sparsify": "eai-sparsify", "sae-lens": "sae-lens", "sae-lens-sparse": "sae-lens"}.get(impl, "torch")
+    package = {"saelib": None, "saelib-bf16": None, "sparsify": "eai-sparsify", "sae-lens": "sae-lens", "sae-lens-sparse": "sae-lens"}.get(impl, "torch")
     if package is None:
         return __version__
     try:
@@ -330,9 +337,11 @@ def _needed_gb(impl: str, cfg: BenchConfig) -> float:
     """A rough upper bound of the memory an impl needs, to skip what cannot fit."""
     dense = cfg.batch_size * cfg.n_latents * 4
     params = 2 * cfg.n_latents * cfg.d_in * 4
-    per_impl = {"naive": 8 * dense, "sae-lens": 7 * dense, "sae-lens-sparse": 7 * dense, "roofline": dense}
-    sparse_rows = cfg.batch_size * cfg.k_aux * cfg.d_in * 4  # a (B, k_aux, d) tensor, as sparsify builds
-    return (per_impl.get(impl, 3 * dense + 2 * sparse_rows) + 5 * params) / 2**30
+    # sparsify builds a (B, k, d) tensor (its peak RSS with AuxK on fits this too); saelib builds none
+    sparse_rows = cfg.batch_size * cfg.k * cfg.d_in * 4
+    per_impl = {"naive": 8 * dense, "sae-lens": 7 * dense, "sae-lens-sparse": 7 * dense, "roofline": dense,
+                "saelib": 3 * dense, "saelib-bf16": 3 * dense, "sparsify": 3 * dense + 2 * sparse_rows}
+    return (per_impl[impl] + 5 * params) / 2**30
 
 
 def _available_gb() -> float | None:
@@ -451,6 +460,25 @@ def _add_ratios(group: list[dict]) -> None:
             r["ratio_to_roofline"] = r["tokens_per_s"] / roof if roof else None
 
 
+def supply_rate(source, batch_size: int, *, epochs: int = 2, seed: int = 0) -> list[dict]:
+    """How fast ``source`` (a ``train.BatchSource``, e.g. ``activations.CachedSource``) yields
+    shuffled ``(batch_size, d_in)`` batches: one row per epoch with ``tokens_per_s``.
+
+    Epoch 0 reads the shards (from the page cache if they are there) and checks their checksums;
+    later epochs reshuffle what stays resident. Compare with the ``saelib`` row's ``tokens_per_s``:
+    the trainer never waits while the supply is many times faster.
+    """
+    rows = []
+    for epoch in range(epochs):
+        tokens, start = 0, time.perf_counter()
+        for x in source.batches(batch_size, seed=seed, epoch=epoch):
+            tokens += len(x)
+        seconds = time.perf_counter() - start
+        rows.append({"epoch": epoch, "batch_size": batch_size, "tokens": tokens, "seconds": seconds,
+                     "tokens_per_s": tokens / seconds, "load_avg_1m": os.getloadavg()[0]})
+    return rows
+
+
 # ---- output ---------------------------------------------------------------------------------
 
 COLUMNS = ("impl", "d_in", "n_latents", "k", "batch_size", "dead_fraction", "tokens_per_s", "ratio_to_best_peer",
@@ -480,6 +508,25 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def throughput_figure(rows: list[dict], title: str = "Training throughput of one TopK step"):
+    """A plotly bar chart: tokens/s per implementation (bars) for each configuration (groups),
+    log scale; implementations that could not run are left out of the bars (their rows say why)."""
+    import plotly.graph_objects as go
+
+    def label(r: dict) -> str:
+        return f"d {r['d_in']}, n {r['n_latents']}, B {r['batch_size']}, dead {r['dead_fraction']:g}"
+
+    fig = go.Figure()
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        ok = [r for r in rows if r["impl"] == impl and r["tokens_per_s"]]
+        if ok:
+            fig.add_bar(name=impl, x=[label(r) for r in ok], y=[r["tokens_per_s"] for r in ok],
+                        text=[f"{r['ratio_to_roofline']:.2f} of roofline" for r in ok], textposition="none")
+    fig.update_layout(title=title, yaxis_title="tokens/s (median step)", yaxis_type="log", barmode="group",
+                      template="plotly_white", legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``saelib bench`` flags (for the CLI's subparser)."""
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
@@ -494,6 +541,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median reported)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--supply", metavar="CACHE",
+                        help="also time reading + shuffling this activation cache folder (activations.CachedSource)")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list on stdout")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
 
@@ -519,6 +568,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"k={bad[0].k} is larger than n_latents={bad[0].n_latents}; choose k <= n_latents.")
     rows = run_bench(configs, args.impl, warmup=args.warmup, steps=args.steps, seed=args.seed,
                      progress=lambda line: print(line, file=sys.stderr))
+    if args.supply:
+        from .activations import ActivationCache, CachedSource
+
+        source = CachedSource(ActivationCache(args.supply))
+        for batch_size in axes["batch_size"]:
+            for r in supply_rate(source, batch_size, seed=args.seed):
+                print(f"supply: epoch {r['epoch']}, batch {batch_size}: {r['tokens_per_s']:,.0f} tokens/s "
+                      f"({r['tokens']} tokens in {r['seconds']:.2f} s)", file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

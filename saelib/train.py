@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .normalize import Normalizer
-from .sae import ForwardOutput, TopKSAE, load, load_safetensors, sha256_file
+from .sae import ENCODER_DTYPES, ForwardOutput, TopKSAE, load, load_safetensors, sha256_file
 
 # ---- configuration --------------------------------------------------------------------------
 
@@ -85,6 +85,9 @@ class TrainConfig:
     # nn.Linear init has row norms of about 1/sqrt(3))
     b_pre_init: str = "geometric_median"
     encoder_init_scale: float = 1.0
+    # dtype of the encoder GEMM, "float32" or "bfloat16" (fast where kernels.fast_bf16(): AMX
+    # CPUs, GPUs; NMSE parity in docs/performance.md); not saved with the SAE
+    encoder_dtype: str = "float32"
 
     def resolved(self, d_in: int, n_tokens: int | None) -> TrainConfig:
         """A copy with every ``None`` replaced by the value it stands for."""
@@ -98,6 +101,8 @@ class TrainConfig:
         if isinstance(self.encoder_init_scale, bool) or not isinstance(self.encoder_init_scale, (int, float)) \
                 or not 0 < self.encoder_init_scale < math.inf:
             raise ValueError(f"encoder_init_scale must be a positive finite number, got {self.encoder_init_scale!r}.")
+        if self.encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.encoder_dtype!r}.")
         if self.decay not in ("linear", "none"):
             raise ValueError(f"decay must be 'linear' or 'none', got {self.decay!r}.")
         if self.ema is not None and not 0 < self.ema < 1:
@@ -128,8 +133,9 @@ class TrainConfig:
 
 B_PRE_INITS = ("geometric_median", "mean", "zero")
 
-# fields that change what is logged or saved, not the weights: a run may resume with others
-BOOKKEEPING = {"log_every", "checkpoint_every_tokens"}
+# fields that change what is logged or saved, or how a step is computed, not the recipe: a run
+# may resume with others (and resume folders written before a field existed)
+BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype"}
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -348,7 +354,7 @@ def fit(
         cfg = replace(cfg, batch_size=source.batch_size)  # the iterable's batches set the step size
     cfg = cfg.resolved(source.d_in, source.n_tokens)
     sae = TopKSAE(source.d_in, n_latents, k, arch=cfg.arch, tied_init=cfg.tied_init, normalizer=normalizer,
-                  metadata=metadata, generator=torch.Generator().manual_seed(cfg.seed))
+                  metadata=metadata, generator=torch.Generator().manual_seed(cfg.seed), encoder_dtype=cfg.encoder_dtype)
     run = Path(out) if out is not None else None
     if run is None:
         return _train(source, sae, cfg, None, progress, [])

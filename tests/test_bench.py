@@ -136,3 +136,28 @@ def test_peer_steps_compute_saelibs_reconstruction_loss_on_the_same_weights(peer
 def test_peer_steps_lower_the_loss(peer_losses, impl, dead_fraction):
     losses = peer_losses[f"{impl}_{dead_fraction}"]
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_saelib_bf16_row_runs_where_bf16_is_fast_and_says_why_elsewhere(monkeypatch):
+    from saelib import kernels
+
+    rows = bench.run_bench([TINY], ["saelib-bf16"], warmup=0, steps=1)
+    assert rows[0]["status"] == ("ok" if kernels.fast_bf16() else "unavailable")
+    monkeypatch.setattr(kernels, "fast_bf16", lambda device="cpu": False)
+    row = bench.run_bench([TINY], ["saelib-bf16"], warmup=0, steps=1)[0]
+    assert row["status"] == "unavailable" and "AMX" in row["reason"] and row["tokens_per_s"] is None
+
+
+def test_memory_estimates_at_batch_16384():
+    cfg = BenchConfig(576, 18432, batch_size=16384, dead_fraction=0.25)
+    need = {impl: bench._needed_gb(impl, cfg) for impl in bench.IMPLS}
+    # a (B, n) fp32 matrix is 1.2 GB: saelib holds about three, the dense steps about eight
+    assert need["roofline"] < need["saelib"] < need["sparsify"] < need["sae-lens"] < need["naive"] < 12
+
+
+def test_supply_rate_reads_every_batch_of_each_epoch():
+    from saelib.train import TensorSource
+
+    rows = bench.supply_rate(TensorSource(torch.randn(1000, 8)), 128, epochs=2)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["tokens"] == 7 * 128 and r["tokens_per_s"] > 0 for r in rows)

@@ -193,3 +193,76 @@ def test_load_errors_name_the_file_and_value(tmp_path):
         load(folder)
     with pytest.raises(FileNotFoundError, match="No SAE folder"):
         load(tmp_path / "nowhere")
+
+
+def _grads_of(module, loss):
+    return dict(zip(("W_enc", "b_enc", "W_dec", "b_pre"),
+                    torch.autograd.grad(loss, [module.W_enc, module.b_enc, module.W_dec, module.b_pre])))
+
+
+def _naive_reference(sae, x, dead, k_aux):
+    """Loss and gradients of the same weights through the dense reference (``bench.NaiveTopK``)."""
+    from saelib.bench import NaiveTopK
+
+    naive = NaiveTopK({name: p.detach() for name, p in sae.named_parameters()}, sae.k, k_aux)
+    loss = naive(x, dead)
+    return loss, _grads_of(naive, loss)
+
+
+# (n_latents, k, n_dead, k_aux): no AuxK; AuxK on the sparse kernels (k_aux < 1/8 of the dead);
+# AuxK on dense GEMMs over the dead rows; k = n (every latent kept) with AuxK over all of them
+@pytest.mark.parametrize("n_latents, k, n_dead, k_aux", [(64, 4, 0, 0), (256, 4, 128, 8), (64, 4, 16, 8), (32, 32, 32, 8)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_aux, ties):
+    g = torch.Generator().manual_seed(n_latents + k)
+    sae = make_sae(n_latents=n_latents, k=k).double()
+    with torch.no_grad():
+        sae.b_pre.copy_(0.1 * torch.randn(16, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(n_latents, generator=g))
+    x = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    if ties:
+        with torch.no_grad():  # latents 1 and 2 share an encoder row and a bias: equal pre-activations
+            sae.W_enc[2] = sae.W_enc[1]
+            sae.b_enc.zero_()  # rows of x at b_pre: every pre-activation ties at 0, whichever are kept
+        x[:4] = sae.b_pre.detach()
+        x[4:8] = 3 * sae.W_enc[1].detach() + sae.b_pre.detach()  # latents 1 and 2 tie at the top
+    dead = torch.randperm(n_latents, generator=g)[:n_dead]
+    dead = torch.zeros(n_latents, dtype=torch.bool).index_fill_(0, dead, True) if n_dead else None
+
+    out = sae(x, dead, k_aux=k_aux or None)
+    loss, reference = _naive_reference(sae, x, dead, k_aux)
+    torch.testing.assert_close(out.loss, loss)
+    for name, grad in _grads_of(sae, out.loss).items():
+        torch.testing.assert_close(grad, reference[name], msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_encoder_chooses_in_bf16_and_keeps_fp32_gradients():
+    fp32, bf16 = make_sae(n_latents=256, k=8), make_sae(n_latents=256, k=8, encoder_dtype="bfloat16")
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[::4] = True
+    with torch.no_grad():  # biases 1 apart and small inputs: bf16 rounding (~0.4%) cannot change the choice
+        for sae in (fp32, bf16):
+            sae.b_enc.zero_()
+            sae.b_enc[(~dead).nonzero()[:8, 0]] = 10.0 + torch.arange(8)  # the top-k of every token
+            sae.b_enc[dead.nonzero()[:8, 0]] = 1.0 + torch.arange(8)  # AuxK's top-k_aux of the dead
+    x = 0.1 * torch.randn(64, 16)
+    out32, out16 = fp32(x, dead, k_aux=8), bf16(x, dead, k_aux=8)
+    assert out16.latents.values.dtype == torch.float32 and out16.loss.dtype == torch.float32
+    torch.testing.assert_close(out16.loss, out32.loss, rtol=1e-2, atol=0)
+    for name, grad in _grads_of(bf16, out16.loss).items():
+        reference = _grads_of(fp32, fp32(x, dead, k_aux=8).loss)[name]
+        assert (grad - reference).norm() <= 2e-2 * reference.norm(), name  # bf16 rounding of the chosen values
+    # given the same choice, the sparse backward does not depend on the precision of pre
+    indices = out32.latents.indices
+    x_c = (x - fp32.b_pre).detach().requires_grad_(True)
+    with torch.no_grad():
+        pre = torch.nn.functional.linear(x_c, fp32.W_enc, fp32.b_enc)
+    g32 = torch.autograd.grad(gather_preacts(x_c, fp32.W_enc, fp32.b_enc, indices, pre).sum(), [x_c, fp32.W_enc])
+    g16 = torch.autograd.grad(gather_preacts(x_c, fp32.W_enc, fp32.b_enc, indices, pre.bfloat16()).sum(), [x_c, fp32.W_enc])
+    for a, b in zip(g16, g32):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bad_encoder_dtype_is_refused_naming_the_value():
+    with pytest.raises(ValueError, match="'float16'"):
+        make_sae(encoder_dtype="float16")

@@ -204,3 +204,18 @@ def test_batch_source_with_normalizer_and_metadata_is_saved(tmp_path):
     assert torch.equal(loaded.W_dec, sae.W_dec) and torch.equal(loaded.normalizer_mean, normalizer.mean)
     assert loaded.metadata == {"model": "toy", "layer": 2} and loaded.normalizer.scale == normalizer.scale
     assert loaded.normalizer.invert(loaded.decode(loaded.encode(normalizer.apply(raw[:4])))).shape == (4, 16)
+
+
+def test_bf16_encoder_run_trains_and_resumes_with_either_dtype(tmp_path):
+    x, _ = toy_data(n=2048, d=16, n_features=64)
+    options = dict(tokens=8192, batch_size=256, out=tmp_path / "run", progress=False)
+    sae = fit(x, 64, 4, encoder_dtype="bfloat16", **options)
+    reference = fit(x, 64, 4, tokens=8192, batch_size=256, progress=False)
+    xn = reference.normalizer.apply(x)
+    assert sae.encoder_dtype == "bfloat16" and float(reference(xn).nmse) < 0.5
+    assert float(sae(xn).nmse) == pytest.approx(float(reference(xn).nmse), rel=0.05)
+    # the encoder dtype is how a step is computed, not the recipe: the finished run loads under fp32
+    again = fit(x, 64, 4, **options)
+    assert again.encoder_dtype == "float32" and torch.equal(again.W_enc, sae.W_enc)
+    with pytest.raises(ValueError, match="encoder_dtype must be one of float32, bfloat16, got 'fp8'"):
+        fit(x, 64, 4, encoder_dtype="fp8", progress=False)
