@@ -541,6 +541,8 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:
         raise ValueError(f"{path} is not valid JSON ({error}); delete {run} to start the run again.") from None
     if saved.get("d_in") != d_in:
         raise ValueError(f"{run} was trained on activations with d_in={saved.get('d_in')} but the data has d_in={d_in}; use a new out folder.")
+    # a field added to TrainConfig after the run was written counts as its default (which keeps the old behaviour)
+    saved = {**{f.name: f.default for f in fields(TrainConfig) if f.name in current and f.name not in saved}, **saved}
     changed = sorted(key for key in saved.keys() | current.keys() if key not in BOOKKEEPING and saved.get(key) != current.get(key))
     if changed:
         diff = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)

@@ -219,3 +219,15 @@ def test_bf16_encoder_run_trains_and_resumes_with_either_dtype(tmp_path):
     assert again.encoder_dtype == "float32" and torch.equal(again.W_enc, sae.W_enc)
     with pytest.raises(ValueError, match="encoder_dtype must be one of float32, bfloat16, got 'fp8'"):
         fit(x, 64, 4, encoder_dtype="fp8", progress=False)
+
+
+def test_a_run_written_before_a_config_field_existed_still_loads(tmp_path):
+    """Fields added to TrainConfig later count as their defaults in an older run's config.json."""
+    x = torch.randn(2048, 16)
+    fit(x, 32, 4, tokens=1024, batch_size=512, out=tmp_path, progress=False)
+    record = json.loads((tmp_path / "config.json").read_text())
+    del record["b_pre_init"], record["encoder_init_scale"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    fit(x, 32, 4, tokens=1024, batch_size=512, out=tmp_path, progress=False)  # finished: loads
+    with pytest.raises(ValueError, match="b_pre_init: 'geometric_median' -> 'mean'"):
+        fit(x, 32, 4, tokens=1024, batch_size=512, out=tmp_path, progress=False, b_pre_init="mean")
