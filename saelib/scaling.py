@@ -140,7 +140,8 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
         else:
             boots.append(t)
     q = [(1 - level) / 2, (1 + level) / 2]
-    if len(boots) < n_boot / 2:  # too few points to resample (e.g. 4 points, 3 coefficients): no interval
+    # no interval without resamples (n_boot=0) or with too few points to resample (4 points, 3 coefficients)
+    if not boots or len(boots) < n_boot / 2:
         ci = {name: (float("nan"), float("nan")) for name in names}
     else:
         boots = np.array(boots)

@@ -71,3 +71,9 @@ def test_bad_inputs_say_what_is_wrong():
         scaling.fit_power_law([1, 2, 3], [3, 2, 1])
     with pytest.raises(ValueError, match="2 values of k"):
         scaling.fit_joint_law([1, 2, 3, 4, 5, 6, 7], [4] * 7, [1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+
+
+def test_no_bootstrap_gives_the_fit_without_intervals():
+    n = np.array([64, 128, 256, 512, 1024.0])
+    fit = scaling.fit_power_law(n, 0.1 + 2 * n**-0.5, n_boot=0)
+    assert abs(fit.params["b"] + 0.5) < 1e-6 and all(np.isnan(v).all() for v in fit.ci.values())
