@@ -395,6 +395,7 @@ def run_bench(
     steps: int = 5,
     n_batches: int = 4,
     seed: int = 0,
+    interleave: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every impl on every config in this process; one row per (config, impl).
@@ -405,6 +406,10 @@ def run_bench(
         warmup, steps: untimed and timed steps; ``tokens_per_s`` is ``batch_size`` over the
             median step time.
         n_batches: distinct activation batches cycled through (each step sees fresh data).
+        interleave: build and warm up every impl of a config first, then time them in turn,
+            one step each per round, so that a load that changes during the run (a shared
+            machine) falls on all of them alike; ``peak_rss_mb`` is then not measured (the
+            impls are resident together).
         progress: called with a line per finished row (e.g. ``print`` to stderr).
     """
     unknown = [impl for impl in impls if impl not in BUILDERS]
@@ -417,7 +422,7 @@ def run_bench(
         data = synthetic_activations(n_batches * cfg.batch_size, cfg.d_in, seed)
         batches = list(data.split(cfg.batch_size))
         weights, dead = initial_weights(cfg, seed), dead_mask(cfg, seed)
-        group = []
+        group, live = [], {}
         for impl in impls:
             row = {"impl": impl, **asdict(cfg), "k_aux": cfg.k_aux if dead is not None else 0, "tokens_per_s": None,
                    "ratio_to_best_peer": None, "ratio_to_roofline": None, "peak_rss_mb": None, "step_s_median": None,
@@ -430,25 +435,55 @@ def run_bench(
                 _reset_peak_rss()
                 try:
                     with contextlib.redirect_stdout(sys.stderr):  # peers print on import; stdout is for --json
-                        times, losses = measure(make_step(impl, cfg, weights, dead), batches, warmup, steps)
-                except Unavailable as error:
-                    row.update(status="unavailable", reason=str(error))
-                except Exception as error:  # a peer failing on a config is a result to report, not a crash
-                    first = str(error).split(". ")[0].splitlines()[0] if str(error) else ""
-                    row.update(status="error", reason=f"{type(error).__name__}: {first}"[:300])
+                        step = make_step(impl, cfg, weights, dead)
+                        times, losses = measure(step, batches, warmup, 0 if interleave else steps)
+                except Exception as error:
+                    _failed(row, error)
                 else:
-                    median = statistics.median(times)
-                    row.update(tokens_per_s=cfg.batch_size / median, step_s_median=median, step_s_all=times,
-                               loss_first=losses[0], loss_last=losses[-1], peak_rss_mb=_rss_mb("VmHWM"))
-                    if impl == "roofline":
-                        row.update(loss_first=None, loss_last=None)
+                    live[impl] = (step, times, losses)
+                    if not interleave:
+                        _finish(row, cfg, times, losses, _rss_mb("VmHWM"))
             group.append(row)
-            if progress:
+            if progress and not interleave:
                 progress(_format_row(row))
             gc.collect()
+        if interleave:
+            for i in range(warmup, warmup + steps):
+                for impl, (step, times, losses) in list(live.items()):
+                    try:
+                        with contextlib.redirect_stdout(sys.stderr):
+                            t, loss = measure(step, [batches[i % len(batches)]], 0, 1)
+                    except Exception as error:
+                        _failed(next(r for r in group if r["impl"] == impl), error)
+                        del live[impl]
+                    else:
+                        times += t
+                        losses += loss
+            for row in group:
+                if row["impl"] in live:
+                    _finish(row, cfg, *live[row["impl"]][1:], None)
+                if progress:
+                    progress(_format_row(row))
         _add_ratios(group)
         rows += group
     return rows
+
+
+def _failed(row: dict, error: Exception) -> None:
+    """Record why an impl did not run: not installed, or an error (a result to report, not a crash)."""
+    if isinstance(error, Unavailable):
+        row.update(status="unavailable", reason=str(error))
+    else:
+        first = str(error).split(". ")[0].splitlines()[0] if str(error) else ""
+        row.update(status="error", reason=f"{type(error).__name__}: {first}"[:300])
+
+
+def _finish(row: dict, cfg: BenchConfig, times: list[float], losses: list[float], peak_rss_mb: float | None) -> None:
+    median = statistics.median(times)
+    row.update(tokens_per_s=cfg.batch_size / median, step_s_median=median, step_s_all=times, peak_rss_mb=peak_rss_mb,
+               loss_first=losses[0], loss_last=losses[-1])
+    if row["impl"] == "roofline":
+        row.update(loss_first=None, loss_last=None)
 
 
 def _add_ratios(group: list[dict]) -> None:
@@ -539,6 +574,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation (median reported)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the impls of a config in turn, a step each per round (fair under a changing load)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--supply", metavar="CACHE",
@@ -566,7 +603,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     bad = [c for c in configs if c.k > c.n_latents]
     if bad:
         raise ValueError(f"k={bad[0].k} is larger than n_latents={bad[0].n_latents}; choose k <= n_latents.")
-    rows = run_bench(configs, args.impl, warmup=args.warmup, steps=args.steps, seed=args.seed,
+    rows = run_bench(configs, args.impl, warmup=args.warmup, steps=args.steps, seed=args.seed, interleave=args.interleave,
                      progress=lambda line: print(line, file=sys.stderr))
     if args.supply:
         from .activations import ActivationCache, CachedSource

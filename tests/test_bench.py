@@ -161,3 +161,15 @@ def test_supply_rate_reads_every_batch_of_each_epoch():
     rows = bench.supply_rate(TensorSource(torch.randn(1000, 8)), 128, epochs=2)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(r["tokens"] == 7 * 128 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_interleaved_timing_gives_the_same_rows():
+    rows = bench.run_bench([TINY], ["saelib", "naive", "sparsify"], warmup=1, steps=2, interleave=True)
+    by_impl = {r["impl"]: r for r in rows}
+    assert list(by_impl) == ["saelib", "naive", "sparsify", "roofline"]
+    assert all(len(by_impl[i]["step_s_all"]) == 2 and by_impl[i]["tokens_per_s"] > 0 for i in ("saelib", "naive", "roofline"))
+    assert by_impl["sparsify"]["status"] in ("ok", "unavailable")
+    # the same steps on the same data as the sequential timing: the same losses
+    sequential = {r["impl"]: r for r in bench.run_bench([TINY], ["saelib", "naive"], warmup=1, steps=2)}
+    for impl in ("saelib", "naive"):
+        assert by_impl[impl]["loss_last"] == pytest.approx(sequential[impl]["loss_last"], rel=1e-6)

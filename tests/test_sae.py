@@ -209,9 +209,11 @@ def _naive_reference(sae, x, dead, k_aux):
     return loss, _grads_of(naive, loss)
 
 
-# (n_latents, k, n_dead, k_aux): no AuxK; AuxK on the sparse kernels (k_aux < 1/8 of the dead);
-# AuxK on dense GEMMs over the dead rows; k = n (every latent kept) with AuxK over all of them
-@pytest.mark.parametrize("n_latents, k, n_dead, k_aux", [(64, 4, 0, 0), (256, 4, 128, 8), (64, 4, 16, 8), (32, 32, 32, 8)])
+# (n_latents, k, n_dead, k_aux): no AuxK; AuxK on the sparse kernels (k_aux < 1/8 of the dead), with
+# COO row gradients and with CSR ones (k_aux >= kernels.CSR_MIN_PER_ROW); AuxK on dense GEMMs over the
+# dead rows; k = n (every latent kept) with AuxK over all of them
+@pytest.mark.parametrize("n_latents, k, n_dead, k_aux",
+                         [(64, 4, 0, 0), (256, 4, 128, 8), (4096, 4, 2048, 128), (64, 4, 16, 8), (32, 32, 32, 8)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_aux, ties):
     g = torch.Generator().manual_seed(n_latents + k)
