@@ -440,9 +440,11 @@ def run_bench(
                 except Exception as error:
                     _failed(row, error)
                 else:
-                    live[impl] = (step, times, losses)
-                    if not interleave:
+                    if interleave:
+                        live[impl] = (step, times, losses)
+                    else:  # and drop the step: each impl's peak memory is its own
                         _finish(row, cfg, times, losses, _rss_mb("VmHWM"))
+                    del step
             group.append(row)
             if progress and not interleave:
                 progress(_format_row(row))
