@@ -205,7 +205,7 @@ def card_row(name: str) -> dict:
 
 def card() -> str:
     """The model card (``saes/README.md``) of the released SAEs, as markdown."""
-    rows = [card_row(n) for n in names()]
+    rows = sorted((card_row(n) for n in names()), key=lambda r: (r["name"].split("/")[0], r["layer"], r["n"], r["k"]))
     first = json.loads((ROOT / names()[0] / "config.json").read_text())["metadata"] if rows else {}
     evals = first.get("eval", {})
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -221,7 +221,7 @@ def card() -> str:
         "```python",
         "import saelib",
         "",
-        f"sae = saelib.load(\"{names()[-1] if rows else 'smollm2-135m/resid_12/n4608_k32'}\")  # float32 parameters",
+        f"sae = saelib.load(\"{rows[-1]['name'] if rows else 'smollm2-135m/resid_12/n4608_k32'}\")  # float32 parameters",
         "```",
         "",
         "Weights are stored in float16 (`sae.safetensors`, checked against the SHA-256 in `config.json` on "
@@ -236,9 +236,9 @@ def card() -> str:
         f"left out. Recipe: the {first.get('preset', RECIPE_PRESET)} preset, batch 4096, Adam with warmup and "
         f"linear decay, lr {first.get('lr_multiple', LR_MULTIPLE):g}x the paper's rule 2e-4 / sqrt(n / 2^14), "
         "AuxK, tied init; each `config.json` holds its full training config under `metadata.recipe`.",
-        f"- NMSE, L0 and dead (latents that never fire) on {evals.get('eval_tokens', 0):,} held-out tokens of the "
-        "validation split (documents never trained on), on the SAE's normalised scale, measured from the "
-        "float16 files.",
+        f"- NMSE, L0 and dead (latents that never fire) on the kept tokens (about {evals.get('eval_tokens', 0):,}) "
+        f"of the first {evals.get('settings', {}).get('eval_tokens_asked', EVAL_TOKENS):,} tokens of the validation "
+        "split (documents never trained on), on the SAE's normalised scale, measured from the float16 files.",
         f"- delta CE: next-token cross-entropy with the SAE's reconstruction spliced in at its layer minus the "
         f"clean model's, over {evals.get('downstream_tokens', 0):,} scored tokens of {DOWNSTREAM_CONTEXTS} held-out "
         f"contexts (clean CE {evals.get('ce_clean', float('nan')):.2f} nats); `config.json` also has KL and "
