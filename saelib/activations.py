@@ -275,6 +275,7 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
                 build_cache(lm, contexts, [layer], site, key_of, rule, batch_size, shard_contexts, progress)
         return {layer: ActivationCache(c.folder) for layer, c in caches.items()}
     first_shard = done.pop()
+    layers = [layer for layer in layers if not caches[layer].complete]  # complete caches are left alone
     for c in todo:
         c.folder.mkdir(parents=True, exist_ok=True)
         if not (c.folder / "contexts.safetensors").exists():

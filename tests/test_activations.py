@@ -185,3 +185,15 @@ def test_the_offline_mix_holds_every_packaged_text_in_a_fixed_order():
         assert phrase.lower() in rest.lower(), phrase
     assert sum(map(len, docs)) > 3 * sum(map(len, wiki))  # about 4M tokens against 1M
     assert data.load_documents("mix") == docs
+
+
+def test_a_complete_cache_is_left_alone_when_built_again_with_another_layer(lm, val_contexts, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    ctx = val_contexts[:8]
+    key_of = lambda L: _key("mixed", L)  # noqa: E731
+    only_12 = A.build_cache(lm, ctx, [12], "resid_post", key_of, shard_contexts=4, batch_size=4, progress=False)
+    rows = only_12[12].n_rows
+    both = A.build_cache(lm, ctx, [6, 12], "resid_post", key_of, shard_contexts=4, batch_size=4, progress=False)
+    assert both[6].complete and both[12].complete
+    assert len(both[12].manifest["shards"]) == 2 and A.ActivationCache(both[12].folder).n_rows == rows
+    assert both[6].n_rows == rows  # the same kept positions at layer 6

@@ -87,3 +87,12 @@ def test_reconstructs_its_layer_as_the_card_says(name, held):
     for layer, other in held.items():  # it fits its own layer best
         if layer != sae.metadata["layer"]:
             assert reconstruction_metrics(sae, other.acts[other.keep])["nmse"] > 1.08 * m["nmse"], layer
+
+
+def test_run_loaders_take_a_released_name():
+    from saelib import runs
+
+    sae = runs.load_run("smollm2-135m/resid_12/n4608_k32")
+    assert sae.n_latents == 4608 and sae.metadata["layer"] == 12
+    with pytest.raises(FileNotFoundError, match="no released SAE of that name"):
+        runs.load_run("smollm2-135m/resid_6/n1_k1")
