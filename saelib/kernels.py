@@ -9,6 +9,8 @@ the encoder's backward pass needs a dense ``(batch, n_latents)`` matrix:
   gradient flows to ``x``, ``W`` and ``b`` through the chosen entries only. ``pre`` may be
   bfloat16 (the reduced-precision encoder): the values are then bf16-rounded, while every
   gradient is computed in ``x``'s dtype from the full-precision weights.
+- ``topk_indices(pre, k)``: the top-k of each row through group maxima (faster than
+  ``torch.topk`` on long rows).
 - ``fast_bf16(device)``: whether a bf16 matmul is much faster than fp32 there (AMX, CUDA).
 
 Both backwards write weight gradients only into the rows that were touched (a sparse matmul).
@@ -123,6 +125,33 @@ def fast_bf16(device: str | torch.device = "cpu") -> bool:
             return any(line.startswith("flags") and " amx_bf16" in line for line in f)
     except OSError:
         return False
+
+
+# topk_indices: columns per group, and the fewest groups per kept latent for which it pays (2
+# threads, B 4096, k 32: 1.34x torch.topk at n 18432, i.e. 72 groups per k; 0.85x at n 4608, 18)
+TOPK_GROUP = 8
+TOPK_MIN_GROUPS_PER_K = 32
+
+
+def topk_indices(pre: Tensor, k: int, sorted: bool = True) -> Tensor:
+    """``(..., k)`` int64 ids of the ``k`` largest entries of each row of ``pre (..., n)``.
+
+    Through group maxima: column ``j`` is in group ``j mod (n / g)`` (``g = TOPK_GROUP``), so the
+    maxima of all groups are one vectorised pass over ``pre``; the top-k of a row lie in its
+    ``k`` groups with the largest maxima, and a top-k over those ``k * g`` candidates finds them.
+    The kept values are exactly ``torch.topk``'s (among equal values the ids may differ). Rows
+    too short for it to pay (``n / g < 32 k``, or ``g`` not dividing ``n``) use ``torch.topk``.
+    ``sorted``: ids in decreasing order of value.
+    """
+    n = pre.shape[-1]
+    G = n // TOPK_GROUP
+    if n % TOPK_GROUP or G < TOPK_MIN_GROUPS_PER_K * k:
+        return pre.topk(k, dim=-1, sorted=sorted).indices
+    rows = pre.reshape(-1, n)
+    groups = rows.view(len(rows), TOPK_GROUP, G).amax(1).topk(k, dim=-1, sorted=False).indices  # (B, k)
+    cols = (groups.unsqueeze(-1) + G * torch.arange(TOPK_GROUP, device=pre.device)).flatten(1)  # (B, k * g)
+    top = rows.gather(-1, cols).topk(k, dim=-1, sorted=sorted).indices
+    return cols.gather(-1, top).view(*pre.shape[:-1], k)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .kernels import gather_preacts, sparse_decode
+from .kernels import gather_preacts, sparse_decode, topk_indices
 from .normalize import Normalizer
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
@@ -221,7 +221,7 @@ class TopKSAE(nn.Module):
         return self._latents(x_c, pre, chosen.indices, mask.gather(-1, chosen.indices))
 
     def _topk(self, x_c: Tensor, pre: Tensor, k: int) -> Latents:
-        return self._latents(x_c, pre, pre.topk(k, dim=-1).indices)
+        return self._latents(x_c, pre, topk_indices(pre, k))
 
     def _batchtopk(self, x_c: Tensor, pre: Tensor) -> Latents:
         flat = F.relu(pre).flatten()

@@ -238,6 +238,19 @@ def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_a
         torch.testing.assert_close(grad, reference[name], msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(8192, 4), (8192, 32), (4096, 8192 // 8), (64, 64)])
+def test_topk_through_group_maxima_keeps_torch_topk_values(n, k, dtype):
+    from saelib.kernels import topk_indices
+
+    pre = torch.randn(40, n, generator=torch.Generator().manual_seed(n + k)).to(dtype)
+    pre[:10] = pre[:10].round()  # many ties, across the top-k boundary too
+    pre[10] = 0.0
+    indices = topk_indices(pre, min(k, n))
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "distinct latents per row"
+    assert torch.equal(pre.gather(-1, indices), pre.topk(min(k, n), dim=-1).values)  # sorted, same values
+
+
 def test_bf16_encoder_chooses_in_bf16_and_keeps_fp32_gradients():
     fp32, bf16 = make_sae(n_latents=256, k=8), make_sae(n_latents=256, k=8, encoder_dtype="bfloat16")
     dead = torch.zeros(256, dtype=torch.bool)
