@@ -58,8 +58,8 @@ from .kernels import gather_preacts, sparse_decode
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
 from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
-                    _sample, _say, _start_run_folder, _stream, as_source, check_batch, initial_b_pre,
-                    latest_checkpoint, learning_rate)
+                    _sample, _say, _start_run_folder, _stream, as_source, check_batch, ema_apply, ema_start, ema_update,
+                    initial_b_pre, latest_checkpoint, learning_rate)
 
 LATENT_PARAMS = ("W_enc", "b_enc", "W_dec")  # split by rows over the latent group; b_pre is replicated
 CHECKPOINT_TENSORS, CHECKPOINT_META = "state.safetensors", "state.json"
@@ -543,7 +543,7 @@ def fit_distributed(
         b_pre = _broadcast_from_main(lambda: initial_b_pre(_sample(source, cfg), cfg.b_pre_init), torch.zeros(source.d_in), grid)
         with torch.no_grad():
             shard.b_pre.copy_(b_pre)
-        state.ema = {name: p.detach().clone() for name, p in shard.named_parameters()} if cfg.ema else None
+        state.ema = ema_start(shard) if cfg.ema else None
     record = _config_record(cfg, source.d_in)
     if run is not None and main:
         _start_run_folder(run, record, state.step)
@@ -579,8 +579,7 @@ def fit_distributed(
         shard.normalize_decoder()
 
         if state.ema is not None:
-            for name, p in shard.named_parameters():
-                state.ema[name].lerp_(p.detach(), 1 - cfg.ema)
+            ema_update(state.ema, shard, cfg.ema)
         fired = torch.zeros(shard.n_latents, device=grid.device).index_fill_(0, result.indices[result.values > 0], 1)
         state.since_fired += B
         state.since_fired[_all_reduce(fired, grid.data_group) > 0] = 0
@@ -603,9 +602,7 @@ def fit_distributed(
     if run is not None:
         save_checkpoint(run, shard, opt, state, record, grid)
     if state.ema is not None:
-        with torch.no_grad():
-            for name, p in shard.named_parameters():
-                p.copy_(state.ema[name])
+        ema_apply(state.ema, shard, cfg.ema, state.step)
         shard.fold_decoder_norms()
     if run is not None:
         _shared_folder(run / "sae", grid, shard.save)

@@ -73,7 +73,7 @@ class TrainConfig:
     # None = min(10M, max(batch_size, tokens // 10, 10 * n_latents // k)), i.e. a tenth of
     # the run but never less than ten expected firings of an average latent.
     dead_tokens: int | None = None
-    ema: float | None = None  # e.g. 0.999: the final SAE holds the EMA parameters
+    ema: float | None = None  # e.g. 0.999: the final SAE holds the (bias-corrected) EMA parameters
     l1_coef: float = 0.05  # ReLU baseline only
     seed: int = 0
     log_every: int = 10  # steps
@@ -305,6 +305,26 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None) -> float
     return cfg.lr
 
 
+def ema_start(module: nn.Module) -> dict[str, Tensor]:
+    """Zeroed running averages of ``module``'s parameters; :func:`ema_apply` corrects their bias
+    (as Adam does its moments), so an EMA of a short run is not pulled towards the zeros or the init."""
+    return {name: torch.zeros_like(p) for name, p in module.named_parameters()}
+
+
+def ema_update(ema: dict[str, Tensor], module: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * params``, after each optimiser step."""
+    for name, p in module.named_parameters():
+        ema[name].lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def ema_apply(ema: dict[str, Tensor], module: nn.Module, decay: float, steps: int) -> None:
+    """Copy the bias-corrected averages ``ema / (1 - decay**steps)`` into ``module``'s parameters."""
+    if steps > 0:
+        for name, p in module.named_parameters():
+            p.copy_(ema[name] / (1 - decay**steps))
+
+
 @dataclass
 class TrainState:
     """Everything besides the model and optimiser that a resumed run needs."""
@@ -403,7 +423,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
         with torch.no_grad():
             sae.b_pre.copy_(initial_b_pre(_sample(source, cfg), cfg.b_pre_init))
             sae.W_enc.mul_(cfg.encoder_init_scale)
-        state.ema = {name: p.detach().clone() for name, p in sae.named_parameters()} if cfg.ema else None
+        state.ema = ema_start(sae) if cfg.ema else None
     record = _config_record(cfg, source.d_in)
     if run is not None:
         _start_run_folder(run, record, state.step)
@@ -426,8 +446,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             raise FloatingPointError(f"{error} at step {state.step} (batch {index} of epoch {epoch}); lower lr (now {lr:.3g}). The last checkpoint is intact.") from None
 
         if state.ema is not None:
-            for name, p in sae.named_parameters():
-                state.ema[name].lerp_(p.detach(), 1 - cfg.ema)
+            ema_update(state.ema, sae, cfg.ema)
         fired = result.latents.indices[result.latents.values > 0]
         state.since_fired += len(x)
         state.since_fired[fired] = 0
@@ -454,9 +473,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
     if run is not None:
         save_checkpoint(run, sae, opt, state, record)
     if state.ema is not None:
-        with torch.no_grad():
-            for name, p in sae.named_parameters():
-                p.copy_(state.ema[name])
+        ema_apply(state.ema, sae, cfg.ema, state.step)
         sae.fold_decoder_norms()
     if run is not None:
         sae.save(run / "sae")

@@ -232,3 +232,23 @@ def test_a_run_written_before_a_config_field_existed_still_loads(tmp_path):
     fit(x, 32, 4, tokens=1024, batch_size=512, out=tmp_path, progress=False)  # finished: loads
     with pytest.raises(ValueError, match="b_pre_init: 'geometric_median' -> 'mean'"):
         fit(x, 32, 4, tokens=1024, batch_size=512, out=tmp_path, progress=False, b_pre_init="mean")
+
+
+def test_the_ema_is_bias_corrected():
+    """After t updates with constant parameters the EMA is exactly those parameters, not a blend
+    with the zeros it starts from (or with the init, which would dominate a short run)."""
+    from torch import nn
+
+    from saelib.train import ema_apply, ema_start, ema_update
+
+    module = nn.Linear(3, 2)
+    ema = ema_start(module)
+    target = {name: p.detach().clone() for name, p in module.named_parameters()}
+    for _ in range(5):
+        ema_update(ema, module, 0.999)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    ema_apply(ema, module, 0.999, steps=5)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.detach(), target[name])
