@@ -40,13 +40,8 @@ def load_run(path: str | Path) -> TopKSAE:
     from .distributed import merge_shards
 
     path = Path(path)
-    if not path.exists():
-        from .released import find
-
-        if find(str(path)) is None:
-            raise FileNotFoundError(f"No run or SAE folder at {path}, and no released SAE of that name "
-                                    "(saelib.released.names() lists them).")
-        return load(path)  # a released SAE's name
+    if not path.exists():  # a released SAE's name; load() says which names exist if it is none
+        return load(path)
     sae_dir = path / "sae" if (path / "sae").is_dir() else path
     return merge_shards(sae_dir) if any(sae_dir.glob("shard_*_of_*")) else load(sae_dir)
 
