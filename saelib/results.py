@@ -49,16 +49,21 @@ def dead_latents(data: dict) -> str:
     return _table(["lr (x the rule)", "mitigation"] + [f"dead at n={n}" for n in ns], rows)
 
 
-def scaling(data: list[dict]) -> str:
+def scaling(data: dict) -> str:
     """03: every fitted coefficient with its 95% bootstrap interval, next to the paper's."""
     rows = []
-    for r in data:
+    for r in data["coefficients"]:
         per_curve = r["fit"].startswith(("L(n) at", "L(k) at"))
         if per_curve and r["coefficient"] != "b":
             continue  # per-curve fits: only the exponent goes in the README (the CSV has all)
         rows.append([r["fit"], r["coefficient"], f"{r['ours']:+.3g}", f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
                      "–" if r["paper"] is None else f"{r['paper']:+.3g}", f"{r['r2']:.3f}", r["n_points"]])
-    return _table(["fit", "coefficient", "ours", "95% bootstrap CI", "paper", "R²", "runs"], rows)
+    d = data["data"]
+    epochs = d["tokens_per_run"] / d["unique_tokens"]
+    note = (f"\n\nEach run saw {d['tokens_per_run']:,} tokens of layer-{d['layer']} activations from the "
+            f"`{d['corpus']}` corpus, of which {d['unique_tokens']:,} unique ({epochs:.2g} epoch{'s' * (epochs != 1)}), in batches of {d['batch_size']:,} at {d['lr_multiplier']:g}x the paper's learning-rate rule; "
+            f"the loss is NMSE on {d['validation_tokens']:,} held-out tokens.")
+    return _table(["fit", "coefficient", "ours", "95% bootstrap CI", "paper", "R²", "runs"], rows) + note
 
 
 def ablation(data: dict) -> str:

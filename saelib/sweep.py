@@ -5,7 +5,8 @@
                             tokens=32_768, batch_size=1024)
 
 Every run trains with :func:`saelib.train.fit` on one :class:`~saelib.activations.CachedSource`
-(the cache is read once and shared), in ``root/<run_name(config)>``. ``fit`` resumes an
+(the cache is read once and shared), in ``root/<run_name(options)>`` (the config with the
+options shared by every run, so changing those trains new runs beside the old). ``fit`` resumes an
 interrupted run and loads a finished one, so re-running a sweep only trains what is missing.
 
 Each row of the table holds the run's configuration, its final training metrics, the
@@ -91,7 +92,8 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
             ``arch="relu"``); see :func:`grid`.
         cache: the training activations: an :class:`ActivationCache`, or any ``BatchSource``
             already on the normalised scale (a ``CachedSource``; a ``TensorSource`` in tests).
-        root: sweep folder; each run goes to ``root/<run_name(config)>``.
+        root: sweep folder; each run goes to ``root/<run_name({**common, **config})>``, so a run
+            with other shared options (a changed preset) gets its own folder.
         validation: held-out raw activations (a validation-split cache or an ``(N, d_in)``
             tensor) for the reconstruction metrics; without it the row has training metrics only.
         progress: print one line per run.
@@ -107,11 +109,11 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
         unknown = sorted(set(options) - TRAIN_FIELDS)
         if unknown:
             raise ValueError(f"Sweep config {cfg} has unknown option(s) {unknown}; use TrainConfig fields.")
-        row = _run_one(source, options, root / run_name(cfg), x_val)
+        row = _run_one(source, options, root / run_name(options), x_val)
         table.append(row)
         if progress:
             shown = {key: row[key] for key in ("val_nmse", "val_l0", "dead_fraction") if key in row}
-            print(f"[{i + 1}/{len(configs)}] {run_name(cfg)}: "
+            print(f"[{i + 1}/{len(configs)}] {run_name(options)}: "
                   + ", ".join(f"{key} {value:.4g}" for key, value in shown.items())
                   + f" ({row['train_seconds']:.1f} s)", flush=True)
     return table

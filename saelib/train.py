@@ -5,7 +5,8 @@
 Recipe: random unit decoder rows, tied init ``W_enc = W_dec`` (then trained untied),
 ``b_pre`` = geometric median of a sample, ``b_enc = 0``; loss = NMSE + AuxK / 32, where AuxK
 lets the top ``k_aux`` dead latents (not fired for ``dead_tokens`` tokens) reconstruct the
-detached residual; Adam (eps 6.25e-10) with ``lr = 2e-4 / sqrt(n_latents / 2**14)``, linear
+detached residual; Adam (eps 6.25e-10) with ``lr = 2e-4 / sqrt(n_latents / 2**14)`` (or a multiple
+of it, ``lr_multiplier``, for short runs), linear
 warmup and optional linear decay to 0; gradient clipping; decoder gradients projected
 orthogonal to the rows before each step and rows renormalised after it; optional parameter EMA.
 
@@ -60,7 +61,10 @@ class TrainConfig:
     arch: str = "topk"  # topk | multitopk | batchtopk | relu
     batch_size: int = 4096  # the paper: 131,072 tokens; CPU runs use less
     tokens: int | None = None  # training budget; None = one pass over the data
-    lr: float | None = None  # None = 2e-4 / sqrt(n_latents / 2**14)
+    lr: float | None = None  # None = lr_multiplier x paper_lr(n_latents)
+    # a multiple of the paper's rule, for runs too short for it (07_recipe_ablation: about 16x
+    # is best for a few hundred steps); ignored when lr is given
+    lr_multiplier: float = 1.0
     warmup_steps: int | None = None  # None = 5% of the steps, at most 1000
     decay: str = "linear"  # "linear" to 0 at the end of the run (if its length is known), or "none"
     grad_clip: float | None = 1.0
@@ -107,8 +111,10 @@ class TrainConfig:
             raise ValueError(f"decay must be 'linear' or 'none', got {self.decay!r}.")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be None or a decay in (0, 1) such as 0.999, got {self.ema!r}.")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}.")
+        for name in ("lr", "lr_multiplier"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
         for name in ("adam_eps", "auxk_coef", "l1_coef") + (("grad_clip",) if self.grad_clip is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -123,7 +129,8 @@ class TrainConfig:
             self,
             tokens=tokens,
             adam_betas=tuple(self.adam_betas),
-            lr=self.lr or 2e-4 / math.sqrt(self.n_latents / 2**14),
+            lr=self.lr or self.lr_multiplier * paper_lr(self.n_latents),
+            lr_multiplier=1.0,  # folded into lr
             warmup_steps=self.warmup_steps if self.warmup_steps is not None else min(1000, (steps or 20_000) // 20),
             k_aux=self.k_aux or max(1, min(512, d_in // 2)),
             dead_tokens=self.dead_tokens or min(10_000_000, max(B, (tokens or 100_000_000) // 10, typical_gap)),
@@ -132,6 +139,11 @@ class TrainConfig:
 
 
 B_PRE_INITS = ("geometric_median", "mean", "zero")
+
+
+def paper_lr(n_latents: int) -> float:
+    """The paper's learning-rate rule ``2e-4 / sqrt(n_latents / 2**14)`` (tuned on long runs)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 # fields that change what is logged or saved, or how a step is computed, not the recipe: a run
 # may resume with others (and resume folders written before a field existed)

@@ -176,14 +176,25 @@ def test_bad_model_and_corpus_errors(tmp_path):
         data.load_documents(str(tmp_path / "c.jsonl"))
 
 
-def test_the_offline_mix_holds_every_packaged_text_in_a_fixed_order():
+def test_the_offline_mix_holds_every_packaged_text_interleaved_in_a_fixed_order():
+    from saelib.evals.probe_sources import TEXT_SOURCES
+
     docs = data.load_documents("mix")
     wiki = data.load_documents("wikipedia")
-    assert docs[: len(wiki)] == wiki  # Wikipedia first, then the probe tasks' texts
-    rest = "\n".join(docs[len(wiki):])
-    for phrase in ("Elizabeth", "HAMLET", "Paradise", "fortune"):  # Austen, Shakespeare, Milton, fortunes
-        assert phrase.lower() in rest.lower(), phrase
+    assert [d for d in docs if d in set(wiki)] == wiki  # every Wikipedia lead, in its own order
     assert sum(map(len, docs)) > 3 * sum(map(len, wiki))  # about 4M tokens against 1M
+    # interleaved: the first tenth of the text holds every part at about its share of the whole
+    total, head, chars = sum(map(len, docs)), set(), 0
+    for doc in docs:
+        if chars > total / 10:
+            break
+        head.add(doc)
+        chars += len(doc)
+    parts = {"wikipedia": wiki, **{name: [t for t, _ in TEXT_SOURCES[name]()]
+                                   for name in ("austen", "shakespeare", "milton", "fortunes")}}
+    for name, part in parts.items():
+        share_of_head = sum(len(d) for d in part if d in head) / chars
+        assert share_of_head == pytest.approx(sum(map(len, part)) / total, abs=0.01), name
     assert data.load_documents("mix") == docs
 
 

@@ -30,6 +30,16 @@ def test_blocks_are_rewritten_from_json_and_the_rest_kept(tmp_path):
     assert readme.read_text() == text
 
 
+def test_the_scaling_block_states_tokens_seen_and_unique():
+    coefficient = dict(fit="joint L(n, k)", coefficient="g", ours=-0.05, ci_low=-0.07, ci_high=-0.03, paper=-0.042,
+                       r2=0.99, n_points=20)
+    data = dict(corpus="mix", layer=12, unique_tokens=1_000_000, tokens_per_run=1_000_000, batch_size=1024,
+                lr_multiplier=16, validation_tokens=8000)
+    text = results.scaling({"data": data, "coefficients": [coefficient]})
+    assert "| joint L(n, k) | g | -0.05 | [-0.07, -0.03] | -0.042 | 0.990 | 20 |" in text
+    assert "1,000,000 tokens" in text and "`mix` corpus" in text and "1,000,000 unique (1 epoch)" in text
+
+
 def test_the_repository_readme_has_every_block():
     from pathlib import Path
 

@@ -40,13 +40,22 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, data):
         assert 0 < row["val_nmse"] < 1 and row["val_l0"] <= 4 and 0 <= row["dead_fraction"] <= 1
         assert row["curve"][-1]["tokens"] == 1024 and row["flops"] == 6 * 16 * row["n_latents"] * 1024
     # a finished sweep loads every run instead of retraining; an interrupted one trains what is missing
-    (tmp_path / sweep.run_name(configs[-1]) / "sae" / "config.json").unlink()
+    (tmp_path / sweep.run_name({**common, **configs[-1]}) / "sae" / "config.json").unlink()
     again = sweep.run_sweep(configs, source, tmp_path, validation=val, progress=False, **common)
     assert [r["val_nmse"] for r in again] == pytest.approx([r["val_nmse"] for r in table], rel=1e-5)
-    assert json.loads((tmp_path / sweep.run_name(configs[0]) / sweep.RESULT_FILE).read_text())["train_seconds"] > 0
+    assert json.loads((tmp_path / sweep.run_name({**common, **configs[0]}) / sweep.RESULT_FILE).read_text())["train_seconds"] > 0
     summary = sweep.summarize(table, ["n_latents"], ["val_nmse"])
     assert [s["runs"] for s in summary] == [2, 2] and all(s["val_nmse_std"] >= 0 for s in summary)
     assert "curve" not in sweep.without_curves(table)[0]
+
+
+def test_changed_shared_options_train_new_runs_beside_the_old(tmp_path, data):
+    # a student who edits a preset's budget re-runs the sweep: new folders, no clash with the old runs
+    source, config = TensorSource(data[0]), [dict(n_latents=32, k=4)]
+    short = sweep.run_sweep(config, source, tmp_path, progress=False, tokens=512, batch_size=128)
+    longer = sweep.run_sweep(config, source, tmp_path, progress=False, tokens=1024, batch_size=128)
+    assert (short[0]["tokens"], longer[0]["tokens"]) == (512, 1024) and short[0]["run"] != longer[0]["run"]
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_unknown_option_is_named(tmp_path, data):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from saelib.sae import TopKSAE, load
-from saelib.train import TensorSource, TrainConfig, fit, geometric_median, latest_checkpoint, learning_rate
+from saelib.train import TensorSource, TrainConfig, fit, geometric_median, latest_checkpoint, learning_rate, paper_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +95,15 @@ def test_learning_rate_schedule():
     rates = [learning_rate(cfg, step, 100) for step in range(100)]
     assert rates[0] < rates[4] == pytest.approx(cfg.lr) and rates[5] == pytest.approx(cfg.lr)
     assert all(a >= b for a, b in zip(rates[5:], rates[6:])) and rates[-1] < 0.02 * cfg.lr
+
+
+def test_lr_multiplier_scales_the_papers_rule_and_an_explicit_lr_wins():
+    assert paper_lr(2**14) == pytest.approx(2e-4) and paper_lr(2**16) == pytest.approx(1e-4)
+    scaled = TrainConfig(n_latents=4096, lr_multiplier=16).resolved(d_in=8, n_tokens=None)
+    assert scaled.lr == pytest.approx(16 * paper_lr(4096)) and scaled.lr_multiplier == 1  # folded into lr
+    assert TrainConfig(n_latents=4096, lr=1e-3, lr_multiplier=16).resolved(d_in=8, n_tokens=None).lr == 1e-3
+    with pytest.raises(ValueError, match="lr_multiplier must be a positive finite number, got -1"):
+        TrainConfig(lr_multiplier=-1).resolved(d_in=8, n_tokens=None)
 
 
 def test_fit_on_iterable_of_batches_and_ema():
