@@ -70,6 +70,20 @@ def test_encode_is_relu_of_topk_and_decode_matches_dense():
     assert values is latents.values and indices is latents.indices
 
 
+def test_preacts_reuse_one_buffer_across_calls_and_shapes():
+    sae = make_sae()
+    x1, x2 = torch.randn(8, 16), torch.randn(8, 16)
+    ptr = sae._preacts(x1)[1].data_ptr()
+    _, pre2 = sae._preacts(x2)
+    assert pre2.data_ptr() == ptr  # no new (B, n_latents) allocation per step
+    torch.testing.assert_close(pre2, (x2 - sae.b_pre) @ sae.W_enc.T + sae.b_enc)
+    _, small = sae._preacts(x1[:3])  # a smaller batch fits in the same memory
+    assert small.data_ptr() == ptr and small.shape == (3, 64)
+    torch.testing.assert_close(small, (x1[:3] - sae.b_pre) @ sae.W_enc.T + sae.b_enc)
+    _, large = sae._preacts(torch.randn(2, 20, 16))  # a larger one gets a new buffer, leading dims kept
+    assert large.shape == (2, 20, 64)
+
+
 def test_unit_norm_decoder_rows_and_tied_init():
     sae = make_sae()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
