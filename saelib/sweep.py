@@ -96,27 +96,40 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
             with other shared options (a changed preset) gets its own folder.
         validation: held-out raw activations (a validation-split cache or an ``(N, d_in)``
             tensor) for the reconstruction metrics; without it the row has training metrics only.
-        progress: print one line per run.
+        progress: print one line per run, with the time left estimated from the training compute
+            (:func:`training_flops`) of the runs still to go at the rate of those trained so far.
         **common: ``fit`` options shared by every run (``tokens``, ``batch_size``...); a config's
             own value wins.
     """
-    source = CachedSource(cache) if isinstance(cache, ActivationCache) else cache
-    x_val = validation.all_rows() if isinstance(validation, ActivationCache) else validation
-    root = Path(root)
-    table = []
-    for i, cfg in enumerate(configs):
-        options = {**common, **cfg}
+    runs = [{**common, **cfg} for cfg in configs]
+    for cfg, options in zip(configs, runs):  # before any training
         unknown = sorted(set(options) - TRAIN_FIELDS)
         if unknown:
             raise ValueError(f"Sweep config {cfg} has unknown option(s) {unknown}; use TrainConfig fields.")
-        row = _run_one(source, options, root / run_name(options), x_val)
+    source = CachedSource(cache) if isinstance(cache, ActivationCache) else cache
+    x_val = validation.all_rows() if isinstance(validation, ActivationCache) else validation
+    root = Path(root)
+    table, trained_flops, trained_seconds = [], 0.0, 0.0
+    for i, options in enumerate(runs):
+        folder = root / run_name(options)
+        finished, start = (folder / RESULT_FILE).exists(), time.perf_counter()
+        row = _run_one(source, options, folder, x_val)
         table.append(row)
+        if not finished:
+            trained_flops, trained_seconds = trained_flops + row["flops"], trained_seconds + time.perf_counter() - start
         if progress:
             shown = {key: row[key] for key in ("val_nmse", "val_l0", "dead_fraction") if key in row}
-            print(f"[{i + 1}/{len(configs)}] {run_name(options)}: "
+            left = [training_flops(row["d_in"], o["n_latents"], o["tokens"]) for o in runs[i + 1:] if o.get("tokens")]
+            eta = (f"; about {_duration(sum(left) * trained_seconds / trained_flops)} left"
+                   if trained_flops and left and len(left) == len(runs) - i - 1 else "")
+            print(f"[{i + 1}/{len(configs)}] {folder.name}: "
                   + ", ".join(f"{key} {value:.4g}" for key, value in shown.items())
-                  + f" ({row['train_seconds']:.1f} s)", flush=True)
+                  + f" ({row['train_seconds']:.1f} s{eta})", flush=True)
     return table
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _run_one(source: BatchSource, options: dict, folder: Path, x_val: torch.Tensor | None) -> dict:

@@ -58,6 +58,19 @@ def test_changed_shared_options_train_new_runs_beside_the_old(tmp_path, data):
     assert len(list(tmp_path.iterdir())) == 2
 
 
-def test_unknown_option_is_named(tmp_path, data):
+def test_unknown_option_is_named_before_any_run_trains(tmp_path, data):
+    configs = [{"n_latents": 16, "k": 2}, {"n_latents": 16, "k": 2, "colour": "red"}]
     with pytest.raises(ValueError, match="colour"):
-        sweep.run_sweep([{"n_latents": 16, "k": 2, "colour": "red"}], TensorSource(data[0]), tmp_path)
+        sweep.run_sweep(configs, TensorSource(data[0]), tmp_path, tokens=256, batch_size=128)
+    assert not any(tmp_path.iterdir())
+
+
+def test_progress_estimates_the_time_left_from_the_compute_to_go(tmp_path, data, capsys):
+    configs = sweep.grid(n_latents=[32, 64], k=4)
+    common = dict(tokens=512, batch_size=128, geometric_median_samples=256)
+    sweep.run_sweep(configs, TensorSource(data[0]), tmp_path, **common)
+    first, last = capsys.readouterr().out.strip().splitlines()
+    assert first.startswith("[1/2] n32-k4-") and " s; about " in first and first.endswith(" left)")
+    assert last.startswith("[2/2] n64-k4-") and "left" not in last
+    sweep.run_sweep(configs, TensorSource(data[0]), tmp_path, **common)  # all loaded: nothing trained, no estimate
+    assert "left" not in capsys.readouterr().out
