@@ -66,6 +66,25 @@ def scaling(data: dict) -> str:
     return _table(["fit", "coefficient", "ours", "95% bootstrap CI", "paper", "R²", "runs"], rows) + note
 
 
+def metrics_vs_size(data: dict) -> str:
+    """04: every evaluation metric of the paper's section 4 at each n (arrows: which way is better)."""
+    rows = [[f"{r['n_latents']:,}", f"{r['val_nmse']:.4f}", f"{r['delta_ce']:.3f}", f"{r['probe_loss']:.4f}",
+             f"{r['n2g_precision']:.3f}", f"{r['n2g_recall']:.3f}", f"{r['ablation_sparsity']:.3f}",
+             f"{r['dead_fraction']:.1%}"]
+            for r in sorted(data["runs"], key=lambda r: r["n_latents"])]
+    return _table(["n", "NMSE ↓", "Δ CE (nats) ↓", "probe loss ↓", "N2G precision ↑", "N2G recall ↑",
+                   "ablation sparsity ↑", "dead"], rows)
+
+
+def progressive(data: dict) -> str:
+    """05: NMSE when decoding the top k' latents of a TopK and a Multi-TopK SAE, mean ± sd over seeds."""
+    by = {(r["arch"], r["k_prime"]): r for r in data["summary"]}
+    archs, ks = sorted({a for a, _ in by}, reverse=True), sorted({k for _, k in by})
+    rows = [[f"k'={k}"] + [f"{by[a, k]['nmse']:.4f} ± {by[a, k]['nmse_std']:.4f}" if (a, k) in by else "–"
+                           for a in archs] for k in ks]
+    return _table(["decoded latents"] + [f"{a} NMSE" for a in archs], rows)
+
+
 def ablation(data: dict) -> str:
     """07: held-out NMSE of each one-knob change from the reference recipe."""
     runs = data["runs"]
@@ -96,6 +115,10 @@ BLOCKS = {
     "frontier": ("01_frontier.json", frontier, "01_frontier.png", "make figures NOTEBOOKS=01_topk_vs_relu"),
     "dead_latents": ("02_dead_vs_n.json", dead_latents, "02_dead_vs_n.png", "make figures NOTEBOOKS=02_dead_latents"),
     "scaling": ("03_coefficients.json", scaling, "03_joint_law.png", "make figures NOTEBOOKS=03_scaling_laws"),
+    "metrics": ("04_metrics_vs_size.json", metrics_vs_size, "04_metrics_vs_size.png",
+                "make figures NOTEBOOKS=04_metrics_vs_size"),
+    "progressive": ("05_progressive.json", progressive, "05_progressive.png",
+                    "make figures NOTEBOOKS=05_progressive_codes"),
     "toy": ("06_recovery.json", toy_recovery, "06_recovery.png", "make figures NOTEBOOKS=06_toy_ground_truth"),
     "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
                  "make figures NOTEBOOKS=07_recipe_ablation"),

@@ -40,6 +40,17 @@ def test_the_scaling_block_states_tokens_seen_and_unique():
     assert "1,000,000 tokens" in text and "`mix` corpus" in text and "1,000,000 unique (1 epoch)" in text
 
 
+def test_the_metrics_and_progressive_blocks_put_each_value_in_its_cell():
+    run = dict(n_latents=1024, val_nmse=0.25, delta_ce=0.5, probe_loss=0.3, n2g_precision=0.8, n2g_recall=0.4,
+               ablation_sparsity=0.6, dead_fraction=0.01)
+    assert "| 1,024 | 0.2500 | 0.500 | 0.3000 | 0.800 | 0.400 | 0.600 | 1.0% |" in results.metrics_vs_size({"runs": [run]})
+    summary = [dict(arch="topk", k_prime=8, nmse=0.3, nmse_std=0.01), dict(arch="multitopk", k_prime=8, nmse=0.28, nmse_std=0.02),
+               dict(arch="multitopk", k_prime=64, nmse=0.2, nmse_std=0.0)]
+    text = results.progressive({"summary": summary})
+    assert "| decoded latents | topk NMSE | multitopk NMSE |" in text
+    assert "| k'=8 | 0.3000 ± 0.0100 | 0.2800 ± 0.0200 |" in text and "| k'=64 | – | 0.2000 ± 0.0000 |" in text
+
+
 def test_the_repository_readme_has_every_block():
     from pathlib import Path
 
