@@ -4,9 +4,9 @@ A TopK SAE touches only ``k`` of its ``n_latents`` rows per token, so neither th
 the encoder's backward pass needs a dense ``(batch, n_latents)`` matrix:
 
 - ``sparse_decode(values, indices, W)``: ``out[b] = sum_j values[b, j] * W[indices[b, j]]``.
-- ``gather_preacts(x, W, b, indices, pre)``: ``pre[b, indices[b, j]]`` where
-  ``pre = x W^T + b`` was already computed without gradient (to choose the indices); the
-  gradient flows to ``x``, ``W`` and ``b`` through the chosen entries only. ``pre`` may be
+- ``gather_preacts(x, W, b, indices, pre, b_pre)``: ``pre[b, indices[b, j]]`` where
+  ``pre = (x - b_pre) W^T + b`` was already computed without gradient (to choose the indices);
+  the gradient flows to ``x``, ``W``, ``b`` and ``b_pre`` through the chosen entries only. ``pre`` may be
   bfloat16 (the reduced-precision encoder): the values are then bf16-rounded, while every
   gradient is computed in ``x``'s dtype from the full-precision weights.
 - ``topk_indices(pre, k)``: the top-k of each row through group maxima (faster than
@@ -97,22 +97,26 @@ class _SparseDecode(torch.autograd.Function):
 
 class _GatherPreacts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
-        ctx.save_for_backward(x, W, indices)
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor, b_pre: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, W, indices, b_pre)
         return pre.gather(-1, indices).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        x, W, indices = ctx.saved_tensors
-        grad_x = grad_W = grad_b = None
+        x, W, indices, b_pre = ctx.saved_tensors
+        grad_x = grad_W = grad_b = grad_b_pre = None
         if ctx.needs_input_grad[0]:
             # the encoder's input gradient is a sparse decode through the encoder rows
             grad_x = _bag_sum(grad_values, indices, W)
         if ctx.needs_input_grad[1]:
-            grad_W = _rows_outer_add(W.shape[0], indices, grad_values, x)
-        if ctx.needs_input_grad[2]:
+            grad_W = _rows_outer_add(W.shape[0], indices, grad_values, x if b_pre is None else x - b_pre)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[5]:
             grad_b = grad_values.new_zeros(W.shape[0]).index_add_(0, indices.flatten(), grad_values.flatten())
-        return grad_x, grad_W, grad_b, None, None
+        if ctx.needs_input_grad[5]:
+            # d pre[b, i] / d b_pre = -W[i]: summed over tokens that is -grad_b @ W, a (n,) x (n, d)
+            # product instead of the (B, d) sparse decode the input gradient costs
+            grad_b_pre = -(grad_b @ W.to(grad_b.dtype))
+        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None, grad_b_pre
 
 
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
@@ -168,18 +172,21 @@ def sparse_decode(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     return out.reshape(*lead, W.shape[-1])
 
 
-def gather_preacts(x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
+def gather_preacts(x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor, b_pre: Tensor | None = None) -> Tensor:
     """``(..., m)``: the chosen pre-activations ``pre[..., indices]`` with a sparse backward.
 
     Args:
-        x: ``(..., d)`` encoder input (already centred by ``b_pre``).
+        x: ``(..., d)`` encoder input.
         W: ``(n_latents, d)`` encoder rows; b: ``(n_latents,)`` encoder bias.
         indices: ``(..., m)`` chosen latent ids.
-        pre: ``(..., n_latents)`` ``x W^T + b`` computed without gradient, in ``x``'s dtype
-            or in bfloat16 (the values then carry its rounding; the gradients do not).
+        pre: ``(..., n_latents)`` ``(x - b_pre) W^T + b`` computed without gradient, in ``x``'s
+            dtype or in bfloat16 (the values then carry its rounding; the gradients do not).
+        b_pre: ``(d,)`` subtracted from ``x`` before the encoder, or None when ``x`` is already
+            centred. Its gradient costs one ``(n,) x (n, d)`` product; when only ``b_pre`` (and
+            not ``x``) needs a gradient, no ``(B, d)`` input gradient is computed at all.
     """
     lead = indices.shape[:-1]
     flat = _GatherPreacts.apply(
-        x.reshape(-1, x.shape[-1]), W, b, indices.reshape(-1, indices.shape[-1]), pre.reshape(-1, pre.shape[-1])
+        x.reshape(-1, x.shape[-1]), W, b, indices.reshape(-1, indices.shape[-1]), pre.reshape(-1, pre.shape[-1]), b_pre
     )
     return flat.reshape(*lead, indices.shape[-1])

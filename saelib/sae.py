@@ -196,16 +196,15 @@ class TopKSAE(nn.Module):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"Input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}.")
 
-    def _preacts(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x - b_pre, pre)``; ``pre = W_enc (x - b_pre) + b_enc`` without gradient, in ``encoder_dtype``."""
+    def _preacts(self, x: Tensor) -> Tensor:
+        """``pre = W_enc (x - b_pre) + b_enc`` without gradient, in ``encoder_dtype`` (the gradient
+        flows through the chosen entries only, in ``gather_preacts``)."""
         self._check_input(x)
-        x_c = x - self.b_pre
         with torch.no_grad():
             dtype = getattr(torch, self.encoder_dtype)  # float32: the parameters' own dtype
-            x_e, W, b = (t.to(dtype) for t in (x_c, self.W_enc, self.b_enc))
+            x_e, W, b = (t.to(dtype) for t in (x - self.b_pre, self.W_enc, self.b_enc))
             out = self._workspace((*x_e.shape[:-1], self.n_latents), dtype, x.device)
-            pre = torch.addmm(b, x_e.reshape(-1, self.d_in), W.T, out=out.view(-1, self.n_latents)).view(out.shape)
-        return x_c, pre
+            return torch.addmm(b, x_e.reshape(-1, self.d_in), W.T, out=out.view(-1, self.n_latents)).view(out.shape)
 
     def _workspace(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A tensor of ``shape`` in memory kept from the previous call, for ``pre``: allocating its
@@ -217,23 +216,23 @@ class TopKSAE(nn.Module):
             buffer = self.__dict__["_pre_workspace"] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 
-    def _latents(self, x_c: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None) -> Latents:
+    def _latents(self, x: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None) -> Latents:
         """ReLU of the chosen pre-activations, differentiable through the sparse kernel."""
-        values = F.relu(gather_preacts(x_c, self.W_enc, self.b_enc, indices, pre))
+        values = F.relu(gather_preacts(x, self.W_enc, self.b_enc, indices, pre, self.b_pre))
         if keep is not None:
             values = values * keep
         return Latents(values, indices, self.n_latents)
 
-    def _masked(self, x_c: Tensor, pre: Tensor, mask: Tensor) -> Latents:
+    def _masked(self, x: Tensor, pre: Tensor, mask: Tensor) -> Latents:
         """Latents for an arbitrary boolean ``mask (..., n_latents)``, rows padded with zeros."""
         width = max(int(mask.sum(-1).max()), 1) if mask.numel() else 1
         chosen = pre.masked_fill(~mask, float("-inf")).topk(width, dim=-1)
-        return self._latents(x_c, pre, chosen.indices, mask.gather(-1, chosen.indices))
+        return self._latents(x, pre, chosen.indices, mask.gather(-1, chosen.indices))
 
-    def _topk(self, x_c: Tensor, pre: Tensor, k: int) -> Latents:
-        return self._latents(x_c, pre, topk_indices(pre, k))
+    def _topk(self, x: Tensor, pre: Tensor, k: int) -> Latents:
+        return self._latents(x, pre, topk_indices(pre, k))
 
-    def _batchtopk(self, x_c: Tensor, pre: Tensor) -> Latents:
+    def _batchtopk(self, x: Tensor, pre: Tensor) -> Latents:
         flat = F.relu(pre).flatten()
         kept = flat.topk(min(self.k * (flat.numel() // self.n_latents), flat.numel()))
         mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept.indices, True) & (flat > 0)
@@ -243,21 +242,21 @@ class TopKSAE(nn.Module):
                 self.threshold.copy_(smallest)
             else:
                 self.threshold.lerp_(smallest, 1 - BATCHTOPK_THRESHOLD_MOMENTUM)
-        return self._masked(x_c, pre, mask.view_as(pre))
+        return self._masked(x, pre, mask.view_as(pre))
 
-    def _select(self, x_c: Tensor, pre: Tensor, k: int | None) -> Latents:
+    def _select(self, x: Tensor, pre: Tensor, k: int | None) -> Latents:
         if k is not None:
             _check_size("k", k, "pass the number of active latents per token")
             if k > self.n_latents:
                 raise ValueError(f"k={k} is larger than n_latents={self.n_latents}; choose k <= n_latents.")
-            return self._topk(x_c, pre, k)
+            return self._topk(x, pre, k)
         if self.arch == "batchtopk" and (self.training or torch.isnan(self.threshold)):
-            return self._batchtopk(x_c, pre)
+            return self._batchtopk(x, pre)
         if not torch.isnan(self.threshold):
-            return self._masked(x_c, pre, pre > self.threshold)
+            return self._masked(x, pre, pre > self.threshold)
         if self.arch == "relu":
-            return self._masked(x_c, pre, pre > 0)
-        return self._topk(x_c, pre, self.k)
+            return self._masked(x, pre, pre > 0)
+        return self._topk(x, pre, self.k)
 
     def encode(self, x: Tensor, k: int | None = None) -> Latents:
         """``(..., d_in)`` -> ``Latents`` of shape ``(..., m)``.
@@ -266,8 +265,8 @@ class TopKSAE(nn.Module):
         ``k <= 4 * sae.k`` is what it was trained for). Otherwise a threshold set by
         ``set_threshold_for_l0`` applies, then the arch's own rule.
         """
-        x_c, pre = self._preacts(x)
-        return self._select(x_c, pre, k)
+        pre = self._preacts(x)
+        return self._select(x, pre, k)
 
     def decode(self, z: Latents | Tensor) -> Tensor:
         """``Latents`` (sparse decode, sparse backward) or dense ``(..., n_latents)`` -> ``(..., d_in)``."""
@@ -297,20 +296,20 @@ class TopKSAE(nn.Module):
             auxk_coef: weight of the AuxK loss (the paper: 1/32).
             l1_coef: weight of the L1 penalty (used by ``arch="relu"`` only; ``l1`` is reported for all).
         """
-        x_c, pre = self._preacts(x)
+        pre = self._preacts(x)
         zero = x.new_zeros(())
         if self.arch == "relu" and torch.isnan(self.threshold):
-            z = F.relu(F.linear(x_c, self.W_enc, self.b_enc))  # dense: early ReLU codes are not sparse
+            z = F.relu(F.linear(x - self.b_pre, self.W_enc, self.b_enc))  # dense: early ReLU codes are not sparse
             x_hat = self.decode(z)
             with torch.no_grad():
-                latents = self._masked(x_c, pre, pre > 0)
+                latents = self._masked(x, pre, pre > 0)
             l1 = z.sum(-1).mean()
         else:
             if self.arch == "multitopk":  # top-4k, sorted: its first k columns are the top-k
-                wide = self._topk(x_c, pre, 4 * self.k)
+                wide = self._topk(x, pre, 4 * self.k)
                 latents = Latents(wide.values[..., : self.k], wide.indices[..., : self.k], self.n_latents)
             else:
-                latents = self._select(x_c, pre, None)
+                latents = self._select(x, pre, None)
             x_hat = self.decode(latents)
             l1 = latents.values.sum(-1).mean()
         loss_nmse = nmse(x, x_hat)
@@ -319,12 +318,12 @@ class TopKSAE(nn.Module):
         if dead_mask is not None and bool(dead_mask.any()):
             k_aux = min(k_aux or min(512, self.d_in // 2), int(dead_mask.sum()))
             residual = (x - x_hat).detach()
-            auxk = nmse(residual, self._auxk_decode(x_c, pre, dead_mask, k_aux))
+            auxk = nmse(residual, self._auxk_decode(x, pre, dead_mask, k_aux))
         # The L1 penalty belongs to the ReLU baseline only: TopK's sparsity comes from k.
         loss = loss_nmse + multik / 8 + auxk_coef * auxk + (l1_coef * l1 if self.arch == "relu" else zero)
         return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
 
-    def _auxk_decode(self, x_c: Tensor, pre: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
+    def _auxk_decode(self, x: Tensor, pre: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
         """``(..., d_in)``: the top ``k_aux`` dead latents' reconstruction, without ``b_pre``.
 
         Top-k runs over the dead columns only. When the kept latents are a large share of the
@@ -335,9 +334,9 @@ class TopKSAE(nn.Module):
         # positions in dead_ids; unsorted is faster and the order does not matter to a sum
         chosen = pre.index_select(-1, dead_ids).topk(k_aux, dim=-1, sorted=False).indices
         if k_aux < AUXK_DENSE_SHARE * len(dead_ids):
-            dead = self._latents(x_c, pre, dead_ids[chosen])
+            dead = self._latents(x, pre, dead_ids[chosen])
             return sparse_decode(dead.values, dead.indices, self.W_dec)
-        pre_dead = F.linear(x_c, self.W_enc[dead_ids], self.b_enc[dead_ids])
+        pre_dead = F.linear(x - self.b_pre, self.W_enc[dead_ids], self.b_enc[dead_ids])
         z = torch.zeros_like(pre_dead).scatter(-1, chosen, F.relu(pre_dead.gather(-1, chosen)))
         return z @ self.W_dec[dead_ids]
 
@@ -381,7 +380,7 @@ class TopKSAE(nn.Module):
         """
         if not 0 < l0 <= self.n_latents:
             raise ValueError(f"target L0 must be in (0, n_latents={self.n_latents}], got {l0}.")
-        _, pre = self._preacts(x.reshape(-1, self.d_in))
+        pre = self._preacts(x.reshape(-1, self.d_in))
         flat = pre.flatten()
         n_keep = min(max(int(round(l0 * pre.shape[0])), 1), flat.numel() - 1)
         value = max(float(flat.topk(n_keep + 1).values[-1]), 0.0)

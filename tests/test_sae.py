@@ -55,6 +55,20 @@ def test_gather_preacts_grads_equal_dense_autograd():
     for a, b_ in zip(g_sparse, g_dense):
         torch.testing.assert_close(a, b_)
 
+    # with b_pre subtracted inside: its gradient (-grad_b @ W) equals autograd's, with or without x's
+    b_pre = torch.randn(16, requires_grad=True)
+    with torch.no_grad():
+        pre = (x - b_pre) @ W.T + b
+    dense = ((x - b_pre) @ W.T + b).gather(-1, indices)
+    for with_x in (True, False):
+        inputs = [x, W, b, b_pre] if with_x else [W, b, b_pre]
+        sparse = gather_preacts(x if with_x else x.detach(), W, b, indices, pre, b_pre)
+        torch.testing.assert_close(sparse, dense)
+        g_sparse = torch.autograd.grad((sparse * grad_out).sum(), inputs)
+        g_dense = torch.autograd.grad((dense * grad_out).sum(), inputs, retain_graph=True)
+        for a, b_ in zip(g_sparse, g_dense):
+            torch.testing.assert_close(a, b_)
+
 
 def test_encode_is_relu_of_topk_and_decode_matches_dense():
     sae = make_sae()
@@ -73,14 +87,14 @@ def test_encode_is_relu_of_topk_and_decode_matches_dense():
 def test_preacts_reuse_one_buffer_across_calls_and_shapes():
     sae = make_sae()
     x1, x2 = torch.randn(8, 16), torch.randn(8, 16)
-    ptr = sae._preacts(x1)[1].data_ptr()
-    _, pre2 = sae._preacts(x2)
+    ptr = sae._preacts(x1).data_ptr()
+    pre2 = sae._preacts(x2)
     assert pre2.data_ptr() == ptr  # no new (B, n_latents) allocation per step
     torch.testing.assert_close(pre2, (x2 - sae.b_pre) @ sae.W_enc.T + sae.b_enc)
-    _, small = sae._preacts(x1[:3])  # a smaller batch fits in the same memory
+    small = sae._preacts(x1[:3])  # a smaller batch fits in the same memory
     assert small.data_ptr() == ptr and small.shape == (3, 64)
     torch.testing.assert_close(small, (x1[:3] - sae.b_pre) @ sae.W_enc.T + sae.b_enc)
-    _, large = sae._preacts(torch.randn(2, 20, 16))  # a larger one gets a new buffer, leading dims kept
+    large = sae._preacts(torch.randn(2, 20, 16))  # a larger one gets a new buffer, leading dims kept
     assert large.shape == (2, 20, 64)
 
 
