@@ -58,10 +58,12 @@ demo: env
 # The experiment notebooks at their demo preset, one after another; each writes figures/NN_*.
 # NOTEBOOKS=03_scaling_laws runs one. Executed copies land in runs/NN_name-demo.ipynb.
 NOTEBOOKS ?= $(basename $(notdir $(filter-out %00_quickstart.ipynb,$(wildcard notebooks/0*.ipynb))))
-figures: env
+# 08_performance times the peers in their own environment (bench_python).
+figures: env peers
 	@mkdir -p runs
 	cd notebooks && for nb in $(NOTEBOOKS); do \
-	  ../$(BIN)/papermill $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo || exit 1; done
+	  extra=; [ $$nb = 08_performance ] && extra="-p bench_python $(CURDIR)/$(PEERS)/bin/python"; \
+	  ../$(BIN)/papermill $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo $$extra || exit 1; done
 	$(BIN)/python -m saelib.results
 
 # The released SAEs (saelib/saes/): train, convert to float16, evaluate, write the model card (about an hour)

@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -496,6 +497,20 @@ def _add_ratios(group: list[dict]) -> None:
         if r["tokens_per_s"]:
             r["ratio_to_best_peer"] = r["tokens_per_s"] / max(peers) if peers else None
             r["ratio_to_roofline"] = r["tokens_per_s"] / roof if roof else None
+
+
+def run_elsewhere(python: str, preset: str = "default", *, warmup: int = 2, steps: int = 5,
+                  interleave: bool = False) -> list[dict]:
+    """``run_bench`` over ``PRESETS[preset]`` in another interpreter, e.g. the one with the peers
+    installed (``make peers``: ``.venv-peers/bin/python``); its rows, as ``saelib bench --json`` prints them.
+    Its progress goes to this process's stderr."""
+    if not os.path.exists(python):
+        raise ValueError(f"Interpreter {python} does not exist; `make peers` creates .venv-peers/bin/python.")
+    cmd = [python, "-m", "saelib.bench", "--preset", preset, "--warmup", str(warmup), "--steps", str(steps), "--json"]
+    result = subprocess.run(cmd + ["--interleave"] * interleave, stdout=subprocess.PIPE, text=True)
+    if result.returncode:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {result.returncode}; its error is above.")
+    return json.loads(result.stdout)
 
 
 def supply_rate(source, batch_size: int, *, epochs: int = 2, seed: int = 0) -> list[dict]:

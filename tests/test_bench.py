@@ -84,6 +84,17 @@ def test_main_prints_json_rows(capsys):
     assert rows[0]["n_latents"] == bench.PRESETS["quick"]["n_latents"][0]
 
 
+def test_run_elsewhere_returns_the_rows_of_another_interpreter(tmp_path):
+    import sys
+
+    rows = bench.run_elsewhere(sys.executable, "quick", warmup=0, steps=1)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["saelib"]["status"] == "ok" and by_impl["saelib"]["tokens_per_s"] > 0
+    assert {r["impl"] for r in rows} == set(bench.IMPLS)  # every impl has its row, run or not
+    with pytest.raises(ValueError, match="make peers"):
+        bench.run_elsewhere(str(tmp_path / "python"), "quick")
+
+
 @pytest.mark.parametrize("argv, named", [(["--n-latents", "0"], "--n-latents"), (["--dead-fraction", "1"], "--dead-fraction"),
                                          (["--k", "600", "--n-latents", "512"], "k=600")])
 def test_bad_flags_exit_2_naming_the_value(argv, named, capsys):
