@@ -92,8 +92,11 @@ RELEASES = (
 
 
 def names() -> list[str]:
-    """Every released SAE's name, e.g. ``["smollm2-135m/resid_12/n4608_k32", ...]``."""
-    return sorted(str(p.parent.relative_to(ROOT)) for p in ROOT.glob("*/*/*/config.json"))
+    """Every released SAE's name, in layer order: ``["smollm2-135m/resid_4/n3072_k32", ...]``."""
+    import re
+
+    found = (str(p.parent.relative_to(ROOT)) for p in ROOT.glob("*/*/*/config.json"))
+    return sorted(found, key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
 
 
 def find(name: str) -> Path | None:
