@@ -37,8 +37,8 @@ TRAIN_FLAGS = {
     "tokens": (int, "training budget in tokens (default: epochs x extracted tokens)"),
     "epochs": (float, "training budget in passes over the extracted tokens"),
     "batch-size": (int, "tokens per step"),
-    "lr": (float, "learning rate (default lr_multiplier x 2e-4 / sqrt(n / 2^14))"),
-    "lr_multiplier": (float, "multiple of the paper's learning-rate rule, for short runs (default 1)"),
+    "lr": (float, "learning rate (default --lr-multiplier x 2e-4 / sqrt(n / 2^14))"),
+    "lr-multiplier": (float, "multiple of the paper's learning-rate rule, for short runs (default 1)"),
     "seed": (int, "random seed"),
     "latent-parallel": (int, "with --nproc: shards of the latents (the rest of the ranks split the data)"),
 }
