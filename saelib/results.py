@@ -56,7 +56,9 @@ def scaling(data: dict) -> str:
         per_curve = r["fit"].startswith(("L(n) at", "L(k) at"))
         if per_curve and r["coefficient"] != "b":
             continue  # per-curve fits: only the exponent goes in the README (the CSV has all)
-        rows.append([r["fit"], r["coefficient"], f"{r['ours']:+.3g}", f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]",
+        finite = all(isinstance(v, float) and math.isfinite(v) for v in (r["ci_low"], r["ci_high"]))
+        ci = f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]" if finite else "– (too few points)"
+        rows.append([r["fit"], r["coefficient"], f"{r['ours']:+.3g}", ci,
                      "–" if r["paper"] is None else f"{r['paper']:+.3g}", f"{r['r2']:.3f}", r["n_points"]])
     d = data["data"]
     epochs = d["tokens_per_run"] / d["unique_tokens"]
@@ -114,7 +116,7 @@ def toy_recovery(data: dict) -> str:
 BLOCKS = {
     "frontier": ("01_frontier.json", frontier, "01_frontier.png", "make figures NOTEBOOKS=01_topk_vs_relu"),
     "dead_latents": ("02_dead_vs_n.json", dead_latents, "02_dead_vs_n.png", "make figures NOTEBOOKS=02_dead_latents"),
-    "scaling": ("03_coefficients.json", scaling, "03_joint_law.png", "make figures NOTEBOOKS=03_scaling_laws"),
+    "scaling": ("03_coefficients.json", scaling, "03_loss_vs_n.png", "make figures NOTEBOOKS=03_scaling_laws"),
     "metrics": ("04_metrics_vs_size.json", metrics_vs_size, "04_metrics_vs_size.png",
                 "make figures NOTEBOOKS=04_metrics_vs_size"),
     "progressive": ("05_progressive.json", progressive, "05_progressive.png",

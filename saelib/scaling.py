@@ -18,9 +18,12 @@ Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active
 
 Every fit is a least-squares fit of ``log L`` (errors are relative, as on the paper's log-log
 plots), the best of several starting points. Goodness of fit: ``r2`` and ``rmse_log``, both of
-``log L``. Confidence intervals come from a case bootstrap: points are resampled with replacement,
-the law is refitted (starting from the fit to all points), and the
-``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of each coefficient are reported.
+``log L``. Confidence intervals come from a bootstrap: the law is refitted (starting from the fit to
+all points) to resampled data, and the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of
+each coefficient are reported. With at least three points per coefficient the points are resampled
+with replacement (a case bootstrap); with fewer (one curve of 4-5 runs), resampling points leaves too
+few distinct ones to fit, so the residuals of ``log L`` are resampled instead, inflated by
+``sqrt(points / (points - coefficients))`` for the degrees of freedom the fit used (a residual bootstrap).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Fit:
         level: confidence level of ``ci``.
         boot_failures: bootstrap resamples left out of ``ci`` (the fit failed, or the resample had
             no more distinct points than coefficients); when they are half or more, ``ci`` is NaN.
+        bootstrap: ``"case"`` (points resampled) or ``"residual"`` (few points: residuals resampled).
     """
 
     law: str
@@ -64,6 +68,7 @@ class Fit:
     n_points: int
     level: float = 0.95
     boot_failures: int = 0
+    bootstrap: str = "case"
     _model: Callable = field(default=None, repr=False)
 
     def predict(self, *x) -> np.ndarray:
@@ -80,7 +85,7 @@ class Fit:
     def to_dict(self) -> dict:
         return {"law": self.law, "params": self.params, "ci": {k: list(v) for k, v in self.ci.items()},
                 "r2": self.r2, "rmse_log": self.rmse_log, "n_points": self.n_points, "level": self.level,
-                "boot_failures": self.boot_failures}
+                "boot_failures": self.boot_failures, "bootstrap": self.bootstrap}
 
 
 # ---- the generic fitter ---------------------------------------------------------------------
@@ -129,25 +134,30 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
 
     rng = np.random.default_rng(seed)
     boots, failures = [], 0
+    bootstrap = "case" if len(y) >= 3 * len(names) else "residual"
+    inflate = math.sqrt(len(y) / (len(y) - len(names)))
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(idx)) <= len(names):
+        if bootstrap == "residual":  # the fitted curve times resampled (inflated) residuals of log y
+            t = solve(xs, model(theta, *xs) * np.exp(-inflate * resid[idx]), [theta])
+        elif len(np.unique(idx)) <= len(names):
             failures += 1
             continue
-        t = solve([x[idx] for x in xs], y[idx], [theta])  # resamples start from the fit itself
+        else:
+            t = solve([x[idx] for x in xs], y[idx], [theta])  # resamples start from the fit itself
         if t is None:
             failures += 1
         else:
             boots.append(t)
     q = [(1 - level) / 2, (1 + level) / 2]
-    # no interval without resamples (n_boot=0) or with too few points to resample (4 points, 3 coefficients)
+    # no interval without resamples (n_boot=0) or when most refits failed
     if not boots or len(boots) < n_boot / 2:
         ci = {name: (float("nan"), float("nan")) for name in names}
     else:
         boots = np.array(boots)
         ci = {name: tuple(float(v) for v in np.quantile(boots[:, i], q)) for i, name in enumerate(names)}
     return Fit(law, {name: float(v) for name, v in zip(names, theta)}, ci, r2, float(np.sqrt(np.mean(resid**2))),
-               len(y), level, failures, model)
+               len(y), level, failures, bootstrap, model)
 
 
 # ---- the laws -------------------------------------------------------------------------------
@@ -228,7 +238,7 @@ def fit_compute_law(flops, loss, **options) -> Fit:
         c0, c1, p = theta
         return c0 + c1 * np.power(C, -p)
 
-    return Fit("compute", params, ci, fit.r2, fit.rmse_log, fit.n_points, fit.level, fit.boot_failures, model)
+    return Fit("compute", params, ci, fit.r2, fit.rmse_log, fit.n_points, fit.level, fit.boot_failures, fit.bootstrap, model)
 
 
 def compute_frontier(flops, loss, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:

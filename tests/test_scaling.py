@@ -43,6 +43,7 @@ def test_compute_law_on_a_frontier():
     fit = scaling.fit_compute_law(C, loss, n_boot=60)
     assert fit.ci["p"][0] <= 0.2 <= fit.ci["p"][1]
     assert fit.ci["c0"][0] <= 0.09 <= fit.ci["c0"][1]
+    np.testing.assert_allclose(fit.predict(C), 0.09 + 20.0 * C ** -0.2, rtol=0.02)
     # frontier: lowest loss reached within each budget, falling
     fc, fl = scaling.compute_frontier(np.r_[C, C * 2], np.r_[loss, loss * 1.5], bins=10)
     assert np.all(np.diff(fl) < 0) and np.all(np.diff(fc) > 0)
@@ -59,9 +60,17 @@ def test_tokens_to_convergence_and_its_law():
     assert fit.ci["b"][0] <= 0.6 <= fit.ci["b"][1]
 
 
-def test_too_few_points_to_resample_give_no_interval():
-    fit = scaling.fit_power_law([8, 16, 32, 64], [0.5, 0.4, 0.33, 0.3], n_boot=40)
-    assert all(np.isnan(v).all() for v in fit.ci.values()) and fit.boot_failures > 20
+def test_one_curve_of_few_points_gets_a_residual_bootstrap_interval():
+    # 5 runs and 3 coefficients: too few points to resample them, so the residuals are resampled
+    rng = np.random.default_rng(0)
+    n = 2.0 ** np.arange(8, 13)
+    true = {"a": 1.0, "b": -0.4, "c": 0.1}
+    fit = scaling.fit_power_law(n, noisy(np.exp(true["a"]) * n ** true["b"] + true["c"], rng, 0.005), n_boot=200)
+    assert fit.bootstrap == "residual" and fit.boot_failures < 100
+    for name, value in true.items():
+        lo, hi = fit.ci[name]
+        assert lo <= fit.params[name] <= hi and lo <= value <= hi, (name, value, fit.ci[name])
+    assert scaling.fit_power_law(np.repeat(n, 2), np.repeat(n ** -0.4, 2), n_boot=5).bootstrap == "case"
 
 
 def test_bad_inputs_say_what_is_wrong():
