@@ -17,6 +17,7 @@ resumes; finished runs are loaded, not retrained), then converts, evaluates and 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -93,8 +94,6 @@ RELEASES = (
 
 def names() -> list[str]:
     """Every released SAE's name, in layer order: ``["smollm2-135m/resid_4/n3072_k32", ...]``."""
-    import re
-
     found = (str(p.parent.relative_to(ROOT)) for p in ROOT.glob("*/*/*/config.json"))
     return sorted(found, key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
 

@@ -63,7 +63,8 @@ def scaling(data: dict) -> str:
     d = data["data"]
     epochs = d["tokens_per_run"] / d["unique_tokens"]
     note = (f"\n\nEach run saw {d['tokens_per_run']:,} tokens of layer-{d['layer']} activations from the "
-            f"`{d['corpus']}` corpus, of which {d['unique_tokens']:,} unique ({epochs:.2g} epoch{'s' * (epochs != 1)}), in batches of {d['batch_size']:,} at {d['lr_multiplier']:g}x the paper's learning-rate rule; "
+            f"`{d['corpus']}` corpus, of which {d['unique_tokens']:,} unique ({epochs:.2g} epoch{'s' * (epochs != 1)}), "
+            f"in batches of {d['batch_size']:,} at {d['lr_multiplier']:g}x the paper's learning-rate rule; "
             f"the loss is NMSE on {d['validation_tokens']:,} held-out tokens.")
     return _table(["fit", "coefficient", "ours", "95% bootstrap CI", "paper", "R²", "runs"], rows) + note
 

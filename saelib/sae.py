@@ -203,8 +203,9 @@ class TopKSAE(nn.Module):
         with torch.no_grad():
             dtype = getattr(torch, self.encoder_dtype)  # float32: the parameters' own dtype
             x_e, W, b = (t.to(dtype) for t in (x - self.b_pre, self.W_enc, self.b_enc))
-            out = self._workspace((*x_e.shape[:-1], self.n_latents), dtype, x.device)
-            return torch.addmm(b, x_e.reshape(-1, self.d_in), W.T, out=out.view(-1, self.n_latents)).view(out.shape)
+            rows = x_e.reshape(-1, self.d_in)
+            out = self._workspace((len(rows), self.n_latents), dtype, x.device)
+            return torch.addmm(b, rows, W.T, out=out).view(*x.shape[:-1], self.n_latents)
 
     def _workspace(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A tensor of ``shape`` in memory kept from the previous call, for ``pre``: allocating its

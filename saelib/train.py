@@ -145,6 +145,7 @@ def paper_lr(n_latents: int) -> float:
     """The paper's learning-rate rule ``2e-4 / sqrt(n_latents / 2**14)`` (tuned on long runs)."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
+
 # fields that change what is logged or saved, or how a step is computed, not the recipe: a run
 # may resume with others (and resume folders written before a field existed)
 BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype"}
