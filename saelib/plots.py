@@ -26,7 +26,7 @@ def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
-    fig.write_image(folder / f"{name}.png", width=900, height=500, scale=1)
+    fig.write_image(folder / f"{name}.png", width=900, height=fig.layout.height or 500, scale=1)
     if data is not None:
         (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
     return folder / f"{name}.png"

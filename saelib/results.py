@@ -75,8 +75,11 @@ def metrics_vs_size(data: dict) -> str:
              f"{r['n2g_precision']:.3f}", f"{r['n2g_recall']:.3f}", f"{r['ablation_sparsity']:.3f}",
              f"{r['dead_fraction']:.1%}"]
             for r in sorted(data["runs"], key=lambda r: r["n_latents"])]
+    first = min(data["runs"], key=lambda r: r["n_latents"])
+    note = (f"\n\nBaselines on the residual channels: probe loss {first['probe_loss_baseline']:.4f}, "
+            f"ablation sparsity {first['ablation_sparsity_baseline']:.3f}.")
     return _table(["n", "NMSE ↓", "Δ CE (nats) ↓", "probe loss ↓", "N2G precision ↑", "N2G recall ↑",
-                   "ablation sparsity ↑", "dead"], rows)
+                   "ablation sparsity ↓", "dead"], rows) + note
 
 
 def progressive(data: dict) -> str:
@@ -113,6 +116,32 @@ def toy_recovery(data: dict) -> str:
     return _table(["mean best cosine"] + [f"n={n}" for n in ns], rows) + note
 
 
+def throughput(data: dict) -> str:
+    """08: tokens/s of one training step per implementation, with saelib's ratio to the fastest peer."""
+    impls = ["saelib", "saelib-bf16", "sparsify", "sae-lens", "naive", "roofline"]
+    groups = {}
+    for r in data["rows"]:
+        groups.setdefault((r["d_in"], r["n_latents"], r["batch_size"], r["dead_fraction"]), {})[r["impl"]] = r
+
+    def cell(r: dict | None) -> str:
+        if r is None or not r.get("tokens_per_s"):
+            return "–"
+        ratio = r["ratio_to_best_peer"]
+        return f"{r['tokens_per_s']:,.0f}" + (f" ({ratio:.2f}x)" if r["impl"].startswith("saelib") and ratio else "")
+
+    rows = [[f"{d}", f"{n:,}", f"{b:,}", f"{dead:.0%}"] + [cell(by.get(i)) for i in impls]
+            for (d, n, b, dead), by in sorted(groups.items(), key=lambda item: (item[0][:3], -item[0][3]))]
+    m = data["machine"]
+    note = (f"\n\nTokens/s of one full training step, k {data['rows'][0]['k']}; in brackets saelib's ratio to the "
+            f"faster of sparsify and SAELens in the same row; dead > 0 turns AuxK on. {m['cpu']}, {m['threads']} "
+            f"threads, torch {m['torch_version']}, load average {m['load_avg_1m']:.1f} at the start.")
+    supply = data.get("supply") or []
+    if supply:
+        rates = ", ".join(f"{s['tokens_per_s']:,.0f} (epoch {s['epoch']})" for s in supply)
+        note += f" Reading and shuffling the activation cache: {rates} tokens/s at batch {supply[0]['batch_size']:,}."
+    return _table(["d_in", "n", "batch", "dead"] + impls, rows) + note
+
+
 # block name -> (JSON file under figures/, renderer, figure embedded above the table, command that makes it)
 BLOCKS = {
     "frontier": ("01_frontier.json", frontier, "01_frontier.png", "make figures NOTEBOOKS=01_topk_vs_relu"),
@@ -125,6 +154,7 @@ BLOCKS = {
     "toy": ("06_recovery.json", toy_recovery, "06_recovery.png", "make figures NOTEBOOKS=06_toy_ground_truth"),
     "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
                  "make figures NOTEBOOKS=07_recipe_ablation"),
+    "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
 }
 
 

@@ -42,13 +42,29 @@ def test_the_scaling_block_states_tokens_seen_and_unique():
 
 def test_the_metrics_and_progressive_blocks_put_each_value_in_its_cell():
     run = dict(n_latents=1024, val_nmse=0.25, delta_ce=0.5, probe_loss=0.3, n2g_precision=0.8, n2g_recall=0.4,
-               ablation_sparsity=0.6, dead_fraction=0.01)
-    assert "| 1,024 | 0.2500 | 0.500 | 0.3000 | 0.800 | 0.400 | 0.600 | 1.0% |" in results.metrics_vs_size({"runs": [run]})
+               ablation_sparsity=0.6, dead_fraction=0.01, probe_loss_baseline=0.35, ablation_sparsity_baseline=0.7)
+    text = results.metrics_vs_size({"runs": [run]})
+    assert "| 1,024 | 0.2500 | 0.500 | 0.3000 | 0.800 | 0.400 | 0.600 | 1.0% |" in text
+    assert "probe loss 0.3500, ablation sparsity 0.700" in text
     summary = [dict(arch="topk", k_prime=8, nmse=0.3, nmse_std=0.01), dict(arch="multitopk", k_prime=8, nmse=0.28, nmse_std=0.02),
                dict(arch="multitopk", k_prime=64, nmse=0.2, nmse_std=0.0)]
     text = results.progressive({"summary": summary})
     assert "| decoded latents | topk NMSE | multitopk NMSE |" in text
     assert "| k'=8 | 0.3000 ± 0.0100 | 0.2800 ± 0.0200 |" in text and "| k'=64 | – | 0.2000 ± 0.0000 |" in text
+
+
+def test_the_throughput_block_has_one_row_per_configuration_and_saelibs_ratio():
+    base = dict(d_in=576, n_latents=4608, k=32, batch_size=4096, dead_fraction=0.25)
+    rows = [dict(base, impl="saelib", tokens_per_s=3000.0, ratio_to_best_peer=2.0),
+            dict(base, impl="sparsify", tokens_per_s=1500.0, ratio_to_best_peer=1.0),
+            dict(base, impl="sae-lens", tokens_per_s=None, ratio_to_best_peer=None),
+            dict(base, dead_fraction=0.0, impl="saelib", tokens_per_s=6000.0, ratio_to_best_peer=None)]
+    machine = dict(cpu="Some CPU", threads=2, torch_version="2.x", load_avg_1m=1.0)
+    supply = [dict(epoch=0, batch_size=4096, tokens_per_s=100000.0)]
+    text = results.throughput({"rows": rows, "machine": machine, "supply": supply})
+    assert "| 576 | 4,608 | 4,096 | 25% | 3,000 (2.00x) | – | 1,500 | – | – | – |" in text
+    assert "| 576 | 4,608 | 4,096 | 0% | 6,000 | – | – | – | – | – |" in text
+    assert "Some CPU, 2 threads" in text and "100,000 (epoch 0) tokens/s at batch 4,096" in text
 
 
 def test_the_repository_readme_has_every_block():

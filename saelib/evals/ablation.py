@@ -80,6 +80,7 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     latent_sparsity = _sparsities(lm, held, contexts, delta, sae_reconstruct(sae), batch_size,
                                   "ablation sparsity (latents)", progress)
 
+    rng = random.Random(seed)  # its own draws: the channel baseline is the same for every SAE on this text
     contexts = [rng.randrange(n) for _ in range(sample)]
     channels = [rng.randrange(d) for _ in range(sample)]
     delta = torch.zeros(sample, T, d)
