@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .kernels import gather_preacts, sparse_decode
+from .kernels import LatentPattern, gather_preacts, sparse_decode
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
 from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
@@ -217,9 +217,11 @@ def sharded_forward(shard: TopKSAE, x: Tensor, grid: Grid, cfg: TrainConfig, bat
 
     def code(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         indices, mine = global_topk(pre, k, grid)
-        values = F.relu(gather_preacts(x_c, shard.W_enc, shard.b_enc, indices, pre))
+        pattern = LatentPattern(indices, shard.W_enc.shape[0])
+        values = F.relu(gather_preacts(x_c, shard.W_enc, shard.b_enc, indices, pre, pattern=pattern))
         values = values if mine is None else values * mine
-        return values, indices, _SumOverShards.apply(sparse_decode(values, indices, shard.W_dec), grid.latent_group)
+        return values, indices, _SumOverShards.apply(sparse_decode(values, indices, shard.W_dec, pattern),
+                                                     grid.latent_group)
 
     values, indices, partial = code(pre, cfg.k)
     x_hat = partial + shard.b_pre

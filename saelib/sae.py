@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -47,7 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .kernels import gather_preacts, sparse_decode, topk_indices
+from .kernels import LatentPattern, gather_preacts, sparse_decode, topk_indices
 from .normalize import Normalizer
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
@@ -74,6 +74,8 @@ class Latents:
     values: Tensor
     indices: Tensor
     n_latents: int | None = None
+    # the indices grouped by latent, shared by the encoder's and the decoder's row gradients
+    pattern: LatentPattern | None = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.values, self.indices))
@@ -219,10 +221,11 @@ class TopKSAE(nn.Module):
 
     def _latents(self, x: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None) -> Latents:
         """ReLU of the chosen pre-activations, differentiable through the sparse kernel."""
-        values = F.relu(gather_preacts(x, self.W_enc, self.b_enc, indices, pre, self.b_pre))
+        pattern = LatentPattern(indices, self.n_latents)
+        values = F.relu(gather_preacts(x, self.W_enc, self.b_enc, indices, pre, self.b_pre, pattern))
         if keep is not None:
             values = values * keep
-        return Latents(values, indices, self.n_latents)
+        return Latents(values, indices, self.n_latents, pattern)
 
     def _masked(self, x: Tensor, pre: Tensor, mask: Tensor) -> Latents:
         """Latents for an arbitrary boolean ``mask (..., n_latents)``, rows padded with zeros."""
@@ -272,7 +275,7 @@ class TopKSAE(nn.Module):
     def decode(self, z: Latents | Tensor) -> Tensor:
         """``Latents`` (sparse decode, sparse backward) or dense ``(..., n_latents)`` -> ``(..., d_in)``."""
         if isinstance(z, Latents):
-            return sparse_decode(z.values, z.indices, self.W_dec) + self.b_pre
+            return sparse_decode(z.values, z.indices, self.W_dec, z.pattern) + self.b_pre
         if z.shape[-1] != self.n_latents:
             raise ValueError(f"Dense code has last dimension {z.shape[-1]} but this SAE has n_latents={self.n_latents}.")
         return z @ self.W_dec + self.b_pre
@@ -336,7 +339,7 @@ class TopKSAE(nn.Module):
         chosen = pre.index_select(-1, dead_ids).topk(k_aux, dim=-1, sorted=False).indices
         if k_aux < AUXK_DENSE_SHARE * len(dead_ids):
             dead = self._latents(x, pre, dead_ids[chosen])
-            return sparse_decode(dead.values, dead.indices, self.W_dec)
+            return sparse_decode(dead.values, dead.indices, self.W_dec, dead.pattern)
         pre_dead = F.linear(x - self.b_pre, self.W_enc[dead_ids], self.b_enc[dead_ids])
         z = torch.zeros_like(pre_dead).scatter(-1, chosen, F.relu(pre_dead.gather(-1, chosen)))
         return z @ self.W_dec[dead_ids]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saelib.kernels import gather_preacts, sparse_decode
+from saelib.kernels import LatentPattern, gather_preacts, sparse_decode
 from saelib.normalize import Normalizer
 from saelib.sae import Latents, TopKSAE, load
 
@@ -68,6 +68,26 @@ def test_gather_preacts_grads_equal_dense_autograd():
         g_dense = torch.autograd.grad((dense * grad_out).sum(), inputs, retain_graph=True)
         for a, b_ in zip(g_sparse, g_dense):
             torch.testing.assert_close(a, b_)
+
+
+def test_encoder_and_decoder_share_one_latent_pattern_with_the_dense_gradients():
+    _, indices = random_latents(B=12, k=5)
+    indices = indices.view(3, 4, 5)  # leading dims: the pattern works on the flattened rows
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    W_enc, W_dec = torch.randn(64, 16, requires_grad=True), torch.randn(64, 16, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    grad_out = torch.randn(3, 4, 16)
+    with torch.no_grad():
+        pre = x @ W_enc.T + b
+    pattern = LatentPattern(indices, 64)
+    sparse = sparse_decode(gather_preacts(x, W_enc, b, indices, pre, pattern=pattern).relu(), indices, W_dec, pattern)
+    g_sparse = torch.autograd.grad((sparse * grad_out).sum(), [x, W_enc, b, W_dec])
+    assert pattern._csr is not None  # built once, by whichever backward ran first
+    z = torch.zeros(3, 4, 64).scatter(-1, indices, (x @ W_enc.T + b).gather(-1, indices).relu())
+    g_dense = torch.autograd.grad(((z @ W_dec) * grad_out).sum(), [x, W_enc, b, W_dec])
+    torch.testing.assert_close(sparse, z @ W_dec)
+    for a, b_ in zip(g_sparse, g_dense):
+        torch.testing.assert_close(a, b_)
 
 
 def test_encode_is_relu_of_topk_and_decode_matches_dense():
@@ -237,9 +257,9 @@ def _naive_reference(sae, x, dead, k_aux):
     return loss, _grads_of(naive, loss)
 
 
-# (n_latents, k, n_dead, k_aux): no AuxK; AuxK on the sparse kernels (k_aux < 1/8 of the dead), with
-# COO row gradients and with CSR ones (k_aux >= kernels.CSR_MIN_PER_ROW); AuxK on dense GEMMs over the
-# dead rows; k = n (every latent kept) with AuxK over all of them
+# (n_latents, k, n_dead, k_aux): no AuxK; AuxK on the sparse kernels (k_aux < 1/8 of the dead) at a
+# small and a large k_aux; AuxK on dense GEMMs over the dead rows; k = n (every latent kept) with AuxK
+# over all of them
 @pytest.mark.parametrize("n_latents, k, n_dead, k_aux",
                          [(64, 4, 0, 0), (256, 4, 128, 8), (4096, 4, 2048, 128), (64, 4, 16, 8), (32, 32, 32, 8)])
 @pytest.mark.parametrize("ties", [False, True])
