@@ -40,6 +40,7 @@ TRAIN_FLAGS = {
     "lr": (float, "learning rate (default --lr-multiplier x 2e-4 / sqrt(n / 2^14))"),
     "lr-multiplier": (float, "multiple of the paper's learning-rate rule, for short runs (default 1)"),
     "seed": (int, "random seed"),
+    "device": (str, "cpu, cuda or cuda:N (default: cuda if available, else cpu)"),
     "latent-parallel": (int, "with --nproc: shards of the latents (the rest of the ranks split the data)"),
 }
 

@@ -33,6 +33,8 @@ from .train import BatchSource, TrainConfig, fit
 NAME_KEYS = {"arch": "", "n_latents": "n", "k": "k", "l1_coef": "l1", "auxk": "auxk", "tied_init": "tied",
              "tokens": "T", "seed": "s"}
 TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__}
+# where a run executes, not which run it is: left out of its folder name (a sweep resumes on a GPU)
+EXECUTION_KEYS = {"device"}
 RESULT_FILE = "sweep_result.json"
 
 
@@ -63,7 +65,7 @@ def run_name(cfg: dict) -> str:
             value = cfg[key]
             value = {True: "1", False: "0"}.get(value, value) if isinstance(value, bool) else value
             parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{label}{value}")
-    rest = {key: cfg[key] for key in sorted(cfg) if key not in NAME_KEYS}
+    rest = {key: cfg[key] for key in sorted(cfg) if key not in NAME_KEYS and key not in EXECUTION_KEYS}
     if rest:
         import hashlib
 

@@ -92,6 +92,10 @@ class TrainConfig:
     # dtype of the encoder GEMM, "float32" or "bfloat16" (fast where kernels.fast_bf16(): AMX
     # CPUs, GPUs; NMSE parity in docs/performance.md); not saved with the SAE
     encoder_dtype: str = "float32"
+    # where the SAE trains: "cpu", "cuda", "cuda:1"...; None = CUDA if available, else the CPU.
+    # Not part of the run's identity: a run started on one device resumes on another. (Runs under
+    # torch.distributed put each rank on its own GPU, or the CPU, and ignore it.)
+    device: str | None = None
 
     def resolved(self, d_in: int, n_tokens: int | None) -> TrainConfig:
         """A copy with every ``None`` replaced by the value it stands for."""
@@ -107,6 +111,7 @@ class TrainConfig:
             raise ValueError(f"encoder_init_scale must be a positive finite number, got {self.encoder_init_scale!r}.")
         if self.encoder_dtype not in ENCODER_DTYPES:
             raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.encoder_dtype!r}.")
+        device = resolve_device(self.device)
         if self.decay not in ("linear", "none"):
             raise ValueError(f"decay must be 'linear' or 'none', got {self.decay!r}.")
         if self.ema is not None and not 0 < self.ema < 1:
@@ -135,7 +140,25 @@ class TrainConfig:
             k_aux=self.k_aux or max(1, min(512, d_in // 2)),
             dead_tokens=self.dead_tokens or min(10_000_000, max(B, (tokens or 100_000_000) // 10, typical_gap)),
             checkpoint_every_tokens=self.checkpoint_every_tokens or max(B, (tokens or 10_000_000) // 10),
+            device=str(device),
         )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` (None: CUDA if available, else the CPU), refused in one sentence
+    if it is not a device name or names a GPU this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}.") from None
+    if resolved.type == "cuda" and not (torch.cuda.is_available() and (resolved.index or 0) < torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"device {device!r} was asked for but this machine has {found}; use device='cpu'.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
+    return resolved
 
 
 B_PRE_INITS = ("geometric_median", "mean", "zero")
@@ -148,7 +171,7 @@ def paper_lr(n_latents: int) -> float:
 
 # fields that change what is logged or saved, or how a step is computed, not the recipe: a run
 # may resume with others (and resume folders written before a field existed)
-BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype"}
+BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype", "device"}
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -365,7 +388,7 @@ def fit(
     progress: bool = True,
     **options,
 ) -> TopKSAE:
-    """Train an SAE on activations and return it (in eval mode).
+    """Train an SAE on activations and return it (in eval mode, on the CPU like a loaded one).
 
     Args:
         data: ``(N, d_in)`` tensor, a ``BatchSource``, or an iterable of ``(B, d_in)`` batches.
@@ -376,7 +399,8 @@ def fit(
             ``normalizer`` is given). Other data is used as is.
         metadata: provenance stored in the SAE's ``config.json``.
         progress: show a tqdm bar (NMSE, dead fraction) and say what happens.
-        **options: any ``TrainConfig`` field (``tokens``, ``batch_size``, ``seed``, ``auxk``...).
+        **options: any ``TrainConfig`` field (``tokens``, ``batch_size``, ``seed``, ``auxk``,
+            ``device``...). Batches move to ``device`` one at a time; the data stays where it is.
     """
     unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
     if unknown:
@@ -388,6 +412,7 @@ def fit(
     cfg = cfg.resolved(source.d_in, source.n_tokens)
     sae = TopKSAE(source.d_in, n_latents, k, arch=cfg.arch, tied_init=cfg.tied_init, normalizer=normalizer,
                   metadata=metadata, generator=torch.Generator().manual_seed(cfg.seed), encoder_dtype=cfg.encoder_dtype)
+    sae.to(cfg.device)  # initialised on the CPU from the seed, the same weights on every device
     run = Path(out) if out is not None else None
     if run is None:
         return _train(source, sae, cfg, None, progress, [])
@@ -427,7 +452,8 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor
 def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None, progress: bool, stop: list[str]) -> TopKSAE:
     """The training loop of ``fit``; a signal name appended to ``stop`` ends it after a checkpoint."""
     opt = make_optimizer(sae, cfg)
-    state = TrainState(since_fired=torch.zeros(cfg.n_latents, dtype=torch.int64), ema=None)
+    device = sae.W_enc.device
+    state = TrainState(since_fired=torch.zeros(cfg.n_latents, dtype=torch.int64, device=device), ema=None)
     checkpoint = latest_checkpoint(run) if run is not None else None
     if checkpoint is not None:
         load_checkpoint(checkpoint, sae, opt, state)
@@ -447,7 +473,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
     for epoch, index, x in _stream(source, cfg, state.epoch, state.batch):
         if total_steps is not None and state.step >= total_steps:
             break
-        check_batch(x, source.d_in, epoch, index)
+        x = check_batch(x, source.d_in, epoch, index).to(device, non_blocking=True)
         lr = learning_rate(cfg, state.step, total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -490,7 +516,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
         sae.fold_decoder_norms()
     if run is not None:
         sae.save(run / "sae")
-    return sae.eval()
+    return sae.cpu().eval()
 
 
 def _log(run: Path | None, bar: tqdm, **row) -> None:
@@ -620,7 +646,8 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
     tensors |= {f"ema.{name}": t for name, t in (state.ema or {}).items()}
     tensors |= {"since_fired": state.since_fired, "torch_rng": torch.get_rng_state()}
     try:
-        save_file({key: t.detach().contiguous().clone() for key, t in tensors.items()}, str(tmp / "state.safetensors"))
+        save_file({key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()},
+                  str(tmp / "state.safetensors"))
         meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
                 "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
                 "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config,
@@ -656,8 +683,9 @@ def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, stat
             optim_state.setdefault(int(i), {})[name] = t
     groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
     opt.load_state_dict({"state": optim_state, "param_groups": groups})
-    state.ema = {key[len("ema."):]: t for key, t in tensors.items() if key.startswith("ema.")} if meta["has_ema"] else None
-    state.since_fired = tensors["since_fired"]
+    device = sae.W_enc.device
+    state.ema = {key[len("ema."):]: t.to(device) for key, t in tensors.items() if key.startswith("ema.")} if meta["has_ema"] else None
+    state.since_fired = tensors["since_fired"].to(device)
     state.step, state.epoch, state.batch, state.tokens = meta["step"], meta["epoch"], meta["batch"], meta["tokens"]
     torch.set_rng_state(tensors["torch_rng"])
     version, internal, gauss = meta["python_rng"]

@@ -27,6 +27,8 @@ def test_grid_and_names():
     assert sweep.run_name(configs[0]) == "topk-n16-k4-s0"
     assert len(sweep.grid(n_latents=[16, 64], k=8, arch="multitopk")) == 1  # 4k <= n
     assert sweep.run_name({"n_latents": 8, "k": 2, "lr": 1e-3}) != sweep.run_name({"n_latents": 8, "k": 2, "lr": 2e-3})
+    # where a run trains is not which run it is: a sweep started on the CPU resumes on a GPU
+    assert sweep.run_name({"n_latents": 8, "k": 2, "device": "cuda"}) == sweep.run_name({"n_latents": 8, "k": 2})
 
 
 def test_sweep_trains_evaluates_and_resumes(tmp_path, data):

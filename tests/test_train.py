@@ -231,6 +231,32 @@ def test_bf16_encoder_run_trains_and_resumes_with_either_dtype(tmp_path):
         fit(x, 64, 4, encoder_dtype="fp8", progress=False)
 
 
+def test_the_device_is_recorded_checked_and_not_part_of_the_runs_identity(tmp_path):
+    x, _ = toy_data(n=2048, d=16, n_features=64)
+    options = dict(tokens=4096, batch_size=256, out=tmp_path / "run", progress=False)
+    sae = fit(x, 64, 4, device="cpu", **options)
+    assert sae.W_enc.device.type == "cpu"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["device"] == "cpu"
+    assert torch.equal(fit(x, 64, 4, device=None, **options).W_enc, sae.W_enc)  # finished: loads, any device
+    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu0'"):
+        fit(x, 64, 4, device="gpu0", progress=False)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"device 'cuda:{count}' was asked for but this machine has .*use device='cpu'"):
+        fit(x, 64, 4, device=f"cuda:{count}", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_on_the_gpu_matches_the_cpu_run_and_resumes_there(tmp_path):
+    x, _ = toy_data(n=4096, d=16, n_features=64)
+    options = dict(tokens=8192, batch_size=256, progress=False)
+    cpu = fit(x, 64, 4, device="cpu", **options)
+    gpu = fit(x, 64, 4, device="cuda", out=tmp_path / "run", **options)
+    assert gpu.W_enc.device.type == "cpu"  # returned like a loaded SAE
+    xn = cpu.normalizer.apply(x)
+    with torch.no_grad():
+        assert float(gpu(xn).nmse) == pytest.approx(float(cpu(xn).nmse), rel=0.02)
+
+
 def test_a_run_written_before_a_config_field_existed_still_loads(tmp_path):
     """Fields added to TrainConfig later count as their defaults in an older run's config.json."""
     x = torch.randn(2048, 16)
