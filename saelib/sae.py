@@ -206,17 +206,19 @@ class TopKSAE(nn.Module):
             dtype = getattr(torch, self.encoder_dtype)  # float32: the parameters' own dtype
             x_e, W, b = (t.to(dtype) for t in (x - self.b_pre, self.W_enc, self.b_enc))
             rows = x_e.reshape(-1, self.d_in)
-            out = self._workspace((len(rows), self.n_latents), dtype, x.device)
+            out = self._workspace("pre", (len(rows), self.n_latents), dtype, x.device)
             return torch.addmm(b, rows, W.T, out=out).view(*x.shape[:-1], self.n_latents)
 
-    def _workspace(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A tensor of ``shape`` in memory kept from the previous call, for ``pre``: allocating its
-        ``B x n_latents`` afresh each step costs the page faults of a new mapping (about a tenth of a
-        CPU training step at n 18432). Valid until the next call; callers must not keep ``pre``."""
+    def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A tensor of ``shape`` in memory kept from the previous call with this ``name``: allocating a
+        large buffer afresh each step costs the page faults of a new mapping (about a tenth of a CPU
+        training step for ``pre`` at n 18432, half of AuxK's column copy). Valid until the next call
+        with the same name; callers must not keep it."""
         numel = math.prod(shape)
-        buffer = self.__dict__.get("_pre_workspace")
+        buffers = self.__dict__.setdefault("_workspaces", {})
+        buffer = buffers.get(name)
         if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
-            buffer = self.__dict__["_pre_workspace"] = torch.empty(numel, dtype=dtype, device=device)
+            buffer = buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 
     def _latents(self, x: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None) -> Latents:
@@ -336,7 +338,8 @@ class TopKSAE(nn.Module):
         """
         dead_ids = dead_mask.nonzero().squeeze(-1)
         # positions in dead_ids; unsorted is faster and the order does not matter to a sum
-        chosen = pre.index_select(-1, dead_ids).topk(k_aux, dim=-1, sorted=False).indices
+        dead_pre = self._workspace("dead_pre", (*pre.shape[:-1], len(dead_ids)), pre.dtype, pre.device)
+        chosen = torch.index_select(pre, -1, dead_ids, out=dead_pre).topk(k_aux, dim=-1, sorted=False).indices
         if k_aux < AUXK_DENSE_SHARE * len(dead_ids):
             dead = self._latents(x, pre, dead_ids[chosen])
             return sparse_decode(dead.values, dead.indices, self.W_dec, dead.pattern)
