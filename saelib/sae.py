@@ -353,7 +353,7 @@ class TopKSAE(nn.Module):
     def remove_parallel_grads(self) -> None:
         """Project out of ``W_dec.grad`` the component along each (unit) decoder row."""
         if self.W_dec.grad is not None:
-            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # no (n_latents, d_in) temporaries
+            parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # (n_latents,); the projection is in place
             self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
     @torch.no_grad()
