@@ -9,6 +9,13 @@ Every run trains with :func:`saelib.train.fit` on one :class:`~saelib.activation
 options shared by every run, so changing those trains new runs beside the old). ``fit`` resumes an
 interrupted run and loads a finished one, so re-running a sweep only trains what is missing.
 
+On a GPU, ``device="cuda"`` (a ``fit`` option; the default where CUDA is available) trains there. On
+several GPUs or machines sharing the sweep folder, each process trains its share and one call
+without ``shard`` collects the table (it loads the finished runs)::
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])   # e.g. under torchrun
+    sweep.run_sweep(configs, train_cache, root, shard=(rank, world), device=f"cuda:{rank % 8}", ...)
+
 Each row of the table holds the run's configuration, its final training metrics, the
 reconstruction metrics on held-out activations (a ``split="validation"`` cache, normalised with
 the *training* normaliser the SAE carries), the training compute ``flops`` (see
@@ -86,7 +93,7 @@ def training_flops(d_in: int, n_latents: int, tokens: int) -> float:
 
 def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: str | Path, *,
               validation: ActivationCache | torch.Tensor | None = None, progress: bool = True,
-              **common) -> list[dict]:
+              shard: tuple[int, int] | None = None, **common) -> list[dict]:
     """Train every config (skipping finished ones) and return one row of results per config.
 
     Args:
@@ -100,9 +107,16 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
             tensor) for the reconstruction metrics; without it the row has training metrics only.
         progress: print one line per run, with the time left estimated from the training compute
             (:func:`training_flops`) of the runs still to go at the rate of those trained so far.
+        shard: ``(i, N)``: train and return only configs ``i, i + N, i + 2N...``, so that N
+            processes (GPUs, machines) sharing ``root`` split the sweep between them.
         **common: ``fit`` options shared by every run (``tokens``, ``batch_size``...); a config's
             own value wins.
     """
+    if shard is not None:
+        i, N = shard
+        if not (isinstance(i, int) and isinstance(N, int) and 0 <= i < N):
+            raise ValueError(f"shard must be (i, N) with 0 <= i < N, got {shard!r}.")
+        configs = configs[i::N]
     runs = [{**common, **cfg} for cfg in configs]
     for cfg, options in zip(configs, runs):  # before any training
         unknown = sorted(set(options) - TRAIN_FIELDS)

@@ -51,6 +51,20 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, data):
     assert "curve" not in sweep.without_curves(table)[0]
 
 
+def test_shards_split_a_sweep_and_a_call_without_shard_collects_it(tmp_path, data):
+    source, configs = TensorSource(data[0]), sweep.grid(n_latents=[16, 32, 64], k=2)
+    common = dict(tokens=256, batch_size=128, geometric_median_samples=256, progress=False)
+    first = sweep.run_sweep(configs, source, tmp_path, shard=(0, 2), **common)
+    second = sweep.run_sweep(configs, source, tmp_path, shard=(1, 2), **common)
+    assert [r["n_latents"] for r in first] == [16, 64] and [r["n_latents"] for r in second] == [32]
+    everything = sweep.run_sweep(configs, source, tmp_path, **common)  # nothing left to train: loads
+    assert [r["run"] for r in everything] == [first[0]["run"], second[0]["run"], first[1]["run"]]
+    assert [r["train_seconds"] for r in everything] == [first[0]["train_seconds"], second[0]["train_seconds"],
+                                                        first[1]["train_seconds"]]
+    with pytest.raises(ValueError, match=r"shard must be \(i, N\) with 0 <= i < N, got \(2, 2\)"):
+        sweep.run_sweep(configs, source, tmp_path, shard=(2, 2), **common)
+
+
 def test_changed_shared_options_train_new_runs_beside_the_old(tmp_path, data):
     # a student who edits a preset's budget re-runs the sweep: new folders, no clash with the old runs
     source, config = TensorSource(data[0]), [dict(n_latents=32, k=4)]
