@@ -246,7 +246,7 @@ def test_the_device_is_recorded_checked_and_not_part_of_the_runs_identity(tmp_pa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_run_on_the_gpu_matches_the_cpu_run_and_resumes_there(tmp_path):
+def test_a_run_on_the_gpu_matches_the_cpu_run(tmp_path):
     x, _ = toy_data(n=4096, d=16, n_features=64)
     options = dict(tokens=8192, batch_size=256, progress=False)
     cpu = fit(x, 64, 4, device="cpu", **options)
