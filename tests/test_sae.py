@@ -196,6 +196,22 @@ def test_batchtopk_keeps_k_per_token_on_average_and_estimates_threshold():
     assert (eval_latents.values[eval_latents.values > 0] > sae.threshold).all()
 
 
+@pytest.mark.parametrize("saturated", [False, True])
+def test_batchtopk_searches_candidates_and_keeps_the_batchwide_largest(saturated):
+    from saelib.sae import BATCHTOPK_CANDIDATES, _largest_positive
+
+    sae = make_sae(n_latents=256, k=4, arch="batchtopk")
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    if saturated:  # one token far larger than the rest takes more than its candidates: the full search
+        x[0] *= 100
+    latents = sae(x).latents
+    pre = sae._preacts(x)
+    expected = pre.relu() * _largest_positive(pre, 4 * 32)[0]
+    torch.testing.assert_close(latents.to_dense(), expected.detach())
+    assert int((latents.values > 0).sum()) == 4 * 32
+    assert (int((latents.values[0] > 0).sum()) > BATCHTOPK_CANDIDATES * 4) == saturated
+
+
 def test_threshold_for_target_l0():
     sae = make_sae(n_latents=256)
     x = torch.randn(512, 16)
