@@ -29,7 +29,7 @@ few distinct ones to fit, so the residuals of ``log L`` are resampled instead, i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -238,7 +238,7 @@ def fit_compute_law(flops, loss, **options) -> Fit:
         c0, c1, p = theta
         return c0 + c1 * np.power(C, -p)
 
-    return Fit("compute", params, ci, fit.r2, fit.rmse_log, fit.n_points, fit.level, fit.boot_failures, fit.bootstrap, model)
+    return replace(fit, law="compute", params=params, ci=ci, _model=model)  # goodness of fit and bootstrap as fitted
 
 
 def compute_frontier(flops, loss, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
