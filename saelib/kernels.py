@@ -62,14 +62,16 @@ def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor) ->
     touched rows without materialising the ``(B * m, d)`` outer products that ``index_add`` would
     need. On 2 idle cores (n 18432, B 4096) CSR beat COO 1.4x at m = 32 and 2.4x at m = 288.
     ``addmm`` into an uninitialised output with ``beta=0`` (which ignores its contents) skips the
-    zero-fill and the copy that ``S @ vectors`` adds: 23 ms against 36 ms at m = 32.
+    zero-fill that ``S @ vectors`` adds, and passing that output as ``out`` too skips addmm's copy
+    of it: 7 ms against 36 ms at m = 32.
     """
     crow, tokens, order = pattern.csr()
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
         S = torch.sparse_csr_tensor(crow, tokens, weights.flatten().to(vectors.dtype)[order],
                                     (pattern.n_rows, len(vectors)), check_invariants=False)
-        return torch.addmm(vectors.new_empty(pattern.n_rows, vectors.shape[-1]), S, vectors, beta=0)
+        out = vectors.new_empty(pattern.n_rows, vectors.shape[-1])
+        return torch.addmm(out, S, vectors, beta=0, out=out)
 
 
 def _rows_dot(indices: Tensor, W: Tensor, vectors: Tensor) -> Tensor:
