@@ -303,7 +303,7 @@ def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_a
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, k", [(8192, 4), (8192, 32), (4096, 8192 // 8), (64, 64)])
+@pytest.mark.parametrize("n, k", [(8192, 4), (8192, 32), (4096, 256), (4096, 8192 // 8), (64, 64)])
 def test_topk_through_group_maxima_keeps_torch_topk_values(n, k, dtype):
     from saelib.kernels import topk_indices
 
