@@ -114,8 +114,39 @@ def test_preacts_reuse_one_buffer_across_calls_and_shapes():
     small = sae._preacts(x1[:3])  # a smaller batch fits in the same memory
     assert small.data_ptr() == ptr and small.shape == (3, 64)
     torch.testing.assert_close(small, (x1[:3] - sae.b_pre) @ sae.W_enc.T + sae.b_enc)
-    large = sae._preacts(torch.randn(2, 20, 16))  # a larger one gets a new buffer, leading dims kept
+    x3 = torch.randn(2, 20, 16)  # a larger one gets a new buffer, leading dims kept; more tokens than
+    large = sae._preacts(x3)     # d_in: the bias rides in the GEMM as a column of ones
     assert large.shape == (2, 20, 64)
+    torch.testing.assert_close(large, (x3 - sae.b_pre) @ sae.W_enc.T + sae.b_enc)
+
+
+def test_row_gradients_reuse_their_memory_only_when_nothing_holds_it():
+    sae = make_sae()
+    with torch.no_grad():
+        sae.b_pre.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(32, 16)
+
+    def loss():
+        return sae(x).loss
+
+    loss().backward()
+    memory = sae.W_dec.grad.data_ptr()
+    held, expected = sae.W_dec.grad.detach(), sae.W_dec.grad.clone()  # a user keeps an alias of the gradient
+    sae.zero_grad(set_to_none=True)
+    (2 * loss()).backward()
+    assert sae.W_dec.grad.data_ptr() != memory and torch.equal(held, expected)  # the held memory is not reused
+    torch.testing.assert_close(sae.W_dec.grad, 2 * expected)
+    del held
+    sae.zero_grad(set_to_none=True)
+    loss().backward()
+    assert sae.W_dec.grad.data_ptr() == memory  # free again: reused, no fresh (n, d) memory
+    torch.testing.assert_close(sae.W_dec.grad, expected)
+    loss().backward()  # accumulating into .grad: the new gradient gets its own memory
+    torch.testing.assert_close(sae.W_dec.grad, 2 * expected)
+    grads = torch.autograd.grad(loss(), [sae.W_enc, sae.W_dec])
+    torch.testing.assert_close(grads[1], expected)
+    torch.testing.assert_close(sae.W_dec.grad, 2 * expected)
 
 
 def test_unit_norm_decoder_rows_and_tied_init():
