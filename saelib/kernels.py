@@ -186,7 +186,7 @@ TOPK_GROUP = 8
 TOPK_MIN_GROUPS_PER_K = 2
 
 
-def topk_indices(pre: Tensor, k: int, sorted: bool = True) -> Tensor:
+def topk_indices(pre: Tensor, k: int, sorted: bool = True, workspace=None) -> Tensor:
     """``(..., k)`` int64 ids of the ``k`` largest entries of each row of ``pre (..., n)``.
 
     Through group maxima: column ``j`` is in group ``j mod (n / g)`` (``g = TOPK_GROUP``), so the
@@ -195,13 +195,17 @@ def topk_indices(pre: Tensor, k: int, sorted: bool = True) -> Tensor:
     those ``k * g`` candidates finds them. The kept values are exactly ``torch.topk``'s (among
     equal values the ids may differ). Rows too short for it to pay (``n / g < 2 k``, or ``g``
     not dividing ``n``) use ``torch.topk``. ``sorted``: ids in decreasing order of value.
+    ``workspace(name, shape, dtype, device)``: memory for the ``(B, n / g)`` group maxima kept
+    between calls (``TopKSAE._workspace``; fresh memory's page faults cost a third of the pass in
+    fp32), or None.
     """
     n = pre.shape[-1]
     G = n // TOPK_GROUP
     if n % TOPK_GROUP or G < TOPK_MIN_GROUPS_PER_K * k:
         return pre.topk(k, dim=-1, sorted=sorted).indices
     rows = pre.reshape(-1, n)
-    groups = topk_indices(rows.view(len(rows), TOPK_GROUP, G).amax(1), k, sorted=False)  # (B, k)
+    maxima = workspace("group_maxima", (len(rows), G), pre.dtype, pre.device) if workspace else None
+    groups = topk_indices(torch.amax(rows.view(len(rows), TOPK_GROUP, G), 1, out=maxima), k, sorted=False)  # (B, k)
     cols = (groups.unsqueeze(-1) + G * torch.arange(TOPK_GROUP, device=pre.device)).flatten(1)  # (B, k * g)
     top = rows.gather(-1, cols).topk(k, dim=-1, sorted=sorted).indices
     return cols.gather(-1, top).view(*pre.shape[:-1], k)

@@ -231,7 +231,8 @@ class TopKSAE(nn.Module):
         large buffer afresh each step costs the page faults of a new mapping (about a tenth of a CPU
         training step for ``pre`` at n 18432, half of AuxK's column copy). Valid until the next call
         with the same name; callers must not keep it. The SAE keeps them: ``pre`` (B, n_latents),
-        the encoder weights with the bias column (n_latents, d_in + 1), and AuxK's dead columns."""
+        the encoder weights with the bias column (n_latents, d_in + 1), the top-k's group maxima
+        (B, n_latents / 8) and AuxK's dead columns."""
         numel = math.prod(shape)
         buffers = self.__dict__.setdefault("_workspaces", {})
         buffer = buffers.get(name)
@@ -254,7 +255,7 @@ class TopKSAE(nn.Module):
         return self._latents(x, pre, chosen.indices, mask.gather(-1, chosen.indices))
 
     def _topk(self, x: Tensor, pre: Tensor, k: int) -> Latents:
-        return self._latents(x, pre, topk_indices(pre, k))
+        return self._latents(x, pre, topk_indices(pre, k, workspace=self._workspace))
 
     def _batchtopk(self, x: Tensor, pre: Tensor) -> Latents:
         """The ``k * B`` largest positive pre-activations of the batch of ``B`` tokens.
@@ -267,7 +268,7 @@ class TopKSAE(nn.Module):
         rows = pre.reshape(-1, self.n_latents)
         budget, width = self.k * len(rows), min(self.n_latents, BATCHTOPK_CANDIDATES * self.k)
         if width < self.n_latents:
-            ids = topk_indices(rows, width)  # each row's largest first
+            ids = topk_indices(rows, width, workspace=self._workspace)  # each row's largest first
             mask, smallest = _largest_positive(rows.gather(-1, ids), budget)
             if not bool(mask.all(-1).any()):
                 self._track_threshold(smallest)

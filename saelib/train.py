@@ -443,7 +443,10 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor
     result.loss.backward()
     sae.remove_parallel_grads()
     if cfg.grad_clip:
-        nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        grads = [p.grad for p in sae.parameters() if p.grad is not None]
+        norm = nn.utils.get_total_norm(grads)
+        if bool(norm > cfg.grad_clip):  # only then a pass over the gradients (clip_grad_norm_ always scales)
+            nn.utils.clip_grads_with_norm_(sae.parameters(), cfg.grad_clip, norm)
     opt.step()
     sae.normalize_decoder()
     return result
