@@ -532,6 +532,36 @@ def supply_rate(source, batch_size: int, *, epochs: int = 2, seed: int = 0) -> l
     return rows
 
 
+def bf16_parity(train, validation: Tensor, n_latents: int, k: int, *, batch_size: int = 1024, epochs: int = 2,
+                seed: int = 0) -> list[dict]:
+    """Does the bf16 encoder train as well as fp32? The same SAE trained twice on the activation
+    cache ``train`` (an ``activations.ActivationCache``: same seed, same batches), with the encoder
+    GEMM in float32 and in bfloat16, then each scored on the raw held-out activations
+    ``validation (N, d_in)``, encoded in fp32 as a loaded SAE is.
+
+    One row per encoder dtype: ``evals.reconstruction_metrics`` (``nmse``...), ``fit_seconds`` and
+    ``rel_nmse_diff``, the NMSE relative to the fp32 run's (issue 8's goal: within 1%).
+    """
+    from .activations import CachedSource
+    from .evals.reconstruction import reconstruction_metrics
+    from .sae import ENCODER_DTYPES
+    from .train import fit
+
+    steps = epochs * (train.n_rows // batch_size)
+    rows = []
+    for dtype in ENCODER_DTYPES:
+        start = time.perf_counter()
+        sae = fit(CachedSource(train), n_latents, k, normalizer=train.normalizer, tokens=steps * batch_size,
+                  batch_size=batch_size, seed=seed, encoder_dtype=dtype, progress=False)
+        seconds = time.perf_counter() - start
+        sae.encoder_dtype = "float32"
+        metrics = reconstruction_metrics(sae, validation)
+        rows.append({"encoder_dtype": dtype, "n_latents": n_latents, "k": k, "batch_size": batch_size, "steps": steps,
+                     "train_tokens": train.n_rows, "validation_tokens": len(validation), **metrics,
+                     "rel_nmse_diff": metrics["nmse"] / rows[0]["nmse"] - 1 if rows else 0.0, "fit_seconds": seconds})
+    return rows
+
+
 # ---- output ---------------------------------------------------------------------------------
 
 COLUMNS = ("impl", "d_in", "n_latents", "k", "batch_size", "dead_fraction", "tokens_per_s", "ratio_to_best_peer",

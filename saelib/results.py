@@ -139,6 +139,12 @@ def throughput(data: dict) -> str:
     if supply:
         rates = ", ".join(f"{s['tokens_per_s']:,.0f} (epoch {s['epoch']})" for s in supply)
         note += f" Reading and shuffling the activation cache: {rates} tokens/s at batch {supply[0]['batch_size']:,}."
+    parity = {r["encoder_dtype"]: r for r in data.get("bf16_parity") or []}
+    if len(parity) == 2:
+        fp32, bf16 = parity["float32"], parity["bfloat16"]
+        note += (f" The same SAE (n {fp32['n_latents']:,}, k {fp32['k']}) trained {fp32['steps']} steps of "
+                 f"{fp32['batch_size']:,} SmolLM2 tokens with each encoder dtype: validation NMSE {bf16['nmse']:.5f} "
+                 f"with the bf16 encoder against {fp32['nmse']:.5f} in fp32 ({bf16['rel_nmse_diff']:+.2%}).")
     return _table(["d_in", "n", "batch", "dead"] + impls, rows) + note
 
 

@@ -65,6 +65,11 @@ def test_the_throughput_block_has_one_row_per_configuration_and_saelibs_ratio():
     assert "| 576 | 4,608 | 4,096 | 25% | 3,000 (2.00x) | – | 1,500 | – | – | – |" in text
     assert "| 576 | 4,608 | 4,096 | 0% | 6,000 | – | – | – | – | – |" in text
     assert "Some CPU, 2 threads" in text and "100,000 (epoch 0) tokens/s at batch 4,096" in text
+    assert "bf16" not in text.split("|")[-1]  # no parity runs, no sentence about them
+    parity = [dict(encoder_dtype=dtype, n_latents=4608, k=32, steps=248, batch_size=1024, nmse=nmse, rel_nmse_diff=rel)
+              for dtype, nmse, rel in (("float32", 0.4, 0.0), ("bfloat16", 0.401, 0.0025))]
+    text = results.throughput({"rows": rows, "machine": machine, "supply": supply, "bf16_parity": parity})
+    assert "248 steps of 1,024 SmolLM2 tokens" in text and "NMSE 0.40100 with the bf16 encoder against 0.40000 in fp32 (+0.25%)" in text
 
 
 def test_the_repository_readme_has_every_block():
