@@ -56,8 +56,10 @@ class LatentPattern:
         return self._csr
 
 
-# the row-gradient memory of each weight (by id, dropped when the weight is), reused across steps
-_ROW_GRAD_MEMORY: dict[int, Tensor] = {}
+# the row-gradient memories of each weight (by id, dropped when the weight is), reused across steps
+_ROW_GRAD_MEMORY: dict[int, list[Tensor]] = {}
+# memories kept per weight: the main path's gradient and AuxK's, which autograd then sums
+ROW_GRAD_MEMORIES = 2
 
 
 def _row_grad_memory(W: Tensor, dtype: torch.dtype) -> Tensor:
@@ -65,19 +67,25 @@ def _row_grad_memory(W: Tensor, dtype: torch.dtype) -> Tensor:
     step's gradient when nothing refers to that memory any more.
 
     A fresh ``(n_rows, d)`` tensor costs the page faults of its new mapping: the sparse product
-    that fills it took twice as long (n 18432, d 576: 20 ms against 10). The memory is handed out
+    that fills it took twice as long (n 18432, d 576: 20 ms against 10). A memory is handed out
     again only when its storage has no user but the kept tensor (torch's count of storage users,
-    so a ``.grad`` still held, or any view or ``detach()`` of it, keeps it taken).
+    so a ``.grad`` still held, or any view or ``detach()`` of it, keeps it taken). Up to
+    ``ROW_GRAD_MEMORIES`` are kept per weight (the main path's and AuxK's gradient of one step).
     """
-    kept = _ROW_GRAD_MEMORY.get(id(W))
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if kept is None or kept.dtype != dtype or kept.shape != W.shape or use_count is None:
-        if kept is None:
-            weakref.finalize(W, _ROW_GRAD_MEMORY.pop, id(W), None)
-        kept = _ROW_GRAD_MEMORY[id(W)] = torch.empty(W.shape, dtype=dtype, device=W.device)
-    elif use_count(kept.untyped_storage()._cdata) > 2:  # the kept tensor and this call's storage object
+    if use_count is None:  # no way to tell whether a memory is free: always a fresh one
         return torch.empty(W.shape, dtype=dtype, device=W.device)
-    return kept.view(W.shape)
+    if id(W) not in _ROW_GRAD_MEMORY:
+        weakref.finalize(W, _ROW_GRAD_MEMORY.pop, id(W), None)
+    kept = _ROW_GRAD_MEMORY.setdefault(id(W), [])
+    kept[:] = [t for t in kept if t.dtype == dtype and t.shape == W.shape and t.device == W.device]
+    for memory in kept:
+        if use_count(memory.untyped_storage()._cdata) <= 2:  # the kept tensor and this call's storage object
+            return memory.view(W.shape)  # as below
+    memory = torch.empty(W.shape, dtype=dtype, device=W.device)
+    if len(kept) < ROW_GRAD_MEMORIES:
+        kept.append(memory)
+    return memory.view(W.shape)  # a tensor of its own, which autograd can make the .grad without a copy
 
 
 def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor, out: Tensor | None = None) -> Tensor:
