@@ -9,7 +9,7 @@ Process grid: the world of ``W`` ranks is ``D x L`` with ``L = latent_parallel``
 counters); ``b_pre`` is replicated. One step, for a global batch ``x (B, d_in)``, on rank ``(d, l)``
 holding ``x_d (B/D, d_in)``::
 
-    pre_l     = W_enc_l (x_d - b_pre) + b_enc_l                       (B/D, n/L)  no gradient
+    pre_l     = W_enc_l (x_d - b_pre) + b_enc_l                       (B/D, n/L)  no gradient, in encoder_dtype
     cand_l    = top-k of pre_l: values and global indices             (B/D, k)
     chosen    = top-k of all_gather_l(cand_l)                         (B/D, k)    the global top-k
     z_l       = ReLU(pre at the chosen latents that shard l owns)     (B/D, k)    zeros elsewhere
@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .kernels import LatentPattern, gather_preacts, sparse_decode
+from .kernels import LatentPattern, gather_preacts, sparse_decode, topk_indices
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
 from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
@@ -167,14 +167,15 @@ def global_topk(pre: Tensor, k: int, grid: Grid) -> tuple[Tensor, Tensor | None]
         ``indices (B, k)`` local row ids, and ``mine (B, k)`` bool, True where this shard owns
         the chosen latent (``None`` with one shard: it owns all; elsewhere ``indices`` is 0).
     """
-    local = pre.topk(min(k, pre.shape[-1]), dim=-1)
+    local = topk_indices(pre, min(k, pre.shape[-1]))
     if grid.latent_group is None:
-        return local.indices, None
+        return local, None
     offset = grid.latent_rank * pre.shape[-1]
-    values = [torch.empty_like(local.values) for _ in range(grid.latent_size)]
-    indices = [torch.empty_like(local.indices) for _ in range(grid.latent_size)]
-    dist.all_gather(values, local.values.contiguous(), group=grid.latent_group)
-    dist.all_gather(indices, (local.indices + offset).contiguous(), group=grid.latent_group)
+    local_values = pre.gather(-1, local).float()  # candidates travel in fp32 (a bf16 pre too)
+    values = [torch.empty_like(local_values) for _ in range(grid.latent_size)]
+    indices = [torch.empty_like(local) for _ in range(grid.latent_size)]
+    dist.all_gather(values, local_values, group=grid.latent_group)
+    dist.all_gather(indices, (local + offset).contiguous(), group=grid.latent_group)
     best = torch.cat(values, -1).topk(k, dim=-1).indices
     chosen = torch.cat(indices, -1).gather(-1, best)
     mine = (chosen >= offset) & (chosen < offset + pre.shape[-1])
@@ -212,8 +213,7 @@ def sharded_forward(shard: TopKSAE, x: Tensor, grid: Grid, cfg: TrainConfig, bat
             number over all shards.
     """
     x_c = x - _CopyToShards.apply(shard.b_pre, grid.latent_group)
-    with torch.no_grad():
-        pre = F.linear(x_c, shard.W_enc, shard.b_enc)
+    pre = shard._preacts(x)  # no gradient, in the shard's encoder_dtype
 
     def code(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         indices, mine = global_topk(pre, k, grid)
@@ -323,7 +323,8 @@ def _make_shard(d_in: int, cfg: TrainConfig, grid: Grid, normalizer: Normalizer,
     n_local = cfg.n_latents // grid.latent_size
     info = {"index": grid.latent_rank, "count": grid.latent_size, "n_latents": cfg.n_latents, "k": cfg.k}
     return TopKSAE(d_in, n_local, min(cfg.k, n_local), normalizer=normalizer, generator=torch.Generator(),
-                   metadata={**(metadata or {}), "shard": info} if grid.latent_size > 1 else metadata)
+                   metadata={**(metadata or {}), "shard": info} if grid.latent_size > 1 else metadata,
+                   encoder_dtype=cfg.encoder_dtype)
 
 
 # ---- shard files ----------------------------------------------------------------------------
