@@ -88,8 +88,8 @@ def _row_grad_memory(W: Tensor, dtype: torch.dtype) -> Tensor:
     return memory.view(W.shape)  # a tensor of its own, which autograd can make the .grad without a copy
 
 
-def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor, out: Tensor | None = None) -> Tensor:
-    """``G (n_rows, d)`` with ``G[indices[b, j]] += weights[b, j] * vectors[b]``.
+def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor, out: Tensor) -> Tensor:
+    """``G (n_rows, d)``, written into ``out``, with ``G[indices[b, j]] += weights[b, j] * vectors[b]``.
 
     A sparse ``(n_rows, B)`` CSR matrix (``pattern``) times ``vectors (B, d)``: it adds into the
     touched rows without materialising the ``(B * m, d)`` outer products that ``index_add`` would
@@ -103,7 +103,6 @@ def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor, ou
         warnings.simplefilter("ignore")
         S = torch.sparse_csr_tensor(crow, tokens, weights.flatten().to(vectors.dtype)[order],
                                     (pattern.n_rows, len(vectors)), check_invariants=False)
-        out = vectors.new_empty(pattern.n_rows, vectors.shape[-1]) if out is None else out
         return torch.addmm(out, S, vectors, beta=0, out=out)
 
 
