@@ -58,8 +58,8 @@ from .kernels import LatentPattern, gather_preacts, sparse_decode, topk_indices
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
 from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
-                    _sample, _say, _start_run_folder, _stream, as_source, check_batch, ema_apply, ema_start, ema_update,
-                    initial_b_pre, latest_checkpoint, learning_rate)
+                    _sample, _say, _start_run_folder, _stream, as_source, check_batch, clip_to_norm, ema_apply,
+                    ema_start, ema_update, initial_b_pre, latest_checkpoint, learning_rate)
 
 LATENT_PARAMS = ("W_enc", "b_enc", "W_dec")  # split by rows over the latent group; b_pre is replicated
 CHECKPOINT_TENSORS, CHECKPOINT_META = "state.safetensors", "state.json"
@@ -253,9 +253,7 @@ def sync_and_clip(shard: TopKSAE, grid: Grid, grad_clip: float | None) -> None:
     if grad_clip:
         rows = torch.stack([getattr(shard, name).grad.pow(2).sum() for name in LATENT_PARAMS]).sum()
         norm = (_all_reduce(rows, grid.latent_group) + shard.b_pre.grad.pow(2).sum()).sqrt()
-        coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
-        for p in shard.parameters():
-            p.grad.mul_(coef)
+        clip_to_norm(shard.parameters(), grad_clip, norm)
 
 
 # ---- data -----------------------------------------------------------------------------------

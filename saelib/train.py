@@ -430,6 +430,14 @@ def make_optimizer(sae: TopKSAE, cfg: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused)
 
 
+def clip_to_norm(parameters, grad_clip: float, norm: Tensor) -> None:
+    """Scale the gradients as ``clip_grad_norm_`` does, given their total ``norm``: by
+    ``grad_clip / (norm + 1e-6)`` where that is below 1. Where it is not, no pass over them
+    (``clip_grad_norm_`` multiplies every gradient by 1)."""
+    if bool(norm + 1e-6 > grad_clip):
+        nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
+
+
 def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor | None, cfg: TrainConfig) -> ForwardOutput:
     """One step of the recipe on a batch ``x (B, d_in)``: loss (AuxK over ``dead`` latents if given),
     backward, decoder-gradient projection, clipping, ``opt.step()``, decoder renormalisation.
@@ -444,9 +452,7 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor
     sae.remove_parallel_grads()
     if cfg.grad_clip:
         grads = [p.grad for p in sae.parameters() if p.grad is not None]
-        norm = nn.utils.get_total_norm(grads)
-        if bool(norm > cfg.grad_clip):  # only then a pass over the gradients (clip_grad_norm_ always scales)
-            nn.utils.clip_grads_with_norm_(sae.parameters(), cfg.grad_clip, norm)
+        clip_to_norm(sae.parameters(), cfg.grad_clip, nn.utils.get_total_norm(grads))
     opt.step()
     sae.normalize_decoder()
     return result
