@@ -148,11 +148,11 @@ class _SparseDecode(torch.autograd.Function):
 
 class _GatherPreacts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor, b_pre: Tensor | None,
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, indices: Tensor, chosen: Tensor, b_pre: Tensor | None,
                 pattern: LatentPattern | None) -> Tensor:
         ctx.save_for_backward(x, W, indices, b_pre)
         ctx.pattern = pattern
-        return pre.gather(-1, indices).to(x.dtype)
+        return chosen.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
@@ -187,33 +187,35 @@ def fast_bf16(device: str | torch.device = "cpu") -> bool:
         return False
 
 
-# topk_indices: columns per group, and the fewest groups per kept latent for which grouping pays
-# (2 threads, B 4096, k 32, against torch.topk: 1.4x at n 4608, 2.2x at n 18432, 2.6-2.9x at n 65536)
-TOPK_GROUP = 8
-TOPK_MIN_GROUPS_PER_K = 2
+# topk_indices: columns per group (the first that leaves enough groups), and the fewest groups per
+# kept latent for which grouping pays (2 threads, B 4096, against torch.topk: k 32 in groups of 8,
+# 1.4x at n 4608, 2.2x at n 18432, 2.6-2.9x at n 65536; AuxK's k 288 of 4608 in groups of 4, 1.15x)
+TOPK_GROUPS = (8, 4)
+TOPK_MIN_GROUPS_PER_K = 4
 
 
 def topk_indices(pre: Tensor, k: int, sorted: bool = True, workspace=None) -> Tensor:
     """``(..., k)`` int64 ids of the ``k`` largest entries of each row of ``pre (..., n)``.
 
-    Through group maxima: column ``j`` is in group ``j mod (n / g)`` (``g = TOPK_GROUP``), so the
-    maxima of all groups are one vectorised pass over ``pre``; the top-k of a row lie in its
-    ``k`` groups with the largest maxima (found the same way, recursively), and a top-k over
-    those ``k * g`` candidates finds them. The kept values are exactly ``torch.topk``'s (among
-    equal values the ids may differ). Rows too short for it to pay (``n / g < 2 k``, or ``g``
-    not dividing ``n``) use ``torch.topk``. ``sorted``: ids in decreasing order of value.
+    Through group maxima: column ``j`` is in group ``j mod (n / g)`` (``g``: the first of
+    ``TOPK_GROUPS`` that divides ``n`` into at least ``2 k`` groups), so the maxima of all groups
+    are one vectorised pass over ``pre``; the top-k of a row lie in its ``k`` groups with the
+    largest maxima (found the same way, recursively), and a top-k over those ``k * g`` candidates
+    finds them. The kept values are exactly ``torch.topk``'s (among equal values the ids may
+    differ). Rows too short for it to pay use ``torch.topk``. ``pre`` may be a column slice of a
+    wider matrix (AuxK's dead columns). ``sorted``: ids in decreasing order of value.
     ``workspace(name, shape, dtype, device)``: memory for the ``(B, n / g)`` group maxima kept
     between calls (``TopKSAE._workspace``; fresh memory's page faults cost a third of the pass in
     fp32), or None.
     """
     n = pre.shape[-1]
-    G = n // TOPK_GROUP
-    if n % TOPK_GROUP or G < TOPK_MIN_GROUPS_PER_K * k:
+    g = next((g for g in TOPK_GROUPS if n % g == 0 and n // g >= TOPK_MIN_GROUPS_PER_K * k), None)
+    if g is None:
         return pre.topk(k, dim=-1, sorted=sorted).indices
-    rows = pre.reshape(-1, n)
+    G, rows = n // g, pre.reshape(-1, n)
     maxima = workspace("group_maxima", (len(rows), G), pre.dtype, pre.device) if workspace else None
-    groups = topk_indices(torch.amax(rows.view(len(rows), TOPK_GROUP, G), 1, out=maxima), k, sorted=False)  # (B, k)
-    cols = (groups.unsqueeze(-1) + G * torch.arange(TOPK_GROUP, device=pre.device)).flatten(1)  # (B, k * g)
+    groups = topk_indices(torch.amax(rows.view(len(rows), g, G), 1, out=maxima), k, sorted=False)  # (B, k)
+    cols = (groups.unsqueeze(-1) + G * torch.arange(g, device=pre.device)).flatten(1)  # (B, k * g)
     top = rows.gather(-1, cols).topk(k, dim=-1, sorted=sorted).indices
     return cols.gather(-1, top).view(*pre.shape[:-1], k)
 
@@ -234,7 +236,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W: Tensor, pattern: LatentPat
 
 
 def gather_preacts(x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor, b_pre: Tensor | None = None,
-                   pattern: LatentPattern | None = None) -> Tensor:
+                   pattern: LatentPattern | None = None, positions: Tensor | None = None) -> Tensor:
     """``(..., m)``: the chosen pre-activations ``pre[..., indices]`` with a sparse backward.
 
     Args:
@@ -247,10 +249,13 @@ def gather_preacts(x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor
             centred. Its gradient costs one ``(n,) x (n, d)`` product; when only ``b_pre`` (and
             not ``x``) needs a gradient, no ``(B, d)`` input gradient is computed at all.
         pattern: as in ``sparse_decode``.
+        positions: ``(..., m)`` the columns of ``pre`` that hold those latents, when its columns
+            are the latents in another order (``TopKSAE._preacts(x, columns)``); None: ``indices``.
     """
     lead = indices.shape[:-1]
+    chosen = pre.gather(-1, indices if positions is None else positions)
     flat = _GatherPreacts.apply(
-        x.reshape(-1, x.shape[-1]), W, b, indices.reshape(-1, indices.shape[-1]), pre.reshape(-1, pre.shape[-1]), b_pre,
-        pattern
+        x.reshape(-1, x.shape[-1]), W, b, indices.reshape(-1, indices.shape[-1]), chosen.reshape(-1, chosen.shape[-1]),
+        b_pre, pattern
     )
     return flat.reshape(*lead, indices.shape[-1])

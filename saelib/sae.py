@@ -202,16 +202,23 @@ class TopKSAE(nn.Module):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"Input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}.")
 
-    def _preacts(self, x: Tensor) -> Tensor:
+    def _preacts(self, x: Tensor, columns: Tensor | None = None) -> Tensor:
         """``pre = W_enc (x - b_pre) + b_enc`` without gradient, in ``encoder_dtype`` (the gradient
-        flows through the chosen entries only, in ``gather_preacts``)."""
+        flows through the chosen entries only, in ``gather_preacts``).
+
+        ``columns``: ``(n_latents,)`` a permutation, the latent of each column of ``pre`` (AuxK puts
+        the dead latents first, so that their top-k reads a slice instead of a copy); None: column
+        ``i`` is latent ``i``.
+        """
         self._check_input(x)
         with torch.no_grad():
             dtype = getattr(torch, self.encoder_dtype)  # float32: the parameters' own dtype
             rows = x.reshape(-1, self.d_in)
             out = self._workspace("pre", (len(rows), self.n_latents), dtype, x.device)
+            b_enc = self.b_enc if columns is None else self.b_enc[columns]
             if len(rows) <= self.d_in:  # a few tokens: copying the weights would cost more than the bias
-                x_e, W, b = (t.to(dtype) for t in (rows - self.b_pre, self.W_enc, self.b_enc))
+                W_enc = self.W_enc if columns is None else self.W_enc[columns]
+                x_e, W, b = (t.to(dtype) for t in (rows - self.b_pre, W_enc, b_enc))
                 pre = torch.addmm(b, x_e, W.T, out=out)
             else:
                 # b_enc rides in the GEMM as the weight of an input column of ones: addmm's copy of
@@ -221,18 +228,22 @@ class TopKSAE(nn.Module):
                 W_b = self._workspace("W_b", (self.n_latents, self.d_in + 1), dtype, x.device)
                 x_1[:, :-1] = rows - self.b_pre
                 x_1[:, -1] = 1
-                W_b[:, :-1] = self.W_enc
-                W_b[:, -1] = self.b_enc
+                if columns is None:
+                    W_b[:, :-1] = self.W_enc
+                elif dtype == self.W_enc.dtype:  # the rows straight into place (no (n, d_in) temporary)
+                    torch.index_select(self.W_enc, 0, columns, out=W_b[:, :-1])
+                else:
+                    W_b[:, :-1] = self.W_enc[columns]
+                W_b[:, -1] = b_enc
                 pre = torch.mm(x_1, W_b.T, out=out)
             return pre.view(*x.shape[:-1], self.n_latents)
 
     def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A tensor of ``shape`` in memory kept from the previous call with this ``name``: allocating a
         large buffer afresh each step costs the page faults of a new mapping (about a tenth of a CPU
-        training step for ``pre`` at n 18432, half of AuxK's column copy). Valid until the next call
-        with the same name; callers must not keep it. The SAE keeps them: ``pre`` (B, n_latents),
-        the encoder weights with the bias column (n_latents, d_in + 1), the top-k's group maxima
-        (B, n_latents / 8) and AuxK's dead columns."""
+        training step for ``pre`` at n 18432). Valid until the next call with the same name; callers
+        must not keep it. The SAE keeps them: ``pre`` (B, n_latents), the encoder weights with the
+        bias column (n_latents, d_in + 1) and the top-k's group maxima (B, n_latents / 8)."""
         numel = math.prod(shape)
         buffers = self.__dict__.setdefault("_workspaces", {})
         buffer = buffers.get(name)
@@ -240,24 +251,27 @@ class TopKSAE(nn.Module):
             buffer = buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 
-    def _latents(self, x: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None) -> Latents:
-        """ReLU of the chosen pre-activations, differentiable through the sparse kernel."""
+    def _latents(self, x: Tensor, pre: Tensor, positions: Tensor, keep: Tensor | None = None,
+                 columns: Tensor | None = None) -> Latents:
+        """ReLU of the chosen pre-activations (the columns ``positions`` of ``pre``, the latents
+        ``columns[positions]``), differentiable through the sparse kernel."""
+        indices = positions if columns is None else columns[positions]
         pattern = LatentPattern(indices, self.n_latents)
-        values = F.relu(gather_preacts(x, self.W_enc, self.b_enc, indices, pre, self.b_pre, pattern))
+        values = F.relu(gather_preacts(x, self.W_enc, self.b_enc, indices, pre, self.b_pre, pattern, positions))
         if keep is not None:
             values = values * keep
         return Latents(values, indices, self.n_latents, pattern)
 
-    def _masked(self, x: Tensor, pre: Tensor, mask: Tensor) -> Latents:
+    def _masked(self, x: Tensor, pre: Tensor, mask: Tensor, columns: Tensor | None = None) -> Latents:
         """Latents for an arbitrary boolean ``mask (..., n_latents)``, rows padded with zeros."""
         width = max(int(mask.sum(-1).max()), 1) if mask.numel() else 1
         chosen = pre.masked_fill(~mask, float("-inf")).topk(width, dim=-1)
-        return self._latents(x, pre, chosen.indices, mask.gather(-1, chosen.indices))
+        return self._latents(x, pre, chosen.indices, mask.gather(-1, chosen.indices), columns)
 
-    def _topk(self, x: Tensor, pre: Tensor, k: int) -> Latents:
-        return self._latents(x, pre, topk_indices(pre, k, workspace=self._workspace))
+    def _topk(self, x: Tensor, pre: Tensor, k: int, columns: Tensor | None = None) -> Latents:
+        return self._latents(x, pre, topk_indices(pre, k, workspace=self._workspace), columns=columns)
 
-    def _batchtopk(self, x: Tensor, pre: Tensor) -> Latents:
+    def _batchtopk(self, x: Tensor, pre: Tensor, columns: Tensor | None = None) -> Latents:
         """The ``k * B`` largest positive pre-activations of the batch of ``B`` tokens.
 
         They are searched among each token's ``BATCHTOPK_CANDIDATES * k`` largest (a top-k per row,
@@ -274,10 +288,10 @@ class TopKSAE(nn.Module):
                 self._track_threshold(smallest)
                 used = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
                 shape = (*pre.shape[:-1], used)
-                return self._latents(x, pre, ids[:, :used].reshape(shape), mask[:, :used].reshape(shape))
+                return self._latents(x, pre, ids[:, :used].reshape(shape), mask[:, :used].reshape(shape), columns)
         mask, smallest = _largest_positive(rows, budget)
         self._track_threshold(smallest)
-        return self._masked(x, pre, mask.view_as(pre))
+        return self._masked(x, pre, mask.view_as(pre), columns)
 
     def _track_threshold(self, smallest: Tensor | None) -> None:
         """While training, the running average of each batch's smallest kept activation (the
@@ -288,19 +302,20 @@ class TopKSAE(nn.Module):
             else:
                 self.threshold.lerp_(smallest.to(self.threshold.dtype), 1 - BATCHTOPK_THRESHOLD_MOMENTUM)
 
-    def _select(self, x: Tensor, pre: Tensor, k: int | None) -> Latents:
+    def _select(self, x: Tensor, pre: Tensor, k: int | None, columns: Tensor | None = None) -> Latents:
+        """The arch's latents from ``pre``; ``columns`` as in ``_preacts``."""
         if k is not None:
             _check_size("k", k, "pass the number of active latents per token")
             if k > self.n_latents:
                 raise ValueError(f"k={k} is larger than n_latents={self.n_latents}; choose k <= n_latents.")
-            return self._topk(x, pre, k)
+            return self._topk(x, pre, k, columns)
         if self.arch == "batchtopk" and (self.training or torch.isnan(self.threshold)):
-            return self._batchtopk(x, pre)
+            return self._batchtopk(x, pre, columns)
         if not torch.isnan(self.threshold):
-            return self._masked(x, pre, pre > self.threshold)
+            return self._masked(x, pre, pre > self.threshold, columns)
         if self.arch == "relu":
-            return self._masked(x, pre, pre > 0)
-        return self._topk(x, pre, self.k)
+            return self._masked(x, pre, pre > 0, columns)
+        return self._topk(x, pre, self.k, columns)
 
     def encode(self, x: Tensor, k: int | None = None) -> Latents:
         """``(..., d_in)`` -> ``Latents`` of shape ``(..., m)``.
@@ -340,47 +355,51 @@ class TopKSAE(nn.Module):
             auxk_coef: weight of the AuxK loss (the paper: 1/32).
             l1_coef: weight of the L1 penalty (used by ``arch="relu"`` only; ``l1`` is reported for all).
         """
-        pre = self._preacts(x)
+        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        # with AuxK the dead latents' columns come first in pre: their top-k then reads a slice
+        columns = torch.cat([dead_mask.nonzero(), (~dead_mask).nonzero()]).squeeze(-1) if n_dead else None
+        pre = self._preacts(x, columns)
         zero = x.new_zeros(())
         if self.arch == "relu" and torch.isnan(self.threshold):
             z = F.relu(F.linear(x - self.b_pre, self.W_enc, self.b_enc))  # dense: early ReLU codes are not sparse
             x_hat = self.decode(z)
             with torch.no_grad():
-                latents = self._masked(x, pre, pre > 0)
+                latents = self._masked(x, pre, pre > 0, columns)
             l1 = z.sum(-1).mean()
         else:
             if self.arch == "multitopk":  # top-4k, sorted: its first k columns are the top-k
-                wide = self._topk(x, pre, 4 * self.k)
+                wide = self._topk(x, pre, 4 * self.k, columns)
                 latents = Latents(wide.values[..., : self.k], wide.indices[..., : self.k], self.n_latents)
             else:
-                latents = self._select(x, pre, None)
+                latents = self._select(x, pre, None, columns)
             x_hat = self.decode(latents)
             l1 = latents.values.sum(-1).mean()
         loss_nmse = nmse(x, x_hat)
         multik = nmse(x, self.decode(wide)) if self.arch == "multitopk" else zero
         auxk = zero
-        if dead_mask is not None and bool(dead_mask.any()):
-            k_aux = min(k_aux or min(512, self.d_in // 2), int(dead_mask.sum()))
+        if n_dead:
+            k_aux = min(k_aux or min(512, self.d_in // 2), n_dead)
             residual = (x - x_hat).detach()
-            auxk = nmse(residual, self._auxk_decode(x, pre, dead_mask, k_aux))
+            auxk = nmse(residual, self._auxk_decode(x, pre, columns, n_dead, k_aux))
         # The L1 penalty belongs to the ReLU baseline only: TopK's sparsity comes from k.
         loss = loss_nmse + multik / 8 + auxk_coef * auxk + (l1_coef * l1 if self.arch == "relu" else zero)
         return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
 
-    def _auxk_decode(self, x: Tensor, pre: Tensor, dead_mask: Tensor, k_aux: int) -> Tensor:
+    def _auxk_decode(self, x: Tensor, pre: Tensor, columns: Tensor, n_dead: int, k_aux: int) -> Tensor:
         """``(..., d_in)``: the top ``k_aux`` dead latents' reconstruction, without ``b_pre``.
 
-        Top-k runs over the dead columns only. When the kept latents are a large share of the
-        dead ones (``k_aux / n_dead >= AUXK_DENSE_SHARE``) dense GEMMs over the dead rows beat
-        the sparse kernels on CPU; both give the same values and gradients.
+        ``pre``'s first ``n_dead`` columns are the dead latents ``columns[:n_dead]`` (``_preacts``),
+        so top-k runs over that slice only. When the kept latents are a large share of the dead
+        ones (``k_aux / n_dead >= AUXK_DENSE_SHARE``) dense GEMMs over the dead rows beat the
+        sparse kernels on CPU; both give the same values and gradients.
         """
-        dead_ids = dead_mask.nonzero().squeeze(-1)
-        # positions in dead_ids; unsorted is faster and the order does not matter to a sum
-        dead_pre = self._workspace("dead_pre", (*pre.shape[:-1], len(dead_ids)), pre.dtype, pre.device)
-        chosen = torch.index_select(pre, -1, dead_ids, out=dead_pre).topk(k_aux, dim=-1, sorted=False).indices
-        if k_aux < AUXK_DENSE_SHARE * len(dead_ids):
-            dead = self._latents(x, pre, dead_ids[chosen])
+        # columns of the dead slice, which are also positions in dead_ids; unsorted is faster and
+        # the order does not matter to a sum
+        chosen = topk_indices(pre[..., :n_dead], k_aux, sorted=False, workspace=self._workspace)
+        if k_aux < AUXK_DENSE_SHARE * n_dead:
+            dead = self._latents(x, pre, chosen, columns=columns)
             return sparse_decode(dead.values, dead.indices, self.W_dec, dead.pattern)
+        dead_ids = columns[:n_dead]
         pre_dead = F.linear(x - self.b_pre, self.W_enc[dead_ids], self.b_enc[dead_ids])
         z = torch.zeros_like(pre_dead).scatter(-1, chosen, F.relu(pre_dead.gather(-1, chosen)))
         return z @ self.W_dec[dead_ids]
