@@ -70,7 +70,13 @@ def test_gather_preacts_grads_equal_dense_autograd():
             torch.testing.assert_close(a, b_)
 
 
-def test_encoder_and_decoder_share_one_latent_pattern_with_the_dense_gradients():
+@pytest.mark.parametrize("blocked", [False, True])
+def test_encoder_and_decoder_share_one_latent_pattern_with_the_dense_gradients(blocked, monkeypatch):
+    from saelib import kernels
+
+    if blocked:  # AuxK's cache-sized blocks, made small: 3 blocks of 5, 5 and 2 tokens, 8 latents per block
+        for name, value in (("BLOCK_MIN_PER_ROW", 5), ("BLOCK_TOKENS", 5), ("BLOCK_LATENTS", 8)):
+            monkeypatch.setattr(kernels, name, value)
     _, indices = random_latents(B=12, k=5)
     indices = indices.view(3, 4, 5)  # leading dims: the pattern works on the flattened rows
     x = torch.randn(3, 4, 16, requires_grad=True)
@@ -79,10 +85,13 @@ def test_encoder_and_decoder_share_one_latent_pattern_with_the_dense_gradients()
     grad_out = torch.randn(3, 4, 16)
     with torch.no_grad():
         pre = x @ W_enc.T + b
-    pattern = LatentPattern(indices, 64)
+    pattern = LatentPattern(indices, 64, n_touched=5 * kernels.BLOCK_MAX_SPREAD if blocked else None)
+    assert pattern.blocked == blocked
     sparse = sparse_decode(gather_preacts(x, W_enc, b, indices, pre, pattern=pattern).relu(), indices, W_dec, pattern)
     g_sparse = torch.autograd.grad((sparse * grad_out).sum(), [x, W_enc, b, W_dec])
     assert pattern._csr is not None  # built once, by whichever backward ran first
+    if blocked:
+        assert len(pattern.csr()) == 3 and len(pattern.by_token()) == -(-len(indices.unique()) // 8)
     z = torch.zeros(3, 4, 64).scatter(-1, indices, (x @ W_enc.T + b).gather(-1, indices).relu())
     g_dense = torch.autograd.grad(((z @ W_dec) * grad_out).sum(), [x, W_enc, b, W_dec])
     torch.testing.assert_close(sparse, z @ W_dec)
