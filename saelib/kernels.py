@@ -253,6 +253,56 @@ class _GatherPreacts(torch.autograd.Function):
         return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None, grad_b_pre, None
 
 
+class _DenseRowsDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,
+                chosen: Tensor, pre_rows: Tensor) -> Tensor:
+        z = x.new_zeros(len(x), len(rows)).scatter_(-1, chosen, F.relu(pre_rows.gather(-1, chosen)).to(x.dtype))
+        W_d = W_dec[rows]
+        ctx.save_for_backward(x, W_enc, W_dec, b_pre, rows, z, W_d)
+        ctx.n_rows = len(b_enc)
+        return z @ W_d
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, W_enc, W_dec, b_pre, rows, z, W_d = ctx.saved_tensors
+        grads: list[Tensor | None] = [None] * 8
+        dz = (grad_out @ W_d.T).mul_(z > 0)  # z > 0: chosen and past the ReLU
+        if ctx.needs_input_grad[0]:
+            grads[0] = dz @ W_enc[rows]
+        if ctx.needs_input_grad[1]:
+            grads[1] = _row_grad_memory(W_enc, x.dtype).zero_().index_copy_(0, rows, dz.T @ (x - b_pre))
+        db = dz.sum(0)
+        if ctx.needs_input_grad[2]:
+            grads[2] = x.new_zeros(ctx.n_rows).index_copy_(0, rows, db)
+        if ctx.needs_input_grad[3]:
+            grads[3] = _row_grad_memory(W_dec, x.dtype).zero_().index_copy_(0, rows, z.T @ grad_out)
+        if ctx.needs_input_grad[4]:
+            grads[4] = -(db @ W_enc[rows])
+        return tuple(grads)
+
+
+def dense_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,
+                      chosen: Tensor, pre_rows: Tensor) -> Tensor:
+    """``(B, d)``: ``sum_j ReLU(pre_rows[b, chosen[b, j]]) W_dec[rows[chosen[b, j]]]``, with dense GEMMs
+    over the ``r`` rows: the decode of a code that keeps many of few latents (AuxK with few dead).
+
+    Args:
+        x: ``(B, d)`` encoder input; ``W_enc, W_dec (n_latents, d)``, ``b_enc (n_latents,)``,
+            ``b_pre (d,)``: the SAE's parameters, which get the gradients of
+            ``pre = (x - b_pre) W_enc^T + b_enc`` through the chosen entries.
+        rows: ``(r,)`` the latents of the code's columns.
+        chosen: ``(B, m)`` columns kept per token (distinct within a row).
+        pre_rows: ``(B, r)`` those latents' pre-activations, computed without gradient (a slice of
+            ``TopKSAE._preacts``, fp32 or bf16 like ``gather_preacts``'s ``pre``).
+
+    The backward takes three ``(B, r, d)`` GEMMs (the value, decoder and encoder gradients) and
+    writes the row gradients into kept memory; autograd through ``F.linear`` on gathered rows took
+    six GEMMs and two zero-filled ``(n_latents, d)`` index gradients.
+    """
+    return _DenseRowsDecode.apply(x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre_rows)
+
+
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether bf16 matmuls run much faster than fp32 on ``device``: a CUDA GPU with bf16, or a
     CPU with AMX (``amx_bf16`` in ``/proc/cpuinfo``; measured about 4-6x the fp32 GEMM here)."""

@@ -47,7 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .kernels import LatentPattern, gather_preacts, sparse_decode, topk_indices
+from .kernels import LatentPattern, dense_rows_decode, gather_preacts, sparse_decode, topk_indices
 from .normalize import Normalizer
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
@@ -400,10 +400,10 @@ class TopKSAE(nn.Module):
         if k_aux < AUXK_DENSE_SHARE * n_dead:
             dead = self._latents(x, pre, chosen, columns=columns, n_touched=n_dead)
             return sparse_decode(dead.values, dead.indices, self.W_dec, dead.pattern)
-        dead_ids = columns[:n_dead]
-        pre_dead = F.linear(x - self.b_pre, self.W_enc[dead_ids], self.b_enc[dead_ids])
-        z = torch.zeros_like(pre_dead).scatter(-1, chosen, F.relu(pre_dead.gather(-1, chosen)))
-        return z @ self.W_dec[dead_ids]
+        rows = x.reshape(-1, self.d_in)
+        out = dense_rows_decode(rows, self.W_enc, self.b_enc, self.W_dec, self.b_pre, columns[:n_dead],
+                                chosen.reshape(len(rows), k_aux), pre[..., :n_dead].reshape(len(rows), n_dead))
+        return out.view(x.shape)
 
     # ---- decoder constraint ---------------------------------------------------------------
 
