@@ -366,7 +366,7 @@ class CachedSource:
         if self._resident is None or self._resident[0] != key:
             sizes = [self.cache.manifest["shards"][i]["rows"] for i in key]
             self._resident = None  # the previous group's memory goes before the next one's is taken
-            rows = torch.empty(sum(sizes), self.d_in)
+            rows = torch.empty(sum(sizes), self.d_in, dtype=torch.float32)  # shards hold float32
 
             def read(i: int, part: Tensor) -> None:
                 part.copy_(self.cache.shard(i, verify=i not in self._verified)["acts"])

@@ -80,7 +80,7 @@ class LatentPattern:
                 crow = torch.zeros(self.n_rows + 1, dtype=torch.int32, device=ids.device)
                 crow[1:] = torch.bincount(ids, minlength=self.n_rows).cumsum(0)
                 tokens = order.div(m, rounding_mode="floor").to(torch.int32)
-                self._csr.append((slice(start, start + len(ids) // max(m, 1)), crow, tokens, order + start * m))
+                self._csr.append((slice(start, min(start + T, B)), crow, tokens, order + start * m))
         return self._csr
 
     def by_token(self) -> list[tuple[slice, Tensor, Tensor, Tensor]]:
