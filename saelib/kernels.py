@@ -11,6 +11,9 @@ the encoder's backward pass needs a dense ``(batch, n_latents)`` matrix:
   gradient is computed in ``x``'s dtype from the full-precision weights.
 - ``topk_indices(pre, k)``: the top-k of each row through group maxima (faster than
   ``torch.topk`` on long rows).
+- ``dense_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre_rows)``: ``gather_preacts``,
+  ReLU and ``sparse_decode`` in one, with dense GEMMs over a few rows: for codes that keep a large
+  share of those rows (AuxK with few dead latents).
 - ``fast_bf16(device)``: whether a bf16 matmul is much faster than fp32 there (AMX, CUDA).
 
 Both backwards write weight gradients only into the rows that were touched (a CSR sparse matmul
