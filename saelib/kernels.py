@@ -55,18 +55,24 @@ class LatentPattern:
     ``_GatherPreacts`` share one: its sort of the ``B * m`` ids runs once, on first use (in the
     backward; an inference-only forward never pays for it).
 
-    ``blocked`` (rows keeping many of few latents, see ``BLOCK_MIN_PER_ROW``): ``csr()`` comes in
-    blocks of tokens, and ``by_token()`` gives the ``(B, n_rows)`` pattern in blocks of latents for
-    the decode and its value gradients. ``n_touched``: how many distinct latents the indices can
-    hold (AuxK: the dead ones; default ``n_rows``).
+    ``blocked`` (rows keeping many of few latents, see ``BLOCK_MIN_PER_ROW``; decided from the
+    indices): ``csr()`` comes in blocks of tokens, and ``by_token()`` gives the ``(B, n_rows)``
+    pattern in blocks of latents for the decode and its value gradients.
     """
 
-    def __init__(self, indices: Tensor, n_rows: int, n_touched: int | None = None):
+    def __init__(self, indices: Tensor, n_rows: int):
         self.indices, self.n_rows = indices.reshape(-1, indices.shape[-1]), n_rows
         m = self.indices.shape[-1]
-        self.blocked = m >= BLOCK_MIN_PER_ROW and m * BLOCK_MAX_SPREAD >= (n_touched or n_rows)
+        self._touched: Tensor | None = None
+        self.blocked = m >= BLOCK_MIN_PER_ROW and m * BLOCK_MAX_SPREAD >= len(self.touched())
         self._csr: list[tuple[slice, Tensor, Tensor, Tensor]] | None = None
         self._by_token: list[tuple[slice, Tensor, Tensor, Tensor]] | None = None
+
+    def touched(self) -> Tensor:
+        """The ids of the latents that occur in ``indices``, increasing."""
+        if self._touched is None:
+            self._touched = torch.bincount(self.indices.flatten(), minlength=self.n_rows).nonzero().squeeze(-1)
+        return self._touched
 
     def csr(self) -> list[tuple[slice, Tensor, Tensor, Tensor]]:
         """Per block of tokens (one block unless ``blocked``): the tokens (a slice of the batch),
@@ -92,7 +98,7 @@ class LatentPattern:
         start) of the block's ``(B, block)`` CSR pattern, and ``order`` as in ``csr``."""
         if self._by_token is None:
             B, m = self.indices.shape
-            touched = torch.bincount(self.indices.flatten(), minlength=self.n_rows).nonzero().squeeze(-1)
+            touched = self.touched()
             n_blocks = -(-len(touched) // BLOCK_LATENTS)
             block_of = torch.zeros(self.n_rows, dtype=torch.long, device=touched.device)
             block_of[touched] = torch.arange(len(touched), device=touched.device).div(BLOCK_LATENTS, rounding_mode="floor")

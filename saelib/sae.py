@@ -252,12 +252,11 @@ class TopKSAE(nn.Module):
         return buffer[:numel].view(shape)
 
     def _latents(self, x: Tensor, pre: Tensor, positions: Tensor, keep: Tensor | None = None,
-                 columns: Tensor | None = None, n_touched: int | None = None) -> Latents:
+                 columns: Tensor | None = None) -> Latents:
         """ReLU of the chosen pre-activations (the columns ``positions`` of ``pre``, the latents
-        ``columns[positions]``), differentiable through the sparse kernel. ``n_touched``: how many
-        latents the positions can reach (``LatentPattern``; AuxK: the dead ones)."""
+        ``columns[positions]``), differentiable through the sparse kernel."""
         indices = positions if columns is None else columns[positions]
-        pattern = LatentPattern(indices, self.n_latents, n_touched)
+        pattern = LatentPattern(indices, self.n_latents)
         values = F.relu(gather_preacts(x, self.W_enc, self.b_enc, indices, pre, self.b_pre, pattern, positions))
         if keep is not None:
             values = values * keep
@@ -398,7 +397,7 @@ class TopKSAE(nn.Module):
         # the order does not matter to a sum
         chosen = topk_indices(pre[..., :n_dead], k_aux, sorted=False, workspace=self._workspace)
         if k_aux < AUXK_DENSE_SHARE * n_dead:
-            dead = self._latents(x, pre, chosen, columns=columns, n_touched=n_dead)
+            dead = self._latents(x, pre, chosen, columns=columns)
             return sparse_decode(dead.values, dead.indices, self.W_dec, dead.pattern)
         rows = x.reshape(-1, self.d_in)
         out = dense_rows_decode(rows, self.W_enc, self.b_enc, self.W_dec, self.b_pre, columns[:n_dead],

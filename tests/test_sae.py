@@ -85,7 +85,7 @@ def test_encoder_and_decoder_share_one_latent_pattern_with_the_dense_gradients(b
     grad_out = torch.randn(3, 4, 16)
     with torch.no_grad():
         pre = x @ W_enc.T + b
-    pattern = LatentPattern(indices, 64, n_touched=5 * kernels.BLOCK_MAX_SPREAD if blocked else None)
+    pattern = LatentPattern(indices, 64)
     assert pattern.blocked == blocked
     sparse = sparse_decode(gather_preacts(x, W_enc, b, indices, pre, pattern=pattern).relu(), indices, W_dec, pattern)
     g_sparse = torch.autograd.grad((sparse * grad_out).sum(), [x, W_enc, b, W_dec])
