@@ -109,9 +109,10 @@ class LatentPattern:
             rows = block * B + torch.arange(B, device=block.device)[:, None]
             crow[1:] = torch.bincount(rows.flatten(), minlength=n_blocks * B).cumsum(0)
             cols = self.indices.flatten()[order]
-            starts = touched[::BLOCK_LATENTS].tolist()
+            starts = touched[::BLOCK_LATENTS].tolist()  # each block spans the ids from its first touched one
+            ends = starts[1:] + [int(touched[-1]) + 1] if starts else []
             self._by_token = []
-            for b, (lo_id, hi_id) in enumerate(zip(starts, starts[1:] + [int(touched[-1]) + 1] if starts else [])):
+            for b, (lo_id, hi_id) in enumerate(zip(starts, ends)):
                 c = crow[b * B : (b + 1) * B + 1]
                 lo, hi = int(c[0]), int(c[-1])
                 self._by_token.append((slice(lo_id, hi_id), c - lo, (cols[lo:hi] - lo_id).to(torch.int32), order[lo:hi]))
