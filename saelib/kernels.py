@@ -278,8 +278,9 @@ class _DenseRowsDecode(torch.autograd.Function):
         x, W_enc, W_dec, b_pre, rows, z, W_d = ctx.saved_tensors
         grads: list[Tensor | None] = [None] * 8
         dz = (grad_out @ W_d.T).mul_(z > 0)  # z > 0: chosen and past the ReLU
+        W_e = W_enc[rows] if ctx.needs_input_grad[0] or ctx.needs_input_grad[4] else None
         if ctx.needs_input_grad[0]:
-            grads[0] = dz @ W_enc[rows]
+            grads[0] = dz @ W_e
         if ctx.needs_input_grad[1]:
             grads[1] = _row_grad_memory(W_enc, x.dtype).zero_().index_copy_(0, rows, dz.T @ (x - b_pre))
         db = dz.sum(0)
@@ -288,7 +289,7 @@ class _DenseRowsDecode(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grads[3] = _row_grad_memory(W_dec, x.dtype).zero_().index_copy_(0, rows, z.T @ grad_out)
         if ctx.needs_input_grad[4]:
-            grads[4] = -(db @ W_enc[rows])
+            grads[4] = -(db @ W_e)
         return tuple(grads)
 
 

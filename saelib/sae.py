@@ -399,9 +399,9 @@ class TopKSAE(nn.Module):
         if k_aux < AUXK_DENSE_SHARE * n_dead:
             dead = self._latents(x, pre, chosen, columns=columns)
             return sparse_decode(dead.values, dead.indices, self.W_dec, dead.pattern)
-        rows = x.reshape(-1, self.d_in)
-        out = dense_rows_decode(rows, self.W_enc, self.b_enc, self.W_dec, self.b_pre, columns[:n_dead],
-                                chosen.reshape(len(rows), k_aux), pre[..., :n_dead].reshape(len(rows), n_dead))
+        tokens = x.reshape(-1, self.d_in)
+        out = dense_rows_decode(tokens, self.W_enc, self.b_enc, self.W_dec, self.b_pre, columns[:n_dead],
+                                chosen.reshape(len(tokens), k_aux), pre[..., :n_dead].reshape(len(tokens), n_dead))
         return out.view(x.shape)
 
     # ---- decoder constraint ---------------------------------------------------------------

@@ -99,6 +99,28 @@ def test_encoder_and_decoder_share_one_latent_pattern_with_the_dense_gradients(b
         torch.testing.assert_close(a, b_)
 
 
+def test_dense_rows_decode_equals_dense_autograd_for_every_input():
+    from saelib.kernels import dense_rows_decode
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    W_enc, W_dec = (torch.randn(64, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b_enc = torch.randn(64, generator=g, dtype=torch.float64, requires_grad=True)
+    b_pre = torch.randn(16, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.randperm(64, generator=g)[:12]  # the code's latents, in the order of its columns
+    chosen = torch.stack([torch.randperm(12, generator=g)[:5] for _ in range(10)])
+    inputs = [x, W_enc, b_enc, W_dec, b_pre]
+    pre = (x - b_pre) @ W_enc[rows].T + b_enc[rows]
+    z = torch.zeros_like(pre).scatter(-1, chosen, pre.gather(-1, chosen).relu())
+    dense = z @ W_dec[rows]
+    fast = dense_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre.detach())
+    grad_out = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fast, dense)
+    for a, b_ in zip(torch.autograd.grad((fast * grad_out).sum(), inputs),
+                     torch.autograd.grad((dense * grad_out).sum(), inputs)):
+        torch.testing.assert_close(a, b_)
+
+
 def test_encode_is_relu_of_topk_and_decode_matches_dense():
     sae = make_sae()
     x = torch.randn(5, 3, 16)  # leading dims are kept
