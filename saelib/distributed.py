@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .kernels import LatentPattern, gather_preacts, sparse_decode, topk_indices
+from .kernels import LatentPattern, chained_row_gradients, gather_preacts, sparse_decode, topk_indices
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
 from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
@@ -202,6 +202,7 @@ class ShardOutput:
     auxk_scale: Tensor
 
 
+@chained_row_gradients()  # the main code's and AuxK's row gradients add into one tensor per weight
 def sharded_forward(shard: TopKSAE, x: Tensor, grid: Grid, cfg: TrainConfig, batch_tokens: int,
                     dead: Tensor | None, n_dead: int) -> ShardOutput:
     """The loss of ``TopKSAE.forward`` (arch ``topk``) with latents sharded over the latent group.

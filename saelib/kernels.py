@@ -19,6 +19,8 @@ the encoder's backward pass needs a dense ``(batch, n_latents)`` matrix:
 Both backwards write weight gradients only into the rows that were touched (a CSR sparse matmul
 whose pattern, a ``LatentPattern``, the two share when they run over the same indices). Rows that
 keep many of few latents (AuxK) run every product in cache-sized blocks of tokens or latents.
+Within ``chained_row_gradients()`` the ops over one weight (the main code's and AuxK's) add their
+row gradients into one tensor instead of each returning its own for autograd to sum.
 Shapes: ``values, indices (B, m)`` (``m`` = active latents per row), ``W (n_latents, d)``,
 ``x (B, d)``; leading dimensions beyond one batch axis are flattened and restored.
 These are the seams where a GPU kernel (Triton) can replace the torch reference.
@@ -26,6 +28,8 @@ These are the seams where a GPU kernel (Triton) can replace the torch reference.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 import weakref
 
@@ -141,8 +145,12 @@ def _row_grad_memory(W: Tensor, dtype: torch.dtype) -> Tensor:
     that fills it took twice as long (n 18432, d 576: 20 ms against 10). A memory is handed out
     again only when its storage has no user but the kept tensor (torch's count of storage users,
     so a ``.grad`` still held, or any view or ``detach()`` of it, keeps it taken). Up to
-    ``ROW_GRAD_MEMORIES`` are kept per weight (the main path's and AuxK's gradient of one step).
+    ``ROW_GRAD_MEMORIES`` are kept per weight (two ops over one weight outside
+    ``chained_row_gradients``).
     """
+    base = W._base  # a chained op's W is an alias of the weight: keep the memory with the weight
+    if base is not None and base.shape == W.shape and base.data_ptr() == W.data_ptr():
+        W = base
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:  # no way to tell whether a memory is free: always a fresh one
         return torch.empty(W.shape, dtype=dtype, device=W.device)
@@ -159,14 +167,55 @@ def _row_grad_memory(W: Tensor, dtype: torch.dtype) -> Tensor:
     return memory.view(W.shape)  # a tensor of its own, which autograd can make the .grad without a copy
 
 
+# the weights' latest aliases while chained_row_gradients() is open (by id of the weight), per thread
+_CHAIN = threading.local()
+
+
+@contextlib.contextmanager
+def chained_row_gradients():
+    """Within it, the sparse ops over one weight form a chain, so that its row gradients add into one
+    tensor (``TopKSAE.forward`` opens it: its main code and AuxK's use both weights).
+
+    Each op takes the previous op's alias of the weight as its input in place of the weight and
+    gives an alias of its own (same data; the gradient flows back through it). In the backward
+    the later ops run first, and each adds its rows into the gradient that reaches it through
+    its alias, instead of returning a gradient of its own that autograd would sum out of place:
+    a fresh ``(n_latents, d)`` tensor per weight and step (its page faults and the sum cost 40 ms
+    with AuxK at 25% dead, n 18432, 2 cores). A backward over only part of the ops is still exact.
+    """
+    outer = getattr(_CHAIN, "links", None)
+    _CHAIN.links = {}
+    try:
+        yield
+    finally:
+        _CHAIN.links = outer
+
+
+def _apply_chained(function, args: list, weights: tuple[int, ...]) -> Tensor:
+    """``function.apply(*args, chained)``; inside ``chained_row_gradients`` the ``args`` at the
+    positions ``weights`` are replaced by their latest aliases and the function's extra outputs
+    (aliases of them, in that order) become the latest."""
+    links = getattr(_CHAIN, "links", None)
+    if links is None:
+        return function.apply(*args, False)
+    keys = [id(args[i]) for i in weights]
+    for i, key in zip(weights, keys):
+        args[i] = links.get(key, args[i])
+    out, *aliases = function.apply(*args, True)
+    links.update(zip(keys, aliases))
+    return out
+
+
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
-def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor, out: Tensor) -> Tensor:
-    """``G (n_rows, d)``, written into ``out``, with ``G[indices[b, j]] += weights[b, j] * vectors[b]``.
+def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor, W: Tensor, later: Tensor | None) -> Tensor:
+    """``W``'s gradient ``G (n_rows, d)`` with ``G[indices[b, j]] += weights[b, j] * vectors[b]``, added
+    into ``later`` (the gradient of the chained ops after this one, see ``chained_row_gradients``)
+    or else written into ``_row_grad_memory``.
 
     A sparse ``(n_rows, B)`` CSR matrix (``pattern``, in blocks of tokens when it is ``blocked``)
     times ``vectors (B, d)``: it adds into the touched rows without materialising the
@@ -176,9 +225,10 @@ def _rows_outer_add(pattern: LatentPattern, weights: Tensor, vectors: Tensor, ou
     passing that output as ``out`` too skips addmm's copy of it: 7 ms against 36 ms at m = 32.
     """
     weights = weights.flatten().to(vectors.dtype)
+    out = later if later is not None else _row_grad_memory(W, vectors.dtype)
     for i, (tokens, crow, cols, order) in enumerate(pattern.csr()):
         S = _csr(crow, cols, weights[order], (pattern.n_rows, tokens.stop - tokens.start))
-        torch.addmm(out, S, vectors[tokens], beta=0 if i == 0 else 1, out=out)
+        torch.addmm(out, S, vectors[tokens], beta=1 if later is not None or i else 0, out=out)
     return out
 
 
@@ -217,80 +267,97 @@ def _bag_sum(values: Tensor, indices: Tensor, W: Tensor, pattern: LatentPattern 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor, pattern: LatentPattern | None) -> Tensor:
+    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor, pattern: LatentPattern | None, chained: bool):
         ctx.save_for_backward(values, indices, W)
         ctx.pattern = pattern
-        return _bag_sum(values, indices, W, pattern)
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, not a tensor of zeros
+        out = _bag_sum(values, indices, W, pattern)
+        return (out, W) if chained else out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor | None, grad_later: Tensor | None = None):
         values, indices, W = ctx.saved_tensors
-        grad_values = grad_W = None
-        if ctx.needs_input_grad[0]:
+        grad_values, grad_W = None, grad_later
+        if grad_out is not None and ctx.needs_input_grad[0]:
             # d out[b] / d values[b, j] = W[indices[b, j]]
             grad_values = _rows_dot(indices, W, grad_out, ctx.pattern).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_W = _rows_outer_add(ctx.pattern or LatentPattern(indices, W.shape[0]), values, grad_out,
-                                     _row_grad_memory(W, grad_out.dtype))
-        return grad_values, None, grad_W, None
+        if grad_out is not None and ctx.needs_input_grad[2]:
+            grad_W = _rows_outer_add(ctx.pattern or LatentPattern(indices, W.shape[0]), values, grad_out, W, grad_later)
+        return grad_values, None, grad_W, None, None
 
 
 class _GatherPreacts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, W: Tensor, b: Tensor, indices: Tensor, chosen: Tensor, b_pre: Tensor | None,
-                pattern: LatentPattern | None) -> Tensor:
+                pattern: LatentPattern | None, chained: bool):
         ctx.save_for_backward(x, W, indices, b_pre)
         ctx.pattern = pattern
-        return chosen.to(x.dtype)
+        ctx.set_materialize_grads(False)
+        values = chosen.to(x.dtype)
+        return (values, W) if chained else values
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor):
+    def backward(ctx, grad_values: Tensor | None, grad_later: Tensor | None = None):
         x, W, indices, b_pre = ctx.saved_tensors
-        grad_x = grad_W = grad_b = grad_b_pre = None
+        grad_x = grad_b = grad_b_pre = None
+        grad_W = grad_later
+        if grad_values is None:
+            return grad_x, grad_W, grad_b, None, None, grad_b_pre, None, None
         if ctx.needs_input_grad[0]:
             # the encoder's input gradient is a sparse decode through the encoder rows
             grad_x = _bag_sum(grad_values, indices, W, ctx.pattern)
         if ctx.needs_input_grad[1]:
             pattern = ctx.pattern or LatentPattern(indices, W.shape[0])
-            grad_W = _rows_outer_add(pattern, grad_values, x if b_pre is None else x - b_pre,
-                                     _row_grad_memory(W, x.dtype))
+            grad_W = _rows_outer_add(pattern, grad_values, x if b_pre is None else x - b_pre, W, grad_later)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[5]:
             grad_b = grad_values.new_zeros(W.shape[0]).index_add_(0, indices.flatten(), grad_values.flatten())
         if ctx.needs_input_grad[5]:
             # d pre[b, i] / d b_pre = -W[i]: summed over tokens that is -grad_b @ W, a (n,) x (n, d)
             # product instead of the (B, d) sparse decode the input gradient costs
             grad_b_pre = -(grad_b @ W.to(grad_b.dtype))
-        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None, grad_b_pre, None
+        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None, grad_b_pre, None, None
 
 
 class _DenseRowsDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,
-                chosen: Tensor, pre_rows: Tensor) -> Tensor:
+                chosen: Tensor, pre_rows: Tensor, chained: bool):
         z = x.new_zeros(len(x), len(rows)).scatter_(-1, chosen, F.relu(pre_rows.gather(-1, chosen)).to(x.dtype))
         W_d = W_dec[rows]
         ctx.save_for_backward(x, W_enc, W_dec, b_pre, rows, z, W_d)
         ctx.n_rows = len(b_enc)
-        return z @ W_d
+        ctx.set_materialize_grads(False)
+        out = z @ W_d
+        return (out, W_enc, W_dec) if chained else out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor | None, later_enc: Tensor | None = None, later_dec: Tensor | None = None):
         x, W_enc, W_dec, b_pre, rows, z, W_d = ctx.saved_tensors
-        grads: list[Tensor | None] = [None] * 8
+        grads: list[Tensor | None] = [None] * 9
+        grads[1], grads[3] = later_enc, later_dec
+        if grad_out is None:
+            return tuple(grads)
         dz = (grad_out @ W_d.T).mul_(z > 0)  # z > 0: chosen and past the ReLU
         W_e = W_enc[rows] if ctx.needs_input_grad[0] or ctx.needs_input_grad[4] else None
         if ctx.needs_input_grad[0]:
             grads[0] = dz @ W_e
         if ctx.needs_input_grad[1]:
-            grads[1] = _row_grad_memory(W_enc, x.dtype).zero_().index_copy_(0, rows, dz.T @ (x - b_pre))
+            grads[1] = _dense_rows_add(W_enc, rows, dz.T @ (x - b_pre), later_enc)
         db = dz.sum(0)
         if ctx.needs_input_grad[2]:
             grads[2] = x.new_zeros(ctx.n_rows).index_copy_(0, rows, db)
         if ctx.needs_input_grad[3]:
-            grads[3] = _row_grad_memory(W_dec, x.dtype).zero_().index_copy_(0, rows, z.T @ grad_out)
+            grads[3] = _dense_rows_add(W_dec, rows, z.T @ grad_out, later_dec)
         if ctx.needs_input_grad[4]:
             grads[4] = -(db @ W_e)
         return tuple(grads)
+
+
+def _dense_rows_add(W: Tensor, rows: Tensor, grad_rows: Tensor, later: Tensor | None) -> Tensor:
+    """``W``'s gradient with ``grad_rows (r, d)`` in the (distinct) ``rows``, added to ``later``'s."""
+    if later is None:
+        return _row_grad_memory(W, grad_rows.dtype).zero_().index_copy_(0, rows, grad_rows)
+    return later.index_add_(0, rows, grad_rows)
 
 
 def dense_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,
@@ -311,7 +378,7 @@ def dense_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_
     writes the row gradients into kept memory; autograd through ``F.linear`` on gathered rows took
     six GEMMs and two zero-filled ``(n_latents, d)`` index gradients.
     """
-    return _DenseRowsDecode.apply(x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre_rows)
+    return _apply_chained(_DenseRowsDecode, [x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre_rows], (1, 3))
 
 
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
@@ -371,7 +438,8 @@ def sparse_decode(values: Tensor, indices: Tensor, W: Tensor, pattern: LatentPat
             indices (one sort for both row gradients), or None for one of its own.
     """
     lead = values.shape[:-1]
-    out = _SparseDecode.apply(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), W, pattern)
+    out = _apply_chained(_SparseDecode, [values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), W,
+                                         pattern], (2,))
     return out.reshape(*lead, W.shape[-1])
 
 
@@ -394,8 +462,6 @@ def gather_preacts(x: Tensor, W: Tensor, b: Tensor, indices: Tensor, pre: Tensor
     """
     lead = indices.shape[:-1]
     chosen = pre.gather(-1, indices if positions is None else positions)
-    flat = _GatherPreacts.apply(
-        x.reshape(-1, x.shape[-1]), W, b, indices.reshape(-1, indices.shape[-1]), chosen.reshape(-1, chosen.shape[-1]),
-        b_pre, pattern
-    )
+    flat = _apply_chained(_GatherPreacts, [x.reshape(-1, x.shape[-1]), W, b, indices.reshape(-1, indices.shape[-1]),
+                                           chosen.reshape(-1, chosen.shape[-1]), b_pre, pattern], (1,))
     return flat.reshape(*lead, indices.shape[-1])

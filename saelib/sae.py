@@ -47,7 +47,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .kernels import LatentPattern, dense_rows_decode, gather_preacts, sparse_decode, topk_indices
+from .kernels import (LatentPattern, chained_row_gradients, dense_rows_decode, gather_preacts, sparse_decode,
+                      topk_indices)
 from .normalize import Normalizer
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
@@ -337,6 +338,7 @@ class TopKSAE(nn.Module):
 
     # ---- training loss --------------------------------------------------------------------
 
+    @chained_row_gradients()  # the main code's and AuxK's row gradients add into one tensor per weight
     def forward(
         self,
         x: Tensor,

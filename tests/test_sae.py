@@ -121,6 +121,44 @@ def test_dense_rows_decode_equals_dense_autograd_for_every_input():
         torch.testing.assert_close(a, b_)
 
 
+@pytest.mark.parametrize("part", ["both", "first", "second"])
+def test_chained_ops_add_their_row_gradients_into_one_tensor(part):
+    """Within chained_row_gradients, a sparse code and a dense-rows code over the same weights (the
+    main code and AuxK's) give autograd's gradients, whichever outputs the loss uses, and each
+    weight's gradient is the kept row-gradient memory: no out-of-place sum."""
+    from saelib import kernels
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 16, generator=g)
+    W_enc, W_dec = (torch.randn(64, 16, generator=g, requires_grad=True) for _ in range(2))
+    b_enc, b_pre = torch.randn(64, generator=g, requires_grad=True), torch.randn(16, generator=g, requires_grad=True)
+    params = [W_enc, b_enc, W_dec, b_pre]
+    with torch.no_grad():
+        pre = (x - b_pre) @ W_enc.T + b_enc
+    indices = pre.topk(4).indices
+    rows = torch.randperm(64, generator=g)[:12]
+    chosen = torch.stack([torch.randperm(12, generator=g)[:5] for _ in range(10)])
+    grad_out = torch.randn(2, 10, 16, generator=g)
+
+    def outputs():
+        values = gather_preacts(x, W_enc, b_enc, indices, pre, b_pre).relu()
+        first = sparse_decode(values, indices, W_dec)
+        second = kernels.dense_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre[:, rows])
+        return (first * grad_out[0]).sum(), (second * grad_out[1]).sum()
+
+    def loss(first, second):
+        return {"both": first + second, "first": first, "second": second}[part]
+
+    expected = [grad.clone() for grad in torch.autograd.grad(loss(*outputs()), params)]  # the kept memories free again
+    with kernels.chained_row_gradients():
+        chained = outputs()
+    loss(*chained).backward()
+    for param, e in zip(params, expected):
+        torch.testing.assert_close(param.grad, e)
+    for W in (W_enc, W_dec):
+        assert W.grad.data_ptr() in [memory.data_ptr() for memory in kernels._ROW_GRAD_MEMORY[id(W)]]
+
+
 def test_encode_is_relu_of_topk_and_decode_matches_dense():
     sae = make_sae()
     x = torch.randn(5, 3, 16)  # leading dims are kept
