@@ -180,8 +180,9 @@ def chained_row_gradients():
     gives an alias of its own (same data; the gradient flows back through it). In the backward
     the later ops run first, and each adds its rows into the gradient that reaches it through
     its alias, instead of returning a gradient of its own that autograd would sum out of place:
-    a fresh ``(n_latents, d)`` tensor per weight and step (its page faults and the sum cost 40 ms
-    with AuxK at 25% dead, n 18432, 2 cores). A backward over only part of the ops is still exact.
+    a fresh ``(n_latents, d)`` tensor per weight and step (its page faults and the sum cost about
+    30 ms with AuxK at 25% dead, n 18432, 2 cores). A backward over only part of the ops is still
+    exact; ops without gradient (``torch.no_grad``) stay out of the chain.
     """
     outer = getattr(_CHAIN, "links", None)
     _CHAIN.links = {}
@@ -196,7 +197,7 @@ def _apply_chained(function, args: list, weights: tuple[int, ...]) -> Tensor:
     positions ``weights`` are replaced by their latest aliases and the function's extra outputs
     (aliases of them, in that order) become the latest."""
     links = getattr(_CHAIN, "links", None)
-    if links is None:
+    if links is None or not torch.is_grad_enabled():  # an alias made without gradient would cut the chain
         return function.apply(*args, False)
     keys = [id(args[i]) for i in weights]
     for i, key in zip(weights, keys):

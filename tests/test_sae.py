@@ -159,6 +159,24 @@ def test_chained_ops_add_their_row_gradients_into_one_tensor(part):
         assert W.grad.data_ptr() in [memory.data_ptr() for memory in kernels._ROW_GRAD_MEMORY[id(W)]]
 
 
+@pytest.mark.parametrize("arch", ["topk", "multitopk", "batchtopk", "relu"])
+def test_forward_with_auxk_has_the_unchained_gradients_for_every_arch(arch):
+    """TopKSAE.forward chains its ops' row gradients (the relu arch picks its code without gradient
+    first): every parameter's gradient equals the one from the same forward unchained."""
+    sae = make_sae(arch=arch, k=4)
+    with torch.no_grad():
+        sae.b_enc.normal_()  # relu's code is not empty
+    x = torch.randn(24, 16)
+    dead = torch.arange(64) % 3 == 0
+    grads = []
+    for forward in (TopKSAE.forward, TopKSAE.forward.__wrapped__):
+        sae.zero_grad(set_to_none=True)
+        forward(sae, x, dead, l1_coef=1e-3).loss.backward()
+        grads.append([p.grad.clone() for p in sae.parameters()])
+    for chained, plain in zip(*grads):
+        torch.testing.assert_close(chained, plain)
+
+
 def test_encode_is_relu_of_topk_and_decode_matches_dense():
     sae = make_sae()
     x = torch.randn(5, 3, 16)  # leading dims are kept
