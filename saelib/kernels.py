@@ -133,7 +133,8 @@ def _stable_order(keys: Tensor, bound: int) -> Tensor:
 
 # the row-gradient memories of each weight (by id, dropped when the weight is), reused across steps
 _ROW_GRAD_MEMORY: dict[int, list[Tensor]] = {}
-# memories kept per weight: the main path's gradient and AuxK's, which autograd then sums
+# memories kept per weight: one per step inside chained_row_gradients (TopKSAE.forward), two when
+# two unchained ops over one weight each return a gradient (which autograd then sums)
 ROW_GRAD_MEMORIES = 2
 
 
@@ -299,11 +300,11 @@ class _GatherPreacts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_values: Tensor | None, grad_later: Tensor | None = None):
+        if grad_values is None:  # only the chained ops after this one reached it
+            return None, grad_later, None, None, None, None, None, None
         x, W, indices, b_pre = ctx.saved_tensors
         grad_x = grad_b = grad_b_pre = None
         grad_W = grad_later
-        if grad_values is None:
-            return grad_x, grad_W, grad_b, None, None, grad_b_pre, None, None
         if ctx.needs_input_grad[0]:
             # the encoder's input gradient is a sparse decode through the encoder rows
             grad_x = _bag_sum(grad_values, indices, W, ctx.pattern)
