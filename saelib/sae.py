@@ -501,13 +501,20 @@ def _atomic_write(target: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+def file_digest(path: str | os.PathLike, new=hashlib.sha256) -> str:
+    """Hex digest of a file by the hash constructor ``new`` (a ``hashlib``-like object: ``update``,
+    ``hexdigest``), read in 1 MiB chunks into one buffer."""
+    h, buffer = new(), bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            h.update(view[:size])
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    return file_digest(path, hashlib.sha256)
 
 
 def check_sha256(path: Path, sha256: str | None, fix: str) -> None:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from saelib.activations import ActivationCache, CachedSource
+from saelib.activations import SHARD_CHECKSUM, ActivationCache, CachedSource, shard_checksum
 from saelib.sae import TopKSAE, load, sha256_file
 from saelib.train import fit, latest_checkpoint
 
@@ -187,22 +187,24 @@ def test_truncated_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
     assert steps == [10, 12]  # the partial row is gone; log_every is 10 and the run is 12 steps
 
 
-def small_cache(folder, n_shards=3, rows=40, d=8):
-    """An activation cache in the on-disk format of ``build_cache`` (manifest + checksummed shards)."""
+def small_cache(folder, n_shards=3, rows=40, d=8, checksum=SHARD_CHECKSUM):
+    """An activation cache in the on-disk format of ``build_cache`` (manifest + checksummed shards);
+    ``checksum``: the algorithm its manifest records."""
     folder.mkdir()
     shards = []
     for s in range(n_shards):
         name = f"shard_{s:05d}.safetensors"
         save_file({"acts": torch.randn(rows, d), "index": torch.arange(rows)}, str(folder / name))
-        shards.append({"file": name, "rows": rows, "contexts": [s, s + 1], "sha256": sha256_file(folder / name)})
+        shards.append({"file": name, "rows": rows, "contexts": [s, s + 1], **shard_checksum(folder / name, checksum)})
     manifest = {"key": {}, "shards": shards, "complete": True, "d_in": d, "total_tokens": n_shards * rows,
                 "dropped": {}, "normalizer": {"mean": [0.0] * d, "scale": 1.0}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return ActivationCache(folder)
 
 
-def test_activation_cache_corruption_and_missing_shards_are_named(tmp_path):
-    cache = small_cache(tmp_path / "cache")
+@pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])  # sha256: caches written before xxh3
+def test_activation_cache_corruption_and_missing_shards_are_named(tmp_path, checksum):
+    cache = small_cache(tmp_path / "cache", checksum=checksum)
     cache.verify()
     flip_byte(tmp_path / "cache" / "shard_00001.safetensors")
     with pytest.raises(ValueError, match=r"shard_00001.safetensors is corrupt \(checksum mismatch\); delete .* and extract again"):
@@ -210,6 +212,13 @@ def test_activation_cache_corruption_and_missing_shards_are_named(tmp_path):
     (tmp_path / "cache" / "shard_00001.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard_00001.safetensors is missing"):
         list(CachedSource(cache).batches(16, seed=0, epoch=0))
+
+
+def test_a_shard_without_a_recorded_checksum_is_named(tmp_path):
+    cache = small_cache(tmp_path / "cache", n_shards=1)
+    del cache.manifest["shards"][0][SHARD_CHECKSUM]
+    with pytest.raises(ValueError, match=r"manifest records no checksum for .*shard_00000.safetensors"):
+        cache.verify()
 
 
 def test_cached_source_detects_a_corrupt_shard(tmp_path):
