@@ -43,7 +43,8 @@ $(PEERS_STAMP): pyproject.toml Makefile
 	$(PEERS)/bin/pip install -q --upgrade pip
 	$(PEERS)/bin/pip install -q "$(TORCH)"
 	$(PEERS)/bin/pip freeze | grep -i '^torch==' > $(PEERS)/constraints.txt
-	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt "eai-sparsify==1.3.3" "sae-lens>=6"
+	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt "eai-sparsify==1.3.3" "sae-lens>=6" "xxhash>=3"
+	# saelib without its own dependencies: the peers bring what the bench imports (xxhash named outright)
 	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt --no-deps -e .
 	touch $@
 
