@@ -116,8 +116,18 @@ def toy_recovery(data: dict) -> str:
     return _table(["mean best cosine"] + [f"n={n}" for n in ns], rows) + note
 
 
+# a bench row whose slowest timed step took more than this many times its fastest ran on an unsteady machine
+UNSTEADY_SPREAD = 2.0
+
+
+def _unsteady(row: dict) -> bool:
+    times = row.get("step_s_all") or []
+    return len(times) > 1 and max(times) > UNSTEADY_SPREAD * min(times)
+
+
 def throughput(data: dict) -> str:
-    """08: tokens/s of one training step per implementation, with saelib's ratio to the fastest peer."""
+    """08: tokens/s of one training step per implementation, with saelib's ratio to the fastest peer;
+    ``*`` marks a figure whose timed steps spread more than ``UNSTEADY_SPREAD``-fold."""
     impls = ["saelib", "saelib-bf16", "sparsify", "sae-lens", "naive", "roofline"]
     groups = {}
     for r in data["rows"]:
@@ -127,7 +137,8 @@ def throughput(data: dict) -> str:
         if r is None or not r.get("tokens_per_s"):
             return "–"
         ratio = r["ratio_to_best_peer"]
-        return f"{r['tokens_per_s']:,.0f}" + (f" ({ratio:.2f}x)" if r["impl"].startswith("saelib") and ratio else "")
+        return (f"{r['tokens_per_s']:,.0f}" + (f" ({ratio:.2f}x)" if r["impl"].startswith("saelib") and ratio else "")
+                + ("*" if _unsteady(r) else ""))
 
     rows = [[f"{d}", f"{n:,}", f"{b:,}", f"{dead:.0%}"] + [cell(by.get(i)) for i in impls]
             for (d, n, b, dead), by in sorted(groups.items(), key=lambda item: (item[0][:3], -item[0][3]))]
@@ -135,6 +146,9 @@ def throughput(data: dict) -> str:
     note = (f"\n\nTokens/s of one full training step, k {data['rows'][0]['k']}; in brackets saelib's ratio to the "
             f"faster of sparsify and SAELens in the same row; dead > 0 turns AuxK on. {m['cpu']}, {m['threads']} "
             f"threads, torch {m['torch_version']}, load average {m['load_avg_1m']:.1f} at the start.")
+    if any(_unsteady(r) for r in data["rows"]):
+        note += (f" * the slowest of its timed steps took more than {UNSTEADY_SPREAD:g}x the fastest: the machine "
+                 f"slowed down for part of the run (each step time is in the JSON), so such a figure is uncertain.")
     supply = data.get("supply") or []
     if supply:
         rates = ", ".join(f"{s['tokens_per_s']:,.0f} (epoch {s['epoch']})" for s in supply)
