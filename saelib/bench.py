@@ -27,6 +27,7 @@ Rows: ``impl, d_in, n_latents, k, batch_size, dead_fraction, tokens_per_s`` (med
 timed steps after warm-up), ``ratio_to_best_peer`` (to the fastest of sparsify / SAELens on
 the same configuration), ``ratio_to_roofline``, ``peak_rss_mb`` (the process's peak resident
 memory while that implementation ran, reset before each), plus versions, threads and CPU.
+``--device cuda`` runs them all on a GPU; rows then also give ``peak_device_mb``.
 
     saelib bench --preset quick --json
     python -m saelib.bench --d-in 576 --n-latents 4608 18432 --dead-fraction 0.25 0 --out bench.json
@@ -56,7 +57,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .sae import TopKSAE, nmse
-from .train import paper_lr
+from .train import paper_lr, resolve_device
 
 IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
 PEERS = ("sparsify", "sae-lens", "sae-lens-sparse")
@@ -150,9 +151,11 @@ def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder
     from .kernels import fast_bf16
     from .train import TrainConfig, make_optimizer, train_step
 
-    if encoder_dtype == "bfloat16" and not fast_bf16("cpu"):
-        raise Unavailable("this CPU has no fast bf16 matmul (AMX): fp32 stays the default here")
-    sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k, encoder_dtype=encoder_dtype)
+    device = w["W_enc"].device
+    if encoder_dtype == "bfloat16" and not fast_bf16(device):
+        raise Unavailable(f"this {'GPU' if device.type == 'cuda' else 'CPU'} has no fast bf16 matmul "
+                          f"({'bf16 support' if device.type == 'cuda' else 'AMX'}): fp32 stays the default here")
+    sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k, encoder_dtype=encoder_dtype).to(device)
     sae.load_state_dict({**sae.state_dict(), **w})
     train_cfg = TrainConfig(n_latents=cfg.n_latents, k=cfg.k, batch_size=cfg.batch_size, auxk=dead is not None,
                             k_aux=cfg.k_aux, lr=cfg.lr(), adam_eps=ADAM_EPS, grad_clip=GRAD_CLIP, l1_coef=0.0,
@@ -218,7 +221,7 @@ def _sparsify(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> St
     _import("sparsify", "eai-sparsify")
     from sparsify import SparseCoder, SparseCoderConfig
 
-    sae = SparseCoder(cfg.d_in, SparseCoderConfig(num_latents=cfg.n_latents, k=cfg.k), device="cpu")
+    sae = SparseCoder(cfg.d_in, SparseCoderConfig(num_latents=cfg.n_latents, k=cfg.k), device=w["W_enc"].device)
     with torch.no_grad():
         sae.encoder.weight.copy_(w["W_enc"])
         sae.encoder.bias.copy_(w["b_enc"])
@@ -246,7 +249,8 @@ def _sae_lens(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, spars
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg.d_in, d_sae=cfg.n_latents, k=cfg.k, use_sparse_activations=sparse))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg.d_in, d_sae=cfg.n_latents, k=cfg.k, use_sparse_activations=sparse,
+                                                device=str(w["W_enc"].device)))
     with torch.no_grad():
         sae.W_enc.copy_(w["W_enc"].T)
         sae.b_enc.copy_(w["b_enc"])
@@ -321,9 +325,13 @@ def _rss_mb(field: str) -> float | None:
     return None
 
 
-def _reset_peak_rss() -> None:
-    """Return freed heap to the OS and restart the peak-RSS counter (Linux), so each impl's peak is its own."""
+def _reset_peak_memory(device: torch.device) -> None:
+    """Return freed heap to the OS and restart the peak-RSS counter (Linux), and on a GPU the peak
+    allocated-memory counter, so each impl's peak is its own."""
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -346,7 +354,15 @@ def _needed_gb(impl: str, cfg: BenchConfig) -> float:
     return (per_impl[impl] + 5 * params) / 2**30
 
 
-def _available_gb() -> float | None:
+def _peak_memory_mb(device: torch.device) -> tuple[float | None, float | None]:
+    """(peak RSS of this process, peak memory allocated on the GPU or None) in MB since ``_reset_peak_memory``."""
+    return _rss_mb("VmHWM"), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _available_gb(device: torch.device) -> float | None:
+    """Free memory where the impls run: the GPU's, or the host's ``MemAvailable``."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -357,8 +373,8 @@ def _available_gb() -> float | None:
     return None
 
 
-def machine() -> dict:
-    """Threads, CPU model, versions and load: what a throughput number depends on."""
+def machine(device: torch.device = torch.device("cpu")) -> dict:
+    """Threads, CPU model, the device, versions and load: what a throughput number depends on."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -369,6 +385,8 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -398,6 +416,7 @@ def run_bench(
     n_batches: int = 4,
     seed: int = 0,
     interleave: bool = False,
+    device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every impl on every config in this process; one row per (config, impl).
@@ -412,29 +431,37 @@ def run_bench(
             one step each per round, so that a load that changes during the run (a shared
             machine) falls on all of them alike; ``peak_rss_mb`` is then not measured (the
             impls are resident together).
+        device: where every impl runs (``"cuda"``: the GPU path; each step ends with the loss
+            read back to the host, which waits for the device, so the timings are complete).
+            On a GPU ``peak_device_mb`` is each impl's peak allocated memory (not measured
+            with ``interleave`` either).
         progress: called with a line per finished row (e.g. ``print`` to stderr).
     """
     unknown = [impl for impl in impls if impl not in BUILDERS]
     if unknown:
         raise ValueError(f"Unknown impl(s) {unknown}; choose from {', '.join(IMPLS)}.")
     impls = [*dict.fromkeys([*impls, "roofline"])]
-    info = machine()
+    device = resolve_device(device)
+    info = machine(device)
     rows: list[dict] = []
     for cfg in configs:
-        data = synthetic_activations(n_batches * cfg.batch_size, cfg.d_in, seed)
+        data = synthetic_activations(n_batches * cfg.batch_size, cfg.d_in, seed).to(device)
         batches = list(data.split(cfg.batch_size))
-        weights, dead = initial_weights(cfg, seed), dead_mask(cfg, seed)
+        weights = {name: t.to(device) for name, t in initial_weights(cfg, seed).items()}
+        dead = dead_mask(cfg, seed)
+        dead = dead if dead is None else dead.to(device)
         group, live = [], {}
         for impl in impls:
             row = {"impl": impl, **asdict(cfg), "k_aux": cfg.k_aux if dead is not None else 0, "tokens_per_s": None,
-                   "ratio_to_best_peer": None, "ratio_to_roofline": None, "peak_rss_mb": None, "step_s_median": None,
+                   "ratio_to_best_peer": None, "ratio_to_roofline": None, "peak_rss_mb": None, "peak_device_mb": None,
+                   "step_s_median": None,
                    "step_s_all": None, "loss_first": None, "loss_last": None, "status": "ok", "reason": None,
                    "impl_version": _version(impl), **info}
-            available = _available_gb()
+            available = _available_gb(device)
             if available is not None and _needed_gb(impl, cfg) > 0.8 * available:
                 row.update(status="skipped", reason=f"needs about {_needed_gb(impl, cfg):.1f} GB, {available:.1f} GB available")
             else:
-                _reset_peak_rss()
+                _reset_peak_memory(device)
                 try:
                     with contextlib.redirect_stdout(sys.stderr):  # peers print on import; stdout is for --json
                         step = make_step(impl, cfg, weights, dead)
@@ -445,7 +472,7 @@ def run_bench(
                     if interleave:
                         live[impl] = (step, times, losses)
                     else:  # and drop the step: each impl's peak memory is its own
-                        _finish(row, cfg, times, losses, _rss_mb("VmHWM"))
+                        _finish(row, cfg, times, losses, *_peak_memory_mb(device))
                     del step
             group.append(row)
             if progress and not interleave:
@@ -465,7 +492,7 @@ def run_bench(
                         losses += loss
             for row in group:
                 if row["impl"] in live:
-                    _finish(row, cfg, *live[row["impl"]][1:], None)
+                    _finish(row, cfg, *live[row["impl"]][1:], None, None)
                 if progress:
                     progress(_format_row(row))
         _add_ratios(group)
@@ -482,10 +509,11 @@ def _failed(row: dict, error: Exception) -> None:
         row.update(status="error", reason=f"{type(error).__name__}: {first}"[:300])
 
 
-def _finish(row: dict, cfg: BenchConfig, times: list[float], losses: list[float], peak_rss_mb: float | None) -> None:
+def _finish(row: dict, cfg: BenchConfig, times: list[float], losses: list[float], peak_rss_mb: float | None,
+            peak_device_mb: float | None) -> None:
     median = statistics.median(times)
     row.update(tokens_per_s=cfg.batch_size / median, step_s_median=median, step_s_all=times, peak_rss_mb=peak_rss_mb,
-               loss_first=losses[0], loss_last=losses[-1])
+               peak_device_mb=peak_device_mb, loss_first=losses[0], loss_last=losses[-1])
     if row["impl"] == "roofline":
         row.update(loss_first=None, loss_last=None)
 
@@ -582,12 +610,14 @@ def _format_row(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (the form docs/performance.md uses)."""
-    head = "| " + " | ".join(COLUMNS) + " | note |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    """The rows as a Markdown table (the form docs/performance.md uses); a GPU run's rows add their
+    peak device memory."""
+    columns = COLUMNS + ("peak_device_mb",) * any(r.get("peak_device_mb") is not None for r in rows)
+    head = "| " + " | ".join(columns) + " | note |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for r in rows:
         note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-        lines.append("| " + " | ".join(_cell(r[c]) for c in COLUMNS) + f" | {note} |")
+        lines.append("| " + " | ".join(_cell(r[c]) for c in columns) + f" | {note} |")
     return "\n".join(lines)
 
 
@@ -625,6 +655,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="time the impls of a config in turn, a step each per round (fair under a changing load)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where every impl runs: cpu (default), cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--supply", metavar="CACHE",
                         help="also time reading + shuffling this activation cache folder (activations.CachedSource)")
@@ -652,7 +683,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"k={bad[0].k} is larger than n_latents={bad[0].n_latents}; choose k <= n_latents.")
     rows = run_bench(configs, args.impl, warmup=args.warmup, steps=args.steps, seed=args.seed, interleave=args.interleave,
-                     progress=lambda line: print(line, file=sys.stderr))
+                     device=args.device, progress=lambda line: print(line, file=sys.stderr))
     if args.supply:
         from .activations import ActivationCache, CachedSource
 

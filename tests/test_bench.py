@@ -184,3 +184,24 @@ def test_interleaved_timing_gives_the_same_rows():
     sequential = {r["impl"]: r for r in bench.run_bench([TINY], ["saelib", "naive"], warmup=1, steps=2)}
     for impl in ("saelib", "naive"):
         assert by_impl[impl]["loss_last"] == pytest.approx(sequential[impl]["loss_last"], rel=1e-6)
+
+
+def test_rows_say_where_they_ran_and_a_missing_gpu_is_named(capsys):
+    rows = bench.run_bench([TINY], ["saelib"], warmup=0, steps=1)
+    assert {r["device"] for r in rows} == {"cpu"} and all(r["peak_device_mb"] is None for r in rows)
+    assert "peak_device_mb" not in bench.markdown_table(rows)
+    gpu_rows = [dict(rows[0], device="cuda", peak_device_mb=1234.0)]
+    assert "| peak_device_mb | note |" in bench.markdown_table(gpu_rows) and "| 1,234 |" in bench.markdown_table(gpu_rows)
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or the first on a machine without
+    assert bench.main(["--preset", "quick", "--impl", "saelib", "--steps", "1", "--device", missing]) == 2
+    assert f"device '{missing}' was asked for" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_bench_runs_on_a_gpu_with_the_cpu_losses():
+    cpu = {r["impl"]: r for r in bench.run_bench([TINY], ["saelib", "naive"], warmup=0, steps=2)}
+    gpu = {r["impl"]: r for r in bench.run_bench([TINY], ["saelib", "naive"], warmup=0, steps=2, device="cuda")}
+    for impl in ("saelib", "naive"):
+        assert gpu[impl]["status"] == "ok" and gpu[impl]["device"] == "cuda" and gpu[impl]["peak_device_mb"] > 0
+        assert gpu[impl]["loss_first"] == pytest.approx(cpu[impl]["loss_first"], rel=1e-4)
+        assert gpu[impl]["loss_last"] == pytest.approx(cpu[impl]["loss_last"], rel=1e-3)

@@ -394,10 +394,10 @@ def _naive_reference(sae, x, dead, k_aux):
 # (n_latents, k, n_dead, k_aux): no AuxK; AuxK on the sparse kernels (k_aux < 1/8 of the dead) at a
 # small and a large k_aux; AuxK on dense GEMMs over the dead rows; k = n (every latent kept) with AuxK
 # over all of them
-@pytest.mark.parametrize("n_latents, k, n_dead, k_aux",
-                         [(64, 4, 0, 0), (256, 4, 128, 8), (4096, 4, 2048, 128), (64, 4, 16, 8), (32, 32, 32, 8)])
-@pytest.mark.parametrize("ties", [False, True])
-def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_aux, ties):
+FAST_PATHS = [(64, 4, 0, 0), (256, 4, 128, 8), (4096, 4, 2048, 128), (64, 4, 16, 8), (32, 32, 32, 8)]
+
+
+def _check_fast_path(n_latents, k, n_dead, k_aux, ties, device="cpu"):
     g = torch.Generator().manual_seed(n_latents + k)
     sae = make_sae(n_latents=n_latents, k=k).double()
     with torch.no_grad():
@@ -411,13 +411,27 @@ def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_a
         x[:4] = sae.b_pre.detach()
         x[4:8] = 3 * sae.W_enc[1].detach() + sae.b_pre.detach()  # latents 1 and 2 tie at the top
     dead = torch.randperm(n_latents, generator=g)[:n_dead]
-    dead = torch.zeros(n_latents, dtype=torch.bool).index_fill_(0, dead, True) if n_dead else None
+    dead = torch.zeros(n_latents, dtype=torch.bool).index_fill_(0, dead, True).to(device) if n_dead else None
+    sae, x = sae.to(device), x.to(device)
 
     out = sae(x, dead, k_aux=k_aux or None)
     loss, reference = _naive_reference(sae, x, dead, k_aux)
     torch.testing.assert_close(out.loss, loss)
     for name, grad in _grads_of(sae, out.loss).items():
         torch.testing.assert_close(grad, reference[name], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("n_latents, k, n_dead, k_aux", FAST_PATHS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_aux, ties):
+    _check_fast_path(n_latents, k, n_dead, k_aux, ties)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_fast_path_has_the_naive_dense_gradients_on_the_gpu():
+    for n_latents, k, n_dead, k_aux in FAST_PATHS:
+        for ties in (False, True):
+            _check_fast_path(n_latents, k, n_dead, k_aux, ties, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
