@@ -153,8 +153,8 @@ def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder
 
     device = w["W_enc"].device
     if encoder_dtype == "bfloat16" and not fast_bf16(device):
-        raise Unavailable(f"this {'GPU' if device.type == 'cuda' else 'CPU'} has no fast bf16 matmul "
-                          f"({'bf16 support' if device.type == 'cuda' else 'AMX'}): fp32 stays the default here")
+        missing = "this GPU has no fast bf16 matmul" if device.type == "cuda" else "this CPU has no fast bf16 matmul (AMX)"
+        raise Unavailable(f"{missing}: fp32 stays the default here")
     sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k, encoder_dtype=encoder_dtype).to(device)
     sae.load_state_dict({**sae.state_dict(), **w})
     train_cfg = TrainConfig(n_latents=cfg.n_latents, k=cfg.k, batch_size=cfg.batch_size, auxk=dead is not None,
@@ -454,8 +454,7 @@ def run_bench(
         for impl in impls:
             row = {"impl": impl, **asdict(cfg), "k_aux": cfg.k_aux if dead is not None else 0, "tokens_per_s": None,
                    "ratio_to_best_peer": None, "ratio_to_roofline": None, "peak_rss_mb": None, "peak_device_mb": None,
-                   "step_s_median": None,
-                   "step_s_all": None, "loss_first": None, "loss_last": None, "status": "ok", "reason": None,
+                   "step_s_median": None, "step_s_all": None, "loss_first": None, "loss_last": None, "status": "ok", "reason": None,
                    "impl_version": _version(impl), **info}
             available = _available_gb(device)
             if available is not None and _needed_gb(impl, cfg) > 0.8 * available:

@@ -1,0 +1,27 @@
+"""The notebooks as committed: valid nbformat (cell ids too), no outputs, one tagged ``parameters``
+cell whose preset defaults to ``ci``, and a markdown opening that states the question."""
+
+import warnings
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_every_notebook_is_found():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(len(NOTEBOOKS))] and len(NOTEBOOKS) >= 9
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_clean(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. nbformat's MissingIDFieldWarning for a cell without an id
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "committed with outputs"
+    params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and 'preset = "ci"' in params[0].source
+    assert nb.cells[0].cell_type == "markdown" and "**Question.**" in nb.cells[0].source
