@@ -147,8 +147,8 @@ def throughput(data: dict) -> str:
             f"faster of sparsify and SAELens in the same row; dead > 0 turns AuxK on. {m['cpu']}, {m['threads']} "
             f"threads, torch {m['torch_version']}, load average {m['load_avg_1m']:.1f} at the start.")
     if any(_unsteady(r) for r in data["rows"]):
-        note += (f" * the slowest of its timed steps took more than {UNSTEADY_SPREAD:g}x the fastest: the machine "
-                 f"slowed down for part of the run (each step time is in the JSON), so such a figure is uncertain.")
+        note += (f" * marks a figure whose slowest timed step took more than {UNSTEADY_SPREAD:g}x its fastest: the "
+                 f"machine slowed down for part of the run (each step time is in the JSON), so it is uncertain.")
     supply = data.get("supply") or []
     if supply:
         rates = ", ".join(f"{s['tokens_per_s']:,.0f} (epoch {s['epoch']})" for s in supply)
