@@ -182,7 +182,7 @@ def _checksum_matches(path: Path, entry: dict) -> bool:
     if algorithm is None:
         raise ValueError(f"The manifest records no checksum for {path} (one of {list(SHARD_CHECKSUMS)}); "
                          f"delete {path.parent} and extract again.")
-    return shard_checksum(path, algorithm) == {algorithm: entry[algorithm]}
+    return file_digest(path, SHARD_CHECKSUMS[algorithm]) == entry[algorithm]
 
 
 class ActivationCache:
