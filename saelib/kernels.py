@@ -193,19 +193,19 @@ def chained_row_gradients():
         _CHAIN.links = outer
 
 
-def _apply_chained(function, args: list, weights: tuple[int, ...]) -> Tensor:
+def _apply_chained(function, args: list, weights: tuple[int, ...], n_out: int = 1):
     """``function.apply(*args, chained)``; inside ``chained_row_gradients`` the ``args`` at the
     positions ``weights`` are replaced by their latest aliases and the function's extra outputs
-    (aliases of them, in that order) become the latest."""
+    (aliases of them, in that order, after its ``n_out`` outputs) become the latest."""
     links = getattr(_CHAIN, "links", None)
     if links is None or not torch.is_grad_enabled():  # an alias made without gradient would cut the chain
         return function.apply(*args, False)
     keys = [id(args[i]) for i in weights]
     for i, key in zip(weights, keys):
         args[i] = links.get(key, args[i])
-    out, *aliases = function.apply(*args, True)
-    links.update(zip(keys, aliases))
-    return out
+    outs = function.apply(*args, True)
+    links.update(zip(keys, outs[n_out:]))
+    return outs[0] if n_out == 1 else outs[:n_out]
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -381,6 +381,94 @@ def dense_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_
     six GEMMs and two zero-filled ``(n_latents, d)`` index gradients.
     """
     return _apply_chained(_DenseRowsDecode, [x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre_rows], (1, 3))
+
+
+# tokens per block of the native AuxK kernels: the block's gradient and input rows (2 * 4 * d * T
+# bytes) stay in L2 while each latent's rows stay in L1
+NATIVE_BLOCK_TOKENS = 256
+
+
+class _SparseRowsDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,
+                pre_rows: Tensor, k: int, lib, chained: bool):
+        B, r = pre_rows.shape
+        n_threads, T = torch.get_num_threads(), NATIVE_BLOCK_TOKENS
+        n_blocks = -(-B // T)
+        chosen, values = x.new_empty(B, k, dtype=torch.long), x.new_empty(B, k)
+        lib.saelib_select(pre_rows.data_ptr(), pre_rows.dtype == torch.bfloat16, B, pre_rows.stride(0), r, k,
+                          chosen.data_ptr(), values.data_ptr(), n_threads)
+        group = (x.new_empty(n_blocks * (r + 1), dtype=torch.int32), x.new_empty(B * k, dtype=torch.int32),
+                 x.new_empty(n_blocks + 1, dtype=torch.long))
+        lib.saelib_group(chosen.data_ptr(), values.data_ptr(), B, k, r, T, *(t.data_ptr() for t in group), n_threads)
+        rows = rows.contiguous()
+        out = x.new_empty(B, W_dec.shape[1])
+        lib.saelib_decode(values.data_ptr(), W_dec.data_ptr(), rows.data_ptr(), B, k, r, T, out.shape[1],
+                          *(t.data_ptr() for t in group), out.data_ptr(), n_threads)
+        ctx.save_for_backward(x, W_enc, W_dec, b_pre, rows, values, *group)
+        ctx.lib, ctx.k = lib, k
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(chosen)
+        return (out, chosen, W_enc, W_dec) if chained else (out, chosen)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, _chosen=None, later_enc: Tensor | None = None,
+                 later_dec: Tensor | None = None):
+        x, W_enc, W_dec, b_pre, rows, values, *group = ctx.saved_tensors
+        grads: list[Tensor | None] = [None] * 10
+        grads[1], grads[3] = later_enc, later_dec
+        if grad_out is None:
+            return tuple(grads)
+        (B, k), d, n_threads = values.shape, x.shape[1], torch.get_num_threads()
+        g, x_c = grad_out.contiguous().to(x.dtype), (x - b_pre).contiguous()
+        dz, gb = torch.zeros_like(values), x.new_zeros(len(W_enc))
+        # the kernel adds into both row gradients: a weight without gradient gets a scratch one
+        G_enc = later_enc if later_enc is not None else _row_grad_memory(W_enc, x.dtype).zero_() \
+            if ctx.needs_input_grad[1] else torch.zeros_like(W_enc)
+        G_dec = later_dec if later_dec is not None else _row_grad_memory(W_dec, x.dtype).zero_() \
+            if ctx.needs_input_grad[3] else torch.zeros_like(W_dec)
+        ctx.lib.saelib_backward(values.data_ptr(), W_dec.data_ptr(), g.data_ptr(), x_c.data_ptr(), rows.data_ptr(), B, k,
+                                len(rows), NATIVE_BLOCK_TOKENS, d, *(t.data_ptr() for t in group), dz.data_ptr(),
+                                G_dec.data_ptr(), G_enc.data_ptr(), gb.data_ptr(), n_threads)
+        if ctx.needs_input_grad[0]:  # the input gradient: dz decoded through the encoder rows
+            grads[0] = x.new_empty(B, d)
+            ctx.lib.saelib_decode(dz.data_ptr(), W_enc.data_ptr(), rows.data_ptr(), B, k, len(rows), NATIVE_BLOCK_TOKENS,
+                                  d, *(t.data_ptr() for t in group), grads[0].data_ptr(), n_threads)
+        grads[1] = G_enc if ctx.needs_input_grad[1] else later_enc
+        grads[2] = gb if ctx.needs_input_grad[2] else None
+        grads[3] = G_dec if ctx.needs_input_grad[3] else later_dec
+        if ctx.needs_input_grad[4]:  # d pre[b, i] / d b_pre = -W_enc[i], summed over the dead rows
+            grads[4] = -(gb[rows] @ W_enc[rows])
+        return tuple(grads)
+
+
+def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,
+                       pre_rows: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """The decode of each token's top ``k`` of a few rows through the native kernels (``native.py``),
+    or None where they do not apply (not a CPU, not fp32, not built: then use ``gather_preacts`` and
+    ``sparse_decode``, the same maths).
+
+    Returns ``(out, chosen)``: ``out (B, d) = sum_j ReLU(pre_rows[b, chosen[b, j]]) W_dec[rows[chosen[b, j]]]``
+    and ``chosen (B, k)``, the kept columns of ``pre_rows`` (increasing; among equal values any).
+    Arguments as in ``dense_rows_decode``, with ``pre_rows (B, r)`` a column slice of a row-major
+    matrix. The backward is one pass over the kept entries (value, decoder and encoder gradients);
+    the row gradients add into kept memory like the other ops' (``chained_row_gradients``).
+    """
+    from . import native
+
+    fp32 = all(t.dtype == torch.float32 for t in (x, W_enc, b_enc, W_dec, b_pre))
+    if x.device.type != "cpu" or not fp32 or pre_rows.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    lib = native.library()
+    if lib is None:
+        native.warn_fallback()
+        return None
+    if pre_rows.stride(-1) != 1:
+        pre_rows = pre_rows.contiguous()
+    x, W_enc, W_dec = (t.contiguous() for t in (x, W_enc, W_dec))  # no copy: parameters and batches are
+    out, chosen = _apply_chained(_SparseRowsDecode, [x, W_enc, b_enc, W_dec, b_pre, rows, pre_rows, k, lib], (1, 3),
+                                 n_out=2)
+    return out, chosen
 
 
 def fast_bf16(device: str | torch.device = "cpu") -> bool:

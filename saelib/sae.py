@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .kernels import (LatentPattern, chained_row_gradients, dense_rows_decode, gather_preacts, sparse_decode,
-                      topk_indices)
+                      sparse_rows_decode, topk_indices)
 from .normalize import Normalizer
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
@@ -362,6 +362,11 @@ class TopKSAE(nn.Module):
         columns = torch.cat([dead_mask.nonzero(), (~dead_mask).nonzero()]).squeeze(-1) if n_dead else None
         pre = self._preacts(x, columns)
         zero = x.new_zeros(())
+        if n_dead:
+            # AuxK's decode first: its ops come first in the chain of row gradients, so in the backward
+            # the main code's write the gradient rows and AuxK's add to them (no zero-fill)
+            k_aux = min(k_aux or min(512, self.d_in // 2), n_dead)
+            aux_decode = self._auxk_decode(x, pre, columns, n_dead, k_aux)
         if self.arch == "relu" and torch.isnan(self.threshold):
             z = F.relu(F.linear(x - self.b_pre, self.W_enc, self.b_enc))  # dense: early ReLU codes are not sparse
             x_hat = self.decode(z)
@@ -380,9 +385,7 @@ class TopKSAE(nn.Module):
         multik = nmse(x, self.decode(wide)) if self.arch == "multitopk" else zero
         auxk = zero
         if n_dead:
-            k_aux = min(k_aux or min(512, self.d_in // 2), n_dead)
-            residual = (x - x_hat).detach()
-            auxk = nmse(residual, self._auxk_decode(x, pre, columns, n_dead, k_aux))
+            auxk = nmse((x - x_hat).detach(), aux_decode)  # the dead latents model the residual
         # The L1 penalty belongs to the ReLU baseline only: TopK's sparsity comes from k.
         loss = loss_nmse + multik / 8 + auxk_coef * auxk + (l1_coef * l1 if self.arch == "relu" else zero)
         return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
@@ -395,13 +398,18 @@ class TopKSAE(nn.Module):
         ones (``k_aux / n_dead >= AUXK_DENSE_SHARE``) dense GEMMs over the dead rows beat the
         sparse kernels on CPU; both give the same values and gradients.
         """
+        tokens = x.reshape(-1, self.d_in)
+        if k_aux < AUXK_DENSE_SHARE * n_dead:
+            native = sparse_rows_decode(tokens, self.W_enc, self.b_enc, self.W_dec, self.b_pre, columns[:n_dead],
+                                        pre.reshape(len(tokens), -1)[:, :n_dead], k_aux)
+            if native is not None:
+                return native[0].view(x.shape)
         # columns of the dead slice, which are also positions in dead_ids; unsorted is faster and
         # the order does not matter to a sum
         chosen = topk_indices(pre[..., :n_dead], k_aux, sorted=False, workspace=self._workspace)
         if k_aux < AUXK_DENSE_SHARE * n_dead:
             dead = self._latents(x, pre, chosen, columns=columns)
             return sparse_decode(dead.values, dead.indices, self.W_dec, dead.pattern)
-        tokens = x.reshape(-1, self.d_in)
         out = dense_rows_decode(tokens, self.W_enc, self.b_enc, self.W_dec, self.b_pre, columns[:n_dead],
                                 chosen.reshape(len(tokens), k_aux), pre[..., :n_dead].reshape(len(tokens), n_dead))
         return out.view(x.shape)

@@ -1,0 +1,331 @@
+/* AuxK's sparse code on the CPU, compiled by saelib/native.py: the top-k of each token's dead
+ * pre-activations, the decode of the kept latents and its whole backward, one pass each.
+ *
+ * A token keeps k of the r dead latents (AuxK: 288 of 4608 at 25% dead, n 18432). The products
+ * are bound by memory: each kept entry reads a 4 * d byte weight or token row. So the entries are
+ * grouped by latent within blocks of T tokens, and each pass keeps one latent's rows in L1 while
+ * the block's token rows stay in L2; the backward reads each token row once for all three of its
+ * products (torch's ops read them three times, after sorting the entries twice).
+ *
+ *   saelib_select:   idx[b] = the k largest of pre[b, 0:r] (increasing columns), val = ReLU of them
+ *   saelib_group:    per token block, the entries with val > 0 by latent (a counting sort)
+ *   saelib_decode:   out[b] = sum of val * W[rows[idx]] over b's entries
+ *   saelib_backward: dz = (W_dec[row] . g[b]) over the entries; adds val * g[b] into G_dec[row],
+ *                    dz * xc[b] into G_enc[row] and dz into gb[row]
+ *
+ * Shapes: pre (B, ld) fp32 or bf16, of which the first r columns are the dead latents; idx (B, k)
+ * int64 in [0, r); val, dz (B, k); rows (r,) int64, the latent of each column; W, G (n, d);
+ * g, xc, out (B, d); gb (n,). Everything fp32 unless said, row-major and contiguous.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+/* ---- threads ------------------------------------------------------------------------------ */
+
+#define MAX_THREADS 64
+
+typedef struct {
+    void (*fn)(void *ctx, int64_t lo, int64_t hi);
+    void *ctx;
+    int64_t lo, hi;
+} task_t;
+
+static void *run_task(void *arg) {
+    task_t *t = (task_t *)arg;
+    t->fn(t->ctx, t->lo, t->hi);
+    return NULL;
+}
+
+/* fn over [0, n) in nthreads ranges: bounds[t] .. bounds[t + 1] when given, else equal ones */
+static void parallel_for(int nthreads, int64_t n, const int64_t *bounds, void (*fn)(void *, int64_t, int64_t),
+                         void *ctx) {
+    nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
+    if (!bounds && n < nthreads) nthreads = n > 0 ? (int)n : 1; /* bounds may leave ranges empty */
+    task_t tasks[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < nthreads; t++) {
+        tasks[t] = (task_t){fn, ctx, bounds ? bounds[t] : n * t / nthreads, bounds ? bounds[t + 1] : n * (t + 1) / nthreads};
+    }
+    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&threads[t], NULL, run_task, &tasks[t]) == 0;
+    run_task(&tasks[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(threads[t], NULL);
+        else run_task(&tasks[t]); /* no thread to be had: run its share here */
+    }
+}
+
+/* ---- select ------------------------------------------------------------------------------- */
+
+/* the k-th largest of a[0:n] (1 <= k <= n), reordering a; no NaN in a */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return a[want];
+}
+
+/* a row of pre as fp32, NaN as -inf (a NaN is never kept) */
+static void load_row(const void *pre, int bf16, int64_t offset, int64_t r, float *out) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)pre + offset;
+        for (int64_t i = 0; i < r; i++) {
+            uint32_t u = (uint32_t)p[i] << 16;
+            memcpy(&out[i], &u, 4);
+        }
+    } else {
+        memcpy(out, (const float *)pre + offset, sizeof(float) * r);
+    }
+    for (int64_t i = 0; i < r; i++) out[i] = out[i] == out[i] ? out[i] : -INFINITY;
+}
+
+/* the columns of row[0:r] at or above thresh, in increasing order, with their values */
+static int64_t at_least(const float *row, int64_t r, float thresh, float *vals, int32_t *cols) {
+    int64_t n = 0, i = 0;
+#ifdef __AVX512F__
+    const __m512 t = _mm512_set1_ps(thresh);
+    __m512i c = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    for (; i + 16 <= r; i += 16) {
+        __m512 v = _mm512_loadu_ps(row + i);
+        __mmask16 keep = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ);
+        _mm512_mask_compressstoreu_ps(vals + n, keep, v);
+        _mm512_mask_compressstoreu_epi32(cols + n, keep, c);
+        n += __builtin_popcount(keep);
+        c = _mm512_add_epi32(c, sixteen);
+    }
+#endif
+    for (; i < r; i++) {
+        vals[n] = row[i];
+        cols[n] = (int32_t)i;
+        n += row[i] >= thresh;
+    }
+    return n;
+}
+
+#define SAMPLE 512
+
+typedef struct {
+    const void *pre;
+    int bf16;
+    int64_t ld, r, k;
+    int64_t *idx;
+    float *val;
+} select_t;
+
+static void select_rows(void *arg, int64_t lo, int64_t hi) {
+    const select_t *s = (const select_t *)arg;
+    const int64_t r = s->r, k = s->k;
+    float *row = malloc(sizeof(float) * (3 * r + SAMPLE));
+    float *vals = row + r, *scratch = vals + r, *sample = scratch + r;
+    int32_t *cols = malloc(sizeof(int32_t) * r);
+    /* a threshold from every step-th column: the sample's value of this rank leaves about
+     * k + 3 standard deviations of the row's values at or above it */
+    const int64_t step = (r + SAMPLE - 1) / SAMPLE, m = r / step; /* m <= SAMPLE */
+    const double mean = (double)k * m / r;
+    const int64_t rank = (int64_t)(mean + 3 * sqrt(mean)) + 1;
+    for (int64_t b = lo; b < hi; b++) {
+        load_row(s->pre, s->bf16, b * s->ld, r, row);
+        int64_t n = 0;
+        if (rank < m) {
+            for (int64_t i = 0; i < m; i++) sample[i] = row[i * step];
+            n = at_least(row, r, kth_largest(sample, m, rank), vals, cols);
+        }
+        if (n < k) n = at_least(row, r, -INFINITY, vals, cols); /* the sample misled: take every column */
+        /* keep the candidates above the k-th largest, then as many equal to it as fit */
+        memcpy(scratch, vals, sizeof(float) * n);
+        const float kth = kth_largest(scratch, n, k);
+        int64_t ties = k;
+        for (int64_t i = 0; i < n; i++) ties -= vals[i] > kth;
+        int64_t *idx = s->idx + b * k;
+        float *val = s->val + b * k;
+        for (int64_t i = 0, j = 0; i < n && j < k; i++) {
+            if (vals[i] > kth || (vals[i] == kth && ties-- > 0)) {
+                idx[j] = cols[i];
+                val[j++] = vals[i] > 0 ? vals[i] : 0;
+            }
+        }
+    }
+    free(row);
+    free(cols);
+}
+
+void saelib_select(const void *pre, int bf16, int64_t B, int64_t ld, int64_t r, int64_t k, int64_t *idx, float *val,
+                   int nthreads) {
+    select_t s = {pre, bf16, ld, r, k, idx, val};
+    parallel_for(nthreads, B, NULL, select_rows, &s);
+}
+
+/* ---- group -------------------------------------------------------------------------------- */
+
+typedef struct {
+    const int64_t *idx;
+    const float *val;
+    int64_t B, k, r, T;
+    int32_t *start, *entries;
+    const int64_t *offset;
+} group_t;
+
+static void group_blocks(void *arg, int64_t lo, int64_t hi) {
+    const group_t *g = (const group_t *)arg;
+    const int64_t k = g->k, r = g->r;
+    int32_t *fill = malloc(sizeof(int32_t) * r);
+    for (int64_t blk = lo; blk < hi; blk++) {
+        const int64_t p0 = blk * g->T * k, p1 = (blk + 1) * g->T < g->B ? (blk + 1) * g->T * k : g->B * k;
+        int32_t *start = g->start + blk * (r + 1), *out = g->entries + g->offset[blk];
+        memset(start, 0, sizeof(int32_t) * (r + 1));
+        for (int64_t p = p0; p < p1; p++) start[g->idx[p] + 1] += g->val[p] > 0;
+        for (int64_t i = 0; i < r; i++) start[i + 1] += start[i];
+        memcpy(fill, start, sizeof(int32_t) * r);
+        for (int64_t p = p0; p < p1; p++)
+            if (g->val[p] > 0) out[fill[g->idx[p]]++] = (int32_t)(p - p0);
+    }
+    free(fill);
+}
+
+/* Per block of T tokens (blk): the entries of latent i are entries[offset[blk] + start[blk * (r + 1) + i]]
+ * up to the next start, as positions b * k + j from the block's first token, b increasing; only the
+ * entries with val > 0 (the others add nothing). start: n_blocks * (r + 1) slots, offset:
+ * n_blocks + 1, entries: B * k. Returns the number of entries kept. */
+int64_t saelib_group(const int64_t *idx, const float *val, int64_t B, int64_t k, int64_t r, int64_t T, int32_t *start,
+                     int32_t *entries, int64_t *offset, int nthreads) {
+    const int64_t n_blocks = (B + T - 1) / T;
+    offset[0] = 0;
+    for (int64_t blk = 0; blk < n_blocks; blk++) {
+        const int64_t p1 = (blk + 1) * T < B ? (blk + 1) * T * k : B * k;
+        int64_t n = 0;
+        for (int64_t p = blk * T * k; p < p1; p++) n += val[p] > 0;
+        offset[blk + 1] = offset[blk] + n;
+    }
+    group_t g = {idx, val, B, k, r, T, start, entries, offset};
+    parallel_for(nthreads, n_blocks, NULL, group_blocks, &g);
+    return offset[n_blocks];
+}
+
+/* ---- decode ------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *val, *W;
+    const int64_t *rows;
+    int64_t B, k, r, T, d;
+    const int32_t *start, *entries;
+    const int64_t *offset;
+    float *out;
+} decode_t;
+
+static void decode_blocks(void *arg, int64_t lo, int64_t hi) {
+    const decode_t *s = (const decode_t *)arg;
+    const int64_t d = s->d, k = s->k;
+    for (int64_t blk = lo; blk < hi; blk++) {
+        const int64_t b0 = blk * s->T, b1 = b0 + s->T < s->B ? b0 + s->T : s->B;
+        const int32_t *start = s->start + blk * (s->r + 1), *entries = s->entries + s->offset[blk];
+        const float *val = s->val + b0 * k;
+        float *out = s->out + b0 * d;
+        memset(out, 0, sizeof(float) * (b1 - b0) * d);
+        for (int64_t i = 0; i < s->r; i++) {
+            const float *w = s->W + s->rows[i] * d;
+            for (int32_t e = start[i]; e < start[i + 1]; e++) {
+                const int32_t p = entries[e];
+                const float v = val[p];
+                float *o = out + (p / k) * d;
+#pragma omp simd
+                for (int64_t t = 0; t < d; t++) o[t] += v * w[t];
+            }
+        }
+    }
+}
+
+/* out (B, d), overwritten: sum over the grouped entries of val * W[rows[idx]] */
+void saelib_decode(const float *val, const float *W, const int64_t *rows, int64_t B, int64_t k, int64_t r, int64_t T,
+                   int64_t d, const int32_t *start, const int32_t *entries, const int64_t *offset, float *out,
+                   int nthreads) {
+    decode_t s = {val, W, rows, B, k, r, T, d, start, entries, offset, out};
+    parallel_for(nthreads, (B + T - 1) / T, NULL, decode_blocks, &s);
+}
+
+/* ---- backward ----------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *val, *W_dec, *g, *xc;
+    const int64_t *rows;
+    int64_t B, k, r, T, d;
+    const int32_t *start, *entries;
+    const int64_t *offset;
+    float *dz, *G_dec, *G_enc, *gb;
+} backward_t;
+
+static void backward_latents(void *arg, int64_t lo, int64_t hi) {
+    const backward_t *s = (const backward_t *)arg;
+    const int64_t d = s->d, k = s->k, n_blocks = (s->B + s->T - 1) / s->T;
+    for (int64_t blk = 0; blk < n_blocks; blk++) {
+        const int64_t b0 = blk * s->T;
+        const int32_t *start = s->start + blk * (s->r + 1), *entries = s->entries + s->offset[blk];
+        const float *val = s->val + b0 * k, *g = s->g + b0 * d, *xc = s->xc + b0 * d;
+        float *dz = s->dz + b0 * k;
+        for (int64_t i = lo; i < hi; i++) {
+            if (start[i] == start[i + 1]) continue;
+            const int64_t row = s->rows[i];
+            const float *w = s->W_dec + row * d;
+            float *gd = s->G_dec + row * d, *ge = s->G_enc + row * d, bias = 0;
+            for (int32_t e = start[i]; e < start[i + 1]; e++) {
+                const int32_t p = entries[e];
+                const float *gr = g + (p / k) * d, *xr = xc + (p / k) * d, v = val[p];
+                float dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t t = 0; t < d; t++) {
+                    dot += w[t] * gr[t];
+                    gd[t] += v * gr[t];
+                }
+#pragma omp simd
+                for (int64_t t = 0; t < d; t++) ge[t] += dot * xr[t];
+                dz[p] = dot;
+                bias += dot;
+            }
+            s->gb[row] += bias;
+        }
+    }
+}
+
+/* dz (B, k): the gradients of the grouped entries' values (the others are left as they are); adds
+ * into the rows rows[i] of G_dec, G_enc and gb. Each thread owns a range of latents with about
+ * equal entries, so no two write one row. */
+void saelib_backward(const float *val, const float *W_dec, const float *g, const float *xc, const int64_t *rows,
+                     int64_t B, int64_t k, int64_t r, int64_t T, int64_t d, const int32_t *start,
+                     const int32_t *entries, const int64_t *offset, float *dz, float *G_dec, float *G_enc, float *gb,
+                     int nthreads) {
+    backward_t s = {val, W_dec, g, xc, rows, B, k, r, T, d, start, entries, offset, dz, G_dec, G_enc, gb};
+    nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
+    const int64_t n_blocks = (B + T - 1) / T, total = offset[n_blocks];
+    int64_t bounds[MAX_THREADS + 1], t = 1, seen = 0;
+    int64_t *count = calloc(r + 1, sizeof(int64_t));
+    for (int64_t blk = 0; blk < n_blocks; blk++)
+        for (int64_t i = 0; i < r; i++) count[i] += start[blk * (r + 1) + i + 1] - start[blk * (r + 1) + i];
+    bounds[0] = 0;
+    for (int64_t i = 0; i < r && t < nthreads; i++) {
+        seen += count[i];
+        while (t < nthreads && seen * nthreads >= total * t) bounds[t++] = i + 1;
+    }
+    while (t <= nthreads) bounds[t++] = r;
+    free(count);
+    parallel_for(nthreads, r, bounds, backward_latents, &s);
+}

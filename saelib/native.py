@@ -1,0 +1,110 @@
+"""Compiled CPU kernels (``saelib/csrc/*.c``), built on first use with the machine's C compiler.
+
+``library()`` compiles ``csrc/auxk.c`` (``cc -O3 -march=native``: it runs where it is built) into
+``$SAELIB_HOME/native/``, keyed by the source, the compiler and the CPU, and loads it with ctypes;
+the calls release the GIL and run on ``torch.get_num_threads()`` threads of their own. Without a
+compiler, or with ``SAELIB_NATIVE=0``, it returns None and saelib runs the same maths with torch
+ops (``kernels.sparse_rows_decode`` picks); ``unavailable()`` says why, and the first fallback
+warns once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+from .paths import cache_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "auxk.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread")
+# ctypes signatures: p a pointer (a tensor's data_ptr), i an int64, n an int (thread count)
+SIGNATURES = {
+    "saelib_select": ("p", "n", "i", "i", "i", "i", "p", "p", "n"),
+    "saelib_group": ("p", "p", "i", "i", "i", "i", "p", "p", "p", "n"),
+    "saelib_decode": ("p", "p", "p", "i", "i", "i", "i", "i", "p", "p", "p", "p", "n"),
+    "saelib_backward": ("p", "p", "p", "p", "p", "i", "i", "i", "i", "i", "p", "p", "p", "p", "p", "p", "p", "n"),
+}
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "n": ctypes.c_int}
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None, "reason": why None
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (``-march=native`` code is only valid on such a CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, from the cache or built now (written to a temporary name, then renamed)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()[:16]
+    target = cache_dir("native") / f"auxk-{key}.so"
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                 timeout=300)
+            if run.returncode:
+                raise RuntimeError(f"`{compiler} {SOURCE.name}` failed: {run.stderr.strip()[-500:]}")
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (see ``unavailable()``); built once per process."""
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["reason"] = None, None
+            compiler = os.environ.get("CC", "cc")
+            if os.environ.get("SAELIB_NATIVE", "1") == "0":
+                _state["reason"] = "SAELIB_NATIVE=0 turns them off"
+            elif shutil.which(compiler) is None:
+                _state["reason"] = f"no C compiler `{compiler}` on PATH (install gcc, or set CC)"
+            else:
+                try:
+                    lib = ctypes.CDLL(str(_build(compiler)))
+                    for name, signature in SIGNATURES.items():
+                        function = getattr(lib, name)
+                        function.argtypes = [_CTYPES[c] for c in signature]
+                        function.restype = ctypes.c_int64 if name == "saelib_group" else None
+                    _state["lib"] = lib
+                except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                    _state["reason"] = f"building them failed: {err}"
+        return _state["lib"]
+
+
+def unavailable() -> str | None:
+    """Why ``library()`` is None (None when it is not)."""
+    library()
+    return _state["reason"]
+
+
+def warn_fallback() -> None:
+    """Warn, once per process, that the torch ops stand in for the native kernels."""
+    if unavailable() and not _state.get("warned") and os.environ.get("SAELIB_NATIVE", "1") != "0":
+        _state["warned"] = True
+        warnings.warn(f"saelib's native CPU kernels are not in use ({_state['reason']}): AuxK runs on torch ops, "
+                      "with the same results, more slowly.", RuntimeWarning, stacklevel=3)
+
+
+def reset() -> None:
+    """Forget the loaded library, so that the next ``library()`` looks again (tests)."""
+    with _lock:
+        _state.clear()
