@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, native
 from .sae import TopKSAE, nmse
 from .train import paper_lr, resolve_device
 
@@ -391,6 +391,8 @@ def machine(device: torch.device = torch.device("cpu")) -> dict:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "saelib_version": __version__,
+        # saelib's AuxK on the compiled CPU kernels (native.py) or why not; None off the CPU
+        "native_kernels": None if device.type != "cpu" else "in use" if native.library() else native.unavailable(),
     }
 
 

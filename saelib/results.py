@@ -146,6 +146,10 @@ def throughput(data: dict) -> str:
     note = (f"\n\nTokens/s of one full training step, k {data['rows'][0]['k']}; in brackets saelib's ratio to the "
             f"faster of sparsify and SAELens in the same row; dead > 0 turns AuxK on. {m['cpu']}, {m['threads']} "
             f"threads, torch {m['torch_version']}, load average {m['load_avg_1m']:.1f} at the start.")
+    if m.get("native_kernels"):
+        native = m["native_kernels"]
+        note += " saelib's AuxK ran on its compiled CPU kernels." if native == "in use" else \
+            f" saelib's AuxK ran on torch ops: its compiled CPU kernels were not in use ({native})."
     if any(_unsteady(r) for r in data["rows"]):
         note += (f" * marks a figure whose slowest timed step took more than {UNSTEADY_SPREAD:g}x its fastest: the "
                  f"machine slowed down for part of the run (each step time is in the JSON), so it is uncertain.")

@@ -8,6 +8,7 @@ compute saelib's reconstruction loss on the same weights and learn too.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -189,6 +190,8 @@ def test_interleaved_timing_gives_the_same_rows():
 def test_rows_say_where_they_ran_and_a_missing_gpu_is_named(capsys):
     rows = bench.run_bench([TINY], ["saelib"], warmup=0, steps=1)
     assert {r["device"] for r in rows} == {"cpu"} and all(r["peak_device_mb"] is None for r in rows)
+    if shutil.which("cc"):  # the machine builds saelib's CPU kernels, and the rows say they ran
+        assert {r["native_kernels"] for r in rows} == {"in use"}
     assert "peak_device_mb" not in bench.markdown_table(rows)
     gpu_rows = [dict(rows[0], device="cuda", peak_device_mb=1234.0)]
     assert "| peak_device_mb | note |" in bench.markdown_table(gpu_rows) and "| 1,234 |" in bench.markdown_table(gpu_rows)
