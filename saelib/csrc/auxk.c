@@ -63,43 +63,55 @@ static void parallel_for(int nthreads, int64_t n, const int64_t *bounds, void (*
 
 /* ---- select ------------------------------------------------------------------------------- */
 
-/* the k-th largest of a[0:n] (1 <= k <= n), reordering a; no NaN in a */
-static float kth_largest(float *a, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] > pivot) i++;
-            while (a[j] < pivot) j--;
-            if (i <= j) {
-                float t = a[i];
-                a[i++] = a[j];
-                a[j--] = t;
-            }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
-    }
-    return a[want];
+/* the k-th largest of a[0:n] (1 <= k <= n; no NaN in a): a radix select over the order-preserving
+ * integer keys of the floats, 11 + 11 + 10 bits, with no data-dependent branch. After fewer than
+ * 3 passes: a value at most the k-th largest, within 2^-(passes * 11 - 9) of it relatively. */
+static inline uint32_t key_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
 }
 
-/* a row of pre as fp32, NaN as -inf (a NaN is never kept) */
-static void load_row(const void *pre, int bf16, int64_t offset, int64_t r, float *out) {
-    if (bf16) {
-        const uint16_t *p = (const uint16_t *)pre + offset;
-        for (int64_t i = 0; i < r; i++) {
-            uint32_t u = (uint32_t)p[i] << 16;
-            memcpy(&out[i], &u, 4);
+static float kth_largest(const float *a, int64_t n, int64_t k, int passes) {
+    static const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
+    uint32_t prefix = 0, mask = 0, counts[1 << 11];
+    int64_t need = k;
+    for (int pass = 0; pass < passes; pass++) {
+        const int shift = shifts[pass], bins = 1 << widths[pass];
+        memset(counts, 0, sizeof(uint32_t) * bins);
+        uint32_t top = 0;  /* the highest bin counted: the search down starts there */
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t key = key_of(a[i]), bin = (key >> shift) & (bins - 1), match = (key & mask) == prefix;
+            counts[bin] += match;
+            top = match && bin > top ? bin : top;
         }
-    } else {
-        memcpy(out, (const float *)pre + offset, sizeof(float) * r);
+        int bin = (int)top;
+        for (; bin > 0 && counts[bin] < need; bin--) need -= counts[bin];
+        prefix |= (uint32_t)bin << shift;
+        mask |= (uint32_t)(bins - 1) << shift;
     }
-    for (int64_t i = 0; i < r; i++) out[i] = out[i] == out[i] ? out[i] : -INFINITY;
+    const uint32_t u = prefix ^ ((prefix & 0x80000000u) ? 0x80000000u : 0xFFFFFFFFu);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
-/* the columns of row[0:r] at or above thresh, in increasing order, with their values */
+/* a bf16 row as fp32 */
+static void widen(const uint16_t *p, int64_t r, float *out) {
+    uint32_t *u = (uint32_t *)out;
+    for (int64_t i = 0; i < r; i++) u[i] = (uint32_t)p[i] << 16;
+}
+
+/* every column of row[0:r] with its value, NaN as -inf */
+static int64_t every_column(const float *row, int64_t r, float *vals, int32_t *cols) {
+    for (int64_t i = 0; i < r; i++) {
+        vals[i] = row[i] == row[i] ? row[i] : -INFINITY;
+        cols[i] = (int32_t)i;
+    }
+    return r;
+}
+
+/* the columns of row[0:r] at or above thresh, in increasing order, with their values (never a NaN) */
 static int64_t at_least(const float *row, int64_t r, float thresh, float *vals, int32_t *cols) {
     int64_t n = 0, i = 0;
 #ifdef __AVX512F__
@@ -109,8 +121,10 @@ static int64_t at_least(const float *row, int64_t r, float thresh, float *vals, 
     for (; i + 16 <= r; i += 16) {
         __m512 v = _mm512_loadu_ps(row + i);
         __mmask16 keep = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ);
-        _mm512_mask_compressstoreu_ps(vals + n, keep, v);
-        _mm512_mask_compressstoreu_epi32(cols + n, keep, c);
+        /* compressed in registers, stored whole (a masked compress to memory is slow): up to 15 lanes
+         * past the kept ones are scratch, which the buffers leave room for */
+        _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(keep, v));
+        _mm512_storeu_si512(cols + n, _mm512_maskz_compress_epi32(keep, c));
         n += __builtin_popcount(keep);
         c = _mm512_add_epi32(c, sixteen);
     }
@@ -136,38 +150,46 @@ typedef struct {
 static void select_rows(void *arg, int64_t lo, int64_t hi) {
     const select_t *s = (const select_t *)arg;
     const int64_t r = s->r, k = s->k;
-    float *row = malloc(sizeof(float) * (3 * r + SAMPLE));
-    float *vals = row + r, *scratch = vals + r, *sample = scratch + r;
-    int32_t *cols = malloc(sizeof(int32_t) * r);
+    float *wide = malloc(sizeof(float) * (2 * r + 16 + SAMPLE));
+    float *vals = wide + r, *sample = vals + r + 16;
+    int32_t *cols = malloc(sizeof(int32_t) * (r + 16));
+    int64_t *kept_idx = malloc(sizeof(int64_t) * (k + 1));  /* + 1: the branch-free loop writes one past */
+    float *kept_val = malloc(sizeof(float) * (k + 1));
     /* a threshold from every step-th column: the sample's value of this rank leaves about
      * k + 3 standard deviations of the row's values at or above it */
     const int64_t step = (r + SAMPLE - 1) / SAMPLE, m = r / step; /* m <= SAMPLE */
     const double mean = (double)k * m / r;
     const int64_t rank = (int64_t)(mean + 3 * sqrt(mean)) + 1;
     for (int64_t b = lo; b < hi; b++) {
-        load_row(s->pre, s->bf16, b * s->ld, r, row);
+        const float *row = (const float *)s->pre + b * s->ld;
+        if (s->bf16) {
+            widen((const uint16_t *)s->pre + b * s->ld, r, wide);
+            row = wide;
+        }
         int64_t n = 0;
         if (rank < m) {
-            for (int64_t i = 0; i < m; i++) sample[i] = row[i * step];
-            n = at_least(row, r, kth_largest(sample, m, rank), vals, cols);
+            for (int64_t i = 0; i < m; i++) sample[i] = row[i * step] == row[i * step] ? row[i * step] : -INFINITY;
+            n = at_least(row, r, kth_largest(sample, m, rank, 2), vals, cols);
         }
-        if (n < k) n = at_least(row, r, -INFINITY, vals, cols); /* the sample misled: take every column */
+        if (n < k) n = every_column(row, r, vals, cols); /* the sample misled */
         /* keep the candidates above the k-th largest, then as many equal to it as fit */
-        memcpy(scratch, vals, sizeof(float) * n);
-        const float kth = kth_largest(scratch, n, k);
-        int64_t ties = k;
+        const float kth = kth_largest(vals, n, k, 3);
+        int64_t ties = k, j = 0;
         for (int64_t i = 0; i < n; i++) ties -= vals[i] > kth;
-        int64_t *idx = s->idx + b * k;
-        float *val = s->val + b * k;
-        for (int64_t i = 0, j = 0; i < n && j < k; i++) {
-            if (vals[i] > kth || (vals[i] == kth && ties-- > 0)) {
-                idx[j] = cols[i];
-                val[j++] = vals[i] > 0 ? vals[i] : 0;
-            }
+        for (int64_t i = 0; i < n; i++) {  /* without branches: whether a value is kept is a coin toss */
+            const int64_t tie = vals[i] == kth && ties > 0, keep = vals[i] > kth || tie;
+            ties -= tie;
+            kept_idx[j] = cols[i];
+            kept_val[j] = vals[i] > 0 ? vals[i] : 0;
+            j += keep;
         }
+        memcpy(s->idx + b * k, kept_idx, sizeof(int64_t) * k);
+        memcpy(s->val + b * k, kept_val, sizeof(float) * k);
     }
-    free(row);
+    free(wide);
     free(cols);
+    free(kept_idx);
+    free(kept_val);
 }
 
 void saelib_select(const void *pre, int bf16, int64_t B, int64_t ld, int64_t r, int64_t k, int64_t *idx, float *val,
