@@ -18,8 +18,9 @@ export SAELIB_HOME ?= $(CURDIR)/.cache
 
 .PHONY: env peers demo figures release test lab clean
 
-# Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks)
-DEBS := chromium chromium-driver fonts-liberation fonts-dejavu-core r-cran-janeaustenr fortunes
+# Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks);
+# gcc builds saelib's CPU kernels on first use (saelib/native.py; without it torch ops stand in)
+DEBS := chromium chromium-driver fonts-liberation fonts-dejavu-core r-cran-janeaustenr fortunes gcc
 
 $(STAMP): pyproject.toml Makefile
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -395,7 +395,7 @@ class _SparseRowsDecode(torch.autograd.Function):
         B, r = pre_rows.shape
         n_threads, T = torch.get_num_threads(), NATIVE_BLOCK_TOKENS
         n_blocks = -(-B // T)
-        chosen, values = x.new_empty(B, k, dtype=torch.long), x.new_empty(B, k)
+        chosen, values = x.new_empty(B, k, dtype=torch.long), x.new_empty(B, k)  # fp32 like x
         lib.saelib_select(pre_rows.data_ptr(), pre_rows.dtype == torch.bfloat16, B, pre_rows.stride(0), r, k,
                           chosen.data_ptr(), values.data_ptr(), n_threads)
         group = (x.new_empty(n_blocks * (r + 1), dtype=torch.int32), x.new_empty(B * k, dtype=torch.int32),
@@ -457,7 +457,8 @@ def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
     from . import native
 
     fp32 = all(t.dtype == torch.float32 for t in (x, W_enc, b_enc, W_dec, b_pre))
-    if x.device.type != "cpu" or not fp32 or pre_rows.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type != "cpu" or not fp32 or pre_rows.dtype not in (torch.float32, torch.bfloat16) \
+            or not 1 <= k <= pre_rows.shape[-1]:  # a bad k: the torch ops name it
         return None
     lib = native.library()
     if lib is None:

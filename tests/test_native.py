@@ -128,3 +128,10 @@ def test_the_kernels_apply_to_fp32_on_the_cpu_only():
     W_enc, b_enc, W_dec, b_pre = (t.detach().double() for t in _weights(64, 8, 0))
     assert sparse_rows_decode(torch.randn(10, 8).double(), W_enc, b_enc, W_dec, b_pre, torch.arange(20),
                               torch.randn(10, 20).double(), 4) is None
+
+
+def test_a_k_the_kernels_cannot_keep_goes_to_the_torch_ops():
+    W_enc, b_enc, W_dec, b_pre = (t.detach() for t in _weights(64, 8, 0))
+    for k in (0, 21):  # none, or more than the 20 rows
+        assert sparse_rows_decode(torch.randn(10, 8), W_enc, b_enc, W_dec, b_pre, torch.arange(20),
+                                  torch.randn(10, 20), k) is None
