@@ -422,11 +422,8 @@ class _SparseRowsDecode(torch.autograd.Function):
         (B, k), d, n_threads = values.shape, x.shape[1], torch.get_num_threads()
         g, x_c = grad_out.contiguous().to(x.dtype), (x - b_pre).contiguous()
         dz, gb = torch.zeros_like(values), x.new_zeros(len(W_enc))
-        # the kernel adds into both row gradients: a weight without gradient gets a scratch one
-        G_enc = later_enc if later_enc is not None else _row_grad_memory(W_enc, x.dtype).zero_() \
-            if ctx.needs_input_grad[1] else torch.zeros_like(W_enc)
-        G_dec = later_dec if later_dec is not None else _row_grad_memory(W_dec, x.dtype).zero_() \
-            if ctx.needs_input_grad[3] else torch.zeros_like(W_dec)
+        G_enc = _rows_target(later_enc, W_enc, ctx.needs_input_grad[1])
+        G_dec = _rows_target(later_dec, W_dec, ctx.needs_input_grad[3])
         ctx.lib.saelib_backward(values.data_ptr(), W_dec.data_ptr(), g.data_ptr(), x_c.data_ptr(), rows.data_ptr(), B, k,
                                 len(rows), NATIVE_BLOCK_TOKENS, d, *(t.data_ptr() for t in group), dz.data_ptr(),
                                 G_dec.data_ptr(), G_enc.data_ptr(), gb.data_ptr(), n_threads)
@@ -440,6 +437,14 @@ class _SparseRowsDecode(torch.autograd.Function):
         if ctx.needs_input_grad[4]:  # d pre[b, i] / d b_pre = -W_enc[i], summed over the dead rows
             grads[4] = -(gb[rows] @ W_enc[rows])
         return tuple(grads)
+
+
+def _rows_target(later: Tensor | None, W: Tensor, needed: bool) -> Tensor:
+    """The contiguous ``(n, d)`` tensor the kernel adds ``W``'s row gradients into: the later chained
+    ops' gradient, else kept memory zeroed (a scratch tensor when ``W`` needs no gradient)."""
+    if later is not None:
+        return later.contiguous()  # the kernel writes rows through a pointer; a copy only if it is not
+    return _row_grad_memory(W, W.dtype).zero_() if needed else torch.zeros_like(W)
 
 
 def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,

@@ -161,11 +161,9 @@ static void select_rows(void *arg, int64_t lo, int64_t hi) {
     const double mean = (double)k * m / r;
     const int64_t rank = (int64_t)(mean + 3 * sqrt(mean)) + 1;
     for (int64_t b = lo; b < hi; b++) {
-        const float *row = (const float *)s->pre + b * s->ld;
-        if (s->bf16) {
-            widen((const uint16_t *)s->pre + b * s->ld, r, wide);
-            row = wide;
-        }
+        const float *row = wide;
+        if (s->bf16) widen((const uint16_t *)s->pre + b * s->ld, r, wide);
+        else row = (const float *)s->pre + b * s->ld;
         int64_t n = 0;
         if (rank < m) {
             for (int64_t i = 0; i < m; i++) sample[i] = row[i * step] == row[i * step] ? row[i * step] : -INFINITY;
