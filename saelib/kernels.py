@@ -406,7 +406,7 @@ class _SparseRowsDecode(torch.autograd.Function):
         lib.saelib_decode(values.data_ptr(), W_dec.data_ptr(), rows.data_ptr(), B, k, r, T, out.shape[1],
                           *(t.data_ptr() for t in group), out.data_ptr(), n_threads)
         ctx.save_for_backward(x, W_enc, W_dec, b_pre, rows, values, *group)
-        ctx.lib, ctx.k = lib, k
+        ctx.lib = lib
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(chosen)
         return (out, chosen, W_enc, W_dec) if chained else (out, chosen)
