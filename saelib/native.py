@@ -48,11 +48,20 @@ def _cpu_id() -> str:
     return platform.machine() + "".join(lines)
 
 
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
 def _build(compiler: str) -> Path:
-    """The compiled library, from the cache or built now (written to a temporary name, then renamed)."""
+    """The compiled library, from the cache or built now (written to a temporary name, then renamed).
+
+    Named ``auxk-<machine>-<source>.so``: ``<machine>`` digests the compiler, its flags and the CPU,
+    ``<source>`` the C file. A new build removes the same machine's builds of other sources (an
+    older saelib's); other machines' builds in a shared ``$SAELIB_HOME`` stay.
+    """
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()[:16]
-    target = cache_dir("native") / f"auxk-{key}.so"
+    machine = _digest(" ".join(FLAGS), version, _cpu_id())
+    target = cache_dir("native") / f"auxk-{machine}-{_digest(SOURCE.read_text())}.so"
     if not target.exists():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
@@ -64,6 +73,9 @@ def _build(compiler: str) -> Path:
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        for stale in target.parent.glob(f"auxk-{machine}-*.so"):
+            if stale != target:
+                stale.unlink(missing_ok=True)  # a process that loaded it keeps its copy
     return target
 
 

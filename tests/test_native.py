@@ -108,6 +108,17 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     native.reset()
     assert native.library() is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "native").iterdir()] == [mtime]  # reused, no temporaries left
+    # a changed source (a newer saelib) builds anew and removes this machine's older build; another
+    # machine's build in the same folder stays
+    other_machine = tmp_path / "native" / "auxk-000000000000-000000000000.so"
+    other_machine.write_bytes(b"")
+    changed = tmp_path / "auxk.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    native.reset()
+    assert native.library() is not None
+    now = sorted(p.name for p in (tmp_path / "native").iterdir())
+    assert len(now) == 2 and other_machine.name in now and built[0].name not in now
 
 
 @pytest.mark.parametrize("compiler, reason", [("no-such-cc", "no C compiler `no-such-cc` on PATH"),
