@@ -34,6 +34,7 @@ SIGNATURES = {
 }
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "n": ctypes.c_int}
 
+OFF = "SAELIB_NATIVE=0 turns them off"  # the reason when the user turned them off (no warning then)
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "reason": why None
 
@@ -86,7 +87,7 @@ def library() -> ctypes.CDLL | None:
             _state["lib"], _state["reason"] = None, None
             compiler = os.environ.get("CC", "cc")
             if os.environ.get("SAELIB_NATIVE", "1") == "0":
-                _state["reason"] = "SAELIB_NATIVE=0 turns them off"
+                _state["reason"] = OFF
             elif shutil.which(compiler) is None:
                 _state["reason"] = f"no C compiler `{compiler}` on PATH (install gcc, or set CC)"
             else:
@@ -110,7 +111,7 @@ def unavailable() -> str | None:
 
 def warn_fallback() -> None:
     """Warn, once per process, that the torch ops stand in for the native kernels."""
-    if unavailable() and not _state.get("warned") and os.environ.get("SAELIB_NATIVE", "1") != "0":
+    if unavailable() not in (None, OFF) and not _state.get("warned"):
         _state["warned"] = True
         warnings.warn(f"saelib's native CPU kernels are not in use ({_state['reason']}): AuxK runs on torch ops, "
                       "with the same results, more slowly.", RuntimeWarning, stacklevel=3)
