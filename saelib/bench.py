@@ -561,6 +561,40 @@ def supply_rate(source, batch_size: int, *, epochs: int = 2, seed: int = 0) -> l
     return rows
 
 
+def input_wait(cache, n_latents: int, k: int, batch_size: int, *, steps: int, memory_gb: float, read_ahead: bool,
+               seed: int = 0, drop_page_cache: bool = False) -> dict:
+    """Does the trainer wait for its batches? ``steps`` training steps (AuxK off) on the activation
+    cache ``cache`` (an ``activations.ActivationCache``) through ``CachedSource(cache, memory_gb,
+    read_ahead)``, from the disk itself with ``drop_page_cache`` (Linux, needs root).
+
+    Returns ``seconds`` (the training loop's wall time), ``waited_seconds`` (spent waiting for the
+    next batch: the runs' ``input_wait`` summed over their log windows) and ``groups`` per epoch.
+    """
+    import tempfile
+
+    from .activations import CachedSource
+    from .train import fit
+
+    source = CachedSource(cache, memory_gb=memory_gb, read_ahead=read_ahead)
+    if drop_page_cache:
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+        except OSError as error:
+            raise PermissionError(f"Cannot drop the page cache ({error}); run as root or leave drop_page_cache off.") from None
+    with tempfile.TemporaryDirectory() as run:
+        fit(source, n_latents, k, out=run, tokens=steps * batch_size, batch_size=batch_size, auxk=False, seed=seed,
+            log_every=10, progress=False)
+        lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    seconds = waited = 0.0
+    for before, line in zip([0] + [r["tokens"] for r in lines], lines):
+        window = (line["tokens"] - before) / line["tokens_per_s"]
+        seconds, waited = seconds + window, waited + line["input_wait"] * window
+    return {"read_ahead": read_ahead, "memory_gb": memory_gb, "groups": len(source._plan(seed, 0)[1]), "steps": steps,
+            "seconds": seconds, "waited_seconds": waited, "input_wait": waited / seconds, "load_avg_1m": os.getloadavg()[0]}
+
+
 def bf16_parity(train, validation: Tensor, n_latents: int, k: int, *, batch_size: int = 1024, epochs: int = 2,
                 seed: int = 0) -> list[dict]:
     """Does the bf16 encoder train as well as fp32? The same SAE trained twice on the activation
@@ -660,6 +694,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--supply", metavar="CACHE",
                         help="also time reading + shuffling this activation cache folder (activations.CachedSource)")
+    parser.add_argument("--memory-gb", type=float, default=4.0,
+                        help="--supply: the source's memory budget (a larger cache is read in groups of half of it)")
+    parser.add_argument("--supply-steps", type=int, default=0, metavar="N",
+                        help="--supply: also train N steps on the cache (first n_latents, k and batch), twice each "
+                             "with and without reading the next group ahead, and print how long the trainer waited")
+    parser.add_argument("--drop-page-cache", action="store_true",
+                        help="--supply-steps: drop the page cache before each run, so the shards come from the disk (root)")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list on stdout")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
 
@@ -688,11 +729,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.supply:
         from .activations import ActivationCache, CachedSource
 
-        source = CachedSource(ActivationCache(args.supply))
+        cache = ActivationCache(args.supply)
+        source = CachedSource(cache, memory_gb=args.memory_gb)
         for batch_size in axes["batch_size"]:
             for r in supply_rate(source, batch_size, seed=args.seed):
                 print(f"supply: epoch {r['epoch']}, batch {batch_size}: {r['tokens_per_s']:,.0f} tokens/s "
                       f"({r['tokens']} tokens in {r['seconds']:.2f} s)", file=sys.stderr)
+        for read_ahead in (False, True) * 2 if args.supply_steps else ():  # taking turns
+            r = input_wait(cache, configs[0].n_latents, configs[0].k, configs[0].batch_size, steps=args.supply_steps,
+                           memory_gb=args.memory_gb, read_ahead=read_ahead, seed=args.seed,
+                           drop_page_cache=args.drop_page_cache)
+            print(f"input wait, read ahead {'on ' if read_ahead else 'off'}: {r['waited_seconds']:.1f} s of "
+                  f"{r['seconds']:.1f} s ({r['input_wait']:.1%}), {r['groups']} groups of the cache per epoch", file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from .kernels import LatentPattern, chained_row_gradients, gather_preacts, sparse_decode, topk_indices
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, check_sha256, load, sha256_file
-from .train import (BatchSource, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
+from .train import (BatchSource, InputClock, IterableSource, TrainConfig, TrainState, _check_run_folder, _config_record, _log,
                     _sample, _say, _start_run_folder, _stream, as_source, check_batch, clip_to_norm, ema_apply,
                     ema_start, ema_update, initial_b_pre, latest_checkpoint, learning_rate)
 
@@ -555,7 +555,8 @@ def fit_distributed(
     total_steps = cfg.tokens // B if cfg.tokens else None
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and main), desc="fit", unit="step")
     clock, clock_tokens = time.perf_counter(), state.tokens
-    for epoch, index, x in _stream(RankSlice(source, grid), cfg, state.epoch, state.batch):
+    stream = InputClock(_stream(RankSlice(source, grid), cfg, state.epoch, state.batch))
+    for epoch, index, x in stream:
         if total_steps is not None and state.step >= total_steps:
             break
         lr = learning_rate(cfg, state.step, total_steps)
@@ -594,7 +595,8 @@ def fit_distributed(
             if main:
                 _log(run, bar, step=state.step, tokens=state.tokens, nmse=error / result.scale.item(), l0=active / B,
                      dead_fraction=n_dead_now / n_latents, auxk_loss=auxk_error / result.auxk_scale.item() if auxk_error else 0.0,
-                     lr=lr, tokens_per_s=(state.tokens - clock_tokens) / max(now - clock, 1e-9))
+                     lr=lr, tokens_per_s=(state.tokens - clock_tokens) / max(now - clock, 1e-9),
+                     input_wait=stream.wait_share())
             clock, clock_tokens = now, state.tokens
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - B) // every:

@@ -285,6 +285,30 @@ def _stream(source: BatchSource, cfg: TrainConfig, epoch: int, start: int) -> It
         epoch, start = epoch + 1, 0
 
 
+class InputClock:
+    """Iterates ``items``, timing how long each ``next`` takes: ``wait_share()`` is the share of
+    the wall time since its last call (or since the start) that the trainer spent waiting for its
+    next batch, logged as ``input_wait``; near 0 means the supply keeps up."""
+
+    def __init__(self, items: Iterable):
+        self.items, self.waited, self.since = iter(items), 0.0, time.perf_counter()
+
+    def __iter__(self) -> InputClock:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.waited += time.perf_counter() - start
+
+    def wait_share(self) -> float:
+        now = time.perf_counter()
+        share, self.waited, self.since = self.waited / max(now - self.since, 1e-9), 0.0, now
+        return share
+
+
 # ---- init and schedule ----------------------------------------------------------------------
 
 
@@ -393,7 +417,9 @@ def fit(
     Args:
         data: ``(N, d_in)`` tensor, a ``BatchSource``, or an iterable of ``(B, d_in)`` batches.
         n_latents, k: dictionary size and active latents per token.
-        out: run folder (metrics, checkpoints, final ``sae/``); re-running resumes it.
+        out: run folder (checkpoints, the final ``sae/`` and ``metrics.jsonl``: every ``log_every``
+            steps NMSE, L0, dead fraction, AuxK loss, lr, ``tokens_per_s`` and ``input_wait``, the
+            share of that time spent waiting for batches); re-running resumes it.
         normalizer: a ``Normalizer`` already applied to ``data``; stored in the SAE.
         normalize: for a raw tensor, fit and apply a ``Normalizer`` (default: yes, unless
             ``normalizer`` is given). Other data is used as is.
@@ -479,7 +505,8 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
     total_steps = cfg.tokens // cfg.batch_size if cfg.tokens else None
     bar = tqdm(total=total_steps, initial=state.step, disable=not progress, desc="fit", unit="step")
     clock, clock_tokens = time.perf_counter(), state.tokens
-    for epoch, index, x in _stream(source, cfg, state.epoch, state.batch):
+    stream = InputClock(_stream(source, cfg, state.epoch, state.batch))
+    for epoch, index, x in stream:
         if total_steps is not None and state.step >= total_steps:
             break
         x = check_batch(x, source.d_in, epoch, index).to(device, non_blocking=True)
@@ -505,7 +532,8 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             now = time.perf_counter()
             _log(run, bar, step=state.step, tokens=state.tokens, nmse=result.nmse.item(), l0=result.l0.item(),
                  dead_fraction=(state.since_fired >= cfg.dead_tokens).float().mean().item(),
-                 auxk_loss=result.auxk_loss.item(), lr=lr, tokens_per_s=(state.tokens - clock_tokens) / max(now - clock, 1e-9))
+                 auxk_loss=result.auxk_loss.item(), lr=lr, tokens_per_s=(state.tokens - clock_tokens) / max(now - clock, 1e-9),
+                 input_wait=stream.wait_share())
             clock, clock_tokens = now, state.tokens
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - len(x)) // every:

@@ -1,6 +1,7 @@
 """The activation pipeline on the real SmolLM2: hooks, early stop, exclusion, cache, shuffling."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -128,6 +129,39 @@ def test_cached_source_shuffles_across_contexts_and_resumes(lm, val_contexts, tm
     assert len(set((index[matches] // 64).tolist())) >= 10
     # normalised scale: unit mean squared norm over the whole cache
     assert abs(normed.pow(2).sum(-1).mean().item() - 1) < 1e-3
+
+
+def test_a_cache_larger_than_the_memory_budget_is_read_ahead_in_the_background(lm, val_contexts, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    cache = A.build_cache(lm, val_contexts, [12], "resid_post", lambda L: _key("ahead", L), shard_contexts=4,
+                          progress=False)[12]
+    budget = cache.n_rows * 576 * 4 / 2**30 / 2  # half the cache: groups of a quarter, two resident at most
+    src = A.CachedSource(cache, memory_gb=budget)
+    assert src.group_rows <= cache.n_rows // 4 + max(s["rows"] for s in cache.manifest["shards"])
+    readers = []
+    read = src._read
+    monkeypatch.setattr(src, "_read", lambda key: readers.append(threading.current_thread().name) or read(key))
+    epochs = [torch.cat(list(src.batches(64, seed=0, epoch=e))) for e in (0, 1)]
+    # only the very first group is read while the trainer waits; every later one, the next
+    # epoch's first included, was read ahead in the background
+    assert readers[0] == threading.current_thread().name and len(readers) >= 6
+    assert all(name.startswith("saelib-read-ahead") for name in readers[1:])
+    # the same batches as a source that reads every group when it gets to it
+    serial = A.CachedSource(cache, memory_gb=budget, read_ahead=False)
+    for e, got in enumerate(epochs):
+        assert torch.equal(got, torch.cat(list(serial.batches(64, seed=0, epoch=e))))
+    # every row once per epoch, less each group's last partial batch
+    assert cache.n_rows - len(epochs[0]) < 64 * len(src._plan(0, 0)[1])
+    assert len(torch.unique(epochs[0], dim=0)) == len(epochs[0])
+    # a shard found corrupt by the background read is reported to the consumer, naming the file
+    fresh = A.CachedSource(cache, memory_gb=budget)
+    victim = cache.folder / cache.manifest["shards"][fresh._plan(0, 0)[1][1][0]]["file"]  # in the second group
+    victim.write_bytes(victim.read_bytes()[:-8] + bytes(8))
+    batches = fresh.batches(64, seed=0, epoch=0)
+    next(batches)
+    assert fresh._next[0] == tuple(sorted(fresh._plan(0, 0)[1][1]))
+    with pytest.raises(ValueError, match=f"{victim.name} is corrupt"):
+        list(batches)
 
 
 def test_shuffle_buffer_mixes_contexts():

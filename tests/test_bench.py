@@ -208,3 +208,21 @@ def test_the_bench_runs_on_a_gpu_with_the_cpu_losses():
         assert gpu[impl]["status"] == "ok" and gpu[impl]["device"] == "cuda" and gpu[impl]["peak_device_mb"] > 0
         assert gpu[impl]["loss_first"] == pytest.approx(cpu[impl]["loss_first"], rel=1e-4)
         assert gpu[impl]["loss_last"] == pytest.approx(cpu[impl]["loss_last"], rel=1e-3)
+
+
+def test_input_wait_trains_on_a_cache_with_and_without_read_ahead(lm, val_contexts, tmp_path, monkeypatch, capsys):
+    from saelib import activations as A
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    key = lambda L: A.CacheKey("smollm2-135m", L, "resid_post", "test-wait", "validation", 64, None)  # noqa: E731
+    cache = A.build_cache(lm, val_contexts, [12], "resid_post", key, shard_contexts=2, progress=False)[12]
+    memory_gb = cache.n_rows * 576 * 4 / 2**30 / 2  # half the cache: four groups or so
+    for read_ahead in (False, True):
+        r = bench.input_wait(cache, 64, 4, 64, steps=20, memory_gb=memory_gb, read_ahead=read_ahead)
+        assert r["read_ahead"] is read_ahead and r["groups"] >= 3 and r["steps"] == 20
+        assert 0 < r["waited_seconds"] < r["seconds"] and r["input_wait"] == r["waited_seconds"] / r["seconds"]
+    argv = ["--preset", "quick", "--impl", "roofline", "--steps", "1", "--batch-size", "64", "--supply", str(cache.folder),
+            "--memory-gb", str(memory_gb), "--supply-steps", "5"]
+    assert bench.main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("input wait")]
+    assert [line.split(":")[0] for line in lines] == ["input wait, read ahead off", "input wait, read ahead on "] * 2

@@ -113,6 +113,22 @@ def test_fit_on_iterable_of_batches_and_ema():
     assert sae.normalizer.scale == 1.0  # non-tensor data is used as given
 
 
+def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path):
+    class Slow(TensorSource):  # a supply far slower than the trainer: it waits most of the time
+        def batches(self, *args, **kwargs):
+            for x in super().batches(*args, **kwargs):
+                time.sleep(0.05)
+                yield x
+
+    x, _ = toy_data(n=2048, d=16, n_features=64)
+    for name, source in (("slow", Slow(x)), ("tensor", TensorSource(x))):
+        fit(source, 64, 4, out=tmp_path / name, tokens=16 * 128, batch_size=128, log_every=4, progress=False)
+    waits = {name: [json.loads(line)["input_wait"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("slow", "tensor")}
+    assert len(waits["slow"]) == 4 and all(0 <= w <= 1 for w in waits["slow"] + waits["tensor"])
+    assert min(waits["slow"]) > 0.5 and sum(waits["tensor"]) < sum(waits["slow"])
+
+
 RUN_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
