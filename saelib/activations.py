@@ -366,6 +366,8 @@ class CachedSource:
                  read_ahead: bool = True):
         if not cache.complete:
             raise ValueError(f"The activation cache at {cache.folder} is incomplete; finish building it first.")
+        if not memory_gb > 0:
+            raise ValueError(f"memory_gb must be a positive number of GB, got {memory_gb}.")
         self.cache = cache
         self.normalizer = cache.normalizer if normalizer is None else normalizer
         self.d_in = cache.d_in

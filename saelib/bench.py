@@ -28,6 +28,9 @@ timed steps after warm-up), ``ratio_to_best_peer`` (to the fastest of sparsify /
 the same configuration), ``ratio_to_roofline``, ``peak_rss_mb`` (the process's peak resident
 memory while that implementation ran, reset before each), plus versions, threads and CPU.
 ``--device cuda`` runs them all on a GPU; rows then also give ``peak_device_mb``.
+``--supply CACHE`` also times reading and shuffling an activation cache (``supply_rate``), and
+``--supply-steps N`` how long a trainer on it waits for batches, with and without reading the
+next group ahead (``input_wait``).
 
     saelib bench --preset quick --json
     python -m saelib.bench --d-in 576 --n-latents 4608 18432 --dead-fraction 0.25 0 --out bench.json
@@ -720,6 +723,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"--dead-fraction must be in [0, 1), got {list(axes['dead_fraction'])}.")
     if args.warmup < 0 or args.steps < 1:
         raise ValueError(f"--warmup must be >= 0 and --steps >= 1, got {args.warmup} and {args.steps}.")
+    if args.supply_steps < 0 or args.memory_gb <= 0:
+        raise ValueError(f"--supply-steps must be >= 0 and --memory-gb positive, got {args.supply_steps} and {args.memory_gb}.")
+    if not args.supply and (args.supply_steps or args.drop_page_cache):
+        raise ValueError("--supply-steps and --drop-page-cache time training on --supply CACHE; name the cache folder.")
     configs = grid(**axes)
     bad = [c for c in configs if c.k > c.n_latents]
     if bad:

@@ -153,6 +153,8 @@ def test_a_cache_larger_than_the_memory_budget_is_read_ahead_in_the_background(l
     # every row once per epoch, less each group's last partial batch
     assert cache.n_rows - len(epochs[0]) < 64 * len(src._plan(0, 0)[1])
     assert len(torch.unique(epochs[0], dim=0)) == len(epochs[0])
+    with pytest.raises(ValueError, match="memory_gb must be a positive number of GB, got 0"):
+        A.CachedSource(cache, memory_gb=0)
     # a shard found corrupt by the background read is reported to the consumer, naming the file
     fresh = A.CachedSource(cache, memory_gb=budget)
     victim = cache.folder / cache.manifest["shards"][fresh._plan(0, 0)[1][1][0]]["file"]  # in the second group
