@@ -132,6 +132,7 @@ def _assert_same_run(run, reference):
     for row, ref in zip(rows, reference_rows):
         for key in ("nmse", "l0", "dead_fraction", "auxk_loss", "lr"):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)
+        assert row.keys() == ref.keys() and 0 <= row["input_wait"] <= 1  # the same columns, the wait share included
 
 
 def merge_checkpoint_counters(run):
