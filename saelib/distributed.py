@@ -41,7 +41,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -554,8 +553,7 @@ def fit_distributed(
     B = cfg.batch_size
     total_steps = cfg.tokens // B if cfg.tokens else None
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and main), desc="fit", unit="step")
-    clock, clock_tokens = time.perf_counter(), state.tokens
-    stream = InputClock(_stream(RankSlice(source, grid), cfg, state.epoch, state.batch))
+    stream, window_start = InputClock(_stream(RankSlice(source, grid), cfg, state.epoch, state.batch)), state.tokens
     for epoch, index, x in stream:
         if total_steps is not None and state.step >= total_steps:
             break
@@ -591,13 +589,12 @@ def fit_distributed(
         bar.update()
         if state.step % cfg.log_every == 0 or state.step == total_steps:
             n_dead_now = int(_all_reduce((state.since_fired >= cfg.dead_tokens).sum(), grid.latent_group))
-            now = time.perf_counter()
+            seconds, waited = stream.window()
             if main:
                 _log(run, bar, step=state.step, tokens=state.tokens, nmse=error / result.scale.item(), l0=active / B,
                      dead_fraction=n_dead_now / n_latents, auxk_loss=auxk_error / result.auxk_scale.item() if auxk_error else 0.0,
-                     lr=lr, tokens_per_s=(state.tokens - clock_tokens) / max(now - clock, 1e-9),
-                     input_wait=stream.wait_share())
-            clock, clock_tokens = now, state.tokens
+                     lr=lr, tokens_per_s=(state.tokens - window_start) / seconds, input_wait=waited)
+            window_start = state.tokens
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - B) // every:
             save_checkpoint(run, shard, opt, state, record, grid)

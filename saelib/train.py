@@ -286,9 +286,9 @@ def _stream(source: BatchSource, cfg: TrainConfig, epoch: int, start: int) -> It
 
 
 class InputClock:
-    """Iterates ``items``, timing how long each ``next`` takes: ``wait_share()`` is the share of
-    the wall time since its last call (or since the start) that the trainer spent waiting for its
-    next batch, logged as ``input_wait``; near 0 means the supply keeps up."""
+    """Iterates ``items``, timing how long each ``next`` takes. ``window()`` gives the seconds since
+    its last call (or since the start) and the share of them the trainer spent waiting for its next
+    batch, logged as ``input_wait``: near 0 means the supply keeps up."""
 
     def __init__(self, items: Iterable):
         self.items, self.waited, self.since = iter(items), 0.0, time.perf_counter()
@@ -303,10 +303,11 @@ class InputClock:
         finally:
             self.waited += time.perf_counter() - start
 
-    def wait_share(self) -> float:
+    def window(self) -> tuple[float, float]:
         now = time.perf_counter()
-        share, self.waited, self.since = self.waited / max(now - self.since, 1e-9), 0.0, now
-        return share
+        seconds = max(now - self.since, 1e-9)
+        share, self.waited, self.since = self.waited / seconds, 0.0, now
+        return seconds, share
 
 
 # ---- init and schedule ----------------------------------------------------------------------
@@ -504,8 +505,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
 
     total_steps = cfg.tokens // cfg.batch_size if cfg.tokens else None
     bar = tqdm(total=total_steps, initial=state.step, disable=not progress, desc="fit", unit="step")
-    clock, clock_tokens = time.perf_counter(), state.tokens
-    stream = InputClock(_stream(source, cfg, state.epoch, state.batch))
+    stream, window_start = InputClock(_stream(source, cfg, state.epoch, state.batch)), state.tokens
     for epoch, index, x in stream:
         if total_steps is not None and state.step >= total_steps:
             break
@@ -529,12 +529,12 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
 
         bar.update()
         if state.step % cfg.log_every == 0 or state.step == total_steps:
-            now = time.perf_counter()
+            seconds, waited = stream.window()
             _log(run, bar, step=state.step, tokens=state.tokens, nmse=result.nmse.item(), l0=result.l0.item(),
                  dead_fraction=(state.since_fired >= cfg.dead_tokens).float().mean().item(),
-                 auxk_loss=result.auxk_loss.item(), lr=lr, tokens_per_s=(state.tokens - clock_tokens) / max(now - clock, 1e-9),
-                 input_wait=stream.wait_share())
-            clock, clock_tokens = now, state.tokens
+                 auxk_loss=result.auxk_loss.item(), lr=lr, tokens_per_s=(state.tokens - window_start) / seconds,
+                 input_wait=waited)
+            window_start = state.tokens
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - len(x)) // every:
             save_checkpoint(run, sae, opt, state, record)
