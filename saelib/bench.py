@@ -576,6 +576,7 @@ def input_wait(cache, n_latents: int, k: int, batch_size: int, *, steps: int, me
     import tempfile
 
     from .activations import CachedSource
+    from .runs import read_metrics
     from .train import fit
 
     source = CachedSource(cache, memory_gb=memory_gb, read_ahead=read_ahead)
@@ -589,7 +590,7 @@ def input_wait(cache, n_latents: int, k: int, batch_size: int, *, steps: int, me
     with tempfile.TemporaryDirectory() as run:
         fit(source, n_latents, k, out=run, tokens=steps * batch_size, batch_size=batch_size, auxk=False, seed=seed,
             log_every=10, progress=False)
-        lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+        lines = read_metrics(run)
     seconds = waited = 0.0
     for before, line in zip([0] + [r["tokens"] for r in lines], lines):
         window = (line["tokens"] - before) / line["tokens_per_s"]
