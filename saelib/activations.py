@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .models import LM, SITES
 from .normalize import Normalizer
+from .files import atomic_write, atomic_write_text, file_digest
 from .paths import cache_dir
-from .sae import file_digest
 
 # Shard checksums by their manifest key. xxh3_128 hashes at about 9 GB/s on one core here,
 # SHA-256 (SHA-NI) at 1.2 GB/s: with SHA-256 the checksums were most of the first epoch's read.
@@ -166,9 +166,7 @@ class CacheKey:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def shard_checksum(path: Path, algorithm: str = SHARD_CHECKSUM) -> dict[str, str]:
@@ -317,9 +315,7 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
             c = caches[layer]
             a, idx = torch.cat(parts[layer]["acts"]), torch.cat(parts[layer]["index"])
             name = f"shard_{s:05d}.safetensors"
-            tmp = c.folder / f".{name}.tmp"
-            save_file({"acts": a.contiguous(), "index": idx.contiguous()}, tmp)
-            os.replace(tmp, c.folder / name)
+            atomic_write(c.folder / name, lambda tmp: save_file({"acts": a.contiguous(), "index": idx.contiguous()}, tmp))
             c.manifest["shards"].append({"file": name, "rows": len(a), "contexts": [lo, hi], **shard_checksum(c.folder / name)})
             c.manifest["d_in"] = a.shape[1]
             c.manifest["total_tokens"] += chunk.numel()

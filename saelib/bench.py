@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__, native
+from .files import cpu_info
 from .sae import TopKSAE, nmse
 from .train import paper_lr, resolve_device
 
@@ -378,12 +379,7 @@ def _available_gb(device: torch.device) -> float | None:
 
 def machine(device: torch.device = torch.device("cpu")) -> dict:
     """Threads, CPU model, the device, versions and load: what a throughput number depends on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_info().get("model name") or platform.processor() or platform.machine()
     return {
         "threads": torch.get_num_threads(),
         "cpu": cpu,

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .files import atomic_write_text
 from .paths import cache_dir, packaged_file
 
 DEFAULT_CORPUS = "wikipedia"
@@ -65,14 +65,9 @@ def _embedded_jsonl(name: str) -> Path:
         return out
     src = packaged_file(dist, rel, f"The embedded corpus {name!r}", hint)
     articles = json.loads(src.read_text(encoding="utf-8"))
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for title in sorted(articles):
-            text = (articles[title].get("extract") or "").strip()
-            if text:
-                f.write(json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    return out
+    lines = (json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n"
+             for title in sorted(articles) if (text := (articles[title].get("extract") or "").strip()))
+    return atomic_write_text(out, "".join(lines))
 
 
 def load_documents(corpus: str = DEFAULT_CORPUS, text_field: str = "text") -> list[str]:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .files import cpu_info
+
 
 # Rows that keep many latents (AuxK: 288 of the dead latents per token) run the sparse products
 # in cache-sized blocks: from BLOCK_MIN_PER_ROW latents per row, when each row keeps at least
@@ -483,11 +485,7 @@ def fast_bf16(device: str | torch.device = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
+    return "amx_bf16" in cpu_info().get("flags", "").split()
 
 
 # topk_indices: columns per group (the first that leaves enough groups), and the fewest groups per

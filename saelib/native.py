@@ -16,11 +16,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
+from .files import atomic_write, cpu_info
 from .paths import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "auxk.c"
@@ -41,12 +41,8 @@ _state: dict = {}  # "lib": the loaded library or None, "reason": why None
 
 def _cpu_id() -> str:
     """The CPU's model and feature flags (``-march=native`` code is only valid on such a CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    return platform.machine() + "".join(lines)
+    info = cpu_info()
+    return "\n".join((platform.machine(), info.get("model name", ""), info.get("flags", "")))
 
 
 def _digest(*parts: str) -> str:
@@ -64,16 +60,13 @@ def _build(compiler: str) -> Path:
     machine = _digest(" ".join(FLAGS), version, _cpu_id())
     target = cache_dir("native") / f"auxk-{machine}-{_digest(SOURCE.read_text())}.so"
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
+        def compile_to(tmp: str) -> None:
             run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                                  timeout=300)
             if run.returncode:
                 raise RuntimeError(f"`{compiler} {SOURCE.name}` failed: {run.stderr.strip()[-500:]}")
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+
+        atomic_write(target, compile_to)
         for stale in target.parent.glob(f"auxk-{machine}-*.so"):
             if stale != target:
                 stale.unlink(missing_ok=True)  # a process that loaded it keeps its copy

@@ -33,7 +33,6 @@ and back (``sae.normalizer.invert(x_hat)`` before splicing into the LM).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -43,10 +42,10 @@ from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .files import atomic_write, atomic_write_text, check_sha256, load_safetensors, sha256_file
 from .kernels import (LatentPattern, chained_row_gradients, dense_rows_decode, gather_preacts, sparse_decode,
                       sparse_rows_decode, topk_indices)
 from .normalize import Normalizer
@@ -393,6 +392,8 @@ class TopKSAE(nn.Module):
         loss = loss_nmse + multik / 8 + auxk_coef * auxk + (l1_coef * l1 if self.arch == "relu" else zero)
         return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
 
+    train_forward = forward  # the trainer's entry on normalised batches
+
     def _auxk_decode(self, x: Tensor, pre: Tensor, columns: Tensor, n_dead: int, k_aux: int) -> Tensor:
         """``(..., d_in)``: the top ``k_aux`` dead latents' reconstruction, without ``b_pre``.
 
@@ -488,9 +489,8 @@ class TopKSAE(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        text = json.dumps({**self.config(), "sha256": {WEIGHTS_FILE: sha256_file(path / WEIGHTS_FILE)}}, indent=2)
-        _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        atomic_write_text(path / CONFIG_FILE, json.dumps({**self.config(), "sha256": {WEIGHTS_FILE: sha256_file(path / WEIGHTS_FILE)}}, indent=2))
         return path
 
 
@@ -504,47 +504,6 @@ def _largest_positive(values: Tensor, budget: int) -> tuple[Tensor, Tensor | Non
     return mask.view_as(values), positive.min() if len(positive) else None
 
 
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def file_digest(path: str | os.PathLike, new=hashlib.sha256) -> str:
-    """Hex digest of a file by the hash constructor ``new`` (a ``hashlib``-like object: ``update``,
-    ``hexdigest``), read in 1 MiB chunks into one buffer."""
-    h, buffer = new(), bytearray(1 << 20)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(buffer):
-            h.update(view[:size])
-    return h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file."""
-    return file_digest(path, hashlib.sha256)
-
-
-def check_sha256(path: Path, sha256: str | None, fix: str) -> None:
-    """A ValueError naming ``path`` (and what to do: ``fix``) unless its SHA-256 is ``sha256`` (``None``: unchecked)."""
-    if sha256 is not None and sha256_file(path) != sha256:
-        raise ValueError(f"{path} is corrupt (its SHA-256 does not match the one recorded when it was written); {fix}.")
-
-
-def load_safetensors(path: Path, sha256: str | None, fix: str) -> dict[str, Tensor]:
-    """The tensors of ``path``; a ValueError naming the file and ``fix`` if it is unreadable or fails ``check_sha256``."""
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} cannot be read as safetensors ({error}); the file is truncated or corrupt, {fix}.") from None
-    check_sha256(path, sha256, fix)
-    return tensors
-
-
 def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
     return {
         "W_enc": (n_latents, d_in),
@@ -556,19 +515,10 @@ def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-def load(path: str | os.PathLike) -> TopKSAE:
-    """Load an SAE: a folder written by ``sae.save``, a released SAE's name (see
-    :mod:`saelib.released`), or a SAELens / sparsify folder or an OpenAI ``.pt`` file (see
-    :mod:`saelib.formats`); errors name the file and the value at fault."""
-    if not Path(path).exists():  # a released SAE's name, e.g. "smollm2-135m/resid_12/n4608_k32"
-        from .released import resolve
-
-        path = resolve(str(path))
+def load_folder(path: str | os.PathLike) -> TopKSAE:
+    """The SAE in a folder written by ``sae.save`` (``config.json`` + ``sae.safetensors``); errors name
+    the file and the value at fault. ``saelib.load`` opens every other kind of path or name."""
     path = Path(path)
-    if path.exists() and not (path / CONFIG_FILE).is_file():  # another library's layout
-        from .formats import import_sae
-
-        return import_sae(path)
     if not path.is_dir():
         raise FileNotFoundError(f"No SAE folder at {path}; pass a folder written by sae.save (config.json + sae.safetensors).")
     for name in (CONFIG_FILE, WEIGHTS_FILE):

@@ -1,0 +1,257 @@
+"""The one checkpoint format, and SAE folders split by latent rows.
+
+A run of ``L`` latent shards keeps each shard's files in ``shard_<l>_of_<L>/``; a run of one
+shard (every one-process run) keeps them in the folder itself: the one-process layout is the
+one-shard case. Either is read back by any grid whose ``L`` divides ``n_latents``::
+
+    RUN/checkpoints/step_<step>/[shard_<l>_of_<L>/]state.safetensors + state.json
+    RUN/sae/[shard_<l>_of_<L>/]config.json + sae.safetensors
+
+``state.safetensors`` holds the model (``model.*``), Adam's moments (``optim.<i>.*``), the EMA
+(``ema.*``), the dead-latent counters (``since_fired``) and the torch RNG state;
+``state.json`` the step, the data position, Adam's settings, the Python RNG state, the run's
+config, the shard and the SHA-256 of the tensors. A checkpoint folder is built under a
+temporary name and renamed into place (by rank 0 once every shard has written), so a run
+killed at any moment leaves its previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .grid import LATENT_PARAMS, Grid
+from .files import check_sha256, remove, replace, sha256_file, temp_path
+from .normalize import Normalizer
+from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
+
+TENSORS, META = "state.safetensors", "state.json"
+
+
+@dataclass
+class TrainState:
+    """Everything besides the model and optimiser that a resumed run needs."""
+
+    since_fired: Tensor  # (n_latents of this shard,) int64 tokens since each latent last fired
+    ema: dict[str, Tensor] | None
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # next batch index within the epoch
+    tokens: int = 0
+
+
+# ---- shard files ----------------------------------------------------------------------------
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard_{index:03d}_of_{count:03d}"
+
+
+def _shard_files(folder: Path, filename: str, n_latents: int) -> list[tuple[Path, int, int]]:
+    """``(file, first row, end row)`` per latent shard: ``folder/filename`` or ``shard_*`` folders."""
+    if (folder / filename).is_file():
+        return [(folder / filename, 0, n_latents)]
+    subfolders = sorted(folder.glob("shard_*_of_*"))
+    count = len(subfolders)
+    if not count or any(p.name != shard_name(i, count) or not (p / filename).is_file() for i, p in enumerate(subfolders)):
+        raise FileNotFoundError(f"{folder} holds neither {filename} nor a complete set of shard_<i>_of_<count>/{filename}; "
+                                f"pass a folder written by saelib (found {[p.name for p in subfolders]}).")
+    size = n_latents // count
+    return [(p / filename, i * size, (i + 1) * size) for i, p in enumerate(subfolders)]
+
+
+def _is_latent_axis(key: str) -> bool:
+    """Whether a saved tensor is split by latent rows (model/EMA rows, their Adam moments, counters)."""
+    parts = key.split(".")
+    if key == "since_fired" or parts[-1] in LATENT_PARAMS:
+        return True
+    # optim.<i>.<moment>: parameter i in TopKSAE's order (W_enc, b_enc, W_dec, b_pre)
+    return parts[0] == "optim" and int(parts[1]) < len(LATENT_PARAMS) and parts[2] != "step"
+
+
+def _read_rows(files: list[tuple[Path, int, int]], start: int, stop: int, fix: str) -> dict[str, Tensor]:
+    """Every tensor of the shard files, latent-axis ones cut to rows ``[start, stop)``."""
+    try:
+        handles = [(safe_open(str(path), "pt"), a, b) for path, a, b in files if a < stop and start < b]
+        tensors = {}
+        for key in handles[0][0].keys():
+            if _is_latent_axis(key):
+                parts = [h.get_slice(key)[max(start, a) - a : min(stop, b) - a] for h, a, b in handles]
+                tensors[key] = torch.cat(parts)
+            else:
+                tensors[key] = handles[0][0].get_tensor(key)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{files[0][0].parent} holds a file that cannot be read as safetensors ({error}); "
+                         f"it is truncated or corrupt, {fix}.") from None
+    return tensors
+
+
+def is_sharded(folder: Path) -> bool:
+    """Whether ``folder`` is an SAE folder split into ``shard_*_of_*`` folders."""
+    return not (folder / CONFIG_FILE).is_file() and any(folder.glob("shard_*_of_*"))
+
+
+def _sae_layout(folder: Path) -> tuple[dict, dict, list[tuple[Path, int, int]]]:
+    """``(config.json, shard info, files)`` of an SAE folder split into shard folders."""
+    shards = sorted(folder.glob("shard_*_of_*"))
+    config = json.loads((shards[0] / CONFIG_FILE).read_text())
+    config["metadata"] = dict(config.get("metadata") or {})
+    info = config["metadata"].pop("shard")
+    return config, info, _shard_files(folder, WEIGHTS_FILE, info["n_latents"])
+
+
+def read_sae_rows(folder: Path, start: int, stop: int) -> dict[str, Tensor]:
+    """Rows ``[start, stop)`` of the SAE in ``folder`` (one folder or shard folders), as a state dict."""
+    if (folder / CONFIG_FILE).is_file():
+        n_latents = json.loads((folder / CONFIG_FILE).read_text())["n_latents"]
+        files = _shard_files(folder, WEIGHTS_FILE, n_latents)
+    else:
+        files = _sae_layout(folder)[2]
+    return _read_rows(files, start, stop, "train the run again")
+
+
+def merge_shards(folder: str | os.PathLike) -> TopKSAE:
+    """One ``TopKSAE`` from an SAE folder or a folder of ``shard_<l>_of_<L>/`` SAE folders (what a
+    latent-sharded run writes to ``RUN/sae``)."""
+    folder = Path(folder)
+    if not is_sharded(folder):
+        return load_folder(folder)
+    config, info, files = _sae_layout(folder)
+    for path, *_ in files:
+        check_sha256(path, json.loads((path.parent / CONFIG_FILE).read_text()).get("sha256", {}).get(WEIGHTS_FILE),
+                     "train the run again")
+    tensors = _read_rows(files, 0, info["n_latents"], "train the run again")
+    normalizer = Normalizer(tensors["normalizer_mean"], float(config["normalizer_scale"]))
+    sae = TopKSAE(config["d_in"], info["n_latents"], info["k"], arch=config["arch"], normalizer=normalizer,
+                  metadata=config["metadata"], generator=torch.Generator())
+    sae.load_state_dict(tensors)
+    return sae.eval()
+
+
+def finished(run: Path) -> bool:
+    """Whether ``run`` holds its final SAE (``RUN/sae``, whole or in shards)."""
+    return (run / "sae" / CONFIG_FILE).is_file() or any((run / "sae").glob("shard_*_of_*"))
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+
+def write_shared_folder(target: Path, grid: Grid, write: Callable[[Path], object]) -> None:
+    """Build ``target`` from every latent shard's ``write(folder)``, atomically.
+
+    Data rank 0 of each latent shard writes (into the folder itself when there is one shard);
+    global rank 0 makes the temporary folder and renames it into place once all have written.
+    """
+    tmp = temp_path(target, "shared")  # one name for every rank
+    if grid.rank == 0:
+        remove(tmp)
+        tmp.mkdir(parents=True)
+    grid.barrier()
+    failure = None
+    if grid.data_rank == 0:
+        try:
+            write(tmp if grid.latent_size == 1 else tmp / shard_name(grid.latent_rank, grid.latent_size))
+        except (OSError, SafetensorError) as error:
+            failure = error
+    if grid.any(failure is not None):
+        if grid.rank == 0:
+            remove(tmp)
+        raise OSError(f"Could not write {target} ({failure or 'on another rank'})") from failure
+    if grid.rank == 0:
+        replace(tmp, target)
+    grid.barrier()
+
+
+def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState, config: dict,
+                    grid: Grid) -> Path:
+    """Write this step's checkpoint (one folder per latent shard) and remove the older ones.
+
+    A failed write (disk full) removes the partial folder, keeps the previous checkpoint and
+    raises an OSError saying so.
+    """
+    root = run / "checkpoints"
+    final = root / f"step_{state.step:09d}"
+    if final.exists():
+        return final
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        optim = opt.state_dict()
+        tensors = {f"model.{name}": t for name, t in sae.state_dict().items()}
+        tensors |= {f"optim.{i}.{name}": t for i, s in optim["state"].items() for name, t in s.items()}
+        tensors |= {f"ema.{name}": t for name, t in (state.ema or {}).items()}
+        tensors |= {"since_fired": state.since_fired, "torch_rng": torch.get_rng_state()}
+        save_file({key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}, str(folder / TENSORS))
+        meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
+                "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
+                "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config,
+                "shard": {"index": grid.latent_rank, "count": grid.latent_size, "n_latents": config["n_latents"]},
+                "sha256": sha256_file(folder / TENSORS)}
+        (folder / META).write_text(json.dumps(meta))
+
+    try:
+        write_shared_folder(final, grid, write)
+    except OSError as error:
+        previous = latest_checkpoint(run)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise OSError(f"Could not write the checkpoint of step {state.step} to {final} ({error.__cause__ or error}); "
+                      f"{kept}. Free disk space and run again to resume.") from error
+    if grid.rank == 0:
+        for old in [*sorted(root.glob("step_*"))[:-1], *root.glob(".*.tmp-*")]:  # older and half-written ones
+            remove(old)
+    return final
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete ``run/checkpoints/step_*`` folder (temporary folders are ignored)."""
+    folders = sorted((run / "checkpoints").glob("step_*"))
+    return folders[-1] if folders else None
+
+
+def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState, n_latents: int,
+                    grid: Grid) -> None:
+    """Restore this rank's rows, in place, from a checkpoint written with any number of latent
+    shards; a damaged checkpoint is a ValueError naming the file."""
+    fix = f"delete {folder} to restart the run from the beginning"
+    start, stop = grid.latent_rank * sae.n_latents, (grid.latent_rank + 1) * sae.n_latents
+    try:
+        files = _shard_files(folder, TENSORS, n_latents)
+    except FileNotFoundError as error:
+        raise ValueError(f"{error} ({fix})") from None
+    metas = {}
+    for path, a, b in files:
+        if a < stop and start < b or not metas:
+            try:
+                metas[path] = json.loads((path.parent / META).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path.parent / META} cannot be read ({error}); {fix}.") from None
+            check_sha256(path, metas[path].get("sha256"), fix)  # checkpoints from before checksums have none
+    tensors = {key: t.to(sae.W_enc.device) for key, t in _read_rows(files, start, stop, fix).items()}
+    meta = metas[files[0][0]]
+    sae.load_state_dict({key[len("model."):]: t for key, t in tensors.items() if key.startswith("model.")})
+    sae.normalizer_scale = meta["normalizer_scale"]
+    optim_state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            optim_state.setdefault(int(i), {})[name] = t.cpu() if name == "step" else t
+    groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": optim_state, "param_groups": groups})
+    state.ema = {key[len("ema."):]: t for key, t in tensors.items() if key.startswith("ema.")} if meta["has_ema"] else None
+    state.since_fired = tensors["since_fired"]
+    state.step, state.epoch, state.batch, state.tokens = meta["step"], meta["epoch"], meta["batch"], meta["tokens"]
+    torch.set_rng_state(tensors["torch_rng"].cpu())
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,111 @@
+"""File helpers every other module builds on: atomic writes, digests, checked safetensors, the CPU.
+
+A file saelib writes is either absent or whole: ``atomic_write`` builds it under a temporary name
+in the same folder and renames it into place (``os.replace`` is atomic on one file system), so a
+process killed mid-write leaves the previous version. Files carry a SHA-256 where saelib reads
+them back, so a damaged one is an error naming it, never a silent load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call ``write(tmp)`` with a temporary path beside ``target``, then rename it to ``target``.
+
+    ``write`` may make a file or a folder there. On failure the temporary is removed and
+    ``target`` is left as it was. Returns ``target``.
+    """
+    target = Path(target)
+    tmp = temp_path(target)
+    remove(tmp)
+    try:
+        write(str(tmp))
+        replace(tmp, target)
+    finally:
+        remove(tmp)
+    return target
+
+
+def temp_path(target: Path, tag: str | None = None) -> Path:
+    """The temporary name under which ``target`` is built: ``.<name>.tmp-<tag>`` beside it, the tag
+    being the process id unless several processes build it together."""
+    return target.with_name(f".{target.name}.tmp-{tag or os.getpid()}")
+
+
+def replace(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` to ``target`` (a folder replaces a folder of the same name)."""
+    if tmp.is_dir() and target.is_dir():
+        remove(target)  # os.replace renames a folder only onto an empty one
+    os.replace(tmp, target)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    """``target.write_text(text)``, atomically."""
+    return atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def file_digest(path: str | os.PathLike, new=hashlib.sha256) -> str:
+    """Hex digest of a file by the hash constructor ``new`` (a ``hashlib``-like object: ``update``,
+    ``hexdigest``), read in 1 MiB chunks into one buffer."""
+    h, buffer = new(), bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            h.update(view[:size])
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    return file_digest(path, hashlib.sha256)
+
+
+def check_sha256(path: Path, sha256: str | None, fix: str) -> None:
+    """A ValueError naming ``path`` (and what to do: ``fix``) unless its SHA-256 is ``sha256`` (``None``: unchecked)."""
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ValueError(f"{path} is corrupt (its SHA-256 does not match the one recorded when it was written); {fix}.")
+
+
+def load_safetensors(path: Path, sha256: str | None, fix: str) -> dict[str, Tensor]:
+    """The tensors of ``path``; a ValueError naming the file and ``fix`` if it is unreadable or fails ``check_sha256``."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} cannot be read as safetensors ({error}); the file is truncated or corrupt, {fix}.") from None
+    check_sha256(path, sha256, fix)
+    return tensors
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict[str, str]:
+    """The first ``model name`` and ``flags`` lines of ``/proc/cpuinfo`` (empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "flags") and key not in info:
+                    info[key] = value.strip()
+    except OSError:
+        pass
+    return info

@@ -1,0 +1,147 @@
+"""Where training batches come from: any ``BatchSource``, one epoch at a time, and its clock.
+
+A ``BatchSource`` yields shuffled ``(B, d_in)`` batches, deterministic in ``(seed, epoch)``, and
+can start mid-epoch (to resume). ``TensorSource`` wraps a tensor, ``IterableSource`` any
+iterable of batches; :class:`saelib.activations.CachedSource` streams an on-disk cache.
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import chain, islice
+from typing import Iterable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .normalize import Normalizer
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Shuffled activations, one epoch at a time, deterministic in ``(seed, epoch)``.
+
+    ``batches`` yields ``(batch_size, d_in)`` float32 tensors covering one epoch (the last
+    partial batch dropped), skipping the first ``start`` batches (to resume mid-epoch).
+    """
+
+    d_in: int
+    n_tokens: int | None  # rows per epoch; None when unknown
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]: ...
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A torch generator seeded from ``(seed, epoch)`` (independent streams per epoch)."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class TensorSource:
+    """A ``(N, d_in)`` tensor as a ``BatchSource``: a fresh random permutation each epoch."""
+
+    def __init__(self, x: Tensor):
+        if x.ndim != 2:
+            raise ValueError(f"Activations must be a (N, d_in) tensor, got shape {tuple(x.shape)}.")
+        self.x, self.d_in, self.n_tokens = x, x.shape[1], x.shape[0]
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        order = torch.randperm(self.n_tokens, generator=epoch_generator(seed, epoch))
+        for i in range(start, self.n_tokens // batch_size):
+            yield self.x[order[i * batch_size : (i + 1) * batch_size]].to(torch.float32)
+
+
+class IterableSource:
+    """Any iterable of ``(B, d_in)`` batches as a ``BatchSource`` (order is the iterable's own).
+
+    A re-iterable (list, DataLoader) is replayed each epoch; a one-shot iterator gives one
+    epoch. The first ``head_rows`` rows are read ahead (for ``d_in`` and the ``b_pre`` sample)
+    and replayed. ``batch_size`` is the first batch's; ``n_tokens`` is known for sized
+    re-iterables. Resuming skips batches, which is exact only if the iterable repeats itself.
+    """
+
+    n_tokens = None
+
+    def __init__(self, iterable: Iterable[Tensor], head_rows: int):
+        self._iterable = iterable
+        self._rest = iter(iterable)
+        self._one_shot = self._rest is iterable
+        self._head: list[Tensor] = []
+        for x in self._rest:
+            self._head.append(x)
+            if sum(len(h) for h in self._head) >= head_rows:
+                break
+        if not self._head:
+            raise ValueError("The iterable of activation batches is empty.")
+        self.d_in, self.batch_size = self._head[0].shape[-1], len(self._head[0])
+        if not self._one_shot and hasattr(iterable, "__len__"):
+            self.n_tokens = len(iterable) * self.batch_size
+
+    def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        if self._one_shot:
+            stream = chain(self._head, self._rest) if epoch == 0 else iter(())
+        else:
+            stream = iter(self._iterable)
+        return (x.to(torch.float32) for x in islice(stream, start, None))
+
+
+def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_rows: int) -> tuple[BatchSource, Normalizer]:
+    """The data as a ``BatchSource`` on the normalised scale, and the normaliser it carries."""
+    if isinstance(data, Tensor):
+        if normalizer is None and normalize is not False:
+            normalizer = Normalizer.fit(data)
+            data = normalizer.apply(data)
+        source = TensorSource(data)
+    elif isinstance(data, BatchSource):
+        source = data
+    else:
+        source = IterableSource(data, head_rows)
+    return source, normalizer or Normalizer.identity(source.d_in)
+
+
+def check_batch(x: Tensor, d_in: int, epoch: int, index: int) -> Tensor:
+    """``x`` if it is a finite ``(B, d_in)`` batch, else a ValueError naming the batch."""
+    if x.ndim != 2 or x.shape[1] != d_in:
+        raise ValueError(f"Batch {index} of epoch {epoch} has shape {tuple(x.shape)}; expected (B, {d_in}).")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"Batch {index} of epoch {epoch} contains NaN or Inf; clean the activations (checkpoints written so far are intact).")
+    return x
+
+
+def stream(source: BatchSource, batch_size: int, seed: int, epochs_known: bool, epoch: int, start: int) -> Iterator[tuple[int, int, Tensor]]:
+    """``(epoch, batch index, batch)`` from position ``(epoch, start)`` on, epoch after epoch while
+    ``epochs_known`` (the run has a token budget), else for one pass."""
+    while True:
+        seen = 0
+        for index, x in enumerate(source.batches(batch_size, seed=seed, epoch=epoch, start=start), start):
+            seen += 1
+            yield epoch, index, x
+        if not epochs_known or (seen == 0 and start == 0):
+            return  # one pass of an unsized iterable, or a source that has run dry
+        epoch, start = epoch + 1, 0
+
+
+class InputClock:
+    """Iterates ``items``, timing how long each ``next`` takes. ``window()`` gives the seconds since
+    its last call (or since the start) and the share of them the trainer spent waiting for its next
+    batch, logged as ``input_wait``: near 0 means the supply keeps up."""
+
+    def __init__(self, items: Iterable):
+        self.items, self.waited, self.since = iter(items), 0.0, time.perf_counter()
+
+    def __iter__(self) -> InputClock:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.waited += time.perf_counter() - start
+
+    def window(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        seconds = max(now - self.since, 1e-9)
+        share, self.waited, self.since = self.waited / seconds, 0.0, now
+        return seconds, share
