@@ -5,11 +5,13 @@ init, geometric-median ``b_pre``, unit-norm decoder rows, AuxK against dead late
 learning rate that scales as ``1/sqrt(n_latents)``.
 """
 
-__version__ = "0.1.0"
-
+from .config import TrainConfig
+from .loading import load
 from .normalize import Normalizer
-from .sae import ForwardOutput, Latents, TopKSAE, load
-from .train import BatchSource, TensorSource, TrainConfig, fit
+from .sae import ForwardOutput, Latents, TopKSAE
+from .sources import BatchSource, TensorSource
+from .train import fit
+from .version import __version__
 
 __all__ = ["TopKSAE", "Latents", "ForwardOutput", "load", "fit", "TrainConfig", "BatchSource", "TensorSource",
            "Normalizer", "__version__"]

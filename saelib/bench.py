@@ -58,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__, native
+from . import native
 from .files import cpu_info
+from .config import paper_lr, resolve_device
 from .sae import TopKSAE, nmse
-from .train import paper_lr, resolve_device
+from .version import __version__
 
 IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
 PEERS = ("sparsify", "sae-lens", "sae-lens-sparse")
@@ -152,8 +153,9 @@ Step = Callable[[Tensor], Tensor]
 
 
 def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
+    from .config import TrainConfig
     from .kernels import fast_bf16
-    from .train import TrainConfig, make_optimizer, train_step
+    from .train import make_optimizer, train_step
 
     device = w["W_enc"].device
     if encoder_dtype == "bfloat16" and not fast_bf16(device):

@@ -79,19 +79,22 @@ def _is_latent_axis(key: str) -> bool:
 
 
 def _read_rows(files: list[tuple[Path, int, int]], start: int, stop: int, fix: str) -> dict[str, Tensor]:
-    """Every tensor of the shard files, latent-axis ones cut to rows ``[start, stop)``."""
-    try:
-        handles = [(safe_open(str(path), "pt"), a, b) for path, a, b in files if a < stop and start < b]
-        tensors = {}
-        for key in handles[0][0].keys():
-            if _is_latent_axis(key):
-                parts = [h.get_slice(key)[max(start, a) - a : min(stop, b) - a] for h, a, b in handles]
-                tensors[key] = torch.cat(parts)
-            else:
-                tensors[key] = handles[0][0].get_tensor(key)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{files[0][0].parent} holds a file that cannot be read as safetensors ({error}); "
-                         f"it is truncated or corrupt, {fix}.") from None
+    """Every tensor of the shard files, latent-axis ones cut to rows ``[start, stop)``; an unreadable
+    file is a ValueError naming it and what to do (``fix``)."""
+    handles = []
+    for path, a, b in files:
+        if a < stop and start < b:
+            try:
+                handles.append((safe_open(str(path), "pt"), a, b))
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"{path} cannot be read as safetensors ({error}); the file is truncated or corrupt, "
+                                 f"{fix}.") from None
+    tensors = {}
+    for key in handles[0][0].keys():
+        if _is_latent_axis(key):
+            tensors[key] = torch.cat([h.get_slice(key)[max(start, a) - a : min(stop, b) - a] for h, a, b in handles])
+        else:
+            tensors[key] = handles[0][0].get_tensor(key)
     return tensors
 
 
@@ -237,8 +240,9 @@ def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, stat
                 metas[path] = json.loads((path.parent / META).read_text())
             except (OSError, json.JSONDecodeError) as error:
                 raise ValueError(f"{path.parent / META} cannot be read ({error}); {fix}.") from None
-            check_sha256(path, metas[path].get("sha256"), fix)  # checkpoints from before checksums have none
     tensors = {key: t.to(sae.W_enc.device) for key, t in _read_rows(files, start, stop, fix).items()}
+    for path, meta in metas.items():
+        check_sha256(path, meta.get("sha256"), fix)  # checkpoints from before checksums have none
     meta = metas[files[0][0]]
     sae.load_state_dict({key[len("model."):]: t for key, t in tensors.items() if key.startswith("model.")})
     sae.normalizer_scale = meta["normalizer_scale"]

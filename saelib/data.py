@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .files import atomic_write_text
 from .paths import cache_dir, packaged_file
+from .texts import TEXTS
 
 DEFAULT_CORPUS = "wikipedia"
 
@@ -38,18 +39,16 @@ EMBEDDED = {
 
 
 # corpora made of other corpora; the non-embedded parts come from
-# saelib.evals.probe_sources.TEXT_SOURCES
+# saelib.texts.TEXTS
 MIXES = {"mix": ("wikipedia", "austen", "shakespeare", "milton", "fortunes")}
 
 
 def _mix_documents(name: str) -> list[str]:
     """The parts' documents interleaved by position in characters, so that every prefix (what
     ``max_tokens`` keeps) holds each part in about its share of the whole."""
-    from .evals.probe_sources import TEXT_SOURCES
-
     keyed = []
     for i, part in enumerate(MIXES[name]):
-        docs = load_documents(part) if part in EMBEDDED else [text for text, _ in TEXT_SOURCES[part]()]
+        docs = load_documents(part) if part in EMBEDDED else [text for text, _ in TEXTS[part]()]
         total, seen = sum(map(len, docs)), 0
         for doc in docs:
             keyed.append(((seen + len(doc) / 2) / total, i, doc))  # the middle of the document, as a fraction of its part

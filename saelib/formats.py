@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .normalize import Normalizer
-from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load, load_safetensors, sha256_file
+from .files import load_safetensors, sha256_file
+from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
 
 FORMATS = ("saelens", "sparsify", "openai")
 SIDECAR_CONFIG = "saelib.json"
@@ -199,7 +200,7 @@ def import_sae(path: str | os.PathLike) -> TopKSAE:
     """
     fmt, where = detect(path)
     if fmt == "saelib":
-        return load(where)
+        return load_folder(where)
     reader = {"saelens": _read_saelens, "sparsify": _read_sparsify, "openai": _read_openai}[fmt]
     raw, arch, k, extra = reader(where)
     folder = where.parent if where.is_file() else where

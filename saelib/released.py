@@ -23,10 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PRESETS
-from .train import paper_lr
-
-ROOT = Path(__file__).parent / "saes"
+from . import config
+from .activations import cached_activations
+from .config import PRESETS, paper_lr
+from .evals import downstream_loss, held_out, reconstruction_metrics
+from .loading import RELEASED as ROOT
+from .loading import find, load, resolve  # noqa: F401  (saelib.released.find / resolve)
+from .loading import released_names as names
+from .models import load_lm
+from .runs import read_metrics, train_run
+from .sae import CONFIG_FILE
 CARD = ROOT / "README.md"
 
 MODEL = "smollm2-135m"
@@ -72,8 +78,6 @@ class Release:
 
     def run_config(self) -> dict:
         """The resolved run configuration (:mod:`saelib.config`) that trains it."""
-        from . import config
-
         return config.resolve(RECIPE_PRESET, model=self.model, site=self.site, layer=self.layer,
                               n_latents=self.n_latents, k=self.k, lr=self.lr, max_tokens=self.max_tokens,
                               warmup_steps=self.warmup_steps)
@@ -92,27 +96,6 @@ RELEASES = (
 )
 
 
-def names() -> list[str]:
-    """Every released SAE's name, in layer order: ``["smollm2-135m/resid_4/n3072_k32", ...]``."""
-    found = (str(p.parent.relative_to(ROOT)) for p in ROOT.glob("*/*/*/config.json"))
-    return sorted(found, key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
-
-
-def find(name: str) -> Path | None:
-    """The folder of the released SAE called ``name``, or ``None`` if there is none."""
-    folder = ROOT / name
-    return folder if name and ".." not in Path(name).parts and (folder / "config.json").is_file() else None
-
-
-def resolve(name: str) -> Path:
-    """The folder of the released SAE called ``name``; a one-sentence error listing the names if there is none."""
-    folder = find(name)
-    if folder is None:
-        raise FileNotFoundError(f"No SAE folder at {name} and no released SAE of that name; pass a folder written by "
-                                f"sae.save or a released name: {', '.join(names()) or 'none installed'}.")
-    return folder
-
-
 # ---- building -----------------------------------------------------------------------------
 
 
@@ -126,10 +109,6 @@ def build(selected: list[str] | None = None, runs: str | Path = "runs/release", 
     Returns:
         One row of the card per built SAE.
     """
-    from . import config
-    from .activations import cached_activations
-    from .models import load_lm
-
     by_name = {r.name: r for r in RELEASES}
     unknown = [n for n in selected or [] if n not in by_name]
     if unknown:
@@ -156,13 +135,9 @@ def build(selected: list[str] | None = None, runs: str | Path = "runs/release", 
 
 def build_one(release: Release, run: Path, lm, progress: bool = True) -> dict:
     """Train ``release`` into ``run`` (resuming or loading), write it in float16 and evaluate the written file."""
-    from .evals import downstream_loss, held_out, reconstruction_metrics
-    from .runs import load_run, read_metrics, train_run
-    from .sae import CONFIG_FILE, load
-
     cfg = release.run_config()
     train_run(cfg, run, progress=progress)
-    sae = load_run(run)
+    sae = load(run)
     recipe = json.loads((run / "config.json").read_text())
     folder = ROOT / release.name
     before = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}

@@ -13,37 +13,26 @@ from pathlib import Path
 
 from . import config
 from .activations import CachedSource, cached_activations
-from .sae import TopKSAE, load
+from .distributed import launched
+from .loading import load
+from .sae import TopKSAE
+from .train import fit
+
+# A run folder opens with saelib.load, which also takes SAE folders, shards and released names
+load_run = load
 
 
 def train_run(cfg: dict, out: str | Path, progress: bool = True) -> TopKSAE:
     """Train the SAE a resolved run configuration describes; return it."""
-    from .distributed import fit_distributed, launched
-    from .train import fit
-
     data_opts, train_opts = config.split(cfg)
     cache = cached_activations(**data_opts, split="train", progress=progress)
     source = CachedSource(cache)
     if train_opts.get("tokens") is None:
         train_opts["tokens"] = int(cfg["epochs"] * source.n_tokens)
     metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
-    if launched():  # one rank of `saelib train --nproc N` / torchrun
-        train_opts["latent_parallel"] = cfg["latent_parallel"]
-        train = fit_distributed
-    else:
-        train = fit
-    return train(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress, **train_opts)
-
-
-def load_run(path: str | Path) -> TopKSAE:
-    """The SAE of a run folder (``RUN/sae``) or an SAE folder itself."""
-    from .distributed import merge_shards
-
-    path = Path(path)
-    if not path.exists():  # a released SAE's name; load() says which names exist if it is none
-        return load(path)
-    sae_dir = path / "sae" if (path / "sae").is_dir() else path
-    return merge_shards(sae_dir) if any(sae_dir.glob("shard_*_of_*")) else load(sae_dir)
+    latent_parallel = cfg["latent_parallel"] if launched() else None  # one rank of `saelib train --nproc N` / torchrun
+    return fit(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress,
+               latent_parallel=latent_parallel, **train_opts)
 
 
 def read_metrics(run: str | Path) -> list[dict]:

@@ -49,6 +49,7 @@ from .files import atomic_write, atomic_write_text, check_sha256, load_safetenso
 from .kernels import (LatentPattern, chained_row_gradients, dense_rows_decode, gather_preacts, sparse_decode,
                       sparse_rows_decode, topk_indices)
 from .normalize import Normalizer
+from .version import __version__
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
 # dtype of the encoder's (B, n_latents) GEMM; bfloat16 pays only where fast_bf16() (AMX, GPUs)
@@ -472,8 +473,6 @@ class TopKSAE(nn.Module):
 
     def config(self) -> dict:
         """What ``config.json`` holds: everything but the tensors."""
-        from . import __version__
-
         return {
             "arch": self.arch,
             "d_in": self.d_in,

@@ -34,7 +34,9 @@ import torch
 from .activations import ActivationCache, CachedSource
 from .evals.reconstruction import reconstruction_metrics
 from .runs import read_metrics
-from .train import BatchSource, TrainConfig, fit
+from .config import TrainConfig
+from .sources import BatchSource
+from .train import fit
 
 # the keys a run name spells out, in order, with their short labels
 NAME_KEYS = {"arch": "", "n_latents": "n", "k": "k", "l1_coef": "l1", "auxk": "auxk", "tied_init": "tied",

@@ -16,8 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from saelib.distributed import RankSlice, fit_distributed, init_shard, merge_shards
-from saelib.sae import TopKSAE, load
+from saelib.distributed import fit_distributed, merge_shards
+from saelib.grid import RankSlice, init_shard
+from saelib import load
+from saelib.sae import TopKSAE
 from saelib.train import TensorSource, fit, latest_checkpoint
 
 D_IN, N_LATENTS, K, BATCH, STEPS = 8, 32, 4, 64, 8

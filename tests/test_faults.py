@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from saelib.activations import SHARD_CHECKSUM, ActivationCache, CachedSource, shard_checksum
-from saelib.sae import TopKSAE, load, sha256_file
+from saelib import load
+from saelib.files import sha256_file
+from saelib.sae import TopKSAE
 from saelib.train import fit, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

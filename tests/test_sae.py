@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from saelib.kernels import LatentPattern, gather_preacts, sparse_decode
 from saelib.normalize import Normalizer
-from saelib.sae import Latents, TopKSAE, load
+from saelib import load
+from saelib.sae import Latents, TopKSAE
 
 
 def make_sae(d_in=16, n_latents=64, k=4, seed=0, **kwargs):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelib.sae import TopKSAE, load
+from saelib import load
+from saelib.sae import TopKSAE
 from saelib.train import TensorSource, TrainConfig, fit, geometric_median, latest_checkpoint, learning_rate, paper_lr
 
 REPO = Path(__file__).resolve().parents[1]

