@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -115,6 +116,62 @@ def test_signals_kill_9_and_a_second_trainer(tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
+DISTRIBUTED_TRAINER = TRAINER.replace("from saelib.train import TensorSource, fit", """from saelib.train import TensorSource
+from saelib.distributed import fit_distributed as fit
+import functools
+fit = functools.partial(fit, latent_parallel=2)""")
+
+
+def start_ranks(out, delay=0.0, world=2):
+    """The ranks of a 2-process, 2-latent-shard run, started as torchrun starts them (one process each)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "-c", DISTRIBUTED_TRAINER, str(out), str(delay), "-1"], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                  "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
+            for rank in range(world)]
+
+
+def test_distributed_run_survives_kill_9_and_sigterm(tmp_path):
+    """The distributed path has the one-process guarantees: kill -9 of every rank at random moments,
+    then SIGTERM to one rank only (every rank stops after the same step, with a checkpoint); the
+    resumed run ends where an uninterrupted one-process run ends."""
+    reference = start(tmp_path / "reference")
+    run, rng = tmp_path / "run", random.Random(4321)
+    for _ in range(2):
+        ranks = start_ranks(run, delay=0.2)
+        time.sleep(rng.uniform(1.0, 4.0))
+        for proc in ranks:
+            proc.kill()
+        for proc in ranks:
+            proc.communicate()
+        checkpoint = latest_checkpoint(run)
+        for shard in ([] if checkpoint is None else sorted(checkpoint.glob("shard_*"))):
+            meta = json.loads((shard / "state.json").read_text())
+            assert sha256_file(shard / "state.safetensors") == meta["sha256"], shard
+    ranks = start_ranks(run, delay=0.2)
+    wait_for_training(ranks[0], run)
+    ranks[1].send_signal(signal.SIGTERM)  # a scheduler preempting one rank's process
+    errs = [proc.communicate(timeout=120)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], errs
+    assert "Stopped by a signal to another rank after step" in errs[0] and "Run the same command again" in errs[0], errs[0]
+    step = int(errs[0].split("after step ")[1].split()[0])
+    assert latest_checkpoint(run).name == f"step_{step:09d}" and step < STEPS
+    assert sorted(p.name for p in latest_checkpoint(run).iterdir()) == ["shard_000_of_002", "shard_001_of_002"]
+    ranks = start_ranks(run)
+    errs = [proc.communicate(timeout=120)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], errs
+    assert reference.wait(timeout=120) == 0, reference.communicate()[1]
+
+    a, b = load(tmp_path / "reference"), load(run)  # one SAE, and one merged from two latent shards
+    for name, p in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], p, atol=1e-5, rtol=1e-4, equal_nan=True, msg=name)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = start(run, full_disk_at=6)  # checkpoint of step 4 written, that of step 8 hits the full disk
@@ -122,7 +179,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     assert proc.returncode != 0
     assert "Could not write the checkpoint of step 8" in err and "File too large" in err, err
     assert "the previous checkpoint" in err and "step_000000004 is intact" in err, err
-    assert latest_checkpoint(run).name == "step_000000004" and not list((run / "checkpoints").glob(".tmp-*"))
+    assert latest_checkpoint(run).name == "step_000000004" and not list((run / "checkpoints").glob(".*tmp*"))
     assert_checkpoint_intact(run)  # resuming from it is what test_signals_kill_9_and_a_second_trainer checks
 
 
