@@ -30,8 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
 from ..evals.heldout import encode, held_out, site_activations, trained_site
 from ..evals.n2g import explain, score
+from ..files import atomic_write
 from ..loading import load
 
 FORMAT_VERSION = 1
@@ -207,15 +206,12 @@ class Summary:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``summary.safetensors`` and ``summary.json`` into ``folder`` (replacing it whole)."""
-        folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp / "summary.safetensors")
-        (tmp / "summary.json").write_text(json.dumps(self.info))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        return folder
+        def write(tmp: str) -> None:
+            Path(tmp).mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, Path(tmp) / "summary.safetensors")
+            (Path(tmp) / "summary.json").write_text(json.dumps(self.info))
+
+        return atomic_write(folder, write)
 
     @classmethod
     def load(cls, folder: str | Path) -> Summary:
