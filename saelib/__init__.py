@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from .normalize import Normalizer
 from .sae import ForwardOutput, Latents, TopKSAE, load
-from .train import BatchSource, TensorSource, TrainConfig, fit
+from .config import TrainConfig
+from .train import BatchSource, TensorSource, fit
 
 __all__ = ["TopKSAE", "Latents", "ForwardOutput", "load", "fit", "TrainConfig", "BatchSource", "TensorSource",
            "Normalizer", "__version__"]

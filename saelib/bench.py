@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from . import __version__, native
 from .sae import TopKSAE, nmse
-from .train import paper_lr, resolve_device
+from .config import BENCH_GRIDS, TrainConfig, paper_lr, resolve_device
 
 IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
 PEERS = ("sparsify", "sae-lens", "sae-lens-sparse")
@@ -93,14 +93,7 @@ def grid(d_in=(576,), n_latents=(4608, 18432), k=(32,), batch_size=(4096,), dead
     return [BenchConfig(*values) for values in product(d_in, n_latents, k, batch_size, dead_fraction)]
 
 
-PRESETS = {
-    # tiny sizes, seconds: for tests and a smoke check of the installed peers
-    "quick": dict(d_in=(64,), n_latents=(512,), k=(8,), batch_size=(256,), dead_fraction=(0.25,)),
-    # the headline configurations, a few minutes on 2 cores
-    "default": dict(d_in=(576,), n_latents=(4608, 18432), k=(32,), batch_size=(4096,), dead_fraction=(0.25, 0.0)),
-    # everything: both widths, three dictionary sizes, a larger batch (tens of minutes on 2 cores)
-    "full": dict(d_in=(576, 768), n_latents=(4608, 18432, 65536), k=(32,), batch_size=(4096, 16384), dead_fraction=(0.25, 0.0)),
-}
+PRESETS = BENCH_GRIDS  # saelib.config's grids, by the name `--preset` and older code use
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -152,7 +145,7 @@ Step = Callable[[Tensor], Tensor]
 
 def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
     from .kernels import fast_bf16
-    from .train import TrainConfig, make_optimizer, train_step
+    from .train import make_optimizer, train_step
 
     device = w["W_enc"].device
     if encoder_dtype == "bfloat16" and not fast_bf16(device):

@@ -16,8 +16,8 @@ from .activations import CachedSource, cached_activations
 from .sae import TopKSAE, load
 
 
-def train_run(cfg: dict, out: str | Path, progress: bool = True) -> TopKSAE:
-    """Train the SAE a resolved run configuration describes; return it."""
+def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -> TopKSAE:
+    """Train the SAE a run configuration (:func:`saelib.config.resolve`) describes; return it."""
     from .distributed import fit_distributed, launched
     from .train import fit
 
@@ -25,10 +25,10 @@ def train_run(cfg: dict, out: str | Path, progress: bool = True) -> TopKSAE:
     cache = cached_activations(**data_opts, split="train", progress=progress)
     source = CachedSource(cache)
     if train_opts.get("tokens") is None:
-        train_opts["tokens"] = int(cfg["epochs"] * source.n_tokens)
+        train_opts["tokens"] = int(cfg.epochs * source.n_tokens)
     metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
     if launched():  # one rank of `saelib train --nproc N` / torchrun
-        train_opts["latent_parallel"] = cfg["latent_parallel"]
+        train_opts["latent_parallel"] = cfg.latent_parallel
         train = fit_distributed
     else:
         train = fit
