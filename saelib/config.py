@@ -51,15 +51,15 @@ def option(default, help: str, group: str = "train", **check):
 class TrainConfig:
     """Every knob of a run; ``None`` means "derive from the paper's rule" (see ``resolved``)."""
 
-    model: str = option("smollm2-135m", "embedded name (smollm2-135m), Hugging Face name or local folder", "data")
+    model: str = option("smollm2-135m", "embedded name (smollm2-135m), Hugging Face name or local folder", group="data")
     corpus: str = option("wikipedia", "wikipedia (embedded), mix (every offline text, ~4.3M tokens), a datasets "
-                         "name, or a local .txt/.jsonl file", "data")
-    layer: int = option(12, "decoder layer to hook (0-based)", "data", bound="non-negative")
-    site: str = option("resid_post", "where in the layer activations are read", "data", choices=tuple(SITES))
-    ctx_len: int = option(64, "tokens per context (the paper: 64); at least 2", "data", bound="positive")
-    max_tokens: int | None = option(None, "tokens of the train split to extract (default: all of it)", "data",
+                         "name, or a local .txt/.jsonl file", group="data")
+    layer: int = option(12, "decoder layer to hook (0-based)", group="data", bound="non-negative")
+    site: str = option("resid_post", "where in the layer activations are read", group="data", choices=tuple(SITES))
+    ctx_len: int = option(64, "tokens per context (the paper: 64); at least 2", group="data", bound="positive")
+    max_tokens: int | None = option(None, "tokens of the train split to extract (default: all of it)", group="data",
                                     bound="positive")
-    val_fraction: float = option(0.1, "share of the corpus's documents held out as the validation split", "data")
+    val_fraction: float = option(0.1, "share of the corpus's documents held out as the validation split", group="data")
 
     n_latents: int = option(2**14, "number of latents n", bound="positive")
     k: int | None = option(32, "active latents per token (None only for arch relu, whose L0 is set by l1_coef)",
@@ -112,9 +112,9 @@ class TrainConfig:
                                 "else cpu)")
 
     epochs: float = option(1.0, "training budget in passes over the extracted tokens, used when tokens is not "
-                           "given", "run", bound="positive")
+                           "given", group="run", bound="positive")
     latent_parallel: int = option(1, "with --nproc: shards of the latents (the rest of the ranks split the data)",
-                                  "run", bound="positive")
+                                  group="run", bound="positive")
 
     def __post_init__(self):
         if isinstance(self.adam_betas, list):  # as JSON, YAML and argparse give it
