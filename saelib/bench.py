@@ -62,6 +62,7 @@ from . import native
 from .files import cpu_info
 from .config import paper_lr, resolve_device
 from .sae import TopKSAE, nmse
+from .config import BENCH_GRIDS, TrainConfig, paper_lr, resolve_device
 from .version import __version__
 
 IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
@@ -95,14 +96,7 @@ def grid(d_in=(576,), n_latents=(4608, 18432), k=(32,), batch_size=(4096,), dead
     return [BenchConfig(*values) for values in product(d_in, n_latents, k, batch_size, dead_fraction)]
 
 
-PRESETS = {
-    # tiny sizes, seconds: for tests and a smoke check of the installed peers
-    "quick": dict(d_in=(64,), n_latents=(512,), k=(8,), batch_size=(256,), dead_fraction=(0.25,)),
-    # the headline configurations, a few minutes on 2 cores
-    "default": dict(d_in=(576,), n_latents=(4608, 18432), k=(32,), batch_size=(4096,), dead_fraction=(0.25, 0.0)),
-    # everything: both widths, three dictionary sizes, a larger batch (tens of minutes on 2 cores)
-    "full": dict(d_in=(576, 768), n_latents=(4608, 18432, 65536), k=(32,), batch_size=(4096, 16384), dead_fraction=(0.25, 0.0)),
-}
+PRESETS = BENCH_GRIDS  # saelib.config's grids, by the name `--preset` and older code use
 
 
 # ---- data -----------------------------------------------------------------------------------

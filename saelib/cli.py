@@ -21,46 +21,36 @@ import sys
 
 from . import config
 
-# flag -> (type, help); flags map to config keys with dashes turned into underscores
-DATA_FLAGS = {
-    "model": (str, "embedded name (smollm2-135m), Hugging Face name or local folder"),
-    "corpus": (str, "wikipedia (embedded), mix (every offline text, ~4.3M tokens), a datasets name, or a local .txt/.jsonl file"),
-    "layer": (int, "decoder layer to hook (0-based)"),
-    "site": (str, "resid_post, mlp_out or attn_out"),
-    "ctx-len": (int, "tokens per context (the paper: 64)"),
-    "max-tokens": (int, "tokens of the train split to extract (default: all)"),
-}
-TRAIN_FLAGS = {
-    "n-latents": (int, "number of latents n"),
-    "k": (int, "active latents per token"),
-    "arch": (str, "topk, relu, multitopk or batchtopk"),
-    "tokens": (int, "training budget in tokens (default: epochs x extracted tokens)"),
-    "epochs": (float, "training budget in passes over the extracted tokens"),
-    "batch-size": (int, "tokens per step"),
-    "lr": (float, "learning rate (default --lr-multiplier x 2e-4 / sqrt(n / 2^14))"),
-    "lr-multiplier": (float, "multiple of the paper's learning-rate rule, for short runs (default 1)"),
-    "seed": (int, "random seed"),
-    "device": (str, "cpu, cuda or cuda:N (default: cuda if available, else cpu)"),
-    "latent-parallel": (int, "with --nproc: shards of the latents (the rest of the ranks split the data)"),
-}
+def add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    """A flag for every ``TrainConfig`` field of ``groups`` (``n_latents`` -> ``--n-latents``), with its
+    help text and a type from its annotation. Unset flags stay out of the namespace, so a preset or a
+    config file keeps its value unless a flag is given."""
+    for name, f in config.FIELDS.items():
+        if f.metadata["group"] not in groups:
+            continue
+        kind, _ = config.field_type(name)
+        # a None default's meaning is spelled out in the help text itself
+        shown = "" if f.default is None else f" (default: {f.default})"
+        help_ = (f.metadata["help"] + shown).replace("%", "%%")
+        kwargs = dict(default=argparse.SUPPRESS, help=help_)
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs.update(type=float, nargs=2, metavar=("B1", "B2"))
+        else:
+            kwargs.update(type=kind, choices=f.metadata.get("choices"))
+        parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
-    for flag, (type_, help_) in flags.items():
-        parser.add_argument(f"--{flag}", type=type_, default=None, help=help_)
-
-
-def _overrides(args: argparse.Namespace, *flag_sets: dict) -> dict:
-    return {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for flags in flag_sets for f in flags}
+def _overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in config.FIELDS if hasattr(args, name)}
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from .activations import cached_activations
 
-    cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS))
-    config.check(cfg)
-    data_opts, _ = config.split(cfg)
-    cache = cached_activations(**data_opts, split=args.split)
+    cfg = config.resolve(args.preset, args.config, **_overrides(args))
+    cache = cached_activations(**cfg.group("data"), split=args.split)
     print(json.dumps({"cache": str(cache.folder), "rows": cache.n_rows, "dropped": cache.manifest["dropped"]}))
     return 0
 
@@ -70,10 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import launch, launched
     from .runs import train_run
 
-    cfg = config.resolve(args.preset, args.config, **_overrides(args, DATA_FLAGS, TRAIN_FLAGS))
-    config.check(cfg)
+    cfg = config.resolve(args.preset, args.config, **_overrides(args))
     if args.nproc > 1 and not launched():
-        cached_activations(**config.split(cfg)[0], split="train")  # once, here, not by every rank
+        cached_activations(**cfg.group("data"), split="train")  # once, here, not by every rank
         argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and args.argv[i - 1] != "--nproc"]
         return launch(args.nproc, argv)
     train_run(cfg, args.out, progress=os.environ.get("RANK", "0") == "0")
@@ -126,31 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="extract and cache activations of a model's layer on a corpus")
-    p.add_argument("--preset", choices=sorted(config.PRESETS))
-    p.add_argument("--config", help="a JSON or YAML file of settings")
+    p.add_argument("--preset", choices=sorted(config.PRESETS), help="scale: ci (seconds), demo, full (a GPU)")
+    p.add_argument("--config", help="a JSON or YAML file of settings, keyed by the flags' names with underscores")
     p.add_argument("--split", default="train", choices=["train", "validation"])
-    _add_flags(p, DATA_FLAGS)
+    add_config_flags(p, ("data",))
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train an SAE (resumes an interrupted RUN)")
-    p.add_argument("--preset", choices=sorted(config.PRESETS))
-    p.add_argument("--config", help="a JSON or YAML file of settings")
+    p.add_argument("--preset", choices=sorted(config.PRESETS), help="scale: ci (seconds), demo, full (a GPU)")
+    p.add_argument("--config", help="a JSON or YAML file of settings, keyed by the flags' names with underscores")
     p.add_argument("--out", required=True, help="run folder: sae/, metrics.jsonl, checkpoints/")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torch.distributed, gloo/NCCL)")
-    _add_flags(p, DATA_FLAGS)
-    _add_flags(p, TRAIN_FLAGS)
+    add_config_flags(p, config.GROUPS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="the paper's metrics of a trained SAE on held-out text")
     p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
-    p.add_argument("--preset", default="ci", choices=["ci", "demo", "full"], help="evaluation scale")
+    p.add_argument("--preset", default="ci", choices=sorted(config.PRESETS), help="evaluation scale")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("view", help="write a static, offline HTML visualizer of a trained SAE's latents")
     p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
     p.add_argument("--out", required=True, help="folder for the site (index.html inside)")
-    p.add_argument("--preset", default="ci", choices=["ci", "demo", "full"], help="how many tokens to summarise")
+    p.add_argument("--preset", default="ci", choices=sorted(config.PRESETS), help="how many tokens to summarise")
     p.set_defaults(func=cmd_view)
 
     from . import bench

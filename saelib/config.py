@@ -1,8 +1,18 @@
-"""Run configuration: a flat dict of named values, presets that override a few, and files.
+"""Run configuration: one dataclass, :class:`TrainConfig`, and the presets every part of saelib reads.
 
-The data keys say where activations come from; every other key goes to the trainer
-(:func:`saelib.train.fit`). Precedence: defaults < preset < config file < explicit flags.
-Presets change scale, never code paths:
+Each field of ``TrainConfig`` carries its default, its help text and its group
+(``field.metadata``); ``saelib train`` flags and config-file keys are generated from them, and
+``TrainConfig.__post_init__`` checks every value, so a bad one is refused in one sentence before
+any heavy work starts. The groups:
+
+- ``data``: where activations come from (model, corpus, layer, site, ctx_len, max_tokens, val_fraction);
+- ``train``: the trainer's options, what :func:`saelib.fit` accepts and a run folder's ``config.json`` records;
+- ``run``: how ``saelib train`` drives the trainer (epochs, latent_parallel).
+
+Precedence (:func:`resolve`): defaults < preset < config file < explicit flags. Presets change
+scale, never code paths; each holds a section per consumer: ``train`` (fields of ``TrainConfig``),
+``eval`` (:func:`saelib.evals.evaluate`), ``view`` (:func:`saelib.viz.summarize`) and ``bench``
+(the :data:`BENCH_GRIDS` grid that notebook 08 times):
 
 - ``ci``: seconds on 2 CPU cores (what the tests run),
 - ``demo``: the issue-4 reference run, about 0.93M training tokens x 2 epochs, n 4608, k 32,
@@ -13,177 +23,110 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+import typing
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from .sae import ENCODER_DTYPES
+from .models import SITES
+from .sae import ARCHS, ENCODER_DTYPES
 
-DATA_DEFAULTS = {
-    "model": "smollm2-135m",
-    "corpus": "wikipedia",
-    "layer": 12,
-    "site": "resid_post",
-    "ctx_len": 64,
-    "max_tokens": None,  # tokens of the train split to extract (None: all of it)
-    "val_fraction": 0.1,
-}
-# Training budget in passes over the extracted tokens, used when "tokens" is not given.
-# latent_parallel: latent shards of a distributed run (see saelib.distributed); 1 = none.
-RUN_DEFAULTS = {**DATA_DEFAULTS, "epochs": 1.0, "latent_parallel": 1}
+B_PRE_INITS = ("geometric_median", "mean", "zero")
+DECAYS = ("linear", "none")
+GROUPS = ("data", "train", "run")
 
-PRESETS = {
-    "ci": {"max_tokens": 16_384, "n_latents": 1152, "k": 16, "batch_size": 1024, "epochs": 2.0, "warmup_steps": 5},
-    # lr_multiplier: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run
-    # (validation NMSE 0.280 at 1x, 0.228 at 2x, 0.193 at 4x; see the README).
-    "demo": {"n_latents": 4608, "k": 32, "batch_size": 4096, "epochs": 2.0, "warmup_steps": 50, "decay": "linear",
-             "lr_multiplier": 4},
-    "full": {"n_latents": 32768, "k": 32, "batch_size": 16384, "epochs": 8.0, "warmup_steps": 200, "decay": "linear",
-             "ema": 0.999},
-}
+# fields that change what is logged or saved, or how a step is computed, not the recipe: a run
+# may resume with others (and resume folders written before a field existed)
+BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype", "device"}
 
 
-def read_config_file(path: str | Path) -> dict:
-    """A flat mapping from a ``.json`` or ``.yaml``/``.yml`` file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Config file {path} does not exist.")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        cfg = yaml.safe_load(text)
-    elif path.suffix == ".json":
-        cfg = json.loads(text)
-    else:
-        raise ValueError(f"Config file {path} must end in .json, .yaml or .yml.")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"Config file {path} must hold a flat mapping of names to values.")
-    return cfg
-
-
-def resolve(preset: str | None = None, config_file: str | Path | None = None, **overrides) -> dict:
-    """The run configuration: defaults, then the preset, then the file, then ``overrides`` (None = unset)."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    cfg = dict(RUN_DEFAULTS)
-    cfg.update(PRESETS.get(preset, {}))
-    if config_file is not None:
-        cfg.update(read_config_file(config_file))
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    return cfg
-
-
-def split(cfg: dict) -> tuple[dict, dict]:
-    """``(data options, trainer options)`` of a run configuration (``epochs`` and
-    ``latent_parallel`` go to neither)."""
-    data = {k: cfg[k] for k in DATA_DEFAULTS}
-    train = {k: v for k, v in cfg.items() if k not in RUN_DEFAULTS}
-    return data, train
-
-
-def check(cfg: dict) -> None:
-    """Refuse an invalid run configuration with one sentence, before any heavy work starts."""
-    import math
-    from dataclasses import fields
-
-    from .models import SITES
-    from .sae import ARCHS
-
-    if cfg["site"] not in SITES:
-        raise ValueError(f"Unknown site {cfg['site']!r}; choose one of {', '.join(SITES)}.")
-    for key in ("layer", "ctx_len"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "layer" else 2):
-            raise ValueError(f"{key} must be an integer {'>= 0' if key == 'layer' else '>= 2'}, got {value!r}.")
-    if cfg["max_tokens"] is not None and (not isinstance(cfg["max_tokens"], int) or cfg["max_tokens"] < cfg["ctx_len"]):
-        raise ValueError(f"max_tokens must be at least one context ({cfg['ctx_len']} tokens), got {cfg['max_tokens']!r}.")
-    if not isinstance(cfg["epochs"], (int, float)) or not (0 < cfg["epochs"] and math.isfinite(cfg["epochs"])):
-        raise ValueError(f"epochs must be a positive finite number, got {cfg['epochs']!r}.")
-    _, train = split(cfg)
-    unknown = sorted(set(train) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise ValueError(f"Unknown training option(s) {', '.join(unknown)}; valid ones are the fields of saelib.train.TrainConfig.")
-    tc = TrainConfig(**train).resolved(d_in=1, n_tokens=None)
-    if tc.arch not in ARCHS:
-        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {tc.arch!r}.")
-    if tc.k is not None and tc.k > tc.n_latents:
-        raise ValueError(f"k={tc.k} is larger than n_latents={tc.n_latents}; choose k <= n_latents.")
+def option(default, help: str, group: str = "train", **check):
+    """A field with its help text, its group and what ``__post_init__`` checks beyond its type:
+    ``bound="positive"`` or ``"non-negative"`` for numbers, ``choices=(...)`` for strings."""
+    return field(default=default, metadata={"help": help, "group": group, **check})
 
 
 @dataclass
 class TrainConfig:
     """Every knob of a run; ``None`` means "derive from the paper's rule" (see ``resolved``)."""
 
-    n_latents: int = 2**14
-    k: int | None = 32
-    arch: str = "topk"  # topk | multitopk | batchtopk | relu
-    batch_size: int = 4096  # the paper: 131,072 tokens; CPU runs use less
-    tokens: int | None = None  # training budget; None = one pass over the data
-    lr: float | None = None  # None = lr_multiplier x paper_lr(n_latents)
-    # a multiple of the paper's rule, for runs too short for it (07_recipe_ablation: about 16x
-    # is best for a few hundred steps); ignored when lr is given
-    lr_multiplier: float = 1.0
-    warmup_steps: int | None = None  # None = 5% of the steps, at most 1000
-    decay: str = "linear"  # "linear" to 0 at the end of the run (if its length is known), or "none"
-    grad_clip: float | None = 1.0
-    adam_eps: float = 6.25e-10
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    auxk: bool = True
-    k_aux: int | None = None  # None = min(512, d_in // 2)
-    auxk_coef: float = 1 / 32
-    # The paper counts a latent dead after 10M tokens without firing. Short runs scale it:
-    # None = min(10M, max(batch_size, tokens // 10, 10 * n_latents // k)), i.e. a tenth of
-    # the run but never less than ten expected firings of an average latent.
-    dead_tokens: int | None = None
-    ema: float | None = None  # e.g. 0.999: the final SAE holds the (bias-corrected) EMA parameters
-    l1_coef: float = 0.05  # ReLU baseline only
-    seed: int = 0
-    log_every: int = 10  # steps
-    checkpoint_every_tokens: int | None = None  # None = ten checkpoints per run
-    geometric_median_samples: int = 32768
-    tied_init: bool = True  # False = independent random encoder (dead-latent ablation)
-    # recipe ablations: b_pre from the geometric median (the paper), the mean or zero of the
-    # sample; encoder rows scaled at init (1 = the paper's tied W_enc = W_dec; sparsify's
-    # nn.Linear init has row norms of about 1/sqrt(3))
-    b_pre_init: str = "geometric_median"
-    encoder_init_scale: float = 1.0
-    # dtype of the encoder GEMM, "float32" or "bfloat16" (fast where kernels.fast_bf16(): AMX
-    # CPUs, GPUs; NMSE parity in docs/performance.md); not saved with the SAE
-    encoder_dtype: str = "float32"
-    # where the SAE trains: "cpu", "cuda", "cuda:1"...; None = CUDA if available, else the CPU.
+    model: str = option("smollm2-135m", "embedded name (smollm2-135m), Hugging Face name or local folder", group="data")
+    corpus: str = option("wikipedia", "wikipedia (embedded), mix (every offline text, ~4.3M tokens), a datasets "
+                         "name, or a local .txt/.jsonl file", group="data")
+    layer: int = option(12, "decoder layer to hook (0-based)", group="data", bound="non-negative")
+    site: str = option("resid_post", "where in the layer activations are read", group="data", choices=tuple(SITES))
+    ctx_len: int = option(64, "tokens per context (the paper: 64); at least 2", group="data", bound="positive")
+    max_tokens: int | None = option(None, "tokens of the train split to extract (default: all of it)", group="data",
+                                    bound="positive")
+    val_fraction: float = option(0.1, "share of the corpus's documents held out as the validation split", group="data")
+
+    n_latents: int = option(2**14, "number of latents n", bound="positive")
+    k: int | None = option(32, "active latents per token (None only for arch relu, whose L0 is set by l1_coef)",
+                           bound="positive")
+    arch: str = option("topk", "the SAE: TopK (the paper), Multi-TopK, BatchTopK or the ReLU + L1 baseline",
+                       choices=ARCHS)
+    batch_size: int = option(4096, "tokens per step (the paper: 131,072; CPU runs use less)", bound="positive")
+    tokens: int | None = option(None, "training budget in tokens (default: epochs x the extracted tokens, or one "
+                                "pass over the data for saelib.fit)", bound="positive")
+    lr: float | None = option(None, "learning rate (default: lr_multiplier x 2e-4 / sqrt(n / 2^14))",
+                              bound="positive")
+    # runs too short for the paper's rule want more (07_recipe_ablation: about 16x is best for a
+    # few hundred steps)
+    lr_multiplier: float = option(1.0, "multiple of the paper's learning-rate rule, for short runs; ignored when "
+                                  "lr is given", bound="positive")
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of the steps, at most 1000)",
+                                      bound="non-negative")
+    decay: str = option("linear", "linear: decay to 0 at the end of the run (if its length is known); none: constant",
+                        choices=DECAYS)
+    grad_clip: float | None = option(1.0, "clip the gradient norm to this", bound="non-negative")
+    adam_eps: float = option(6.25e-10, "Adam's epsilon", bound="non-negative")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam's two betas, each in [0, 1)")
+    auxk: bool = option(True, "the AuxK loss: dead latents reconstruct the residual")
+    k_aux: int | None = option(None, "dead latents in the AuxK loss (default: min(512, d_in / 2))", bound="positive")
+    auxk_coef: float = option(1 / 32, "weight of the AuxK loss", bound="non-negative")
+    # The paper counts a latent dead after 10M tokens without firing; short runs scale that to a
+    # tenth of the run, but never less than ten expected firings of an average latent.
+    dead_tokens: int | None = option(None, "tokens without firing after which a latent is dead (default: min(10M, "
+                                     "max(batch_size, tokens / 10, 10 n / k)))", bound="positive")
+    ema: float | None = option(None, "decay of a parameter EMA, e.g. 0.999: the final SAE holds the "
+                               "bias-corrected averages (default: no EMA)")
+    l1_coef: float = option(0.05, "L1 penalty of arch relu", bound="non-negative")
+    seed: int = option(0, "random seed of the init and the batch order", bound="non-negative")
+    log_every: int = option(10, "steps between metrics.jsonl rows", bound="positive")
+    checkpoint_every_tokens: int | None = option(None, "tokens between checkpoints (default: ten per run)",
+                                                 bound="positive")
+    geometric_median_samples: int = option(32768, "activations the b_pre init is computed from", bound="positive")
+    tied_init: bool = option(True, "W_enc = W_dec at init (the paper); off: an independent random encoder")
+    # recipe ablations: sparsify's nn.Linear init has encoder row norms of about 1/sqrt(3)
+    b_pre_init: str = option("geometric_median", "b_pre at init: the sample's geometric median (the paper), "
+                             "its mean or zero", choices=B_PRE_INITS)
+    encoder_init_scale: float = option(1.0, "scale of the encoder rows at init (1: the paper's tied init)",
+                                       bound="positive")
+    # not saved with the SAE; NMSE parity in docs/performance.md
+    encoder_dtype: str = option("float32", "dtype of the encoder GEMM; bfloat16 is fast where kernels.fast_bf16() "
+                                "(AMX CPUs, GPUs)", choices=ENCODER_DTYPES)
     # Not part of the run's identity: a run started on one device resumes on another. (Runs under
     # torch.distributed put each rank on its own GPU, or the CPU, and ignore it.)
-    device: str | None = None
+    device: str | None = option(None, "where the SAE trains: cpu, cuda or cuda:N (default: cuda if available, "
+                                "else cpu)")
+
+    epochs: float = option(1.0, "training budget in passes over the extracted tokens, used when tokens is not "
+                           "given", group="run", bound="positive")
+    latent_parallel: int = option(1, "with --nproc: shards of the latents (the rest of the ranks split the data)",
+                                  group="run", bound="positive")
+
+    def __post_init__(self):
+        if isinstance(self.adam_betas, list):  # as JSON, YAML and argparse give it
+            self.adam_betas = tuple(self.adam_betas)
+        _validate(self)
+
+    def group(self, name: str) -> dict:
+        """The values of one field group (``"data"``, ``"train"`` or ``"run"``) as a dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == name}
 
     def resolved(self, d_in: int, n_tokens: int | None) -> TrainConfig:
         """A copy with every ``None`` replaced by the value it stands for."""
-        for name in ("n_latents", "batch_size", "geometric_median_samples", "log_every") + (("k",) if self.k is not None else ()):
-            _check_positive(name, getattr(self, name))
-        for name in ("tokens", "warmup_steps", "k_aux", "dead_tokens", "checkpoint_every_tokens"):
-            if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name), allow_zero=name == "warmup_steps")
-        if self.b_pre_init not in B_PRE_INITS:
-            raise ValueError(f"b_pre_init must be one of {', '.join(B_PRE_INITS)}, got {self.b_pre_init!r}.")
-        if isinstance(self.encoder_init_scale, bool) or not isinstance(self.encoder_init_scale, (int, float)) \
-                or not 0 < self.encoder_init_scale < math.inf:
-            raise ValueError(f"encoder_init_scale must be a positive finite number, got {self.encoder_init_scale!r}.")
-        if self.encoder_dtype not in ENCODER_DTYPES:
-            raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.encoder_dtype!r}.")
-        device = resolve_device(self.device)
-        if self.decay not in ("linear", "none"):
-            raise ValueError(f"decay must be 'linear' or 'none', got {self.decay!r}.")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise ValueError(f"ema must be None or a decay in (0, 1) such as 0.999, got {self.ema!r}.")
-        for name in ("lr", "lr_multiplier"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-        for name in ("adam_eps", "auxk_coef", "l1_coef") + (("grad_clip",) if self.grad_clip is not None else ()):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}.")
         B = self.batch_size
         tokens = self.tokens if self.tokens is not None else (n_tokens // B * B if n_tokens else None)
         if tokens is not None and tokens < B:
@@ -193,15 +136,72 @@ class TrainConfig:
         return replace(
             self,
             tokens=tokens,
-            adam_betas=tuple(self.adam_betas),
             lr=self.lr or self.lr_multiplier * paper_lr(self.n_latents),
             lr_multiplier=1.0,  # folded into lr
             warmup_steps=self.warmup_steps if self.warmup_steps is not None else min(1000, (steps or 20_000) // 20),
             k_aux=self.k_aux or max(1, min(512, d_in // 2)),
             dead_tokens=self.dead_tokens or min(10_000_000, max(B, (tokens or 100_000_000) // 10, typical_gap)),
             checkpoint_every_tokens=self.checkpoint_every_tokens or max(B, (tokens or 10_000_000) // 10),
-            device=str(device),
+            device=str(resolve_device(self.device)),
         )
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+TRAINER_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata["group"] == "train")
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """``(type, optional)`` of a field from its annotation: ``int | None`` gives ``(int, True)``,
+    ``tuple[float, float]`` gives ``(tuple, False)``."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return typing.get_origin(hint) or hint, False
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Refuse the first bad value of ``cfg`` in one sentence naming it (the only place values are checked)."""
+    for name, f in FIELDS.items():
+        value, (kind, optional) = getattr(cfg, name), field_type(name)
+        if value is None and optional:
+            continue
+        if name == "device":
+            resolve_device(value)
+        elif kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}.")
+        elif kind is str and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ValueError(f"{name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}.")
+        elif kind in (int, float):
+            bound = f.metadata.get("bound")
+            ok = _is_number(value) and (kind is float or isinstance(value, int))
+            if not ok or (bound == "positive" and value <= 0) or (bound == "non-negative" and value < 0):
+                what = f"{bound + ' ' if bound else ''}{'integer' if kind is int else 'finite number'}"
+                raise ValueError(f"{name} must be a {what}, got {value!r}.")
+    betas = cfg.adam_betas
+    if not (isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"adam_betas must be two numbers in [0, 1) such as (0.9, 0.999), got {betas!r}.")
+    if cfg.ema is not None and not 0 < cfg.ema < 1:
+        raise ValueError(f"ema must be None or a decay in (0, 1) such as 0.999, got {cfg.ema!r}.")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction must be a share in (0, 1) such as 0.1, got {cfg.val_fraction!r}.")
+    if cfg.ctx_len < 2:
+        raise ValueError(f"ctx_len must be an integer >= 2, got {cfg.ctx_len!r}.")
+    if cfg.max_tokens is not None and cfg.max_tokens < cfg.ctx_len:
+        raise ValueError(f"max_tokens must be at least one context ({cfg.ctx_len} tokens), got {cfg.max_tokens!r}.")
+    if cfg.k is None and cfg.arch != "relu":
+        raise ValueError(f"k must be a positive integer for arch={cfg.arch!r}, got None; only arch='relu' runs without k.")
+    if cfg.k is not None and cfg.k > cfg.n_latents:
+        raise ValueError(f"k={cfg.k} is larger than n_latents={cfg.n_latents}; choose k <= n_latents.")
+    if cfg.arch == "multitopk" and 4 * cfg.k > cfg.n_latents:
+        raise ValueError(f"multitopk trains with 4k={4 * cfg.k} latents but n_latents={cfg.n_latents}; choose k <= n_latents / 4.")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -221,19 +221,107 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-B_PRE_INITS = ("geometric_median", "mean", "zero")
-
-
 def paper_lr(n_latents: int) -> float:
     """The paper's learning-rate rule ``2e-4 / sqrt(n_latents / 2**14)`` (tuned on long runs)."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
-# fields that change what is logged or saved, or how a step is computed, not the recipe: a run
-# may resume with others (and resume folders written before a field existed)
-BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype", "device"}
+# ---- presets --------------------------------------------------------------------------------
+
+PRESETS = {
+    "ci": {
+        "train": dict(max_tokens=16_384, n_latents=1152, k=16, batch_size=1024, epochs=2.0, warmup_steps=5),
+        # eval_tokens: held-out tokens for reconstruction, N2G and ablation (the first half of the
+        # contexts explains N2G latents, the second scores them); downstream_contexts: contexts for
+        # the spliced CE; probe_per_source: contexts per text source for the probe tasks.
+        "eval": dict(eval_tokens=2048, downstream_contexts=4, probe_per_source=16, n2g_latents=16, ablation_latents=4),
+        # eval_tokens: held-out tokens to summarise; n2g_latents: how many latents get an N2G
+        # explanation (None: all that fire); ablation_latents: how many get measured ablation effects.
+        "view": dict(eval_tokens=4096, n_top=8, n_quantiles=3, per_quantile=3, hist_bins=24, n_logits=10,
+                     n_neighbours=8, search_latents=10, n2g_latents=None, ablation_latents=4, window=(20, 6), seed=0),
+        "bench": "quick",
+    },
+    "demo": {
+        # lr_multiplier: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run
+        # (validation NMSE 0.280 at 1x, 0.228 at 2x, 0.193 at 4x; see the README).
+        "train": dict(n_latents=4608, k=32, batch_size=4096, epochs=2.0, warmup_steps=50, decay="linear",
+                      lr_multiplier=4),
+        "eval": dict(eval_tokens=65_536, downstream_contexts=64, probe_per_source=128, n2g_latents=64,
+                     ablation_latents=32),
+        "view": dict(eval_tokens=65_536, n_top=16, n_quantiles=4, per_quantile=4, hist_bins=32, n_logits=12,
+                     n_neighbours=10, search_latents=16, n2g_latents=None, ablation_latents=32, window=(24, 8), seed=0),
+        "bench": "default",
+    },
+    "full": {
+        "train": dict(n_latents=32768, k=32, batch_size=16384, epochs=8.0, warmup_steps=200, decay="linear",
+                      ema=0.999),
+        "eval": dict(eval_tokens=1_048_576, downstream_contexts=1024, probe_per_source=1024, n2g_latents=512,
+                     ablation_latents=256),
+        "view": dict(eval_tokens=1_048_576, n_top=24, n_quantiles=5, per_quantile=5, hist_bins=40, n_logits=16,
+                     n_neighbours=12, search_latents=20, n2g_latents=4096, ablation_latents=256, window=(24, 8),
+                     seed=0),
+        "bench": "full",
+    },
+}
+
+# ``saelib bench`` grids, another axis than the presets: every combination of these values is timed
+BENCH_GRIDS = {
+    # tiny sizes, seconds: for tests and a smoke check of the installed peers
+    "quick": dict(d_in=(64,), n_latents=(512,), k=(8,), batch_size=(256,), dead_fraction=(0.25,)),
+    # the issue's headline configurations, a few minutes on 2 cores
+    "default": dict(d_in=(576,), n_latents=(4608, 18432), k=(32,), batch_size=(4096,), dead_fraction=(0.25, 0.0)),
+    # everything: both widths, three dictionary sizes, a larger batch (tens of minutes on 2 cores)
+    "full": dict(d_in=(576, 768), n_latents=(4608, 18432, 65536), k=(32,), batch_size=(4096, 16384),
+                 dead_fraction=(0.25, 0.0)),
+}
 
 
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}.")
+def section(name: str) -> dict[str, dict]:
+    """One consumer's part of every preset: ``section("eval")["ci"] is PRESETS["ci"]["eval"]``."""
+    return {preset: parts[name] for preset, parts in PRESETS.items()}
+
+
+# ---- resolving a run's configuration --------------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings of a ``.json`` or ``.yaml``/``.yml`` file: a flat mapping of field names to values."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        cfg = yaml.safe_load(text)
+    elif path.suffix == ".json":
+        cfg = json.loads(text)
+    else:
+        raise ValueError(f"Config file {path} must end in .json, .yaml or .yml.")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"Config file {path} must hold a flat mapping of names to values.")
+    unknown = sorted(set(cfg) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"Config file {path} has unknown key(s) {', '.join(map(str, unknown))}; valid keys are the "
+                         "fields of saelib.TrainConfig, listed by `saelib train --help` with dashes for underscores.")
+    return cfg
+
+
+def resolve(preset: str | None = None, config_file: str | Path | None = None, **overrides) -> TrainConfig:
+    """The run configuration: defaults, then the preset, then the file, then ``overrides`` (None = unset)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown setting(s) {', '.join(unknown)}; valid ones are the fields of saelib.TrainConfig.")
+    values = dict(PRESETS[preset]["train"]) if preset is not None else {}
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def split(cfg: TrainConfig) -> tuple[dict, dict]:
+    """``(data options, trainer options)`` of a run configuration (the ``run`` group goes to neither)."""
+    return cfg.group("data"), cfg.group("train")
+

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import config
 from .activations import cached_activations
-from .config import PRESETS, paper_lr
+from .config import PRESETS, TrainConfig, paper_lr
 from .evals import downstream_loss, held_out, reconstruction_metrics
 from .loading import RELEASED as ROOT
 from .loading import find, load, resolve  # noqa: F401  (saelib.released.find / resolve)
@@ -41,7 +41,7 @@ SITE = "resid_post"
 # ~0.93M-token Wikipedia train split, warmup 50, linear decay), with n, k and the layer set per entry
 # and the learning rate LR_MULTIPLE x the paper's rule 2e-4 / sqrt(n / 2^14), as the demo preset does.
 RECIPE_PRESET = "demo"
-LR_MULTIPLE = float(PRESETS[RECIPE_PRESET]["lr_multiplier"])
+LR_MULTIPLE = float(PRESETS[RECIPE_PRESET]["train"]["lr_multiplier"])
 # Held-out evaluation on the corpus's validation split: reconstruction metrics on EVAL_TOKENS
 # tokens, delta CE with the SAE spliced in on the first DOWNSTREAM_CONTEXTS contexts of 64 tokens
 # (four full forward passes each; sized so that a build on 2 busy shared cores evaluates in minutes).
@@ -76,8 +76,8 @@ class Release:
     def lr(self) -> float:
         return LR_MULTIPLE * paper_lr(self.n_latents)
 
-    def run_config(self) -> dict:
-        """The resolved run configuration (:mod:`saelib.config`) that trains it."""
+    def run_config(self) -> TrainConfig:
+        """The run configuration (:mod:`saelib.config`) that trains it."""
         return config.resolve(RECIPE_PRESET, model=self.model, site=self.site, layer=self.layer,
                               n_latents=self.n_latents, k=self.k, lr=self.lr, max_tokens=self.max_tokens,
                               warmup_steps=self.warmup_steps)
@@ -114,12 +114,11 @@ def build(selected: list[str] | None = None, runs: str | Path = "runs/release", 
     if unknown:
         raise ValueError(f"Unknown release(s) {', '.join(unknown)}; choose from {', '.join(by_name)}.")
     todo = [by_name[n] for n in selected] if selected else list(RELEASES)
-    for r in todo:
-        config.check(r.run_config())
+    configs = {r.name: r.run_config() for r in todo}  # every one checked before any work
     lm = load_lm(MODEL)
     groups: dict[str, dict] = {}  # releases that read the same text share one forward pass
     for r in todo:
-        data = config.split(r.run_config())[0]
+        data = configs[r.name].group("data")
         group = groups.setdefault(json.dumps({**data, "layer": None}, sort_keys=True), {**data, "layer": []})
         group["layer"].append(r.layer)
     for data in groups.values():

@@ -22,15 +22,15 @@ from .train import fit
 load_run = load
 
 
-def train_run(cfg: dict, out: str | Path, progress: bool = True) -> TopKSAE:
-    """Train the SAE a resolved run configuration describes; return it."""
+def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -> TopKSAE:
+    """Train the SAE a run configuration (:func:`saelib.config.resolve`) describes; return it."""
     data_opts, train_opts = config.split(cfg)
     cache = cached_activations(**data_opts, split="train", progress=progress)
     source = CachedSource(cache)
     if train_opts.get("tokens") is None:
-        train_opts["tokens"] = int(cfg["epochs"] * source.n_tokens)
+        train_opts["tokens"] = int(cfg.epochs * source.n_tokens)
     metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
-    latent_parallel = cfg["latent_parallel"] if launched() else None  # one rank of `saelib train --nproc N` / torchrun
+    latent_parallel = cfg.latent_parallel if launched() else None  # one rank of `saelib train --nproc N` / torchrun
     return fit(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress,
                latent_parallel=latent_parallel, **train_opts)
 

@@ -34,14 +34,13 @@ import torch
 from .activations import ActivationCache, CachedSource
 from .evals.reconstruction import reconstruction_metrics
 from .runs import read_metrics
-from .config import TrainConfig
+from .config import TRAINER_FIELDS
 from .sources import BatchSource
 from .train import fit
 
 # the keys a run name spells out, in order, with their short labels
 NAME_KEYS = {"arch": "", "n_latents": "n", "k": "k", "l1_coef": "l1", "auxk": "auxk", "tied_init": "tied",
              "tokens": "T", "seed": "s"}
-TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__}
 # where a run executes, not which run it is: left out of its folder name (a sweep resumes on a GPU)
 EXECUTION_KEYS = {"device"}
 RESULT_FILE = "sweep_result.json"
@@ -121,9 +120,9 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
         configs = configs[i::N]
     runs = [{**common, **cfg} for cfg in configs]
     for cfg, options in zip(configs, runs):  # before any training
-        unknown = sorted(set(options) - TRAIN_FIELDS)
+        unknown = sorted(set(options) - set(TRAINER_FIELDS))
         if unknown:
-            raise ValueError(f"Sweep config {cfg} has unknown option(s) {unknown}; use TrainConfig fields.")
+            raise ValueError(f"Sweep config {cfg} has unknown option(s) {unknown}; use TrainConfig's trainer fields.")
     source = CachedSource(cache) if isinstance(cache, ActivationCache) else cache
     x_val = validation.all_rows() if isinstance(validation, ActivationCache) else validation
     root = Path(root)

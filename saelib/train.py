@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (TrainState, finished, latest_checkpoint, load_checkpoint, merge_shards, read_sae_rows,
                          save_checkpoint, write_shared_folder)
-from .config import BOOKKEEPING, TrainConfig, paper_lr, resolve_device  # noqa: F401  (saelib.train.paper_lr, resolve_device)
+# paper_lr and resolve_device are imported by their old path, saelib.train, in notebooks and user code
+from .config import BOOKKEEPING, TRAINER_FIELDS, TrainConfig, paper_lr, resolve_device  # noqa: F401
 from .files import atomic_write_text
 from .grid import Grid, RankSlice, all_reduce, init_grid, init_shard, sharded_forward, sync_and_clip
 from .normalize import Normalizer
@@ -199,9 +200,9 @@ def fit(
         **options: any ``TrainConfig`` field (``tokens``, ``batch_size``, ``seed``, ``auxk``,
             ``device``...). Batches move to ``device`` one at a time; the data stays where it is.
     """
-    unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
+    unknown = sorted(set(options) - set(TRAINER_FIELDS))
     if unknown:
-        raise ValueError(f"fit() got unknown option(s) {unknown}; options are TrainConfig fields: {[f.name for f in fields(TrainConfig)]}.")
+        raise ValueError(f"fit() got unknown option(s) {unknown}; options are TrainConfig's trainer fields: {list(TRAINER_FIELDS)}.")
     cfg = TrainConfig(n_latents=n_latents, k=k, **options)
     source, normalizer = as_source(data, normalizer, normalize, cfg.geometric_median_samples)
     if isinstance(source, IterableSource) and "batch_size" not in options:
@@ -397,7 +398,7 @@ def _deferred_signals() -> Iterator[list[str]]:
 
 
 def _config_record(cfg: TrainConfig, d_in: int) -> dict:
-    return json.loads(json.dumps({"d_in": d_in, **asdict(cfg)}))
+    return json.loads(json.dumps({"d_in": d_in, **cfg.group("train")}))
 
 
 def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:

@@ -80,6 +80,69 @@ def test_unknown_model_and_corpus_and_config_key(capsys, tmp_path):
     assert_one_sentence(err, "learning_rate")
 
 
+def test_a_bad_value_in_a_config_file_is_refused_naming_it(capsys, tmp_path):
+    for name, text in [("cfg.json", json.dumps({"k": "eight"})), ("cfg.yaml", "n_latents: 512\nauxk: maybe\n")]:
+        (tmp_path / name).write_text(text)
+        code, _, err = run(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")], capsys)
+        assert code == 2
+        assert_one_sentence(err, "k" if name.endswith("json") else "auxk", "'eight'" if name.endswith("json") else "'maybe'")
+    (tmp_path / "unknown.yaml").write_text("n_latents: 512\nbatchsize: 64\n")
+    code, _, err = run(["extract", "--config", str(tmp_path / "unknown.yaml")], capsys)
+    assert code == 2
+    assert_one_sentence(err, "unknown.yaml", "batchsize")
+    assert not (tmp_path / "r").exists()
+
+
+def train_config(argv):
+    """The configuration `saelib train argv` would train, without training it."""
+    from unittest import mock
+
+    got = []
+    with mock.patch("saelib.runs.train_run", lambda cfg, out, progress=True: got.append(cfg)):
+        assert main(["train", *argv, "--out", "unused"]) == 0
+    return got[0]
+
+
+def test_every_config_field_is_a_flag_with_help_text():
+    from dataclasses import fields
+
+    from saelib.cli import build_parser
+    from saelib.config import TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions}
+    for f in fields(TrainConfig):
+        assert f.name in actions, f"TrainConfig.{f.name} has no flag"
+        assert f.metadata["help"] and f.metadata["help"] in actions[f.name].help.replace("%%", "%")
+        assert actions[f.name].option_strings[0] == "--" + f.name.replace("_", "-")
+
+
+def test_flags_take_their_types_from_the_fields_and_override_file_and_preset(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("k: 8\nlr_multiplier: 2\nseed: 3\n")
+    cfg = train_config(["--preset", "ci", "--config", str(tmp_path / "cfg.yaml"), "--seed", "4", "--no-auxk",
+                        "--adam-betas", "0.8", "0.95", "--k-aux", "7", "--ema", "0.99", "--max-tokens", "4096"])
+    assert (cfg.n_latents, cfg.batch_size) == (1152, 1024)  # the preset
+    assert (cfg.k, cfg.lr_multiplier) == (8, 2)  # the file over the preset
+    assert (cfg.seed, cfg.auxk, cfg.adam_betas, cfg.k_aux, cfg.ema, cfg.max_tokens) == (4, False, (0.8, 0.95), 7, 0.99, 4096)
+    assert train_config(["--preset", "ci", "--no-auxk", "--auxk"]).auxk is True
+
+
+def test_presets_come_from_one_registry():
+    from saelib import bench, config, evals, viz
+    from saelib.cli import build_parser
+
+    for name, preset in config.PRESETS.items():
+        assert evals.PRESETS[name] is preset["eval"] and viz.PRESETS[name] is preset["view"]
+        assert preset["bench"] in config.BENCH_GRIDS
+        assert config.resolve(name) == config.TrainConfig(**preset["train"])
+    assert bench.PRESETS is config.BENCH_GRIDS
+    assert sorted(config.PRESETS) == ["ci", "demo", "full"]
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("extract", "train", "eval", "view"):
+        preset = next(a for a in subcommands[command]._actions if a.dest == "preset")
+        assert sorted(preset.choices) == sorted(config.PRESETS)
+
+
 def test_eval_of_a_missing_run(capsys, tmp_path):
     code, _, err = run(["eval", str(tmp_path / "nothing")], capsys)
     assert code == 2

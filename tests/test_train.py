@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from saelib import load
+from saelib.config import TrainConfig, paper_lr
 from saelib.sae import TopKSAE
-from saelib.train import TensorSource, TrainConfig, fit, geometric_median, latest_checkpoint, learning_rate, paper_lr
+from saelib.train import TensorSource, fit, geometric_median, latest_checkpoint, learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,6 +205,49 @@ def test_bad_k_is_refused(k, match):
 def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match="learning_rate"):
         fit(torch.randn(512, 16), 64, 4, learning_rate=1e-3, progress=False)
+
+
+@pytest.mark.parametrize("option", ["model", "layer", "epochs", "latent_parallel"])
+def test_fit_refuses_the_data_and_run_fields_of_the_config(option):
+    """They belong to `saelib train` (which extracts the activations), not to a trainer handed its data."""
+    with pytest.raises(ValueError, match=rf"fit\(\) got unknown option\(s\) \['{option}'\]; options are TrainConfig's trainer fields"):
+        fit(torch.randn(512, 16), 64, 4, progress=False, **{option: 1})
+
+
+def test_the_old_import_paths_still_work():
+    import saelib
+    import saelib.train
+    from saelib import config
+
+    assert saelib.TrainConfig is saelib.train.TrainConfig is config.TrainConfig
+    assert saelib.train.paper_lr is config.paper_lr and saelib.train.resolve_device is config.resolve_device
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(seed=-1), "seed must be a non-negative integer, got -1"),
+    (dict(batch_size=2.5), "batch_size must be a positive integer, got 2.5"),
+    (dict(auxk="yes"), "auxk must be true or false, got 'yes'"),
+    (dict(adam_betas=(0.9, 1.5)), r"adam_betas must be two numbers in \[0, 1\)"),
+    (dict(decay="cosine"), "decay must be one of linear, none, got 'cosine'"),
+    (dict(ema=1.0), "ema must be None or a decay in"),
+    (dict(arch="multitopk", n_latents=64, k=32), "multitopk trains with 4k=128 latents"),
+    (dict(k=None), "k must be a positive integer for arch='topk', got None"),
+    (dict(ctx_len=1), "ctx_len must be an integer >= 2, got 1"),
+    (dict(max_tokens=10, ctx_len=64), r"max_tokens must be at least one context \(64 tokens\), got 10"),
+    (dict(val_fraction=1.0), r"val_fraction must be a share in \(0, 1\)"),
+])
+def test_every_value_is_checked_when_the_config_is_built(options, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**options)
+
+
+def test_replace_checks_again_and_lists_become_tuples():
+    from dataclasses import replace
+
+    cfg = TrainConfig(adam_betas=[0.8, 0.99])
+    assert cfg.adam_betas == (0.8, 0.99)
+    with pytest.raises(ValueError, match="n_latents must be a positive integer, got 0"):
+        replace(cfg, n_latents=0)
 
 
 def test_nan_batch_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 
+from .. import config
 from ..loading import load
 from .ablation import ablation_sparsity
 from .downstream import downstream_loss, splice
@@ -38,16 +39,8 @@ __all__ = ["PRESETS", "evaluate", "held_out", "HeldOut", "reconstruction_metrics
            "density_histogram", "downstream_loss", "splice", "probe_loss", "probe_results", "TASKS", "n2g",
            "ablation_sparsity"]
 
-PRESETS = {
-    # eval_tokens: held-out tokens for reconstruction, N2G and ablation (the first half of the
-    # contexts explains N2G latents, the second scores them); downstream_contexts: contexts for the
-    # spliced CE; probe_per_source: contexts per text source for the probe tasks.
-    "ci": dict(eval_tokens=2048, downstream_contexts=4, probe_per_source=16, n2g_latents=16, ablation_latents=4),
-    "demo": dict(eval_tokens=65_536, downstream_contexts=64, probe_per_source=128, n2g_latents=64,
-                 ablation_latents=32),
-    "full": dict(eval_tokens=1_048_576, downstream_contexts=1024, probe_per_source=1024, n2g_latents=512,
-                 ablation_latents=256),
-}
+# options of evaluate() at each preset of saelib.config (one registry: PRESETS["ci"] is config.PRESETS["ci"]["eval"])
+PRESETS = config.section("eval")
 
 
 def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, seed: int = 0, progress: bool = True,

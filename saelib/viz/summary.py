@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import config
 from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
 from ..evals.heldout import encode, held_out, site_activations, trained_site
@@ -49,16 +50,8 @@ FORMAT_VERSION = 1
 SUMMARY_DIR = "viz_summary"
 DENSE_THRESHOLD = 0.1  # the paper's (and saelib.evals') "dense latent": fires on more than 10% of tokens
 
-PRESETS = {
-    # eval_tokens: held-out tokens to summarise; n2g_latents: how many latents get an N2G
-    # explanation (None: all that fire); ablation_latents: how many get measured ablation effects.
-    "ci": dict(eval_tokens=4096, n_top=8, n_quantiles=3, per_quantile=3, hist_bins=24, n_logits=10, n_neighbours=8,
-               search_latents=10, n2g_latents=None, ablation_latents=4, window=(20, 6), seed=0),
-    "demo": dict(eval_tokens=65_536, n_top=16, n_quantiles=4, per_quantile=4, hist_bins=32, n_logits=12,
-                 n_neighbours=10, search_latents=16, n2g_latents=None, ablation_latents=32, window=(24, 8), seed=0),
-    "full": dict(eval_tokens=1_048_576, n_top=24, n_quantiles=5, per_quantile=5, hist_bins=40, n_logits=16,
-                 n_neighbours=12, search_latents=20, n2g_latents=4096, ablation_latents=256, window=(24, 8), seed=0),
-}
+# options of summarize() at each preset of saelib.config (one registry: PRESETS["ci"] is config.PRESETS["ci"]["view"])
+PRESETS = config.section("view")
 
 
 @dataclass
