@@ -207,9 +207,10 @@ def test_unknown_option_is_refused():
         fit(torch.randn(512, 16), 64, 4, learning_rate=1e-3, progress=False)
 
 
-@pytest.mark.parametrize("option", ["model", "layer", "epochs", "latent_parallel"])
+@pytest.mark.parametrize("option", ["model", "layer", "epochs"])
 def test_fit_refuses_the_data_and_run_fields_of_the_config(option):
-    """They belong to `saelib train` (which extracts the activations), not to a trainer handed its data."""
+    """They belong to `saelib train` (which extracts the activations), not to a trainer handed its data
+    (latent_parallel is fit's own argument: it joins a torch.distributed grid)."""
     with pytest.raises(ValueError, match=rf"fit\(\) got unknown option\(s\) \['{option}'\]; options are TrainConfig's trainer fields"):
         fit(torch.randn(512, 16), 64, 4, progress=False, **{option: 1})
 
