@@ -471,7 +471,7 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead: Tensor
 
     Raises ``FloatingPointError`` before touching the weights if the loss is not finite.
     """
-    result = sae(x, dead, k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, l1_coef=cfg.l1_coef)
+    result = sae.train_forward(x, dead, k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, l1_coef=cfg.l1_coef)
     if not bool(torch.isfinite(result.loss)):
         raise FloatingPointError(f"Loss is {result.loss.item()}")
     opt.zero_grad(set_to_none=True)
