@@ -3,16 +3,18 @@
     export(sae, "saelens" | "sparsify" | "openai", out_dir) -> path the peer library loads
     import_sae(path) -> TopKSAE        # any of those layouts, or a native saelib folder
 
-Conventions (the full mapping is in ``docs/interop.md``). A saelib SAE works on normalised
-activations ``x_n = (x - mean) / s``; the peers take raw activations and subtract one decoder
-bias. Exports fold the normaliser into the weights so that the peer sees raw activations::
+Conventions (the full mapping is in ``docs/interop.md``). A saelib SAE takes raw activations, as
+the peers do, but its weights live on the normalised scale ``x_n = (x - mean) / s`` (the normaliser
+is applied inside ``encode`` and inverted inside ``decode``); the peers subtract one decoder bias
+from raw activations. Exports fold the normaliser into the weights so that the peer needs none::
 
     b_dec  = mean + s * b_pre          (SAELens b_dec, sparsify b_dec, OpenAI pre_bias)
     W_enc, W_dec unchanged             (decoder rows stay unit norm)
     b_enc' = s * b_enc                 (latents come out multiplied by s: z' = s z)
     threshold' = s * threshold         (JumpReLU-style threshold, SAELens only)
 
-so ``peer_reconstruction(x) == s * saelib_reconstruction(x_n) + mean`` to float tolerance. The
+so ``peer_reconstruction(x) == sae(x).x_hat`` (and ``peer_latents(x) == s * sae.encode(x)``) to
+float tolerance, on the same raw ``x``. The
 folding is not bit-exact in float32, so every export also writes ``saelib.json`` and
 ``saelib.safetensors`` (the config and the small vectors ``b_enc, b_pre, normalizer_mean,
 threshold``) next to the peer's files: importing an unmodified export gives back the SAE bit

@@ -135,7 +135,7 @@ def _stable_order(keys: Tensor, bound: int) -> Tensor:
 
 # the row-gradient memories of each weight (by id, dropped when the weight is), reused across steps
 _ROW_GRAD_MEMORY: dict[int, list[Tensor]] = {}
-# memories kept per weight: one per step inside chained_row_gradients (TopKSAE.forward), two when
+# memories kept per weight: one per step inside chained_row_gradients (TopKSAE.train_forward), two when
 # two unchained ops over one weight each return a gradient (which autograd then sums)
 ROW_GRAD_MEMORIES = 2
 
@@ -177,7 +177,7 @@ _CHAIN = threading.local()
 @contextlib.contextmanager
 def chained_row_gradients():
     """Within it, the sparse ops over one weight form a chain, so that its row gradients add into one
-    tensor (``TopKSAE.forward`` opens it: its main code and AuxK's use both weights).
+    tensor (``TopKSAE.train_forward`` opens it: its main code and AuxK's use both weights).
 
     Each op takes the previous op's alias of the weight as its input in place of the weight and
     gives an alias of its own (same data; the gradient flows back through it). In the backward

@@ -2,7 +2,7 @@
 
 ``x_norm = (x - mean) / scale`` with ``scale = sqrt(E ||x - mean||^2)``, so that
 ``E ||x_norm||^2 = 1`` per token. Metrics are reported on this scale; the statistics travel
-with the SAE so a reconstruction can be mapped back (``invert``) before splicing into the LM.
+with the SAE, which applies them to its raw inputs and inverts them on its reconstructions.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class Normalizer:
         if not scale > 0:
             raise ValueError(f"The activations have zero (or non-finite) spread (scale {scale}); check the data.")
         return cls(mean.float(), float(scale))
+
+    def is_identity(self) -> bool:
+        """Mean 0 and scale 1: ``apply`` and ``invert`` leave every value as it is."""
+        return self.scale == 1.0 and not bool(self.mean.any())
 
     def apply(self, x: Tensor) -> Tensor:
         """``(..., d_in)`` raw -> normalised."""

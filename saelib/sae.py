@@ -27,8 +27,13 @@ Any SAE can be given an inference-time JumpReLU-style threshold,
 ``sae.set_threshold_for_l0(x, l0)``: then ``z = pre * (pre > threshold)`` with a single global
 threshold chosen to hit the target L0 on a sample.
 
-The SAE works on normalised activations; ``sae.normalizer`` maps raw activations to that scale
-and back (``sae.normalizer.invert(x_hat)`` before splicing into the LM).
+The public methods speak the model's units: ``encode``, ``decode``, ``sae(x)`` and
+``set_threshold_for_l0`` take and return RAW activations, as SAELens, sparsify and OpenAI's code
+do. Inside, ``sae.normalizer`` (the dataset mean and scale, saved with the SAE) maps ``x`` to the
+normalised scale the weights live on, ``x_n = (x - mean) / scale``, and maps ``x_hat`` back, so the
+maths above reads ``x_n`` for ``x``. Latent values and the loss terms stay on the normalised scale
+(the paper reports its metrics there). ``train_forward`` is the trainer's step on batches it has
+already normalised.
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ class Latents:
 
 
 class ForwardOutput(NamedTuple):
-    """What ``sae(x)`` returns. Losses are scalars on the normalised scale."""
+    """What ``sae(x)`` and ``sae.train_forward(x_n)`` return: ``x_hat`` on the scale of their input
+    (raw, normalised), latent values and losses (scalars) on the normalised scale."""
 
     x_hat: Tensor  # (..., d_in)
     latents: Latents
@@ -127,6 +133,11 @@ def _check_size(name: str, value, hint: str) -> None:
 
 class TopKSAE(nn.Module):
     """A k-sparse autoencoder (and its variants, chosen by ``arch``).
+
+    ``encode(x)``, ``decode(z)`` and ``sae(x)`` take and return the model's raw activations
+    ``(..., d_in)``: ``normalizer`` is applied inside (and inverted on ``x_hat``). Latent values
+    and the losses of ``sae(x)`` are on the normalised scale; ``train_forward`` takes batches
+    already normalised (the trainer's).
 
     Args:
         d_in: activation width.
@@ -205,6 +216,18 @@ class TopKSAE(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
             raise ValueError(f"Input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}.")
+
+    def _normalised(self, x: Tensor) -> Tensor:
+        """Raw ``x (..., d_in)`` on the SAE's scale; ``x`` itself under an identity normaliser (no
+        batch-sized copy), so the shape is checked here, before the normaliser broadcasts."""
+        self._check_input(x)
+        normalizer = self.normalizer
+        return x if normalizer.is_identity() else normalizer.apply(x)
+
+    def _raw(self, x_hat: Tensor) -> Tensor:
+        """``x_hat (..., d_in)`` from the SAE's scale back to raw activations (itself under an identity)."""
+        normalizer = self.normalizer
+        return x_hat if normalizer.is_identity() else normalizer.invert(x_hat)
 
     def _preacts(self, x: Tensor, columns: Tensor | None = None) -> Tensor:
         """``pre = W_enc (x - b_pre) + b_enc`` without gradient, in ``encoder_dtype`` (the gradient
@@ -322,17 +345,23 @@ class TopKSAE(nn.Module):
         return self._topk(x, pre, self.k, columns)
 
     def encode(self, x: Tensor, k: int | None = None) -> Latents:
-        """``(..., d_in)`` -> ``Latents`` of shape ``(..., m)``.
+        """Raw activations ``(..., d_in)`` -> ``Latents`` of shape ``(..., m)``, normalised first.
 
-        ``k`` overrides the arch with a per-token TopK of that size (for multitopk any
-        ``k <= 4 * sae.k`` is what it was trained for). Otherwise a threshold set by
+        The latent values are on the normalised scale (a peer export's are ``normalizer.scale``
+        times larger). ``k`` overrides the arch with a per-token TopK of that size (for multitopk
+        any ``k <= 4 * sae.k`` is what it was trained for). Otherwise a threshold set by
         ``set_threshold_for_l0`` applies, then the arch's own rule.
         """
-        pre = self._preacts(x)
-        return self._select(x, pre, k)
+        x = self._normalised(x)
+        return self._select(x, self._preacts(x), k)
 
     def decode(self, z: Latents | Tensor) -> Tensor:
-        """``Latents`` (sparse decode, sparse backward) or dense ``(..., n_latents)`` -> ``(..., d_in)``."""
+        """``Latents`` (sparse decode, sparse backward) or dense ``(..., n_latents)`` -> raw
+        activations ``(..., d_in)``: ``normalizer.invert`` of ``W_dec^T z + b_pre``."""
+        return self._raw(self._decode(z))
+
+    def _decode(self, z: Latents | Tensor) -> Tensor:
+        """``decode`` on the normalised scale."""
         if isinstance(z, Latents):
             return sparse_decode(z.values, z.indices, self.W_dec, z.pattern) + self.b_pre
         if z.shape[-1] != self.n_latents:
@@ -341,8 +370,15 @@ class TopKSAE(nn.Module):
 
     # ---- training loss --------------------------------------------------------------------
 
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, **loss_options) -> ForwardOutput:
+        """Reconstruct raw activations ``x (B, d_in)``: ``train_forward`` on ``normalizer.apply(x)``,
+        with ``x_hat`` mapped back to raw activations; latents and losses stay on the normalised
+        scale. ``dead_mask`` and ``loss_options`` are those of ``train_forward``."""
+        out = self.train_forward(self._normalised(x), dead_mask, **loss_options)
+        return out._replace(x_hat=self._raw(out.x_hat))
+
     @chained_row_gradients()  # the main code's and AuxK's row gradients add into one tensor per weight
-    def forward(
+    def train_forward(
         self,
         x: Tensor,
         dead_mask: Tensor | None = None,
@@ -351,7 +387,8 @@ class TopKSAE(nn.Module):
         auxk_coef: float = 1 / 32,
         l1_coef: float = 0.0,
     ) -> ForwardOutput:
-        """Reconstruct ``x (B, d_in)`` and compute the loss terms.
+        """Reconstruct a batch already on the normalised scale, ``x (B, d_in)``, and compute the
+        loss terms; ``x_hat`` stays on that scale (the trainer's step; ``sae(x)`` takes raw ones).
 
         Args:
             dead_mask: ``(n_latents,)`` bool, latents counted as dead; enables AuxK: the top
@@ -372,7 +409,7 @@ class TopKSAE(nn.Module):
             aux_decode = self._auxk_decode(x, pre, columns, n_dead, k_aux)
         if self.arch == "relu" and torch.isnan(self.threshold):
             z = F.relu(F.linear(x - self.b_pre, self.W_enc, self.b_enc))  # dense: early ReLU codes are not sparse
-            x_hat = self.decode(z)
+            x_hat = self._decode(z)
             with torch.no_grad():
                 latents = self._masked(x, pre, pre > 0, columns)
             l1 = z.sum(-1).mean()
@@ -382,18 +419,16 @@ class TopKSAE(nn.Module):
                 latents = Latents(wide.values[..., : self.k], wide.indices[..., : self.k], self.n_latents)
             else:
                 latents = self._select(x, pre, None, columns)
-            x_hat = self.decode(latents)
+            x_hat = self._decode(latents)
             l1 = latents.values.sum(-1).mean()
         loss_nmse = nmse(x, x_hat)
-        multik = nmse(x, self.decode(wide)) if self.arch == "multitopk" else zero
+        multik = nmse(x, self._decode(wide)) if self.arch == "multitopk" else zero
         auxk = zero
         if n_dead:
             auxk = nmse((x - x_hat).detach(), aux_decode)  # the dead latents model the residual
         # The L1 penalty belongs to the ReLU baseline only: TopK's sparsity comes from k.
         loss = loss_nmse + multik / 8 + auxk_coef * auxk + (l1_coef * l1 if self.arch == "relu" else zero)
         return ForwardOutput(x_hat, latents, loss, loss_nmse, auxk, multik, l1, latents.l0().detach())
-
-    train_forward = forward  # the trainer's entry on normalised batches
 
     def _auxk_decode(self, x: Tensor, pre: Tensor, columns: Tensor, n_dead: int, k_aux: int) -> Tensor:
         """``(..., d_in)``: the top ``k_aux`` dead latents' reconstruction, without ``b_pre``.
@@ -456,13 +491,15 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def set_threshold_for_l0(self, x: Tensor, l0: float) -> float:
-        """Choose the global threshold that gives mean L0 ``l0`` on the sample ``x (N, d_in)``.
+        """Choose the global threshold that gives mean L0 ``l0`` on the sample of raw activations
+        ``x (N, d_in)``.
 
-        Returns the threshold; from then on ``encode`` keeps ``pre > threshold`` (JumpReLU-style).
+        Returns the threshold (on the normalised scale, like the latents); from then on ``encode``
+        keeps ``pre > threshold`` (JumpReLU-style).
         """
         if not 0 < l0 <= self.n_latents:
             raise ValueError(f"target L0 must be in (0, n_latents={self.n_latents}], got {l0}.")
-        pre = self._preacts(x.reshape(-1, self.d_in))
+        pre = self._preacts(self._normalised(x).reshape(-1, self.d_in))
         flat = pre.flatten()
         n_keep = min(max(int(round(l0 * pre.shape[0])), 1), flat.numel() - 1)
         value = max(float(flat.topk(n_keep + 1).values[-1]), 0.0)

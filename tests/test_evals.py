@@ -80,7 +80,7 @@ def test_zero_reconstruction_equals_zero_ablation(lm, held):
     zero = TopKSAE(lm.d_model, 16, 2, normalizer=norm)
     with torch.no_grad():
         zero.W_dec.zero_()
-        zero.b_pre.copy_(-norm.mean / norm.scale)  # decode() = b_pre, inverted to 0
+        zero.b_pre.copy_(-norm.mean / norm.scale)  # b_pre on the normalised scale is 0 raw: decode() = 0
     m = downstream_loss(zero, lm, held.ids[:2], LAYER, progress=False)
     # equal up to float rounding of (b_pre * scale + mean), about 1e-6 per coordinate
     assert m["ce_sae"] == pytest.approx(m["ce_zero"], rel=1e-3)

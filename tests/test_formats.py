@@ -83,11 +83,12 @@ PEER_SCRIPT = textwrap.dedent(
 )
 
 
-def make_sae(arch="topk", k=K, seed=0, threshold=None):
-    """A trained-looking SAE: untied weights, non-zero biases, a non-trivial normaliser."""
+def make_sae(arch="topk", k=K, seed=0, threshold=None, normalizer=None):
+    """A trained-looking SAE: untied weights, non-zero biases, a non-trivial normaliser (by default
+    fitted to activations like ``raw_input``'s)."""
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(512, D_IN, generator=g) * 3 + torch.linspace(-2, 2, D_IN)
-    sae = TopKSAE(D_IN, N_LATENTS, k, arch=arch, normalizer=Normalizer.fit(raw), generator=g,
+    sae = TopKSAE(D_IN, N_LATENTS, k, arch=arch, normalizer=normalizer or Normalizer.fit(raw), generator=g,
                   metadata={"model": "toy", "layer": 3, "site": "resid_post", "ctx_len": 64})
     with torch.no_grad():
         sae.W_enc.add_(0.2 * torch.randn(N_LATENTS, D_IN, generator=g))
@@ -109,7 +110,7 @@ def reconstruct(sae, x):
         if sae.metadata.get("input_norm") == "layer_norm":
             x_ln, mu, std = formats.layer_norm(x)
             return sae.decode(sae.encode(x_ln)) * std + mu
-        return sae.normalizer.invert(sae.decode(sae.encode(sae.normalizer.apply(x))))
+        return sae.decode(sae.encode(x))
 
 
 def assert_same_state(a, b):
@@ -127,6 +128,7 @@ EXPORTS = [  # (name, format, arch, threshold)
     ("openai_topk", "openai", "topk", None),
     ("openai_relu", "openai", "relu", None),
 ]
+RAW_CASE = "saelens_raw_activations"  # a topk SAE with a random-mean, scale-3.5 normaliser, as SAELens
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +145,15 @@ def peers(tmp_path_factory):
     for i, (name, fmt, arch, threshold) in enumerate(EXPORTS):
         saes[name] = make_sae(arch, k=None if arch == "relu" else K, seed=i, threshold=threshold)
         paths[name] = formats.export(saes[name], fmt, root / name)
+    # a normaliser unrelated to the data, so that a missing apply or invert shows at full size
+    g = torch.Generator().manual_seed(len(EXPORTS))
+    saes[RAW_CASE] = make_sae(seed=len(EXPORTS), normalizer=Normalizer(2 * torch.randn(D_IN, generator=g), 3.5))
+    paths[RAW_CASE] = formats.export(saes[RAW_CASE], "saelens", root / RAW_CASE)
     (root / "native").mkdir()
     job = {"x": str(root / "x.safetensors"), "out": str(root / "peer.safetensors"), "native": str(root / "native"),
            "n": N_LATENTS, "k": K, "openai": has_openai,
-           "load": {name: (fmt, str(paths[name])) for name, fmt, _, _ in EXPORTS if has_openai or fmt != "openai"}}
+           "load": {name: (fmt, str(paths[name])) for name, fmt, _, _ in [*EXPORTS, (RAW_CASE, "saelens", None, None)]
+                    if has_openai or fmt != "openai"}}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run([str(PEERS_PYTHON), "-c", PEER_SCRIPT, json.dumps(job)], capture_output=True, text=True,
                             timeout=300, env=env, cwd=root)
@@ -166,8 +173,20 @@ def test_peer_library_reconstructs_like_saelib(peers, name):
     sae = saes[name]
     torch.testing.assert_close(out[f"{name}.recons"], reconstruct(sae, x), rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # latents: the same code, multiplied by the normaliser's scale
-        ours = sae.encode(sae.normalizer.apply(x)).to_dense() * sae.normalizer_scale
+        ours = sae.encode(x).to_dense() * sae.normalizer_scale
     torch.testing.assert_close(out[f"{name}.latents"], ours, rtol=1e-4, atol=1e-4)
+
+
+def test_sae_takes_the_same_raw_activations_as_its_saelens_export(peers):
+    """sae(x) on the model's raw activations is what SAELens computes from the same x with the
+    exported SAE: the normaliser is applied inside, not left to the caller."""
+    saes, _, x, out, _ = peers
+    sae = saes[RAW_CASE]
+    assert sae.normalizer_scale == 3.5 and sae.normalizer_mean.abs().min() > 0
+    with torch.no_grad():
+        x_hat = sae(x).x_hat
+    theirs = out[f"{RAW_CASE}.recons"]
+    assert float((x_hat - theirs).norm() / theirs.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("name", [name for name, *_ in EXPORTS])

@@ -88,7 +88,7 @@ def test_forward_with_native_auxk_equals_the_torch_ops_in_a_training_step(monkey
         monkeypatch.setenv("SAELIB_NATIVE", setting)
         native.reset()
         sae.zero_grad()
-        out = sae(x, dead, k_aux=16)
+        out = sae.train_forward(x, dead, k_aux=16)
         out.loss.backward()
         results.append((out.auxk_loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
     assert native.unavailable() == "SAELIB_NATIVE=0 turns them off"

@@ -162,15 +162,15 @@ def test_chained_ops_add_their_row_gradients_into_one_tensor(part):
 
 @pytest.mark.parametrize("arch", ["topk", "multitopk", "batchtopk", "relu"])
 def test_forward_with_auxk_has_the_unchained_gradients_for_every_arch(arch):
-    """TopKSAE.forward chains its ops' row gradients (the relu arch picks its code without gradient
-    first): every parameter's gradient equals the one from the same forward unchained."""
+    """TopKSAE.train_forward chains its ops' row gradients (the relu arch picks its code without
+    gradient first): every parameter's gradient equals the one from the same forward unchained."""
     sae = make_sae(arch=arch, k=4)
     with torch.no_grad():
         sae.b_enc.normal_()  # relu's code is not empty
     x = torch.randn(24, 16)
     dead = torch.arange(64) % 3 == 0
     grads = []
-    for forward in (TopKSAE.forward, TopKSAE.forward.__wrapped__):
+    for forward in (TopKSAE.train_forward, TopKSAE.train_forward.__wrapped__):
         sae.zero_grad(set_to_none=True)
         forward(sae, x, dead, l1_coef=1e-3).loss.backward()
         grads.append([p.grad.clone() for p in sae.parameters()])
@@ -362,6 +362,38 @@ def test_save_load_round_trip(tmp_path):
     assert not loaded.training and not list(folder.glob(".*tmp*"))
     x = torch.randn(4, 16)
     torch.testing.assert_close(loaded.encode(x).values, sae.encode(x).values)
+
+
+@pytest.mark.parametrize("arch", ["topk", "multitopk", "relu"])
+def test_public_methods_take_and_return_raw_activations(arch):
+    """encode/decode and sae(x) normalise inside: sae(x_raw) is the trainer's train_forward on the
+    normalised batch, mapped back; its losses and latents are those of the normalised scale."""
+    g = torch.Generator().manual_seed(1)
+    normalizer = Normalizer(torch.randn(16, generator=g), 3.5)
+    sae = make_sae(arch=arch, k=None if arch == "relu" else 4, normalizer=normalizer).eval()
+    with torch.no_grad():
+        sae.b_pre.normal_(generator=g)
+    x = normalizer.invert(torch.randn(32, 16, generator=g))
+    out = sae(x)
+    trained = sae.train_forward(normalizer.apply(x))
+    # relu's sae(x) decodes its dense code by a GEMM, encode's sparse code sums in another order
+    exact = {} if arch == "relu" else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(out.x_hat, sae.decode(sae.encode(x)), **exact)
+    torch.testing.assert_close(out.x_hat, normalizer.invert(trained.x_hat), rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, trained.loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.latents.values, trained.latents.values, rtol=0, atol=0)
+
+
+def test_identity_normalizer_passes_activations_through_unchanged():
+    """With mean 0 and scale 1 there is nothing to apply: the input and the decoded tensor are used
+    as they are, bit for bit the normalised-scale results."""
+    sae = make_sae()
+    x = torch.randn(8, 16)
+    assert sae._normalised(x) is x
+    z = sae.encode(x)
+    decoded = sae._decode(z)
+    assert sae._raw(decoded) is decoded
+    assert torch.equal(sae(x).x_hat, sae.train_forward(x).x_hat)
 
 
 def test_load_errors_name_the_file_and_value(tmp_path):

@@ -64,9 +64,9 @@ def splice(lm: LM, ids: Tensor, layer: int, site: str, reconstruct: Reconstruct 
 
 
 def sae_reconstruct(sae) -> Reconstruct:
-    """Raw activations -> the SAE's reconstruction, mapped back to the raw scale."""
+    """Raw activations -> the SAE's reconstruction, in raw activations."""
     def reconstruct(x: Tensor) -> Tensor:
-        return sae.normalizer.invert(sae.decode(sae.encode(sae.normalizer.apply(x))))
+        return sae.decode(sae.encode(x))
     return reconstruct
 
 

@@ -74,15 +74,14 @@ def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipe
 
 @torch.no_grad()
 def encode(sae, x_raw: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """The SAE's sparse code of raw activations ``(..., d)``: ``(values, indices)``, each ``(..., m)``.
-
-    Inputs are normalised with ``sae.normalizer`` first; batched to bound memory.
+    """The SAE's sparse code of raw activations ``(..., d)``: ``(values, indices)``, each ``(..., m)``,
+    values on the SAE's normalised scale; batched to bound memory.
     """
     flat = x_raw.reshape(-1, x_raw.shape[-1])
     values, indices = [], []
     width = 0
     for start in range(0, len(flat), batch_size):
-        z = sae.encode(sae.normalizer.apply(flat[start:start + batch_size]))
+        z = sae.encode(flat[start:start + batch_size])
         values.append(z.values)
         indices.append(z.indices)
         width = max(width, z.values.shape[-1])

@@ -41,9 +41,10 @@ def density_histogram(density: Tensor, bins: int = 50) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def reconstruction_metrics(sae, x_raw: Tensor, batch_size: int = 4096) -> dict:
     """NMSE, explained variance, L0, dead and dense fractions of ``sae`` on raw activations ``(N, d)``."""
-    x = sae.normalizer.apply(x_raw)
+    x = sae.normalizer.apply(x_raw)  # the metrics' scale (the SAE itself takes raw activations)
     values, indices = encode(sae, x_raw, batch_size)
-    x_hat = torch.cat([sae.decode(sae.encode(x[s:s + batch_size])) for s in range(0, len(x), batch_size)])
+    x_hat = sae.normalizer.apply(torch.cat([sae.decode(sae.encode(x_raw[s:s + batch_size]))
+                                            for s in range(0, len(x_raw), batch_size)]))
     err = x - x_hat
     total = (x - x.mean(0)).pow(2).sum()
     density = _density(values, indices, sae.n_latents)
