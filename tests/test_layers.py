@@ -26,7 +26,9 @@ LAYERS = [
     ["evals", "evals.ablation", "evals.downstream", "evals.heldout", "evals.n2g", "evals.probe_sources", "evals.probes",
      "evals.reconstruction"],
     ["viz", "viz.static", "viz.summary", "viz.widget", "sweep", "results", "released", "plots"],
-    ["cli", "bench", "__main__", "__init__"],
+    ["bench.cases", "bench.memory", "bench.report"],
+    ["bench.peers", "bench.experiments"],
+    ["cli", "bench", "bench.__main__", "__main__", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

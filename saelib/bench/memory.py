@@ -1,0 +1,94 @@
+"""What a throughput number depends on: peak memory per implementation, the memory a configuration
+needs, and the machine (threads, CPU, device, versions, load)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+
+import torch
+
+from .. import native
+from ..files import cpu_info
+from ..version import __version__
+from .cases import BenchConfig
+
+
+def _rss_mb(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in MB (Linux); ``None`` elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Return freed heap to the OS and restart the peak-RSS counter (Linux), and on a GPU the peak
+    allocated-memory counter, so each impl's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _needed_gb(impl: str, cfg: BenchConfig) -> float:
+    """A rough upper bound of the memory an impl needs, to skip what cannot fit."""
+    dense = cfg.batch_size * cfg.n_latents * 4
+    params = 2 * cfg.n_latents * cfg.d_in * 4
+    # sparsify builds a (B, k, d) tensor (its peak RSS with AuxK on fits this too); saelib builds none
+    sparse_rows = cfg.batch_size * cfg.k * cfg.d_in * 4
+    per_impl = {"naive": 8 * dense, "sae-lens": 7 * dense, "sae-lens-sparse": 7 * dense, "roofline": dense,
+                "saelib": 3 * dense, "saelib-bf16": 3 * dense, "sparsify": 3 * dense + 2 * sparse_rows}
+    return (per_impl[impl] + 5 * params) / 2**30
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float | None, float | None]:
+    """(peak RSS of this process, peak memory allocated on the GPU or None) in MB since ``_reset_peak_memory``."""
+    return _rss_mb("VmHWM"), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _available_gb(device: torch.device) -> float | None:
+    """Free memory where the impls run: the GPU's, or the host's ``MemAvailable``."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def machine(device: torch.device = torch.device("cpu")) -> dict:
+    """Threads, CPU model, the device, versions and load: what a throughput number depends on."""
+    cpu = cpu_info().get("model name") or platform.processor() or platform.machine()
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "saelib_version": __version__,
+        # saelib's AuxK on the compiled CPU kernels (native.py) or why not; None off the CPU
+        "native_kernels": None if device.type != "cpu" else "in use" if native.library() else native.unavailable(),
+    }
