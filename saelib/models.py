@@ -8,8 +8,6 @@ The result wraps the model for nnsight and knows where its decoder layers and si
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import remove, temp_path
 from .paths import cache_dir, packaged_file
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -143,11 +142,11 @@ def _embedded_folder(name: str) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = folder.with_name(f".{name}.{uuid.uuid4().hex}")
+        tmp = temp_path(folder)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():  # a concurrent conversion finished first
-            shutil.rmtree(tmp)
+        if folder.exists():  # a concurrent conversion finished first, and may be loading it: keep it
+            remove(tmp)
         else:
             tmp.rename(folder)
         bar.update()
