@@ -18,7 +18,7 @@ from ..train import fit
 
 
 def supply_rate(source, batch_size: int, *, epochs: int = 2, seed: int = 0) -> list[dict]:
-    """How fast ``source`` (a ``train.BatchSource``, e.g. ``activations.CachedSource``) yields
+    """How fast ``source`` (a ``sources.BatchSource``, e.g. ``activations.CachedSource``) yields
     shuffled ``(batch_size, d_in)`` batches: one row per epoch with ``tokens_per_s``.
 
     Epoch 0 reads the shards (from the page cache if they are there) and checks their checksums;
