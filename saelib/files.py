@@ -3,7 +3,9 @@
 A file saelib writes is either absent or whole: ``atomic_write`` builds it under a temporary name
 in the same folder and renames it into place (``os.replace`` is atomic on one file system), so a
 process killed mid-write leaves the previous version. Files carry a SHA-256 where saelib reads
-them back, so a damaged one is an error naming it, never a silent load.
+them back, so a damaged one is an error naming it, never a silent load; a JSON file is checked
+against the schema of its kind (``read_json``: a pydantic model), so an unexpected one is an error
+naming the file, the key and the value, never a traceback or a silent acceptance.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
@@ -93,6 +96,45 @@ def load_safetensors(path: Path, sha256: str | None, fix: str) -> dict[str, Tens
         raise ValueError(f"{path} cannot be read as safetensors ({error}); the file is truncated or corrupt, {fix}.") from None
     check_sha256(path, sha256, fix)
     return tensors
+
+
+def read_json(path: str | os.PathLike, schema: type[BaseModel], fix: str) -> BaseModel:
+    """The JSON file ``path`` as an instance of ``schema`` (a pydantic model: types, ranges, required
+    and unknown keys); a ValueError in one sentence naming the file, the key, the value and ``fix``
+    (what to do) if it cannot be read, is not JSON or does not fit."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror or error}); {fix}.") from None
+    try:
+        return schema.model_validate_json(data)
+    except ValidationError as error:
+        raise ValueError(describe(path, error, fix)) from None
+
+
+def check_schema(value, schema: type[BaseModel], where: str, fix: str) -> BaseModel:
+    """``value`` (already parsed, e.g. from YAML or a safetensors header) as an instance of ``schema``;
+    a ValueError like ``read_json``'s, naming ``where``."""
+    try:
+        return schema.model_validate(value)
+    except ValidationError as error:
+        raise ValueError(describe(where, error, fix)) from None
+
+
+def describe(where, error: ValidationError, fix: str) -> str:
+    """The first problem pydantic found, as one sentence naming ``where``, the key and the value."""
+    first = error.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "json_invalid":
+        return f"{where} is not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')}); {fix}."
+    if first["type"] == "missing":
+        return f"{where} has no {key}; {fix}."
+    value = repr(first.get("input"))
+    value = value if len(value) <= 60 else value[:57] + "..."
+    if first["type"] == "extra_forbidden":
+        return f"{where} has an unknown key {key} (= {value}); {fix}."
+    what = first["msg"][0].lower() + first["msg"][1:]
+    return f"{where}: {key or 'the content'} is wrong ({what}, got {value}); {fix}."
 
 
 @lru_cache(maxsize=1)
