@@ -1,8 +1,8 @@
-"""The README's results tables, rendered from the JSON the notebooks write beside their figures.
+"""The results tables of ``docs/results.md``, rendered from the JSON the notebooks write beside their figures.
 
-    python -m saelib.results            # after `make figures`; rewrites README.md's result blocks
+    python -m saelib.results            # after `make figures`; rewrites docs/results.md's result blocks
 
-Each block sits in the README between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+Each block sits in the document between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
 and is replaced whole, so no number in it is typed by hand. A block whose notebook has not been
 run at its ``demo`` preset (no JSON in ``figures/``) says which command makes it.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def scaling(data: dict) -> str:
     for r in data["coefficients"]:
         per_curve = r["fit"].startswith(("L(n) at", "L(k) at"))
         if per_curve and r["coefficient"] != "b":
-            continue  # per-curve fits: only the exponent goes in the README (the CSV has all)
+            continue  # per-curve fits: only the exponent goes in docs/results.md (the CSV has all)
         finite = all(isinstance(v, float) and math.isfinite(v) for v in (r["ci_low"], r["ci_high"]))
         ci = f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]" if finite else "– (too few points)"
         rows.append([r["fit"], r["coefficient"], f"{r['ours']:+.3g}", ci,
@@ -194,30 +195,32 @@ def render(name: str, figures: Path, link_prefix: str = "figures/") -> str:
     return out + f"\n\n*From `{link_prefix}{file}`, written by `{command}`.*"
 
 
-def update_readme(readme: str | Path = "README.md", figures: str | Path = "figures") -> list[str]:
-    """Rewrite every result block found in ``readme``; returns the names rewritten."""
-    readme, figures = Path(readme), Path(figures)
-    text = readme.read_text()
+def update(doc: str | Path = "docs/results.md", figures: str | Path = "figures") -> list[str]:
+    """Rewrite every result block found in the markdown file ``doc`` (links to ``figures`` relative
+    to it); returns the names rewritten."""
+    doc, figures = Path(doc), Path(figures)
+    link_prefix = Path(os.path.relpath(figures, doc.parent)).as_posix() + "/"
+    text = doc.read_text()
     done = []
     for name in BLOCKS:
         pattern = re.compile(rf"(<!-- results:{name} -->).*?(<!-- /results:{name} -->)", re.S)
         if pattern.search(text):
-            body = render(name, figures)
+            body = render(name, figures, link_prefix)
             text = pattern.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text)
             done.append(name)
-    readme.write_text(text)
+    doc.write_text(text)
     return done
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m saelib.results", description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--doc", default="docs/results.md")
     parser.add_argument("--figures", default="figures")
     args = parser.parse_args(argv)
-    for name in ("readme", "figures"):
+    for name in ("doc", "figures"):
         if not Path(getattr(args, name)).exists():
             parser.error(f"--{name} {getattr(args, name)} does not exist; run from the repository root.")
-    print("rewrote:", ", ".join(update_readme(args.readme, args.figures)) or "no result blocks found")
+    print("rewrote:", ", ".join(update(args.doc, args.figures)) or "no result blocks found")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The README's result blocks are rendered from the notebooks' JSON, replaced whole and idempotently."""
+"""The result blocks of docs/results.md are rendered from the notebooks' JSON, replaced whole and idempotently."""
 
 import json
 
@@ -16,17 +16,17 @@ def test_blocks_are_rewritten_from_json_and_the_rest_kept(tmp_path):
     figures = tmp_path / "figures"
     figures.mkdir()
     _ablation_json(figures)
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "results.md"
     readme.write_text("intro\n<!-- results:ablation -->\nold text\n<!-- /results:ablation -->\n"
                       "<!-- results:scaling -->\n<!-- /results:scaling -->\noutro\n")
-    assert results.update_readme(readme, figures) == ["scaling", "ablation"]
+    assert results.update(readme, figures) == ["scaling", "ablation"]
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old text" not in text
     assert "| reference (mean of 2 seeds: 0.2000, 0.2200) | 0.001 | 0.2100 | – | 0.0% |" in text
     assert "| no AuxK | 0.001 | 0.2500 | +0.0400 | 50.0% |" in text
     # no JSON for the scaling block: it names the command that makes it
     assert "make figures NOTEBOOKS=03_scaling_laws" in text
-    results.update_readme(readme, figures)
+    results.update(readme, figures)
     assert readme.read_text() == text
 
 
@@ -82,9 +82,9 @@ def test_the_throughput_block_has_one_row_per_configuration_and_saelibs_ratio():
             in results.throughput({"rows": rows, "machine": machine}))
 
 
-def test_the_repository_readme_has_every_block():
+def test_the_repository_results_document_has_every_block():
     from pathlib import Path
 
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+    text = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
     for name in results.BLOCKS:
         assert f"<!-- results:{name} -->" in text and f"<!-- /results:{name} -->" in text, name

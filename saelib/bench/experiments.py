@@ -75,7 +75,7 @@ def bf16_parity(train, validation: Tensor, n_latents: int, k: int, *, batch_size
     ``validation (N, d_in)``, encoded in fp32 as a loaded SAE is.
 
     One row per encoder dtype: ``evals.reconstruction_metrics`` (``nmse``...), ``fit_seconds`` and
-    ``rel_nmse_diff``, the NMSE relative to the fp32 run's (issue 8's goal: within 1%).
+    ``rel_nmse_diff``, the NMSE relative to the fp32 run's (parity: within 1%).
     """
 
     steps = epochs * (train.n_rows // batch_size)
