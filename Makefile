@@ -75,8 +75,9 @@ release: env
 test: env peers
 	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
+# JupyterLab refuses to start as root unless told; containers often run as root
 lab: env
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean:
 	rm -rf $(VENV) $(PEERS) runs figures/ci
