@@ -607,7 +607,8 @@ def first_difference(found, recorded, key: str = "") -> tuple[str, Any, Any] | N
     if isinstance(found, dict) and isinstance(recorded, dict):
         for name in [*recorded, *(name for name in found if name not in recorded)]:
             absent = "<absent>"
-            difference = first_difference(found.get(name, absent), recorded.get(name, absent), f"{key}.{name}" if key else name)
+            shown = name if name.isprintable() else repr(name)  # the message stays one line
+            difference = first_difference(found.get(name, absent), recorded.get(name, absent), f"{key}.{shown}" if key else shown)
             if difference:
                 return difference
         return None
