@@ -151,3 +151,16 @@ def cpu_info() -> dict[str, str]:
     except OSError:
         pass
     return info
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel could give this process now without swapping (``MemAvailable``
+    of ``/proc/meminfo``); None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -18,8 +18,14 @@ float tolerance, on the same raw ``x``. The
 folding is not bit-exact in float32, so every export also writes ``saelib.json`` and
 ``saelib.safetensors`` (the config and the small vectors ``b_enc, b_pre, normalizer_mean,
 threshold``) next to the peer's files: importing an unmodified export gives back the SAE bit
-for bit. A folder trained by a peer library (no sidecar, or weights changed since the export)
-imports on the raw scale with an identity normaliser.
+for bit. A folder without ``saelib.json`` is the peer's own SAE and imports on the raw scale with
+an identity normaliser.
+
+The rule for a changed export: ``saelib.json`` records the SHA-256 of every file of the export
+(the peer's weights and ``cfg.json``, ``saelib.safetensors``) and ``saelib.safetensors``'s header
+repeats the record, so any change to any of them is an error naming the file. If the peer's files
+changed on purpose (the SAE was trained further in SAELens, say), delete ``saelib.json``: the
+folder then imports as that library's own SAE.
 """
 
 from __future__ import annotations
@@ -28,20 +34,28 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .files import check_schema, load_safetensors, read_json, sha256_file
 from .normalize import Normalizer
-from .files import load_safetensors, sha256_file
-from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
+from .sae import (CONFIG_FILE, HEADER_CONFIG, WEIGHTS_FILE, SAEConfig, Sha256, TopKSAE, check_recorded, check_tensors,
+                  header_record, load_folder)
 
 FORMATS = ("saelens", "sparsify", "openai")
+PEERS = {"saelens": "SAELens", "sparsify": "sparsify", "openai": "OpenAI's sparse_autoencoder"}
 SIDECAR_CONFIG = "saelib.json"
 SIDECAR_TENSORS = "saelib.safetensors"
+# the sidecar's vectors: what folding the normaliser into the peer's tensors would round
+VECTORS = ("b_enc", "b_pre", "normalizer_mean", "threshold")
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
+PEER_CONFIG = {"saelens": SAELENS_CONFIG, "sparsify": SPARSIFY_CONFIG, "openai": None}
+PEER_WEIGHTS = {"saelens": SAELENS_WEIGHTS, "sparsify": SPARSIFY_WEIGHTS}  # OpenAI's is <layer>.pt
 # Hook names of a site at layer L: TransformerLens's (SAELens) and the Hugging Face module path (sparsify).
 SAELENS_HOOKS = {"resid_post": "blocks.{}.hook_resid_post", "mlp_out": "blocks.{}.hook_mlp_out", "attn_out": "blocks.{}.hook_attn_out"}
 SPARSIFY_HOOKS = {"resid_post": "layers.{}", "mlp_out": "layers.{}.mlp", "attn_out": "layers.{}.self_attn"}
@@ -155,11 +169,76 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
 
 
 def _write_sidecar(sae: TopKSAE, folder: Path, weights_file: str, fmt: str) -> None:
-    vectors = {name: getattr(sae, name).detach().contiguous().cpu().clone() for name in ("b_enc", "b_pre", "normalizer_mean", "threshold")}
-    save_file(vectors, str(folder / SIDECAR_TENSORS))
+    """``saelib.safetensors`` (the vectors, with the export's record in its header) and ``saelib.json``
+    (the record and the vectors' SHA-256): the SHA-256 covers the record, as in an SAE folder."""
+    vectors = {name: getattr(sae, name).detach().contiguous().cpu().clone() for name in VECTORS}
+    cfg = PEER_CONFIG[fmt]
     record = {"format": fmt, "weights_file": weights_file, "weights_sha256": sha256_file(folder / weights_file),
-              "vectors_sha256": sha256_file(folder / SIDECAR_TENSORS), "config": sae.config()}
+              "cfg_sha256": sha256_file(folder / cfg) if cfg else None, "config": sae.config()}
+    save_file(vectors, str(folder / SIDECAR_TENSORS), metadata={HEADER_CONFIG: json.dumps(record)})
+    record["vectors_sha256"] = sha256_file(folder / SIDECAR_TENSORS)
     (folder / SIDECAR_CONFIG).write_text(json.dumps(record, indent=2))
+
+
+# ---- the schemas of what is read ------------------------------------------------------------
+
+
+class ExportRecord(BaseModel):
+    """What an export records in the header of ``saelib.safetensors``: the format, the SHA-256 of the
+    peer's files as written (``cfg_sha256`` is None for OpenAI's layout, which has no config file)
+    and the SAE's config."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    format: Literal[FORMATS]
+    weights_file: str
+    weights_sha256: Sha256
+    cfg_sha256: Sha256 | None
+    config: SAEConfig
+
+
+class Sidecar(ExportRecord):
+    """The schema of ``saelib.json``: the record, plus the SHA-256 of ``saelib.safetensors``."""
+
+    vectors_sha256: Sha256
+
+
+class SAELensConfig(BaseModel):
+    """The keys of a SAELens ``cfg.json`` that saelib reads (it has more; the values saelib cannot
+    express are refused by ``_read_saelens`` with their own reason)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    d_in: PositiveInt
+    d_sae: PositiveInt
+    architecture: str = "standard"
+    k: PositiveInt | None = None
+    normalize_activations: str | None = "none"
+    apply_b_dec_to_input: bool = True
+    rescale_acts_by_decoder_norm: bool | None = False
+
+
+class SparsifyConfig(BaseModel):
+    """The keys of a sparsify ``cfg.json`` that saelib reads, with sparsify's defaults."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    d_in: PositiveInt
+    num_latents: NonNegativeInt = 0  # 0: d_in * expansion_factor
+    expansion_factor: PositiveInt = 32
+    k: PositiveInt = 32
+    multi_topk: bool = False
+    activation: str = "topk"
+    transcode: bool = False
+    skip_connection: bool = False
+
+
+class OpenAITopK(BaseModel):
+    """The ``activation_state_dict`` of an OpenAI TopK autoencoder."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    k: PositiveInt
 
 
 # ---- import ---------------------------------------------------------------------------------
@@ -195,26 +274,21 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
 def import_sae(path: str | os.PathLike) -> TopKSAE:
     """Load an SAE from any supported layout (see :func:`detect`), in eval mode.
 
-    Unmodified saelib exports come back bit for bit (via the sidecar); other SAELens, sparsify
-    and OpenAI SAEs come in on the raw scale (identity normaliser, ``b_pre = b_dec``) with
-    ``metadata["source_format"]`` set, and ``metadata["input_norm"] = "layer_norm"`` where the
-    peer normalises each token (OpenAI TopK files, SAELens ``layer_norm``; see :func:`layer_norm`).
+    saelib exports come back bit for bit (via the sidecar; a peer file changed since the export is
+    an error, see the module docstring); other SAELens, sparsify and OpenAI SAEs come in on the raw
+    scale (identity normaliser, ``b_pre = b_dec``) with ``metadata["source_format"]`` set, and
+    ``metadata["input_norm"] = "layer_norm"`` where the peer normalises each token (OpenAI TopK
+    files, SAELens ``layer_norm``; see :func:`layer_norm`). Every problem is a ValueError (or
+    FileNotFoundError) naming the file, the key and the value.
     """
     fmt, where = detect(path)
     if fmt == "saelib":
         return load_folder(where)
-    reader = {"saelens": _read_saelens, "sparsify": _read_sparsify, "openai": _read_openai}[fmt]
-    raw, arch, k, extra = reader(where)
     folder = where.parent if where.is_file() else where
-    weights_file = where.name if where.is_file() else (SAELENS_WEIGHTS if fmt == "saelens" else SPARSIFY_WEIGHTS)
-    exact = _read_sidecar(folder, weights_file)
+    if (folder / SIDECAR_CONFIG).is_file():
+        return _import_export(folder, fmt, where.name if where.is_file() else PEER_WEIGHTS[fmt])
+    raw, arch, k, extra = READERS[fmt](where)
     n_latents, d_in = raw["W_dec"].shape
-    if exact is not None:
-        config, vectors = exact
-        normalizer = Normalizer(vectors["normalizer_mean"], float(config["normalizer_scale"]))
-        sae = TopKSAE(d_in, n_latents, config["k"], arch=config["arch"], normalizer=normalizer, metadata=config["metadata"])
-        sae.load_state_dict({"W_enc": raw["W_enc"], "W_dec": raw["W_dec"], **vectors})
-        return sae.eval()
     sae = TopKSAE(d_in, n_latents, k, arch=arch, metadata={"source_format": fmt, "source": str(where), **extra})
     threshold = raw.get("threshold")
     if threshold is not None and not bool((threshold == threshold.flatten()[0]).all()):
@@ -225,90 +299,109 @@ def import_sae(path: str | os.PathLike) -> TopKSAE:
     return sae.eval()
 
 
-def _read_sidecar(folder: Path, weights_file: str) -> tuple[dict, dict[str, Tensor]] | None:
-    """The saelib config and vectors of an export whose peer weights are unchanged, else ``None``."""
-    if not (folder / SIDECAR_CONFIG).is_file():
-        return None
-    record = json.loads((folder / SIDECAR_CONFIG).read_text())
-    if record.get("weights_file") != weights_file or sha256_file(folder / weights_file) != record.get("weights_sha256"):
-        return None  # trained on in the peer library since: its weights are the truth
-    vectors = load_safetensors(folder / SIDECAR_TENSORS, record["vectors_sha256"], "export the SAE again")
-    return record["config"], vectors
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object.")
-    return cfg
-
-
-def _shape_check(path: Path, tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
-    for name, shape in shapes.items():
-        if name not in tensors:
-            raise ValueError(f"{path} has no tensor {name!r}; the file is incomplete or of another layout.")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}.")
+def _import_export(folder: Path, fmt: str, weights_file: str) -> TopKSAE:
+    """The SAE that saelib exported to ``folder``, bit for bit: the peer's matrices and the sidecar's
+    config and vectors, every file checked against the SHA-256 the export recorded."""
+    sidecar = folder / SIDECAR_CONFIG
+    fix = f"export the SAE again, or delete {SIDECAR_CONFIG} to import the {PEERS[fmt]} files as that library's own SAE"
+    record = read_json(sidecar, Sidecar, fix)
+    vectors = load_safetensors(folder / SIDECAR_TENSORS, record.vectors_sha256, fix)
+    saved = header_record(folder / SIDECAR_TENSORS, fix)
+    if saved is None:
+        raise ValueError(f"{folder / SIDECAR_TENSORS} has no {HEADER_CONFIG} record in its header (an export by an "
+                         f"earlier saelib, or another file); {fix}.")
+    saved = check_schema(saved, ExportRecord, f"{folder / SIDECAR_TENSORS} (its {HEADER_CONFIG} header)", fix)
+    check_recorded(sidecar, record.model_dump(exclude={"vectors_sha256"}), folder / SIDECAR_TENSORS, saved.model_dump(), fix)
+    if (record.format, record.weights_file) != (fmt, weights_file):
+        raise ValueError(f"{sidecar} records a {record.format} export to {record.weights_file}, but {folder} holds "
+                         f"{fmt}'s {weights_file}; {fix}.")
+    for name, sha256 in ((weights_file, record.weights_sha256), (PEER_CONFIG[fmt], record.cfg_sha256)):
+        if name and sha256_file(folder / name) != sha256:
+            raise ValueError(f"{folder / name} changed since saelib exported it (its SHA-256 is not the one in {sidecar}); "
+                             f"if it was trained or edited in {PEERS[fmt]} since, delete {SIDECAR_CONFIG} to import it as "
+                             f"that library's own SAE, otherwise export it again.")
+    raw, *_ = READERS[fmt](folder / weights_file if fmt == "openai" else folder)
+    config = record.config
+    check_tensors(folder / SIDECAR_TENSORS, vectors, {"b_enc": (config.n_latents,), "b_pre": (config.d_in,),
+                                                      "normalizer_mean": (config.d_in,), "threshold": ()}, fix)
+    normalizer = Normalizer(vectors["normalizer_mean"], config.normalizer_scale)
+    sae = TopKSAE(config.d_in, config.n_latents, config.k, arch=config.arch, normalizer=normalizer, metadata=config.metadata)
+    sae.load_state_dict({"W_enc": raw["W_enc"], "W_dec": raw["W_dec"], **vectors})
+    return sae.eval()
 
 
 def _read_saelens(folder: Path) -> tuple[dict[str, Tensor], str, int | None, dict]:
-    cfg = _read_json(folder / SAELENS_CONFIG)
-    arch, norm = cfg.get("architecture", "standard"), cfg.get("normalize_activations", "none")
+    path, fix = folder / SAELENS_CONFIG, "fix the file or download the SAE again"
+    cfg = read_json(path, SAELensConfig, fix)
+    arch, norm = cfg.architecture, cfg.normalize_activations or "none"
     if arch not in ("topk", "standard", "jumprelu"):
-        raise ValueError(f"{folder / SAELENS_CONFIG}: architecture {arch!r} has no saelib equivalent; saelib imports topk, standard and jumprelu.")
+        raise ValueError(f"{path}: architecture {arch!r} has no saelib equivalent; saelib imports topk, standard and jumprelu.")
     if norm not in ("none", "expected_average_only_in", "layer_norm"):
-        raise ValueError(f"{folder / SAELENS_CONFIG}: normalize_activations={norm!r} has no saelib equivalent; fold it into the weights first.")
-    if not cfg.get("apply_b_dec_to_input", True):
-        raise ValueError(f"{folder / SAELENS_CONFIG}: apply_b_dec_to_input=false has no saelib equivalent (saelib always subtracts b_pre).")
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{folder / SAELENS_CONFIG}: rescale_acts_by_decoder_norm=true has no saelib equivalent; fold the decoder norms first.")
-    d_in, n = int(cfg["d_in"]), int(cfg["d_sae"])
+        raise ValueError(f"{path}: normalize_activations={norm!r} has no saelib equivalent; fold it into the weights first.")
+    if not cfg.apply_b_dec_to_input:
+        raise ValueError(f"{path}: apply_b_dec_to_input=false has no saelib equivalent (saelib always subtracts b_pre).")
+    if cfg.rescale_acts_by_decoder_norm:
+        raise ValueError(f"{path}: rescale_acts_by_decoder_norm=true has no saelib equivalent; fold the decoder norms first.")
+    if arch == "topk" and not (cfg.k and cfg.k <= cfg.d_sae):
+        raise ValueError(f"{path}: a topk SAE needs k, a positive integer up to d_sae={cfg.d_sae}, got {cfg.k!r}; {fix}.")
+    d_in, n = cfg.d_in, cfg.d_sae
     t = load_safetensors(folder / SAELENS_WEIGHTS, None, "download or export it again")
     shapes = {"W_enc": (d_in, n), "b_enc": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)} | ({"threshold": (n,)} if arch == "jumprelu" else {})
-    _shape_check(folder / SAELENS_WEIGHTS, t, shapes)
+    check_tensors(folder / SAELENS_WEIGHTS, t, shapes, f"it does not match {path.name}, download or export it again", others=True)
     raw = {"W_enc": t["W_enc"].T.contiguous().float(), "b_enc": t["b_enc"].float(), "W_dec": t["W_dec"].float(), "b_dec": t["b_dec"].float()}
     if arch == "jumprelu":
         raw["threshold"] = t["threshold"].float()
     extra = {"input_norm": "layer_norm"} if norm == "layer_norm" else {}
-    return raw, {"topk": "topk", "standard": "relu", "jumprelu": "relu"}[arch], cfg.get("k") if arch == "topk" else None, extra
+    return raw, {"topk": "topk", "standard": "relu", "jumprelu": "relu"}[arch], cfg.k if arch == "topk" else None, extra
 
 
 def _read_sparsify(folder: Path) -> tuple[dict[str, Tensor], str, int | None, dict]:
-    cfg = _read_json(folder / SPARSIFY_CONFIG)
-    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
-        raise ValueError(f"{folder / SPARSIFY_CONFIG}: only plain TopK sparse autoencoders import into saelib "
+    path, fix = folder / SPARSIFY_CONFIG, "fix the file or download the SAE again"
+    cfg = read_json(path, SparsifyConfig, fix)
+    if cfg.activation != "topk" or cfg.transcode or cfg.skip_connection:
+        raise ValueError(f"{path}: only plain TopK sparse autoencoders import into saelib "
                          "(not groupmax activations, transcoders or skip connections).")
+    d_in, k = cfg.d_in, cfg.k
+    n = cfg.num_latents or d_in * cfg.expansion_factor
     t = load_safetensors(folder / SPARSIFY_WEIGHTS, None, "download or export it again")
-    d_in = int(cfg["d_in"])
-    n = cfg.get("num_latents") or d_in * int(cfg.get("expansion_factor", 32))
-    _shape_check(folder / SPARSIFY_WEIGHTS, t, {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)})
+    check_tensors(folder / SPARSIFY_WEIGHTS, t, {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)},
+                  f"it does not match {path.name}, download or export it again", others=True)
+    if k > n:
+        raise ValueError(f"{path}: k is {k}, more than the {n} latents; {fix}.")
     raw = {"W_enc": t["encoder.weight"].float(), "b_enc": t["encoder.bias"].float(), "W_dec": t["W_dec"].float(), "b_dec": t["b_dec"].float()}
-    k = int(cfg.get("k", 32))
-    return raw, "multitopk" if cfg.get("multi_topk") and 4 * k <= n else "topk", k, {"hookpoint": folder.name}
+    return raw, "multitopk" if cfg.multi_topk and 4 * k <= n else "topk", k, {"hookpoint": folder.name}
 
 
 def _read_openai(path: Path) -> tuple[dict[str, Tensor], str, int | None, dict]:
+    fix = "download or export it again"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise ValueError(f"Refusing to load {path}: it holds more than tensors and plain values, and loading it would run code "
                          f"(torch.load with weights_only=True said: {reason}).") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} cannot be read as a torch file ({error}); the file is truncated or corrupt.") from None
-    if not isinstance(state, dict) or "encoder.weight" not in state:
-        raise ValueError(f"{path} is not an OpenAI autoencoder state dict (no 'encoder.weight').")
-    n, d_in = state["encoder.weight"].shape
-    _shape_check(path, state, {"pre_bias": (d_in,), "latent_bias": (n,), "decoder.weight": (d_in, n)})
+    except Exception as error:  # a damaged zip or pickle fails in many ways (RuntimeError, EOFError, UnicodeDecodeError...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"{path} cannot be read as a torch file ({type(error).__name__}: {reason}); the file is truncated "
+                         f"or corrupt, {fix}.") from None
+    weight = state.get("encoder.weight") if isinstance(state, dict) else None
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or 0 in weight.shape:
+        raise ValueError(f"{path} is not an OpenAI autoencoder state dict (it has no 'encoder.weight' matrix); {fix}.")
+    n, d_in = weight.shape
+    check_tensors(path, state, {"encoder.weight": (n, d_in), "pre_bias": (d_in,), "latent_bias": (n,), "decoder.weight": (d_in, n)},
+                  fix, others=True)
     activation = state.get("activation", "ReLU")
-    if activation not in ("TopK", "ReLU"):
+    if not (isinstance(activation, str) and activation in ("TopK", "ReLU")):
         raise ValueError(f"{path}: activation {activation!r} has no saelib equivalent; saelib imports TopK and ReLU autoencoders.")
     raw = {"W_enc": state["encoder.weight"].float(), "b_enc": state["latent_bias"].float(),
            "W_dec": state["decoder.weight"].T.contiguous().float(), "b_dec": state["pre_bias"].float()}
     if activation == "ReLU":
         return raw, "relu", None, {}
+    k = check_schema(state.get("activation_state_dict"), OpenAITopK, f"{path}: activation_state_dict", fix).k
+    if k > n:
+        raise ValueError(f"{path}: activation_state_dict.k is {k}, more than the {n} latents; {fix}.")
     # their loader normalises each token whenever the activation is TopK (model.py, from_state_dict)
-    return raw, "topk", int(state.get("activation_state_dict", {})["k"]), {"input_norm": "layer_norm"}
+    return raw, "topk", k, {"input_norm": "layer_norm"}
+
+
+READERS = {"saelens": _read_saelens, "sparsify": _read_sparsify, "openai": _read_openai}

@@ -8,11 +8,13 @@ The result wraps the model for nnsight and knows where its decoder layers and si
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .files import remove, temp_path
@@ -168,10 +170,17 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
+        raise ValueError(f"Refusing to load model {name!r}: its weights are a pickle that would run code when loaded, "
+                         f"which torch.load(weights_only=True) refused; use a copy saved as safetensors.") from None
     except (OSError, ValueError) as e:
         raise ValueError(
             f"Cannot load model {name!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
             f"a local folder, or a Hugging Face name reachable from here ({type(e).__name__})."
         ) from e
+    except (RuntimeError, EOFError, SafetensorError) as e:  # a truncated or corrupt weights file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"Cannot load model {name!r}: its weights cannot be read ({type(e).__name__}: {reason}); "
+                         f"download or copy the model again.") from None
     model.to(device).eval().requires_grad_(False)
     return LM(name=name, model=model, tokenizer=tokenizer)

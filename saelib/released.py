@@ -16,12 +16,16 @@ resumes; finished runs are loaded, not retrained), then converts, evaluates and 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from . import config
 from .activations import cached_activations
@@ -32,7 +36,9 @@ from .loading import find, load, resolve  # noqa: F401  (saelib.released.find / 
 from .loading import released_names as names
 from .models import load_lm
 from .runs import read_metrics, train_run
-from .sae import CONFIG_FILE
+from .files import read_json
+from .sae import WEIGHTS_FILE
+
 CARD = ROOT / "README.md"
 
 MODEL = "smollm2-135m"
@@ -50,6 +56,13 @@ DOWNSTREAM_CONTEXTS = 32
 LICENCE = ("SmolLM2-135M (HuggingFaceTB; the embedded Q4_1 GGUF of SmolLM2-135M-Instruct, dequantised) is "
            "Apache-2.0; the training text, lead sections of Wikipedia articles, is CC BY-SA; these SAEs are "
            "released under the Apache-2.0 licence of saelib.")
+
+
+class RunRecord(BaseModel):
+    """A run folder's ``config.json``, kept whole as the release's recipe (``train_run`` has checked it
+    against the run's config)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 @dataclass(frozen=True)
@@ -136,31 +149,34 @@ def build_one(release: Release, run: Path, lm, progress: bool = True) -> dict:
     """Train ``release`` into ``run`` (resuming or loading), write it in float16 and evaluate the written file."""
     cfg = release.run_config()
     train_run(cfg, run, progress=progress)
-    sae = load(run)
-    recipe = json.loads((run / "config.json").read_text())
+    sae = load(run).half()
+    recipe = read_json(run / "config.json", RunRecord, f"delete {run} and build again").model_dump()
     folder = ROOT / release.name
-    before = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
     sae.metadata = {**sae.metadata, "release": release.name, "preset": RECIPE_PRESET, "lr_multiple": LR_MULTIPLE,
                     "tokens": read_metrics(run)[-1]["tokens"], "recipe": recipe, "licence": LICENCE}
-    sae.half().save(folder)
-    config = json.loads((folder / CONFIG_FILE).read_text())
     settings = {"eval_tokens_asked": EVAL_TOKENS, "downstream_contexts": DOWNSTREAM_CONTEXTS}
-    previous = before.get("metadata", {})
-    if before.get("sha256") == config["sha256"] and previous.get("eval", {}).get("settings") == settings:
+    shipped = load(folder) if find(release.name) else None
+    same_weights = shipped is not None and digest(load_file(str(folder / WEIGHTS_FILE))) == digest(sae.state_dict())
+    if same_weights and shipped.metadata.get("eval", {}).get("settings") == settings:
         _say(progress, f"{release.name}: these weights were evaluated with these settings already; keeping that evaluation.")
-        config["metadata"]["eval"] = previous["eval"]
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        return card_row(release.name)
-
-    sae = load(folder)  # evaluate exactly what ships
-    held = held_out(lm, release.layer, release.site, sae.metadata["corpus"], sae.metadata["ctx_len"], EVAL_TOKENS,
-                    progress=progress)
-    scores = reconstruction_metrics(sae, held.acts[held.keep])
-    scores |= downstream_loss(sae, lm, held.ids[:DOWNSTREAM_CONTEXTS], release.layer, release.site, progress=progress)
-    scores["eval_tokens"] = held.n_tokens
-    config["metadata"]["eval"] = {"split": "validation", "settings": settings, **scores}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))  # the weights' SHA-256 is unchanged
+        sae.metadata["eval"] = shipped.metadata["eval"]
+    else:
+        sae.save(folder)
+        shipped = load(folder)  # evaluate exactly what ships
+        held = held_out(lm, release.layer, release.site, shipped.metadata["corpus"], shipped.metadata["ctx_len"],
+                        EVAL_TOKENS, progress=progress)
+        scores = reconstruction_metrics(shipped, held.acts[held.keep])
+        scores |= downstream_loss(shipped, lm, held.ids[:DOWNSTREAM_CONTEXTS], release.layer, release.site, progress=progress)
+        scores["eval_tokens"] = held.n_tokens
+        sae.metadata["eval"] = {"split": "validation", "settings": settings, **scores}
+    sae.save(folder)  # the evaluation is part of the config, which the weights' header holds too
     return card_row(release.name)
+
+
+def digest(tensors: dict) -> str:
+    """SHA-256 of tensors alone (their safetensors bytes without a header record): equal digests,
+    equal weights bit for bit, whatever the config."""
+    return hashlib.sha256(safetensors_bytes({name: t.contiguous() for name, t in tensors.items()})).hexdigest()
 
 
 # ---- the model card -----------------------------------------------------------------------
@@ -171,10 +187,10 @@ COLUMNS = ("name", "layer", "n", "k", "tokens", "text", "NMSE", "L0", "dead", "d
 def card_row(name: str) -> dict:
     """The model card's row of a released SAE, from its ``config.json``."""
     folder = resolve(name)
-    config = json.loads((folder / "config.json").read_text())
-    meta, scores = config["metadata"], config["metadata"]["eval"]
+    sae = load(folder)
+    meta, scores = sae.metadata, sae.metadata["eval"]
     return {
-        "name": name, "layer": meta["layer"], "n": config["n_latents"], "k": config["k"],
+        "name": name, "layer": meta["layer"], "n": sae.n_latents, "k": sae.k,
         "tokens": f"{meta['tokens'] / 1e6:.2f}M", "text": f"{meta['train_rows'] / 1e6:.2f}M", "NMSE": f"{scores['nmse']:.3f}", "L0": f"{scores['l0']:.1f}",
         "dead": f"{scores['dead_fraction']:.1%}", "delta CE (nats)": f"{scores['delta_ce']:.3f}",
         "MB": f"{(folder / 'sae.safetensors').stat().st_size / 1e6:.1f}",
@@ -184,7 +200,7 @@ def card_row(name: str) -> dict:
 def card() -> str:
     """The model card (``saes/README.md``) of the released SAEs, as markdown."""
     rows = sorted((card_row(n) for n in names()), key=lambda r: (r["name"].split("/")[0], r["layer"], r["n"], r["k"]))
-    first = json.loads((ROOT / names()[0] / "config.json").read_text())["metadata"] if rows else {}
+    first = load(names()[0]).metadata if rows else {}
     evals = first.get("eval", {})
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(f"`{r[c]}`" if c == "name" else str(r[c]) for c in COLUMNS) + " |" for r in rows]

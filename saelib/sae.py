@@ -43,14 +43,17 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Annotated, Any, Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StringConstraints, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .files import atomic_write, atomic_write_text, check_sha256, load_safetensors, sha256_file
+from .files import atomic_write, atomic_write_text, available_memory, check_schema, load_safetensors, read_json, sha256_file
 from .kernels import (LatentPattern, chained_row_gradients, dense_rows_decode, gather_preacts, sparse_decode,
                       sparse_rows_decode, topk_indices)
 from .normalize import Normalizer
@@ -61,6 +64,8 @@ ARCHS = ("topk", "multitopk", "batchtopk", "relu")
 ENCODER_DTYPES = ("float32", "bfloat16")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
+# the key of the weights file's safetensors header that holds the config it was saved with
+HEADER_CONFIG = "saelib_config"
 # running-average weight of each batch's smallest kept activation (BatchTopK threshold)
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.99
 # BatchTopK searches the batch's k * B largest among each token's top CANDIDATES * k
@@ -131,6 +136,17 @@ def _check_size(name: str, value, hint: str) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}.")
 
 
+def _check_fits(d_in: int, n_latents: int) -> None:
+    """Refuse, before allocating them, parameters larger than the memory available (the SAE is built
+    on the CPU; a failed allocation of terabytes would be a traceback or the kernel's OOM killer)."""
+    needed = 4 * (2 * n_latents * d_in + n_latents + 2 * d_in + 1)  # float32 W_enc, W_dec, b_enc, b_pre, mean
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ValueError(f"An SAE with n_latents={n_latents} and d_in={d_in} needs {needed:,} bytes ({needed / 1e9:,.1f} GB) "
+                         f"for its float32 parameters but {available:,} bytes ({available / 1e9:,.1f} GB) of memory are "
+                         f"available; choose a smaller n_latents.")
+
+
 class TopKSAE(nn.Module):
     """A k-sparse autoencoder (and its variants, chosen by ``arch``).
 
@@ -185,6 +201,9 @@ class TopKSAE(nn.Module):
             raise ValueError(f"multitopk trains with 4k={4 * k} latents but n_latents={n_latents}; choose k <= n_latents / 4.")
         if encoder_dtype not in ENCODER_DTYPES:
             raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {encoder_dtype!r}.")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a dict (saved in {CONFIG_FILE}), got {type(metadata).__name__} {metadata!r}.")
+        _check_fits(d_in, n_latents)
         self.d_in, self.n_latents, self.k, self.arch = d_in, n_latents, k, arch
         self.encoder_dtype = encoder_dtype
         self.metadata = dict(metadata or {})
@@ -509,7 +528,8 @@ class TopKSAE(nn.Module):
     # ---- files ----------------------------------------------------------------------------
 
     def config(self) -> dict:
-        """What ``config.json`` holds: everything but the tensors."""
+        """What ``config.json`` holds besides the weights' SHA-256: everything but the tensors (the
+        fields of :class:`SAEConfig`)."""
         return {
             "arch": self.arch,
             "d_in": self.d_in,
@@ -521,12 +541,18 @@ class TopKSAE(nn.Module):
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/sae.safetensors`` then ``path/config.json`` (with the weights' SHA-256), each atomically."""
+        """Write ``path/sae.safetensors`` then ``path/config.json``, each atomically.
+
+        The weights file's header also holds the config (under ``saelib_config``) and ``config.json``
+        the weights file's SHA-256, so the SHA-256 covers the config as well: ``load_folder`` refuses
+        a ``config.json`` that differs from the config the weights were saved with.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        atomic_write_text(path / CONFIG_FILE, json.dumps({**self.config(), "sha256": {WEIGHTS_FILE: sha256_file(path / WEIGHTS_FILE)}}, indent=2))
+        config = self.config()
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={HEADER_CONFIG: json.dumps(config)}))
+        atomic_write_text(path / CONFIG_FILE, json.dumps({**config, "sha256": {WEIGHTS_FILE: sha256_file(path / WEIGHTS_FILE)}}, indent=2))
         return path
 
 
@@ -540,7 +566,100 @@ def _largest_positive(values: Tensor, budget: int) -> tuple[Tensor, Tensor | Non
     return mask.view_as(values), positive.min() if len(positive) else None
 
 
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class SAEConfig(BaseModel):
+    """The schema of an SAE folder's ``config.json`` (what ``TopKSAE.config`` returns, plus ``sha256``).
+
+    ``sha256`` maps ``sae.safetensors`` to its hex SHA-256; it is absent only from folders written
+    before saelib recorded checksums (``load_folder`` tells those apart by the weights' header).
+    ``normalizer_scale``, ``metadata`` and ``saelib_version`` are absent from the oldest folders.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    arch: Literal[ARCHS]
+    d_in: PositiveInt
+    n_latents: PositiveInt
+    k: PositiveInt | None
+    normalizer_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    metadata: dict[str, Any] = {}
+    saelib_version: str | None = None
+    sha256: dict[Literal[WEIGHTS_FILE], Sha256] = None  # absent, not null: see the docstring
+
+    @field_validator("k")
+    @classmethod
+    def _k_fits(cls, k: int | None, info: ValidationInfo) -> int | None:
+        arch, n_latents = info.data.get("arch"), info.data.get("n_latents")
+        if k is None and arch not in (None, "relu"):
+            raise PydanticCustomError("k_missing", "a {arch} SAE needs a positive integer k", {"arch": arch})
+        limit = n_latents // 4 if arch == "multitopk" and n_latents else n_latents
+        if k is not None and limit is not None and k > limit:
+            rule = "n_latents / 4 (multitopk)" if arch == "multitopk" else "n_latents"
+            raise PydanticCustomError("k_range", "k must be at most {rule} = {limit}", {"rule": rule, "limit": limit})
+        return k
+
+
+def first_difference(found, recorded, key: str = "") -> tuple[str, Any, Any] | None:
+    """``(dotted key, found value, recorded value)`` of the first place where two parsed JSON values
+    differ (a missing key reads as ``"<absent>"``), or None if they are equal (NaN equals NaN)."""
+    if isinstance(found, dict) and isinstance(recorded, dict):
+        for name in [*recorded, *(name for name in found if name not in recorded)]:
+            absent = "<absent>"
+            shown = name if name.isprintable() else repr(name)  # the message stays one line
+            difference = first_difference(found.get(name, absent), recorded.get(name, absent), f"{key}.{shown}" if key else shown)
+            if difference:
+                return difference
+        return None
+    return None if json.dumps(found) == json.dumps(recorded) else (key, found, recorded)
+
+
+def check_recorded(path: Path, found: dict, source: Path, recorded: dict, fix: str) -> None:
+    """A ValueError naming ``path``, the key and both values where ``found`` (read from ``path``)
+    differs from ``recorded`` (what ``source``, a checksummed file, recorded when it was written)."""
+    difference = first_difference(found, recorded)
+    if difference:
+        key, value, saved = difference
+        shown = [v if len(v) <= 60 else v[:57] + "..." for v in (repr(value), repr(saved))]
+        raise ValueError(f"{path}: {key} is {shown[0]} but {source.name} was saved with {shown[1]}, so {path.name} was "
+                         f"edited or damaged since; {fix}.")
+
+
+def header_record(path: Path, fix: str) -> Any:
+    """The JSON record that ``save`` (or an export) put in the header of the safetensors file ``path``,
+    or None if it has none (a file from an earlier saelib); a ValueError naming ``path`` if it is unreadable."""
+    with safe_open(str(path), "pt") as f:  # already read whole by load_safetensors: a readable header
+        text = (f.metadata() or {}).get(HEADER_CONFIG)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{path}: the {HEADER_CONFIG} entry of its header is not JSON ({error}); {fix}.") from None
+    return record
+
+
+def check_tensors(path: Path, tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], fix: str,
+                  others: bool = False) -> None:
+    """A ValueError naming ``path`` and the tensor unless ``tensors`` holds floating-point tensors of
+    ``shapes`` (and, unless ``others``, nothing else)."""
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise ValueError(f"{path} has no tensor {name!r}; the file is incomplete or of another layout, {fix}.")
+        tensor = tensors[name]
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            what = f"a {tensor.dtype} tensor" if isinstance(tensor, Tensor) else f"a {type(tensor).__name__}"
+            raise ValueError(f"{path}: {name} is {what}, not floating-point weights; {fix}.")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)} but the config implies {shape}; {fix}.")
+    extra = sorted(set(tensors) - set(shapes))
+    if extra and not others:
+        raise ValueError(f"{path} has an unknown tensor {extra[0]!r} besides {', '.join(shapes)}; {fix}.")
+
+
 def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in an SAE's state dict (and ``sae.safetensors``)."""
     return {
         "W_enc": (n_latents, d_in),
         "b_enc": (n_latents,),
@@ -552,33 +671,35 @@ def expected_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
 
 
 def load_folder(path: str | os.PathLike) -> TopKSAE:
-    """The SAE in a folder written by ``sae.save`` (``config.json`` + ``sae.safetensors``); errors name
-    the file and the value at fault. ``saelib.load`` opens every other kind of path or name."""
+    """The SAE in a folder written by ``sae.save`` (``config.json`` + ``sae.safetensors``), in eval mode;
+    every problem is a ValueError (FileNotFoundError for a missing file) naming the file, the key and
+    the value. ``saelib.load`` opens every other kind of path or name.
+
+    ``config.json`` is checked against :class:`SAEConfig`, the weights against the SHA-256 it records
+    and against the config saved in their header. A weights file without that header entry was
+    written by an earlier saelib: its ``config.json`` is checked by the schema (and by its SHA-256
+    where it has one) only.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"No SAE folder at {path}; pass a folder written by sae.save (config.json + sae.safetensors).")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing; an SAE folder needs both {CONFIG_FILE} and {WEIGHTS_FILE}.")
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-        d_in, n_latents, k, arch = (config[key] for key in ("d_in", "n_latents", "k", "arch"))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path / CONFIG_FILE} is not a valid SAE config ({error!r}); it needs d_in, n_latents, k and arch.") from None
-    fix = "save or download the SAE again"
-    tensors = load_safetensors(path / WEIGHTS_FILE, None, fix)
-    for name, shape in expected_shapes(d_in, n_latents).items():
-        if name not in tensors:
-            raise ValueError(f"{path / WEIGHTS_FILE} has no tensor {name!r}; the file is incomplete or not an saelib SAE.")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{path / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)} but {CONFIG_FILE} "
-                f"(d_in={d_in}, n_latents={n_latents}) implies {shape}."
-            )
-    # after the shape checks, whose message is more specific; folders from before checksums have none
-    check_sha256(path / WEIGHTS_FILE, config.get("sha256", {}).get(WEIGHTS_FILE), fix)
-    normalizer = Normalizer(tensors["normalizer_mean"], float(config.get("normalizer_scale", 1.0)))
-    sae = TopKSAE(d_in, n_latents, k, arch=arch, normalizer=normalizer, metadata=config.get("metadata"))
+    fix = "restore the folder from where it came, or save or download the SAE again"
+    config = read_json(path / CONFIG_FILE, SAEConfig, fix)
+    sha256 = (config.sha256 or {}).get(WEIGHTS_FILE)
+    tensors = load_safetensors(path / WEIGHTS_FILE, sha256, fix)
+    saved = header_record(path / WEIGHTS_FILE, fix)
+    if saved is not None:
+        if sha256 is None:
+            raise ValueError(f"{path / CONFIG_FILE} has no sha256 of {WEIGHTS_FILE} (got {config.sha256!r}), which saelib "
+                             f"records with every SAE it saves; {fix}.")
+        saved = check_schema(saved, SAEConfig, f"{path / WEIGHTS_FILE} (its {HEADER_CONFIG} header)", fix)
+        check_recorded(path / CONFIG_FILE, config.model_dump(exclude={"sha256"}), path / WEIGHTS_FILE,
+                       saved.model_dump(exclude={"sha256"}), fix)
+    check_tensors(path / WEIGHTS_FILE, tensors, expected_shapes(config.d_in, config.n_latents), fix)
+    normalizer = Normalizer(tensors["normalizer_mean"], config.normalizer_scale)
+    sae = TopKSAE(config.d_in, config.n_latents, config.k, arch=config.arch, normalizer=normalizer, metadata=config.metadata)
     sae.load_state_dict(tensors)
     return sae.eval()
-

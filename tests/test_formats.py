@@ -8,6 +8,7 @@ with saelib's. Without ``.venv-peers`` those tests are skipped, saying why.
 
 import json
 import os
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -208,15 +209,111 @@ def test_sae_saved_by_peer_imports_with_same_reconstructions(peers, fmt, where):
         assert sae.arch == "multitopk" and sae.metadata["hookpoint"] == "layers.3"
 
 
-def test_peer_trained_weights_win_over_a_stale_sidecar(tmp_path):
+def test_a_changed_export_is_an_error_until_its_sidecar_is_deleted(tmp_path):
+    """The rule (formats' docstring, docs/interop.md): peer files that differ from the export are an
+    error naming the file; deleting saelib.json imports them as the peer's own SAE."""
     sae = make_sae()
     folder = formats.export(sae, "saelens", tmp_path)
     tensors = load_file(str(folder / "sae_weights.safetensors"))
     tensors["b_dec"] = tensors["b_dec"] + 1  # as if fine-tuned in SAELens after the export
     save_file(tensors, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors changed since saelib exported it .* delete saelib.json "
+                                         r"to import it as that library's own SAE, otherwise export it again\.$"):
+        formats.import_sae(folder)
+    (folder / "saelib.json").unlink()
     imported = formats.import_sae(folder)
     assert imported.metadata["source_format"] == "saelens" and imported.normalizer_scale == 1.0
     assert torch.equal(imported.b_pre, tensors["b_dec"]) and torch.equal(imported.W_enc, tensors["W_enc"].T)
+
+
+@pytest.mark.parametrize("fmt, file", [("saelens", "sae_weights.safetensors"), ("saelens", "cfg.json"),
+                                       ("sparsify", "sae.safetensors"), ("openai", "3.pt")])
+def test_a_flipped_byte_in_exported_peer_files_is_named(tmp_path, fmt, file):
+    path = formats.export(make_sae(), fmt, tmp_path)
+    target = (path if path.is_dir() else path.parent) / file
+    content = bytearray(target.read_bytes())
+    content[-20] ^= 0x01
+    target.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match=rf"{file} changed since saelib exported it"):
+        formats.import_sae(path)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("config", None, r"saelib.json: config is wrong \(input should be an object"),
+    ("config.normalizer_scale", 7.0, r"saelib.json: config.normalizer_scale is 7.0 but saelib.safetensors was saved with"),
+    ("config.k", 0, r"saelib.json: config.k is wrong \(input should be greater than 0, got 0\)"),
+    ("weights_sha256", "0" * 64, r"saelib.json: weights_sha256 is '0000"),
+    ("vectors_sha256", "0" * 64, r"saelib.safetensors is corrupt"),
+    ("format", "openai", r"saelib.json: format is 'openai' but saelib.safetensors was saved with 'saelens'"),
+])
+def test_an_edited_sidecar_is_one_sentence_naming_the_key(tmp_path, key, value, match):
+    folder = formats.export(make_sae(), "saelens", tmp_path)
+    record = json.loads((folder / "saelib.json").read_text())
+    *parents, last = key.split(".")
+    target = record
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    (folder / "saelib.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=match) as info:
+        formats.import_sae(folder)
+    assert "\n" not in str(info.value)
+
+
+def _peer_folder(tmp_path, fmt):
+    """An export with its sidecar deleted: the peer library's own SAE."""
+    path = formats.export(make_sae(), fmt, tmp_path / fmt)
+    folder = path if path.is_dir() else path.parent
+    (folder / "saelib.json").unlink()
+    return path, folder
+
+
+@pytest.mark.parametrize("fmt, edit, match", [
+    ("saelens", {"d_in": ...}, r"cfg.json has no d_in; fix the file or download the SAE again\.$"),
+    ("saelens", {"d_in": "16"}, r"cfg.json: d_in is wrong \(input should be a valid integer, got '16'\)"),
+    ("saelens", {"d_sae": 32}, r"sae_weights.safetensors: W_enc has shape \(16, 64\) but the config implies \(16, 32\)"),
+    ("saelens", {"k": None}, r"cfg.json: a topk SAE needs k, a positive integer up to d_sae=64, got None"),
+    ("saelens", {"apply_b_dec_to_input": "yes"}, r"cfg.json: apply_b_dec_to_input is wrong \(input should be a valid boolean"),
+    ("sparsify", {"d_in": ...}, r"cfg.json has no d_in"),
+    ("sparsify", {"k": [4]}, r"cfg.json: k is wrong \(input should be a valid integer, got \[4\]\)"),
+    ("sparsify", {"k": 65}, r"cfg.json: k is 65, more than the 64 latents"),
+    ("sparsify", {"num_latents": 60}, r"sae.safetensors: encoder.weight has shape \(64, 16\) but the config implies \(60, 16\)"),
+])
+def test_peer_configs_are_checked_by_name(tmp_path, fmt, edit, match):
+    path, folder = _peer_folder(tmp_path, fmt)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in edit.items():
+        cfg.pop(key) if value is ... else cfg.__setitem__(key, value)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        formats.import_sae(path)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.pop("pre_bias"), r"3.pt has no tensor 'pre_bias'"),
+    (lambda s: s.update(latent_bias="zeros"), r"3.pt: latent_bias is a str, not floating-point weights"),
+    (lambda s: s.update(activation_state_dict={}), r"3.pt: activation_state_dict has no k"),
+    (lambda s: s.update(activation_state_dict={"k": "4"}), r"activation_state_dict: k is wrong \(input should be a valid integer"),
+    (lambda s: s.update(activation=3), r"3.pt: activation 3 has no saelib equivalent"),
+    (lambda s: s.update({"encoder.weight": torch.zeros(3)}), r"3.pt is not an OpenAI autoencoder state dict"),
+])
+def test_openai_state_dicts_are_checked_by_name(tmp_path, edit, match):
+    path, _ = _peer_folder(tmp_path, "openai")
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=match):
+        formats.import_sae(path)
+
+
+def test_unreadable_peer_configs_name_the_file(tmp_path):
+    path, folder = _peer_folder(tmp_path, "saelens")
+    (folder / "cfg.json").write_bytes(b'{"d_in": 16, \xff\xfe}')
+    with pytest.raises(ValueError, match=r"cfg.json is not valid JSON"):
+        formats.import_sae(path)
+    (folder / "cfg.json").write_text("[16, 64]")
+    with pytest.raises(ValueError, match=r"cfg.json: the content is wrong \(input should be an object"):
+        formats.import_sae(path)
 
 
 def test_native_folders_and_detection(tmp_path):
@@ -266,11 +363,37 @@ def test_openai_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
 def test_truncated_exports_name_the_file(tmp_path):
     path = formats.export(make_sae(), "openai", tmp_path / "oai")
     path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"3.pt changed since saelib exported it"):
+        formats.import_sae(path)
+    (path.parent / "saelib.json").unlink()
     with pytest.raises(ValueError, match=r"3.pt cannot be read as a torch file"):
         formats.import_sae(path)
-    folder = formats.export(make_sae(), "saelens", tmp_path / "sl")
+    path, folder = _peer_folder(tmp_path, "saelens")
     weights = folder / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"sae_weights.safetensors cannot be read as safetensors"):
         formats.import_sae(folder)
-    assert json.loads((folder / "saelib.json").read_text())["format"] == "saelens"
+
+
+def test_a_model_folder_whose_weights_would_run_code_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    """``load_lm`` on a local folder: transformers reads ``pytorch_model.bin`` with weights_only=True,
+    and its refusal is one sentence, not an UnpicklingError."""
+    from transformers import LlamaConfig
+
+    from saelib.models import load_lm
+
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("SAELIB_TEST_MARKER", str(marker))
+    folder = tmp_path / "model"
+    LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2).save_pretrained(folder)
+    embedded = Path(os.environ.get("SAELIB_HOME", REPO / ".cache")) / "models" / "smollm2-135m"
+    if not (embedded / "tokenizer.json").is_file():
+        pytest.skip(f"the embedded model's tokenizer is not converted yet under {embedded}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded / name, folder / name)
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        torch.save({"model.embed_tokens.weight": torch.zeros(64, 8), "payload": RunsCode()}, f)
+    with pytest.raises(ValueError, match=r"^Refusing to load model .*: its weights are a pickle that would run code") as info:
+        load_lm(str(folder))
+    assert "\n" not in str(info.value) and not marker.exists()

@@ -96,3 +96,13 @@ def test_run_loaders_take_a_released_name():
     assert sae.n_latents == 4608 and sae.metadata["layer"] == 12
     with pytest.raises(FileNotFoundError, match="no released SAE of that name"):
         runs.load_run("smollm2-135m/resid_6/n1_k1")
+
+
+def test_an_edited_config_of_a_copy_is_refused(tmp_path):
+    """The weights' header holds the config they were saved with (covered by their SHA-256)."""
+    folder = shutil.copytree(released.ROOT / NAMES[0], tmp_path / "sae")
+    config = json.loads((folder / "config.json").read_text())
+    config["metadata"]["layer"] += 1
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with pytest.raises(ValueError, match=r"config.json: metadata.layer is \d+ but sae.safetensors was saved with \d+"):
+        saelib.load(folder)

@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from saelib.kernels import LatentPattern, gather_preacts, sparse_decode
+from saelib.files import sha256_file
 from saelib.normalize import Normalizer
 from saelib import load
 from saelib.sae import Latents, TopKSAE
@@ -401,7 +403,10 @@ def test_load_errors_name_the_file_and_value(tmp_path):
     tensors = load_file(str(folder / "sae.safetensors"))
     tensors["W_dec"] = torch.zeros(32, 16)
     save_file(tensors, str(folder / "sae.safetensors"))
-    with pytest.raises(ValueError, match=r"sae.safetensors: W_dec has shape \(32, 16\)"):
+    with pytest.raises(ValueError, match=r"sae.safetensors is corrupt"):
+        load(folder)
+    _edited_config(folder, sha256={"sae.safetensors": sha256_file(folder / "sae.safetensors")})
+    with pytest.raises(ValueError, match=r"sae.safetensors: W_dec has shape \(32, 16\) but the config implies \(64, 16\)"):
         load(folder)
     (folder / "sae.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="sae.safetensors is missing"):
@@ -510,3 +515,107 @@ def test_bf16_encoder_chooses_in_bf16_and_keeps_fp32_gradients():
 def test_bad_encoder_dtype_is_refused_naming_the_value():
     with pytest.raises(ValueError, match="'float16'"):
         make_sae(encoder_dtype="float16")
+
+
+def _edited_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is ...:
+            config.pop(key)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"normalizer_scale": 0}, r"normalizer_scale is wrong \(input should be greater than 0, got 0\)"),
+    ({"normalizer_scale": float("nan")}, r"normalizer_scale is wrong \(input should be a finite number, got nan\)"),
+    ({"normalizer_scale": 1e300}, r"normalizer_scale is 1e\+300 but sae.safetensors was saved with 3.5"),
+    ({"k": 5}, r"k is 5 but sae.safetensors was saved with 4"),
+    ({"k": 65}, r"k is wrong \(k must be at most n_latents = 64, got 65\)"),
+    ({"k": 4.0}, r"k is wrong \(input should be a valid integer, got 4.0\)"),
+    ({"k": None}, r"k is wrong \(a topk SAE needs a positive integer k, got None\)"),
+    ({"arch": "relu"}, r"arch is 'relu' but sae.safetensors was saved with 'topk'"),
+    ({"arch": "gated"}, r"arch is wrong \(input should be 'topk', 'multitopk', 'batchtopk' or 'relu', got 'gated'\)"),
+    ({"d_in": 17}, r"d_in is 17 but sae.safetensors was saved with 16"),
+    ({"d_in": -1}, r"d_in is wrong \(input should be greater than 0, got -1\)"),
+    ({"metadata": [1]}, r"metadata is wrong \(input should be an object, got \[1\]\)"),
+    ({"metadata": {"layer": 4}}, r"metadata.layer is 4 but sae.safetensors was saved with 3"),
+    ({"sha256": None}, r"sha256 is wrong \(input should be an object, got None\)"),
+    ({"sha256": ...}, r"config.json has no sha256 of sae.safetensors \(got None\), which saelib records"),
+    ({"sha256": {"sae.safetensors": "xyz"}}, r"sha256.sae.safetensors is wrong \(string should match pattern"),
+    ({"extra": 1}, r"config.json has an unknown key extra \(= 1\)"),
+])
+def test_an_edited_config_is_one_sentence_naming_the_file_key_and_value(tmp_path, changes, match):
+    folder = make_sae(normalizer=Normalizer(torch.zeros(16), 3.5), metadata={"layer": 3}).save(tmp_path / "sae")
+    _edited_config(folder, **changes)
+    with pytest.raises(ValueError, match=match) as info:
+        load(folder)
+    assert str(info.value).startswith(str(folder / "config.json")) and "\n" not in str(info.value)
+
+
+def test_config_whitespace_and_key_order_do_not_matter(tmp_path):
+    sae = make_sae()
+    folder = sae.save(tmp_path / "sae")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(reversed(config.items()))))
+    assert load(folder).config() == sae.config()
+
+
+def test_a_folder_from_before_checksums_still_loads(tmp_path):
+    """No sha256 key in config.json and no config in the weights' header: a folder from an earlier
+    saelib, checked by the schema only (a folder written now has both, and losing either is an error)."""
+    sae = make_sae(normalizer=Normalizer(torch.randn(16), 2.0))
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file({name: t.contiguous() for name, t in sae.state_dict().items()}, str(folder / "sae.safetensors"))
+    config = sae.config()
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load(folder).config() == config
+    _edited_config(folder, k=0)
+    with pytest.raises(ValueError, match=r"config.json: k is wrong \(input should be greater than 0, got 0\)"):
+        load(folder)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.update(extra=torch.zeros(2)), r"sae.safetensors has an unknown tensor 'extra' besides W_enc"),
+    (lambda t: t.pop("b_pre"), r"sae.safetensors has no tensor 'b_pre'"),
+    (lambda t: t.update(b_pre=torch.zeros(16, dtype=torch.int32)), r"sae.safetensors: b_pre is a torch.int32 tensor"),
+])
+def test_extra_missing_or_mistyped_tensors_are_refused_by_name(tmp_path, edit, match):
+    """Even with the checksum and header updated to match (a file rewritten on purpose)."""
+    folder = make_sae().save(tmp_path / "sae")
+    tensors = load_file(str(folder / "sae.safetensors"))
+    edit(tensors)
+    with safe_open(str(folder / "sae.safetensors"), "pt") as f:
+        header = f.metadata()
+    save_file(tensors, str(folder / "sae.safetensors"), metadata=header)
+    _edited_config(folder, sha256={"sae.safetensors": sha256_file(folder / "sae.safetensors")})
+    with pytest.raises(ValueError, match=match):
+        load(folder)
+
+
+def test_not_json_or_not_utf8_names_the_file(tmp_path):
+    folder = make_sae().save(tmp_path / "sae")
+    (folder / "config.json").write_bytes(b'{"arch": "topk", \xff}')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        load(folder)
+    (folder / "config.json").write_text("{'arch': 'topk'}")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON \(key must be a string"):
+        load(folder)
+
+
+def test_parameters_that_cannot_fit_are_refused_before_allocating():
+    with pytest.raises(ValueError) as info:
+        TopKSAE(576, 2**31, 32)
+    message = str(info.value)
+    assert "n_latents=2147483648 and d_in=576 needs 9,904,194,589,188 bytes" in message
+    assert "of memory are available; choose a smaller n_latents." in message and message.count(". ") == 0
+
+
+def test_the_cli_refuses_an_sae_that_cannot_fit_in_one_sentence(tmp_path, capsys):
+    from saelib import cli
+
+    assert cli.main(["train", "--preset", "ci", "--n-latents", "2147483648", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "n_latents=2147483648 and d_in=576 needs 9,904,194,589,188 bytes" in err and "Traceback" not in err
