@@ -223,7 +223,7 @@ def test_damaged_checkpoint_is_an_error_naming_the_file(tmp_path, damage, match)
 @pytest.mark.parametrize("damage, match", [
     ("flip", r"sae.safetensors is corrupt"),
     ("truncate", r"sae.safetensors cannot be read as safetensors"),
-    ("config", r"config.json is not a valid SAE config"),
+    ("config", r"config.json is not valid JSON"),
 ])
 def test_damaged_sae_file_is_an_error_naming_the_file(tmp_path, damage, match):
     folder = TopKSAE(8, 32, 4).save(tmp_path / "sae")
