@@ -71,11 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(cfg)))
         return 0
     if not launched():  # extract once, here, not by every rank
-        amount = "every token" if cfg.max_tokens is None else f"the first {cfg.max_tokens:,} tokens"
-        print(f"saelib train: activations of {amount} of {cfg.corpus}'s train split (max_tokens={cfg.max_tokens}), "
-              f"{cfg.model} layer {cfg.layer} {cfg.site}.", file=sys.stderr)
         cache = cached_activations(**cfg.group("data"), split="train")
-        print(f"saelib train: {cache.n_rows:,} tokens of activations, cached in {cache.folder}.", file=sys.stderr)
+        amount = "all" if cfg.max_tokens is None else f"at most {cfg.max_tokens:,} tokens"
+        print(f"saelib train: {cache.n_rows:,} tokens of activations ({amount} of {cfg.corpus}'s train split, "
+              f"max_tokens={cfg.max_tokens}) in {cache.folder}.", file=sys.stderr)
         if args.nproc > 1:
             argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and args.argv[i - 1] != "--nproc"]
             return launch(args.nproc, argv)
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(error: BaseException) -> str:
     """An exception's message as one line (a message from a library may span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
+    return " ".join(line.strip() for line in str(error).strip().splitlines()) or type(error).__name__
 
 
 def _save_traceback(command: str, argv: list[str]) -> str:

@@ -176,11 +176,12 @@ def field_type(name: str) -> tuple[type, bool]:
 
 
 class ConfigError(ValueError):
-    """A value :class:`TrainConfig` refuses, in one sentence; ``key`` names the field at fault."""
+    """A value :class:`TrainConfig` refuses, in one sentence; ``keys`` names the field at fault first,
+    then any other field the check compared it with."""
 
-    def __init__(self, key: str, message: str):
+    def __init__(self, keys: str | tuple[str, ...], message: str):
         super().__init__(message)
-        self.key = key
+        self.keys = (keys,) if isinstance(keys, str) else keys
 
 
 class _Short(reprlib.Repr):
@@ -243,16 +244,16 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.ctx_len < 2:
         raise ConfigError("ctx_len", f"ctx_len must be an integer >= 2, got {cfg.ctx_len!r}.")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.ctx_len:
-        raise ConfigError("max_tokens", f"max_tokens must be at least one context ({cfg.ctx_len} tokens), "
+        raise ConfigError(("max_tokens", "ctx_len"), f"max_tokens must be at least one context ({cfg.ctx_len} tokens), "
                           f"got {cfg.max_tokens!r}.")
     if cfg.k is None and cfg.arch != "relu":
-        raise ConfigError("k", f"k must be a positive integer for arch={cfg.arch!r}, got None; only arch='relu' runs "
+        raise ConfigError(("k", "arch"), f"k must be a positive integer for arch={cfg.arch!r}, got None; only arch='relu' runs "
                           "without k.")
     if cfg.k is not None and cfg.k > cfg.n_latents:
-        raise ConfigError("k", f"k={cfg.k} is larger than n_latents={cfg.n_latents}; choose k <= n_latents.")
+        raise ConfigError(("k", "n_latents"), f"k={cfg.k} is larger than n_latents={cfg.n_latents}; choose k <= n_latents.")
     if cfg.arch == "multitopk" and 4 * cfg.k > cfg.n_latents:
-        raise ConfigError("k", f"multitopk trains with 4k={4 * cfg.k} latents but n_latents={cfg.n_latents}; "
-                          "choose k <= n_latents / 4.")
+        raise ConfigError(("k", "n_latents", "arch"), f"multitopk trains with 4k={4 * cfg.k} latents but "
+                          f"n_latents={cfg.n_latents}; choose k <= n_latents / 4.")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -263,7 +264,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError("device", f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {_show(device)}.") from None
+        raise ConfigError("device", f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                          f"got {_show(device)}.") from None
     if resolved.type == "cuda" and not (torch.cuda.is_available() and (resolved.index or 0) < torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
         raise ConfigError("device", f"device {device!r} was asked for but this machine has {found}; use device='cpu'.")
@@ -429,8 +431,8 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, **
     try:
         return TrainConfig(**{**(PRESETS[preset]["train"] if preset is not None else {}), **from_file, **given})
     except ConfigError as error:
-        if error.key in from_file and error.key not in given:
-            raise ConfigError(error.key, f"Config file {config_file}: {error}") from None
+        if any(key in from_file and key not in given for key in error.keys):
+            raise ConfigError(error.keys, f"Config file {config_file}: {error}") from None
         raise
 
 
