@@ -385,6 +385,8 @@ def read_config_file(path: str | Path) -> dict:
     kind = {".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}.get(path.suffix)
     if kind is None:
         raise ValueError(f"Config file {path} must end in .json, .yaml or .yml.")
+    if path.exists() and not path.is_file():  # a folder, or a pipe that would block the read
+        raise ValueError(f"Config file {path} is not a regular file; give a JSON or YAML file.")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:

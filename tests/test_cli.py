@@ -208,12 +208,15 @@ def test_a_damaged_config_file_is_one_sentence(capsys, tmp_path, name, content, 
 
 
 def test_a_missing_or_unreadable_config_file_is_one_sentence(capsys, tmp_path):
-    for path, needle in [(tmp_path / "missing.yaml", "No such file"), (tmp_path / "folder.yaml", "Is a directory")]:
-        if path.name == "folder.yaml":
-            path.mkdir()
-        code, _, err = run(["train", "--config", str(path), "--out", str(tmp_path / "r")], capsys)
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # would block a read
+    (tmp_path / "folder.yaml").mkdir()
+    for name, needle in [("missing.yaml", "cannot be read (No such file"), ("folder.yaml", "is not a regular file"),
+                         ("pipe.yaml", "is not a regular file")]:
+        code, _, err = run(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")], capsys)
         assert code == 2
-        assert_one_sentence(err, path.name, "cannot be read", needle)
+        assert_one_sentence(err, name, needle)
 
 
 @pytest.mark.parametrize("key, value, shown", [
