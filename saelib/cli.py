@@ -2,7 +2,7 @@
 
     saelib extract [--preset P] [--model M --corpus C --layer L --site S ...]
     saelib train   [--config FILE] [--preset ci|demo|full] [--model M --corpus C --layer L --site S
-                    --n-latents N --k K --tokens T --seed S ...] --out RUN
+                    --n-latents N --k K --tokens T --seed S ...] --out RUN [--dry-run]
     saelib eval    RUN [--preset ci|demo|full] [--json]
     saelib view    RUN --out DIR [--preset ci|demo|full]
     saelib export  RUN --format saelens|sparsify|openai --out DIR
@@ -223,7 +223,7 @@ def _one_line(error: BaseException) -> str:
 
 def _save_traceback(command: str, argv: list[str]) -> str:
     """Write the current exception's traceback under ``$SAELIB_HOME/errors/``; where it went, as a sentence."""
-    text = f"{command} {' '.join(map(repr, argv[1:]))}\n\n{traceback.format_exc()}"
+    text = f"saelib {' '.join(map(repr, argv))}\n\n{traceback.format_exc()}"
     try:
         path = cache_dir("errors") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{command.replace(' ', '-')}.txt"
         path.write_text(text, encoding="utf-8")

@@ -9,6 +9,10 @@ any heavy work starts. The groups:
 - ``train``: the trainer's options, what :func:`saelib.fit` accepts and a run folder's ``config.json`` records;
 - ``run``: how ``saelib train`` drives the trainer (epochs, latent_parallel).
 
+A config file (``--config``: JSON or YAML, UTF-8) is a flat mapping of field names to values; a
+``null`` stands for the field's default meaning even over a preset (``max_tokens: null``: all of
+the split), ``1e-3`` is a number in YAML too, and a key written twice is an error.
+
 Precedence (:func:`resolve`): defaults < preset < config file < explicit flags. Presets change
 scale, never code paths; each holds a section per consumer: ``train`` (fields of ``TrainConfig``),
 ``eval`` (:func:`saelib.evals.evaluate`), ``view`` (:func:`saelib.viz.summarize`) and ``bench``
