@@ -2,24 +2,30 @@
 
     saelib extract [--preset P] [--model M --corpus C --layer L --site S ...]
     saelib train   [--config FILE] [--preset ci|demo|full] [--model M --corpus C --layer L --site S
-                    --n-latents N --k K --tokens T --seed S ...] --out RUN
+                    --n-latents N --k K --tokens T --seed S ...] --out RUN [--dry-run]
     saelib eval    RUN [--preset ci|demo|full] [--json]
     saelib view    RUN --out DIR [--preset ci|demo|full]
     saelib export  RUN --format saelens|sparsify|openai --out DIR
     saelib bench   [--preset quick|default|full] [--json]
 
-Errors in the user's input end with one sentence on standard error and exit status 2.
+Every expected failure (bad input, a missing or damaged file, a locked run folder, a failed write)
+ends with one sentence on standard error and exit status 2; anything else with one line naming
+the traceback saved under ``$SAELIB_HOME/errors/`` and exit status 1; Ctrl-C with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
+import time
+import traceback
 
 from . import config
+from .paths import cache_dir
 
 def add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
     """A flag for every ``TrainConfig`` field of ``groups`` (``n_latents`` -> ``--n-latents``), with its
@@ -61,10 +67,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs import train_run
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
-    if args.nproc > 1 and not launched():
-        cached_activations(**cfg.group("data"), split="train")  # once, here, not by every rank
-        argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and args.argv[i - 1] != "--nproc"]
-        return launch(args.nproc, argv)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(cfg)))
+        return 0
+    if not launched():  # extract once, here, not by every rank
+        cache = cached_activations(**cfg.group("data"), split="train")
+        amount = "all" if cfg.max_tokens is None else f"at most {cfg.max_tokens:,} tokens"
+        print(f"saelib train: {cache.n_rows:,} tokens of activations ({amount} of {cfg.corpus}'s train split, "
+              f"max_tokens={cfg.max_tokens}) in {cache.folder}.", file=sys.stderr)
+        if args.nproc > 1:
+            argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and args.argv[i - 1] != "--nproc"]
+            return launch(args.nproc, argv)
     train_run(cfg, args.out, progress=os.environ.get("RANK", "0") == "0")
     if os.environ.get("RANK", "0") == "0":
         print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
@@ -104,10 +117,34 @@ def cmd_export(args: argparse.Namespace) -> int:
 class UsageError(Exception):
     """A command line argparse cannot parse; reported in one sentence, not as usage text."""
 
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise UsageError(message)
+        raise UsageError(self.prog, message)
+
+
+def out_folder(text: str) -> str:
+    """An ``--out`` value: a folder to write (made if missing), never blank (the current folder) nor a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder to write, got {text!r}")
+    if os.path.lexists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder; name a new or existing folder")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """A flag's value that must be an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an SAE (resumes an interrupted RUN)")
     p.add_argument("--preset", choices=sorted(config.PRESETS), help="scale: ci (seconds), demo, full (a GPU)")
     p.add_argument("--config", help="a JSON or YAML file of settings, keyed by the flags' names with underscores")
-    p.add_argument("--out", required=True, help="run folder: sae/, metrics.jsonl, checkpoints/")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torch.distributed, gloo/NCCL)")
+    p.add_argument("--out", required=True, type=out_folder, help="run folder: sae/, metrics.jsonl, checkpoints/")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed, gloo/NCCL)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the settings, print them as one JSON object and stop before extracting or training")
     add_config_flags(p, config.GROUPS)
     p.set_defaults(func=cmd_train)
 
@@ -137,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help="write a static, offline HTML visualizer of a trained SAE's latents")
     p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
-    p.add_argument("--out", required=True, help="folder for the site (index.html inside)")
+    p.add_argument("--out", required=True, type=out_folder, help="folder for the site (index.html inside)")
     p.add_argument("--preset", default="ci", choices=sorted(config.PRESETS), help="how many tokens to summarise")
     p.set_defaults(func=cmd_view)
 
@@ -150,27 +189,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write an SAE in SAELens, sparsify or OpenAI layout (saelib.load reads them back)")
     p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
     p.add_argument("--format", required=True, choices=["saelens", "sparsify", "openai"])
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, type=out_folder, help="folder to write")
     p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = "saelib"
     try:
         args = build_parser().parse_args(argv)
-        args.argv = argv
-    except UsageError as e:
-        print(f"saelib: error: {e}; see `saelib --help`.", file=sys.stderr)
-        return 2
-    try:
+        args.argv, command = argv, f"saelib {args.command}"
         return args.func(args)
+    except UsageError as e:
+        print(f"{e.prog}: error: {_one_line(e)}; see `{e.prog} --help`.", file=sys.stderr)
+        return 2
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: a locked run folder, a failed write
-        print(f"saelib {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"saelib {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
+        print(f"{command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    except Exception as e:
+        print(f"{command}: unexpected error ({type(e).__name__}: {_one_line(e)[:200]}); {_save_traceback(command, argv)}",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message as one line (a message from a library may span several)."""
+    return " ".join(line.strip() for line in str(error).strip().splitlines()) or type(error).__name__
+
+
+def _save_traceback(command: str, argv: list[str]) -> str:
+    """Write the current exception's traceback under ``$SAELIB_HOME/errors/``; where it went, as a sentence."""
+    text = f"saelib {' '.join(map(repr, argv))}\n\n{traceback.format_exc()}"
+    try:
+        path = cache_dir("errors") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{command.replace(' ', '-')}.txt"
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:  # no writable home: the terminal is the only place left
+        print(text, file=sys.stderr)
+        return f"the traceback above could not be saved ({_one_line(error)}); please report it."
+    return f"the full traceback is in {path}; please report it with that file."
 
 
 if __name__ == "__main__":

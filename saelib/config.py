@@ -9,6 +9,10 @@ any heavy work starts. The groups:
 - ``train``: the trainer's options, what :func:`saelib.fit` accepts and a run folder's ``config.json`` records;
 - ``run``: how ``saelib train`` drives the trainer (epochs, latent_parallel).
 
+A config file (``--config``: JSON or YAML, UTF-8) is a flat mapping of field names to values; a
+``null`` stands for the field's default meaning even over a preset (``max_tokens: null``: all of
+the split), ``1e-3`` is a number in YAML too, and a key written twice is an error.
+
 Precedence (:func:`resolve`): defaults < preset < config file < explicit flags. Presets change
 scale, never code paths; each holds a section per consumer: ``train`` (fields of ``TrainConfig``),
 ``eval`` (:func:`saelib.evals.evaluate`), ``view`` (:func:`saelib.viz.summarize`) and ``bench``
@@ -23,11 +27,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import reprlib
+import sys
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from .models import SITES
 from .sae import ARCHS, ENCODER_DTYPES
@@ -36,6 +44,11 @@ B_PRE_INITS = ("geometric_median", "mean", "zero")
 DECAYS = ("linear", "none")
 GROUPS = ("data", "train", "run")
 
+# the largest integer a field takes: counts of tokens and steps are int64 tensors or Python ints,
+# sizes and indices become tensor dimensions and kernel indices, which are int32
+INT64_MAX = 2**63 - 1
+DIM_MAX = 2**31 - 1
+
 # fields that change what is logged or saved, or how a step is computed, not the recipe: a run
 # may resume with others (and resume folders written before a field existed)
 BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype", "device"}
@@ -43,7 +56,8 @@ BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype", "device"
 
 def option(default, help: str, group: str = "train", **check):
     """A field with its help text, its group and what ``__post_init__`` checks beyond its type:
-    ``bound="positive"`` or ``"non-negative"`` for numbers, ``choices=(...)`` for strings."""
+    ``bound="positive"`` or ``"non-negative"`` for numbers, ``most=`` the largest integer (default
+    ``INT64_MAX``), ``choices=(...)`` for strings (other strings must not be blank)."""
     return field(default=default, metadata={"help": help, "group": group, **check})
 
 
@@ -54,19 +68,21 @@ class TrainConfig:
     model: str = option("smollm2-135m", "embedded name (smollm2-135m), Hugging Face name or local folder", group="data")
     corpus: str = option("wikipedia", "wikipedia (embedded), mix (every offline text, ~4.3M tokens), a datasets "
                          "name, or a local .txt/.jsonl file", group="data")
-    layer: int = option(12, "decoder layer to hook (0-based)", group="data", bound="non-negative")
+    layer: int = option(12, "decoder layer to hook (0-based)", group="data", bound="non-negative", most=DIM_MAX)
     site: str = option("resid_post", "where in the layer activations are read", group="data", choices=tuple(SITES))
-    ctx_len: int = option(64, "tokens per context (the paper: 64); at least 2", group="data", bound="positive")
-    max_tokens: int | None = option(None, "tokens of the train split to extract (default: all of it)", group="data",
-                                    bound="positive")
+    ctx_len: int = option(64, "tokens per context (the paper: 64); at least 2", group="data", bound="positive",
+                          most=DIM_MAX)
+    max_tokens: int | None = option(None, "tokens of the train split to extract (default, or null in a config "
+                                    "file: all of it)", group="data", bound="positive")
     val_fraction: float = option(0.1, "share of the corpus's documents held out as the validation split", group="data")
 
-    n_latents: int = option(2**14, "number of latents n", bound="positive")
+    n_latents: int = option(2**14, "number of latents n", bound="positive", most=DIM_MAX)
     k: int | None = option(32, "active latents per token (None only for arch relu, whose L0 is set by l1_coef)",
-                           bound="positive")
+                           bound="positive", most=DIM_MAX)
     arch: str = option("topk", "the SAE: TopK (the paper), Multi-TopK, BatchTopK or the ReLU + L1 baseline",
                        choices=ARCHS)
-    batch_size: int = option(4096, "tokens per step (the paper: 131,072; CPU runs use less)", bound="positive")
+    batch_size: int = option(4096, "tokens per step (the paper: 131,072; CPU runs use less)", bound="positive",
+                             most=DIM_MAX)
     tokens: int | None = option(None, "training budget in tokens (default: epochs x the extracted tokens, or one "
                                 "pass over the data for saelib.fit)", bound="positive")
     lr: float | None = option(None, "learning rate (default: lr_multiplier x 2e-4 / sqrt(n / 2^14))",
@@ -79,11 +95,12 @@ class TrainConfig:
                                       bound="non-negative")
     decay: str = option("linear", "linear: decay to 0 at the end of the run (if its length is known); none: constant",
                         choices=DECAYS)
-    grad_clip: float | None = option(1.0, "clip the gradient norm to this", bound="non-negative")
+    grad_clip: float | None = option(1.0, "clip the gradient norm to this (0: no clipping)", bound="non-negative")
     adam_eps: float = option(6.25e-10, "Adam's epsilon", bound="non-negative")
     adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam's two betas, each in [0, 1)")
     auxk: bool = option(True, "the AuxK loss: dead latents reconstruct the residual")
-    k_aux: int | None = option(None, "dead latents in the AuxK loss (default: min(512, d_in / 2))", bound="positive")
+    k_aux: int | None = option(None, "dead latents in the AuxK loss (default: min(512, d_in / 2))", bound="positive",
+                               most=DIM_MAX)
     auxk_coef: float = option(1 / 32, "weight of the AuxK loss", bound="non-negative")
     # The paper counts a latent dead after 10M tokens without firing; short runs scale that to a
     # tenth of the run, but never less than ten expected firings of an average latent.
@@ -96,7 +113,8 @@ class TrainConfig:
     log_every: int = option(10, "steps between metrics.jsonl rows", bound="positive")
     checkpoint_every_tokens: int | None = option(None, "tokens between checkpoints (default: ten per run)",
                                                  bound="positive")
-    geometric_median_samples: int = option(32768, "activations the b_pre init is computed from", bound="positive")
+    geometric_median_samples: int = option(32768, "activations the b_pre init is computed from", bound="positive",
+                                           most=DIM_MAX)
     tied_init: bool = option(True, "W_enc = W_dec at init (the paper); off: an independent random encoder")
     # recipe ablations: sparsify's nn.Linear init has encoder row norms of about 1/sqrt(3)
     b_pre_init: str = option("geometric_median", "b_pre at init: the sample's geometric median (the paper), "
@@ -114,7 +132,7 @@ class TrainConfig:
     epochs: float = option(1.0, "training budget in passes over the extracted tokens, used when tokens is not "
                            "given", group="run", bound="positive")
     latent_parallel: int = option(1, "with --nproc: shards of the latents (the rest of the ranks split the data)",
-                                  group="run", bound="positive")
+                                  group="run", bound="positive", most=DIM_MAX)
 
     def __post_init__(self):
         if isinstance(self.adam_betas, list):  # as JSON, YAML and argparse give it
@@ -161,8 +179,38 @@ def field_type(name: str) -> tuple[type, bool]:
     return typing.get_origin(hint) or hint, False
 
 
+class ConfigError(ValueError):
+    """A value :class:`TrainConfig` refuses, in one sentence; ``keys`` names the field at fault first,
+    then any other field the check compared it with."""
+
+    def __init__(self, keys: str | tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keys = (keys,) if isinstance(keys, str) else keys
+
+
+class _Short(reprlib.Repr):
+    """``repr`` cut to about 60 characters: a config file may hold anything, an error shows one line of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxstring = self.maxlong = self.maxother = 60
+
+    def repr_int(self, x, level):
+        # repr raises past 4300 digits, and past 60 only the size tells the reader anything
+        return super().repr_int(x, level) if abs(x) < 10**60 else f"an integer of {x.bit_length()} bits"
+
+
+_show = _Short().repr
+
+
 def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """An int or a float (not a bool) that is finite as a float; an int beyond float's range is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -171,37 +219,45 @@ def _validate(cfg: TrainConfig) -> None:
         value, (kind, optional) = getattr(cfg, name), field_type(name)
         if value is None and optional:
             continue
-        if name == "device":
-            resolve_device(value)
-        elif kind is bool and not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}.")
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(name, f"{name} must be true or false, got {_show(value)}.")
         elif kind is str and not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}.")
+            raise ConfigError(name, f"{name} must be a string, got {_show(value)}.")
+        elif name == "device":
+            resolve_device(value)
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ValueError(f"{name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}.")
+            raise ConfigError(name, f"{name} must be one of {', '.join(f.metadata['choices'])}, got {_show(value)}.")
+        elif kind is str and not value.strip():
+            raise ConfigError(name, f"{name} must not be blank, got {value!r}; give a name ({f.metadata['help']}).")
         elif kind in (int, float):
-            bound = f.metadata.get("bound")
+            bound, most = f.metadata.get("bound"), f.metadata.get("most", INT64_MAX)
             ok = _is_number(value) and (kind is float or isinstance(value, int))
             if not ok or (bound == "positive" and value <= 0) or (bound == "non-negative" and value < 0):
                 what = f"{bound + ' ' if bound else ''}{'integer' if kind is int else 'finite number'}"
-                raise ValueError(f"{name} must be a {what}, got {value!r}.")
+                raise ConfigError(name, f"{name} must be a {what}, got {_show(value)}.")
+            if kind is int and value > most:
+                largest = "tensor dimension, 2**31 - 1" if most == DIM_MAX else "64-bit integer"
+                raise ConfigError(name, f"{name} must be at most {most} (the largest {largest}), got {_show(value)}.")
     betas = cfg.adam_betas
     if not (isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"adam_betas must be two numbers in [0, 1) such as (0.9, 0.999), got {betas!r}.")
+        raise ConfigError("adam_betas", f"adam_betas must be two numbers in [0, 1) such as (0.9, 0.999), got {_show(betas)}.")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
-        raise ValueError(f"ema must be None or a decay in (0, 1) such as 0.999, got {cfg.ema!r}.")
+        raise ConfigError("ema", f"ema must be None or a decay in (0, 1) such as 0.999, got {cfg.ema!r}.")
     if not 0 < cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction must be a share in (0, 1) such as 0.1, got {cfg.val_fraction!r}.")
+        raise ConfigError("val_fraction", f"val_fraction must be a share in (0, 1) such as 0.1, got {cfg.val_fraction!r}.")
     if cfg.ctx_len < 2:
-        raise ValueError(f"ctx_len must be an integer >= 2, got {cfg.ctx_len!r}.")
+        raise ConfigError("ctx_len", f"ctx_len must be an integer >= 2, got {cfg.ctx_len!r}.")
     if cfg.max_tokens is not None and cfg.max_tokens < cfg.ctx_len:
-        raise ValueError(f"max_tokens must be at least one context ({cfg.ctx_len} tokens), got {cfg.max_tokens!r}.")
+        raise ConfigError(("max_tokens", "ctx_len"), f"max_tokens must be at least one context ({cfg.ctx_len} tokens), "
+                          f"got {cfg.max_tokens!r}.")
     if cfg.k is None and cfg.arch != "relu":
-        raise ValueError(f"k must be a positive integer for arch={cfg.arch!r}, got None; only arch='relu' runs without k.")
+        raise ConfigError(("k", "arch"), f"k must be a positive integer for arch={cfg.arch!r}, got None; only arch='relu' runs "
+                          "without k.")
     if cfg.k is not None and cfg.k > cfg.n_latents:
-        raise ValueError(f"k={cfg.k} is larger than n_latents={cfg.n_latents}; choose k <= n_latents.")
+        raise ConfigError(("k", "n_latents"), f"k={cfg.k} is larger than n_latents={cfg.n_latents}; choose k <= n_latents.")
     if cfg.arch == "multitopk" and 4 * cfg.k > cfg.n_latents:
-        raise ValueError(f"multitopk trains with 4k={4 * cfg.k} latents but n_latents={cfg.n_latents}; choose k <= n_latents / 4.")
+        raise ConfigError(("k", "n_latents", "arch"), f"multitopk trains with 4k={4 * cfg.k} latents but "
+                          f"n_latents={cfg.n_latents}; choose k <= n_latents / 4.")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -212,12 +268,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}.") from None
+        raise ConfigError("device", f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                          f"got {_show(device)}.") from None
     if resolved.type == "cuda" and not (torch.cuda.is_available() and (resolved.index or 0) < torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
-        raise ValueError(f"device {device!r} was asked for but this machine has {found}; use device='cpu'.")
+        raise ConfigError("device", f"device {device!r} was asked for but this machine has {found}; use device='cpu'.")
     if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
+        raise ConfigError("device", f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
     return resolved
 
 
@@ -284,41 +341,105 @@ def section(name: str) -> dict[str, dict]:
 # ---- resolving a run's configuration --------------------------------------------------------
 
 
-def read_config_file(path: str | Path) -> dict:
-    """The settings of a ``.json`` or ``.yaml``/``.yml`` file: a flat mapping of field names to values."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Config file {path} does not exist.")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as people write settings: ``1e-3`` is a number (YAML 1.2; PyYAML's YAML 1.1 reads it as
+    text), and a key written twice is an error, not the last value silently winning."""
 
-        cfg = yaml.safe_load(text)
-    elif path.suffix == ".json":
-        cfg = json.loads(text)
-    else:
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key_node.value!r} is written twice",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A JSON object as a dict, refusing a key written twice (``json`` keeps the last one silently)."""
+    keys = set()
+    for key, _ in pairs:
+        if key in keys:
+            raise ValueError(f"the key {key!r} is written twice")
+        keys.add(key)
+    return dict(pairs)
+
+
+def _syntax_error(error: Exception) -> str:
+    """A parser's complaint in one line, with the line and column where it gives them."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at line {error.lineno}, column {error.colno}"
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f"{error.problem or error.context} at line {mark.line + 1}, column {mark.column + 1}"
+    if "sys.set_int_max_str_digits" in str(error):  # Python's own advice would not help the user
+        return f"an integer longer than {sys.get_int_max_str_digits()} digits"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings of a ``.json`` or ``.yaml``/``.yml`` file (UTF-8): a flat mapping of field names to
+    values, which :class:`TrainConfig` checks; anything else is a ValueError in one sentence naming the file."""
+    path = Path(path)
+    kind = {".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}.get(path.suffix)
+    if kind is None:
         raise ValueError(f"Config file {path} must end in .json, .yaml or .yml.")
+    if path.exists() and not path.is_file():  # a folder, or a pipe that would block the read
+        raise ValueError(f"Config file {path} is not a regular file; give a JSON or YAML file.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Config file {path} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                         "save it as UTF-8.") from None
+    except OSError as error:
+        raise ValueError(f"Config file {path} cannot be read ({error.strerror or error}); give a JSON or YAML file.") from None
+    if not text.strip():
+        raise ValueError(f"Config file {path} is empty; write settings in it such as `n_latents: 4096`, or leave out --config.")
+    try:
+        cfg = json.loads(text, object_pairs_hook=_unique_keys) if kind == "JSON" else yaml.load(text, _YamlLoader)
+    except RecursionError:
+        raise ValueError(f"Config file {path} is nested too deeply to be settings; write a flat mapping.") from None
+    except (ValueError, yaml.YAMLError) as error:  # ValueError: JSON syntax, a repeated key, an int over 4300 digits
+        raise ValueError(f"Config file {path} is not valid {kind} ({_syntax_error(error)}); fix it and run again.") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"Config file {path} must hold a flat mapping of names to values.")
+        raise ValueError(f"Config file {path} must hold a mapping of setting names to values such as `n_latents: 4096`, "
+                         f"got {'nothing' if cfg is None else 'a ' + type(cfg).__name__}.")
+    for key in cfg:
+        if not isinstance(key, str):
+            raise ValueError(f"Config file {path} has the key {_show(key)}, which is not a name; keys are the fields of "
+                             "saelib.TrainConfig, listed by `saelib train --help` with dashes for underscores.")
     unknown = sorted(set(cfg) - set(FIELDS))
     if unknown:
-        raise ValueError(f"Config file {path} has unknown key(s) {', '.join(map(str, unknown))}; valid keys are the "
-                         "fields of saelib.TrainConfig, listed by `saelib train --help` with dashes for underscores.")
+        shown = ", ".join(map(_show, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ValueError(f"Config file {path} has unknown key(s) {shown}; valid keys are the fields of "
+                         "saelib.TrainConfig, listed by `saelib train --help` with dashes for underscores.")
     return cfg
 
 
 def resolve(preset: str | None = None, config_file: str | Path | None = None, **overrides) -> TrainConfig:
-    """The run configuration: defaults, then the preset, then the file, then ``overrides`` (None = unset)."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    """The run configuration: defaults, then the preset, then the file, then ``overrides``.
+
+    A ``null`` in the file stands for the field's default meaning, over the preset's value
+    (``max_tokens: null``: all of the train split); a None override leaves the value as it was.
+    A bad value is a :class:`ConfigError` naming it, and the file where it came from there."""
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise ValueError(f"Unknown preset {_show(preset)}; choose one of {', '.join(PRESETS)}.")
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ValueError(f"Unknown setting(s) {', '.join(unknown)}; valid ones are the fields of saelib.TrainConfig.")
-    values = dict(PRESETS[preset]["train"]) if preset is not None else {}
-    if config_file is not None:
-        values.update(read_config_file(config_file))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    from_file = read_config_file(config_file) if config_file is not None else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return TrainConfig(**{**(PRESETS[preset]["train"] if preset is not None else {}), **from_file, **given})
+    except ConfigError as error:
+        if any(key in from_file and key not in given for key in error.keys):
+            raise ConfigError(error.keys, f"Config file {config_file}: {error}") from None
+        raise
 
 
 def split(cfg: TrainConfig) -> tuple[dict, dict]:

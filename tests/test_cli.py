@@ -94,13 +94,16 @@ def test_a_bad_value_in_a_config_file_is_refused_naming_it(capsys, tmp_path):
 
 
 def train_config(argv):
-    """The configuration `saelib train argv` would train, without training it."""
-    from unittest import mock
+    """The configuration `saelib train argv` would train, from its --dry-run."""
+    from contextlib import redirect_stdout
+    from io import StringIO
 
-    got = []
-    with mock.patch("saelib.runs.train_run", lambda cfg, out, progress=True: got.append(cfg)):
-        assert main(["train", *argv, "--out", "unused"]) == 0
-    return got[0]
+    from saelib.config import TrainConfig
+
+    printed = StringIO()
+    with redirect_stdout(printed):
+        assert main(["train", *argv, "--out", "unused", "--dry-run"]) == 0
+    return TrainConfig(**json.loads(printed.getvalue()))
 
 
 def test_every_config_field_is_a_flag_with_help_text():
@@ -178,3 +181,180 @@ def test_train_nproc_launches_torchrun_and_merges_latent_shards(capsys, tmp_path
     assert (sae.n_latents, sae.k) == (256, 8)
     rows = read_metrics(out)
     assert rows[-1]["nmse"] < rows[0]["nmse"]
+
+
+# ---- every way a config file or a flag can be wrong: one sentence, exit status 2 -------------
+
+
+@pytest.mark.parametrize("name, content, needles", [
+    ("syntax.yaml", b"n_latents: [512\nk: 8\n", ["not valid YAML", "line 2"]),
+    ("syntax.json", b'{"n_latents": 512,}', ["not valid JSON", "line 1"]),
+    ("list.yaml", b"- n_latents\n- 512\n", ["mapping", "got a list"]),
+    ("empty.yaml", b"", ["is empty"]),
+    ("blank.json", b"  \n", ["is empty"]),
+    ("comment.yaml", b"# nothing\n", ["got nothing"]),
+    ("latin1.yaml", "model: caf\u00e9\n".encode("latin-1"), ["not UTF-8", "0xe9"]),
+    ("intkey.yaml", b"1: 512\n", ["key 1", "not a name"]),
+    ("twice.yaml", b"seed: 1\nseed: 2\n", ["'seed' is written twice"]),
+    ("twice.json", b'{"seed": 1, "seed": 2}', ["'seed' is written twice"]),
+    ("settings.toml", b"seed = 1\n", ["must end in .json, .yaml or .yml"]),
+])
+def test_a_damaged_config_file_is_one_sentence(capsys, tmp_path, name, content, needles):
+    (tmp_path / name).write_bytes(content)
+    code, _, err = run(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert_one_sentence(err, name, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_or_unreadable_config_file_is_one_sentence(capsys, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # would block a read
+    (tmp_path / "folder.yaml").mkdir()
+    for name, needle in [("missing.yaml", "cannot be read (No such file"), ("folder.yaml", "is not a regular file"),
+                         ("pipe.yaml", "is not a regular file")]:
+        code, _, err = run(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")], capsys)
+        assert code == 2
+        assert_one_sentence(err, name, needle)
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("seed", "abc", "'abc'"),
+    ("adam_betas", 0, "got 0"),
+    ("site", [], "got []"),
+    ("auxk", "abc", "'abc'"), ("auxk", [], "got []"), ("auxk", math.nan, "got nan"),
+    ("tied_init", "abc", "'abc'"), ("tied_init", [], "got []"), ("tied_init", math.nan, "got nan"),
+    ("epochs", True, "got True"),
+    ("max_tokens", 1e20, "must be a positive integer, got 1e+20"),
+    ("n_latents", 2**31, "at most 2147483647"),
+    ("tokens", 2**70, "at most 9223372036854775807"),
+    ("lr", 10**400, "an integer of 1329 bits"),
+    ("model", " ", "must not be blank"),
+])
+def test_a_bad_value_in_a_config_file_names_the_file_the_key_and_the_value(capsys, tmp_path, key, value, shown):
+    (tmp_path / "cfg.json").write_text(json.dumps({key: value}))
+    code, _, err = run(["train", "--preset", "ci", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "r")],
+                       capsys)
+    assert code == 2
+    assert_one_sentence(err, "cfg.json", key, shown)
+
+
+def test_a_yaml_number_in_exponent_notation_is_a_number(tmp_path):
+    from saelib import config
+
+    (tmp_path / "cfg.yaml").write_text("lr: 1e-3\nmax_tokens: 1e20\n")
+    with pytest.raises(ValueError, match=r"cfg.yaml: max_tokens must be a positive integer, got 1e\+20"):
+        config.resolve(config_file=tmp_path / "cfg.yaml")
+    (tmp_path / "cfg.yaml").write_text("lr: 1e-3\n")
+    assert train_config(["--config", str(tmp_path / "cfg.yaml")]).lr == 1e-3
+
+
+def test_an_int_too_large_for_a_tensor_dimension_is_refused_before_any_work(capsys, tmp_path):
+    code, _, err = run(["train", "--preset", "ci", "--n-latents=2147483648", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert_one_sentence(err, "n_latents", "at most 2147483647", "2147483648")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "view", "export"])
+def test_a_blank_out_or_an_existing_file_is_refused(capsys, tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    head = {"train": ["train", "--preset", "ci"], "view": ["view", "run"], "export": ["export", "run", "--format", "openai"]}
+    for out, needle in [("", "got ''"), ("  ", "got '  '"), ("a-file", "is a file")]:
+        code, _, err = run([*head[command], "--out", out], capsys)
+        assert code == 2
+        assert_one_sentence(err, f"saelib {command}: error: argument --out:", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "run", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["export", "run", "--format", "onnx", "--out", "x"], "argument --format: invalid choice: 'onnx'"),
+    (["train", "--nproc", "0", "--out", "x"], "argument --nproc: must be a positive integer, got '0'"),
+    (["bench", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["bench", "--preset", "quick", "--k", "0"], "--k must be positive integers, got [0]"),
+])
+def test_bad_flags_of_every_command_are_one_sentence(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert_one_sentence(err, needle)
+
+
+def test_max_tokens_null_in_a_file_means_all_of_the_split_and_train_says_so(capsys, tmp_path):
+    from unittest import mock
+
+    (tmp_path / "cfg.yaml").write_text("max_tokens: null\n")
+    argv = ["--preset", "ci", "--config", str(tmp_path / "cfg.yaml")]
+    assert train_config(argv).max_tokens is None  # over the preset's 16,384
+    cache = mock.Mock(n_rows=123_456, folder=tmp_path / "cache")
+    with mock.patch("saelib.activations.cached_activations", return_value=cache), \
+            mock.patch("saelib.runs.train_run") as train_run:
+        code, _, err = run(["train", *argv, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and train_run.call_args[0][0].max_tokens is None
+    assert "123,456 tokens of activations (all of wikipedia's train split, max_tokens=None)" in err
+    with mock.patch("saelib.activations.cached_activations", return_value=cache), mock.patch("saelib.runs.train_run"):
+        code, _, err = run(["train", "--preset", "ci", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0 and "(at most 16,384 tokens of wikipedia's train split, max_tokens=16384)" in err
+
+
+# ---- the error boundary: expected failures exit 2, anything else 1 with the traceback on disk -----------
+
+
+@pytest.mark.parametrize("error, code, needle", [
+    (ValueError("a bad value\nover two lines"), 2, "saelib eval: error: a bad value over two lines"),
+    (PermissionError(13, "Permission denied", "/run/locked"), 2, "Permission denied: '/run/locked'"),
+    (FileNotFoundError(2, "No such file or directory", "x.safetensors"), 2, "x.safetensors"),
+    (FloatingPointError("NaN loss at step 3"), 2, "NaN loss at step 3"),
+    (KeyError("d_in"), 1, "saelib eval: unexpected error (KeyError: 'd_in'); the full traceback is in"),
+])
+def test_one_error_boundary(capsys, tmp_path, monkeypatch, error, code, needle):
+    from saelib import cli
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_eval", fail)
+    got, _, err = run(["eval", "run"], capsys)
+    assert got == code
+    assert_one_sentence(err, needle)
+    saved = list((tmp_path / "errors").glob("*.txt")) if (tmp_path / "errors").exists() else []
+    assert len(saved) == (code == 1)
+    if saved:
+        assert str(saved[0]) in err and "Traceback" in saved[0].read_text() and "KeyError" in saved[0].read_text()
+
+
+def test_ctrl_c_exits_130(capsys, monkeypatch):
+    from saelib import cli
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupt)
+    code, _, err = run(["eval", "run"], capsys)
+    assert code == 130
+    assert_one_sentence(err, "interrupted")
+
+
+@pytest.mark.parametrize("argv, content", [
+    (["train", "--config", "cfg.yaml", "--out", "r"], "n_latents: [512\n"),
+    (["train", "--preset", "ci", "--out", " "], None),
+])
+def test_no_traceback_reaches_the_terminal(tmp_path, argv, content):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if content is not None:
+        (tmp_path / "cfg.yaml").write_text(content)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "SAELIB_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-m", "saelib", *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert_one_sentence(done.stderr, "saelib train: error:")

@@ -236,6 +236,11 @@ def test_the_old_import_paths_still_work():
     (dict(ctx_len=1), "ctx_len must be an integer >= 2, got 1"),
     (dict(max_tokens=10, ctx_len=64), r"max_tokens must be at least one context \(64 tokens\), got 10"),
     (dict(val_fraction=1.0), r"val_fraction must be a share in \(0, 1\)"),
+    (dict(n_latents=2**31), r"n_latents must be at most 2147483647 \(the largest tensor dimension"),
+    (dict(tokens=2**63), "tokens must be at most 9223372036854775807"),
+    (dict(lr=10**400), "lr must be a positive finite number, got an integer of 1329 bits"),
+    (dict(model=" "), "model must not be blank"),
+    (dict(device=1), "device must be a string, got 1"),
 ])
 def test_every_value_is_checked_when_the_config_is_built(options, match):
     with pytest.raises(ValueError, match=match):
