@@ -19,7 +19,7 @@ scale, never code paths; each holds a section per consumer: ``train`` (fields of
 (the :data:`BENCH_GRIDS` grid that notebook 08 times):
 
 - ``ci``: seconds on 2 CPU cores (what the tests run),
-- ``demo``: the issue-4 reference run, about 0.93M training tokens x 2 epochs, n 4608, k 32,
+- ``demo``: the quickstart's reference run, about 0.93M training tokens x 2 epochs, n 4608, k 32,
 - ``full``: a GPU-sized run on the same data.
 """
 
@@ -300,7 +300,7 @@ PRESETS = {
     },
     "demo": {
         # lr_multiplier: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run
-        # (validation NMSE 0.280 at 1x, 0.228 at 2x, 0.193 at 4x; see the README).
+        # (validation NMSE 0.280 at 1x, 0.228 at 2x, 0.193 at 4x; see docs/results.md).
         "train": dict(n_latents=4608, k=32, batch_size=4096, epochs=2.0, warmup_steps=50, decay="linear",
                       lr_multiplier=4),
         "eval": dict(eval_tokens=65_536, downstream_contexts=64, probe_per_source=128, n2g_latents=64,
@@ -325,7 +325,7 @@ PRESETS = {
 BENCH_GRIDS = {
     # tiny sizes, seconds: for tests and a smoke check of the installed peers
     "quick": dict(d_in=(64,), n_latents=(512,), k=(8,), batch_size=(256,), dead_fraction=(0.25,)),
-    # the issue's headline configurations, a few minutes on 2 cores
+    # the headline configurations, a few minutes on 2 cores
     "default": dict(d_in=(576,), n_latents=(4608, 18432), k=(32,), batch_size=(4096,), dead_fraction=(0.25, 0.0)),
     # everything: both widths, three dictionary sizes, a larger batch (tens of minutes on 2 cores)
     "full": dict(d_in=(576, 768), n_latents=(4608, 18432, 65536), k=(32,), batch_size=(4096, 16384),

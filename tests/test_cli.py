@@ -275,6 +275,10 @@ def test_a_blank_out_or_an_existing_file_is_refused(capsys, tmp_path, command, m
     (["train", "--nproc", "0", "--out", "x"], "argument --nproc: must be a positive integer, got '0'"),
     (["bench", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
     (["bench", "--preset", "quick", "--k", "0"], "--k must be positive integers, got [0]"),
+    (["bench", "--preset", "quick", "--threads", "-1"], "--threads must be a positive integer, got -1"),
+    (["bench", "--preset", "quick", "--memory-gb", "nan"], "--memory-gb positive, got 0 and nan"),
+    (["bench", "--preset", "quick", "--device", "bogus"], "device must be a torch device such as 'cpu'"),
+    (["bench", "--preset", "quick", "--out", ""], "--out must name a file to write the rows to, got ''"),
 ])
 def test_bad_flags_of_every_command_are_one_sentence(capsys, tmp_path, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)

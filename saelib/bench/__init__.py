@@ -251,6 +251,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the bench as parsed by ``add_arguments``; prints a table (or JSON with ``--json``)."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
+    if args.out is not None and (not args.out.strip() or os.path.isdir(args.out)):
+        raise ValueError(f"--out must name a file to write the rows to, got {args.out!r}.")
+    resolve_device(args.device)  # an unknown or absent device is refused before anything runs
     if args.threads:
         torch.set_num_threads(args.threads)
     axes = dict(PRESETS[args.preset])
@@ -264,7 +269,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"--dead-fraction must be in [0, 1), got {list(axes['dead_fraction'])}.")
     if args.warmup < 0 or args.steps < 1:
         raise ValueError(f"--warmup must be >= 0 and --steps >= 1, got {args.warmup} and {args.steps}.")
-    if args.supply_steps < 0 or args.memory_gb <= 0:
+    if args.supply_steps < 0 or not args.memory_gb > 0 or args.memory_gb == float("inf"):
         raise ValueError(f"--supply-steps must be >= 0 and --memory-gb positive, got {args.supply_steps} and {args.memory_gb}.")
     if not args.supply and (args.supply_steps or args.drop_page_cache):
         raise ValueError("--supply-steps and --drop-page-cache time training on --supply CACHE; name the cache folder.")
@@ -275,7 +280,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     rows = run_bench(configs, args.impl, warmup=args.warmup, steps=args.steps, seed=args.seed, interleave=args.interleave,
                      device=args.device, progress=lambda line: print(line, file=sys.stderr))
     if args.supply:
-
         cache = ActivationCache(args.supply)
         source = CachedSource(cache, memory_gb=args.memory_gb)
         for batch_size in axes["batch_size"]:
