@@ -282,7 +282,7 @@ def test_a_checkpoint_without_the_copy_of_state_json_resumes_checked_by_its_sche
     save_file(load_file(checkpoint / "state.safetensors"), checkpoint / "state.safetensors")  # no metadata
     edit_json(checkpoint / "state.json", sha256=sha256_file(checkpoint / "state.safetensors"))
     for name, p in resume(tmp_path / "old", batches).state_dict().items():
-        assert torch.equal(p, reference.state_dict()[name]), name
+        torch.testing.assert_close(p, reference.state_dict()[name], rtol=0, atol=0, equal_nan=True, msg=name)
     interrupted_run(tmp_path / "edited")
     checkpoint = latest_checkpoint(tmp_path / "edited")
     save_file(load_file(checkpoint / "state.safetensors"), checkpoint / "state.safetensors")
@@ -302,7 +302,7 @@ def test_a_checkpoint_without_the_copy_of_state_json_resumes_checked_by_its_sche
 def test_a_damaged_run_config_is_an_error_naming_it(tmp_path, content, match):
     batches = interrupted_run(tmp_path)
     (tmp_path / "config.json").write_bytes(content)
-    with pytest.raises(ValueError, match=match + rf"; use a new out folder, or delete {re.escape(str(tmp_path))}"):
+    with pytest.raises(ValueError, match=match + rf".*; use a new out folder, or delete {re.escape(str(tmp_path))}"):
         resume(tmp_path, batches)
 
 
