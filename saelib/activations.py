@@ -232,7 +232,8 @@ class ActivationCache:
     ``(rows,)`` int64 (flat token index ``context * T + position`` into ``contexts``). Shards
     are written atomically and recorded in the manifest with their row count and checksum
     (``SHARD_CHECKSUM``), so an interrupted build resumes after the last recorded shard and
-    corruption is detected.
+    corruption is detected. The manifest records its own SHA-256 (:class:`Manifest`): an edited
+    or damaged one is an error saying to delete the cache and extract again.
     """
 
     def __init__(self, folder: str | Path, key: CacheKey | None = None):

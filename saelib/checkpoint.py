@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import BOOKKEEPING
-from .files import check_schema, check_sha256, read_json, remove, replace, sha256_file, temp_path
+from .files import check_sha256, read_json, remove, replace, sha256_file, temp_path
 from .grid import LATENT_PARAMS, Grid
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
