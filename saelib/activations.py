@@ -16,16 +16,19 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import torch
 import xxhash
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import data
+from .files import atomic_write, atomic_write_text, file_digest, read_json
 from .models import LM, SITES
 from .normalize import Normalizer
-from .files import atomic_write, atomic_write_text, file_digest
 from .paths import cache_dir
 
 # Shard checksums by their manifest key. xxh3_128 hashes at about 9 GB/s on one core here,
@@ -34,7 +37,7 @@ from .paths import cache_dir
 SHARD_CHECKSUMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 SHARD_CHECKSUM = "xxh3_128"  # the one new shards record
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: manifests carry their own SHA-256, local corpora are keyed by their content
 # Execution order of the sites inside one decoder block: nnsight must be asked for them in it.
 _SITE_ORDER = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
 
@@ -155,6 +158,7 @@ class CacheKey:
     max_tokens: int | None
     val_fraction: float = 0.1
     exclusion: dict = field(default_factory=lambda: asdict(Exclusion()))
+    corpus_sha256: str | None = None  # of a local corpus file, whose path alone says nothing of its text
     format: int = CACHE_FORMAT
 
     def digest(self) -> str:
@@ -165,8 +169,46 @@ class CacheKey:
         return f"{safe(self.model)}-L{self.layer}-{self.site}-{safe(self.corpus)}-{self.split}-{self.digest()}"
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
+HEX = "^[0-9a-f]+$"
+
+
+class ShardEntry(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    file: Annotated[str, Field(pattern=r"^shard_\d{5}\.safetensors$")]
+    rows: NonNegativeInt
+    contexts: tuple[NonNegativeInt, NonNegativeInt]  # [first, end) contexts it was extracted from
+    xxh3_128: Annotated[str, Field(pattern=HEX)] | None = None
+    sha256: Annotated[str, Field(pattern=HEX)] | None = None
+
+
+class NormalizerStats(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    mean: list[float]  # (d_in,)
+    scale: Annotated[float, Field(gt=0)]
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: the cache's key, its shards, and (once complete) the normaliser statistics;
+    ``sha256`` is that of the rest (:func:`manifest_digest`), so an edited value is found."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    key: dict[str, Any]
+    shards: list[ShardEntry]
+    complete: bool
+    d_in: PositiveInt | None = None
+    total_tokens: NonNegativeInt
+    dropped: dict[str, NonNegativeInt]
+    normalizer: NormalizerStats | None = None
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of a manifest's content (less its own ``sha256``), as canonical JSON."""
+    content = {key: value for key, value in manifest.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def shard_checksum(path: Path, algorithm: str = SHARD_CHECKSUM) -> dict[str, str]:
@@ -190,14 +232,15 @@ class ActivationCache:
     ``(rows,)`` int64 (flat token index ``context * T + position`` into ``contexts``). Shards
     are written atomically and recorded in the manifest with their row count and checksum
     (``SHARD_CHECKSUM``), so an interrupted build resumes after the last recorded shard and
-    corruption is detected.
+    corruption is detected. The manifest records its own SHA-256 (:class:`Manifest`): an edited
+    or damaged one is an error saying to delete the cache and extract again.
     """
 
     def __init__(self, folder: str | Path, key: CacheKey | None = None):
         self.folder = Path(folder)
         self.manifest_path = self.folder / "manifest.json"
         if self.manifest_path.exists():
-            self.manifest = json.loads(self.manifest_path.read_text())
+            self.manifest = self._read_manifest()
             if key is not None and self.manifest["key"] != asdict(key):
                 diff = {k: (v, self.manifest["key"].get(k)) for k, v in asdict(key).items() if self.manifest["key"].get(k) != v}
                 raise ValueError(f"The activation cache at {self.folder} was built for another configuration "
@@ -207,6 +250,45 @@ class ActivationCache:
         else:
             self.manifest = {"key": asdict(key), "shards": [], "complete": False,
                              "dropped": {"first_position": 0, "special_token": 0, "outlier": 0}, "total_tokens": 0}
+
+    def _read_manifest(self) -> dict:
+        """``manifest.json`` checked against its schema, its own SHA-256 and its shards' names."""
+        fix = f"delete {self.folder} and extract again (it is a cache)"
+        read_json(self.manifest_path, Manifest, fix)
+        manifest = json.loads(self.manifest_path.read_bytes())
+        if manifest_digest(manifest) != manifest.pop("sha256"):
+            raise ValueError(f"{self.manifest_path} was edited or damaged (its content does not match the SHA-256 "
+                             f"recorded in it); {fix}.")
+        for i, entry in enumerate(manifest["shards"]):
+            if entry["file"] != f"shard_{i:05d}.safetensors":
+                raise ValueError(f"{self.manifest_path}: shards.{i}.file is {entry['file']!r}, expected "
+                                 f"'shard_{i:05d}.safetensors'; {fix}.")
+        stats = manifest.get("normalizer")
+        if manifest["complete"] and not (manifest["shards"] and stats and len(stats["mean"]) == manifest.get("d_in")):
+            raise ValueError(f"{self.manifest_path} says the cache is complete but has no shards, no d_in or no normalizer "
+                             f"of d_in values; {fix}.")
+        return manifest
+
+    def save(self) -> None:
+        """Write the manifest, with its SHA-256, atomically."""
+        atomic_write_text(self.manifest_path, json.dumps({**self.manifest, "sha256": manifest_digest(self.manifest)}, indent=1))
+
+    def add_shard(self, acts: Tensor, index: Tensor, contexts: tuple[int, int], tokens: int) -> None:
+        """Write the next shard, ``acts (rows, d)`` float32 and their flat token ``index (rows,)``, extracted
+        from ``tokens`` tokens of contexts ``[first, end)``; then record it in the manifest."""
+        name = f"shard_{len(self.manifest['shards']):05d}.safetensors"
+        atomic_write(self.folder / name, lambda tmp: save_file({"acts": acts.contiguous(), "index": index.contiguous()}, tmp))
+        self.manifest["shards"].append({"file": name, "rows": len(acts), "contexts": list(contexts),
+                                        **shard_checksum(self.folder / name)})
+        self.manifest["d_in"] = acts.shape[1]
+        self.manifest["total_tokens"] += tokens
+        self.save()
+
+    def finish(self) -> None:
+        """Record the normaliser statistics over every shard and mark the cache complete."""
+        self.manifest["normalizer"] = _streaming_normalizer(self).to_dict()
+        self.manifest["complete"] = True
+        self.save()
 
     @property
     def complete(self) -> bool:
@@ -230,8 +312,9 @@ class ActivationCache:
         """``(n_ctx, T)`` token ids the cache was extracted from."""
         return load_file(self.folder / "contexts.safetensors")["contexts"]
 
-    def shard(self, i: int, verify: bool = False) -> dict[str, Tensor]:
-        """Shard ``i`` as ``{"acts": (rows, d), "index": (rows,)}``."""
+    def shard(self, i: int, verify: bool = True) -> dict[str, Tensor]:
+        """Shard ``i`` as ``{"acts": (rows, d), "index": (rows,)}``; ``verify=False`` skips the checksum
+        (of a shard already checked in this process)."""
         entry = self.manifest["shards"][i]
         path = self.folder / entry["file"]
         if not path.exists():
@@ -242,8 +325,12 @@ class ActivationCache:
             data = load_file(path)
         except Exception as e:
             raise ValueError(f"Activation cache shard {path} cannot be read ({e}); delete {self.folder} and extract again.") from e
-        if data["acts"].shape[0] != entry["rows"]:
-            raise ValueError(f"Activation cache shard {path} has {data['acts'].shape[0]} rows, the manifest says {entry['rows']}.")
+        acts, index = data.get("acts"), data.get("index")
+        found = "no acts or index" if acts is None or index is None else f"acts {tuple(acts.shape)} {acts.dtype} and index {tuple(index.shape)}"
+        if acts is None or index is None or acts.shape != (entry["rows"], self.manifest.get("d_in")) or acts.dtype != torch.float32 \
+                or index.shape != (entry["rows"],):
+            raise ValueError(f"Activation cache shard {path} holds {found} but the manifest says {entry['rows']} rows of "
+                             f"d_in {self.manifest.get('d_in')} float32; delete {self.folder} and extract again.")
         return data
 
     def verify(self) -> None:
@@ -293,7 +380,7 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
     for c in todo:
         c.folder.mkdir(parents=True, exist_ok=True)
         if not (c.folder / "contexts.safetensors").exists():
-            save_file({"contexts": contexts.contiguous()}, c.folder / "contexts.safetensors")
+            atomic_write(c.folder / "contexts.safetensors", lambda tmp: save_file({"contexts": contexts.contiguous()}, tmp))
     written = 0
     n_shards = -(-len(contexts) // shard_contexts)
     for s in tqdm(range(first_shard, n_shards), desc="caching activations", unit="shard", disable=not progress,
@@ -312,14 +399,7 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
                 for name, count in dropped.items():
                     caches[layer].manifest["dropped"][name] += count
         for layer in layers:
-            c = caches[layer]
-            a, idx = torch.cat(parts[layer]["acts"]), torch.cat(parts[layer]["index"])
-            name = f"shard_{s:05d}.safetensors"
-            atomic_write(c.folder / name, lambda tmp: save_file({"acts": a.contiguous(), "index": idx.contiguous()}, tmp))
-            c.manifest["shards"].append({"file": name, "rows": len(a), "contexts": [lo, hi], **shard_checksum(c.folder / name)})
-            c.manifest["d_in"] = a.shape[1]
-            c.manifest["total_tokens"] += chunk.numel()
-            _write_json(c.manifest_path, c.manifest)
+            caches[layer].add_shard(torch.cat(parts[layer]["acts"]), torch.cat(parts[layer]["index"]), (lo, hi), chunk.numel())
         written += 1
         if stop_after_shards is not None and written >= stop_after_shards and s + 1 < n_shards:
             return caches
@@ -327,9 +407,7 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
         if not c.complete:
             if c.n_rows == 0:
                 raise ValueError(f"Every token of the corpus was excluded as an outlier or special token; check the exclusion rule {rule}.")
-            c.manifest["normalizer"] = _streaming_normalizer(c).to_dict()
-            c.manifest["complete"] = True
-            _write_json(c.manifest_path, c.manifest)
+            c.finish()
     return caches
 
 
@@ -496,12 +574,13 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
 
+    corpus_sha256 = data.corpus_sha256(corpus)
+
     def key_of(L: int) -> CacheKey:
-        return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule))
+        return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256)
 
     caches = {L: ActivationCache(cache_dir("activations") / key_of(L).folder_name(), key_of(L)) for L in layers}
     if not all(c.complete for c in caches.values()):
-        from . import data
         from .models import load_lm
 
         lm = lm or load_lm(model)

@@ -13,6 +13,11 @@ one-shard case. Either is read back by any grid whose ``L`` divides ``n_latents`
 config, the shard and the SHA-256 of the tensors. A checkpoint folder is built under a
 temporary name and renamed into place (by rank 0 once every shard has written), so a run
 killed at any moment leaves its previous checkpoint whole.
+
+Nothing read back is trusted: ``state.json`` is checked against its schema (:class:`CheckpointMeta`)
+and against the run, and its content (less the SHA-256) is also stored in the header of
+``state.safetensors``, whose bytes the SHA-256 covers, so an edited value is an error naming its key.
+Checkpoints written before that copy existed have no metadata there and are checked by the schema only.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Any, Callable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .config import BOOKKEEPING
+from .files import check_sha256, read_json, remove, replace, sha256_file, temp_path
 from .grid import LATENT_PARAMS, Grid
-from .files import check_sha256, remove, replace, sha256_file, temp_path
 from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
 
@@ -47,6 +54,45 @@ class TrainState:
     epoch: int = 0
     batch: int = 0  # next batch index within the epoch
     tokens: int = 0
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    index: NonNegativeInt
+    count: PositiveInt
+    n_latents: PositiveInt
+
+
+class ParamGroup(BaseModel):
+    """One of Adam's parameter groups; torch adds keys of its own, which vary by version."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+    params: list[NonNegativeInt]
+    lr: Annotated[float, Field(ge=0)]
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+    eps: Annotated[float, Field(ge=0)]
+
+
+class CheckpointMeta(BaseModel):
+    """``state.json``: where a checkpoint is in the run and what it was written with."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    step: NonNegativeInt
+    epoch: NonNegativeInt
+    batch: NonNegativeInt  # next batch index within the epoch
+    tokens: NonNegativeInt
+    normalizer_scale: Annotated[float, Field(gt=0)]
+    has_ema: bool
+    param_groups: Annotated[list[ParamGroup], Field(min_length=1)]
+    # random.getstate(): version 3, 624 words of Mersenne Twister state and its position, the cached gauss
+    python_rng: tuple[Literal[3], Annotated[list[Annotated[int, Field(ge=0, lt=2**32)]], Field(min_length=625, max_length=625)],
+                      float | None]
+    config: dict[str, Any]  # the run's config.json record, checked against the run
+    shard: ShardInfo
+    sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
 
 
 # ---- shard files ----------------------------------------------------------------------------
@@ -193,13 +239,13 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
         tensors |= {f"optim.{i}.{name}": t for i, s in optim["state"].items() for name, t in s.items()}
         tensors |= {f"ema.{name}": t for name, t in (state.ema or {}).items()}
         tensors |= {"since_fired": state.since_fired, "torch_rng": torch.get_rng_state()}
-        save_file({key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}, str(folder / TENSORS))
         meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
                 "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
                 "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config,
-                "shard": {"index": grid.latent_rank, "count": grid.latent_size, "n_latents": config["n_latents"]},
-                "sha256": sha256_file(folder / TENSORS)}
-        (folder / META).write_text(json.dumps(meta))
+                "shard": {"index": grid.latent_rank, "count": grid.latent_size, "n_latents": config["n_latents"]}}
+        save_file({key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}, str(folder / TENSORS),
+                  metadata={META: json.dumps(meta)})
+        (folder / META).write_text(json.dumps({**meta, "sha256": sha256_file(folder / TENSORS)}))
 
     try:
         write_shared_folder(final, grid, write)
@@ -223,39 +269,72 @@ def latest_checkpoint(run: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState, n_latents: int,
+def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState, config: dict,
                     grid: Grid) -> None:
     """Restore this rank's rows, in place, from a checkpoint written with any number of latent
-    shards; a damaged checkpoint is a ValueError naming the file."""
+    shards of the run whose config record is ``config``; a damaged or foreign checkpoint is a
+    ValueError naming the file (and the key)."""
     fix = f"delete {folder} to restart the run from the beginning"
+    n_latents = config["n_latents"]
     start, stop = grid.latent_rank * sae.n_latents, (grid.latent_rank + 1) * sae.n_latents
     try:
         files = _shard_files(folder, TENSORS, n_latents)
     except FileNotFoundError as error:
         raise ValueError(f"{error} ({fix})") from None
-    metas = {}
-    for path, a, b in files:
-        if a < stop and start < b or not metas:
-            try:
-                metas[path] = json.loads((path.parent / META).read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise ValueError(f"{path.parent / META} cannot be read ({error}); {fix}.") from None
+    metas = {path: read_json(path.parent / META, CheckpointMeta, fix)
+             for path, a, b in files if a < stop and start < b or path == files[0][0]}
+    for index, (path, *_) in enumerate(files):
+        if path in metas:  # before the tensors are parsed: any damaged byte is named as such
+            check_sha256(path, metas[path].sha256, fix)
+            _check_meta(path.parent / META, metas[path], index, config, len(files), fix)
     tensors = {key: t.to(sae.W_enc.device) for key, t in _read_rows(files, start, stop, fix).items()}
-    for path, meta in metas.items():
-        check_sha256(path, meta.get("sha256"), fix)  # checkpoints from before checksums have none
     meta = metas[files[0][0]]
     sae.load_state_dict({key[len("model."):]: t for key, t in tensors.items() if key.startswith("model.")})
-    sae.normalizer_scale = meta["normalizer_scale"]
+    sae.normalizer_scale = meta.normalizer_scale
     optim_state: dict[int, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):
             _, i, name = key.split(".", 2)
             optim_state.setdefault(int(i), {})[name] = t.cpu() if name == "step" else t
-    groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
-    opt.load_state_dict({"state": optim_state, "param_groups": groups})
-    state.ema = {key[len("ema."):]: t for key, t in tensors.items() if key.startswith("ema.")} if meta["has_ema"] else None
+    opt.load_state_dict({"state": optim_state, "param_groups": [g.model_dump() for g in meta.param_groups]})
+    state.ema = {key[len("ema."):]: t for key, t in tensors.items() if key.startswith("ema.")} if meta.has_ema else None
     state.since_fired = tensors["since_fired"]
-    state.step, state.epoch, state.batch, state.tokens = meta["step"], meta["epoch"], meta["batch"], meta["tokens"]
+    state.step, state.epoch, state.batch, state.tokens = meta.step, meta.epoch, meta.batch, meta.tokens
     torch.set_rng_state(tensors["torch_rng"].cpu())
-    version, internal, gauss = meta["python_rng"]
+    version, internal, gauss = meta.python_rng
     random.setstate((version, tuple(internal), gauss))
+
+
+def _check_meta(path: Path, meta: CheckpointMeta, index: int, config: dict, n_shards: int, fix: str) -> None:
+    """Refuse a ``state.json`` (of shard ``index`` of ``n_shards``) that differs from the copy in its
+    ``state.safetensors`` header (naming the first differing key) or that does not fit this run."""
+    with safe_open(str(path.with_name(TENSORS)), "pt") as f:
+        stored = (f.metadata() or {}).get(META)
+    if stored is not None:  # checkpoints written before the copy have none: schema and run checks only
+        written = {key: value for key, value in json.loads(path.read_bytes()).items() if key != "sha256"}
+        try:
+            copy = json.loads(stored)
+        except ValueError:
+            copy = {}
+        for key in sorted(written.keys() | (copy.keys() if isinstance(copy, dict) else set())):
+            if not isinstance(copy, dict) or written.get(key) != copy.get(key):
+                raise ValueError(f"{path}: {key} is {_short(written.get(key))} but the copy written with the tensors says "
+                                 f"{_short(copy.get(key) if isinstance(copy, dict) else copy)}; the file was edited or "
+                                 f"damaged, {fix}.")
+    # a key the run's record has and the checkpoint's lacks is a field newer than the checkpoint
+    checks = [(f"config.{key}", value, config.get(key)) for key, value in sorted(meta.config.items()) if key not in BOOKKEEPING]
+    checks += [("shard.index", meta.shard.index, index), ("shard.count", meta.shard.count, n_shards),
+               ("shard.n_latents", meta.shard.n_latents, config["n_latents"]),
+               ("tokens", meta.tokens, meta.step * config["batch_size"]),
+               ("has_ema", meta.has_ema, config.get("ema") is not None)]
+    for key, found, expected in checks:
+        if found != expected:
+            raise ValueError(f"{path}: {key} is {_short(found)} but this run has {_short(expected)}; "
+                             f"the checkpoint belongs to another run or was edited, {fix}.")
+    if meta.epoch > meta.step or meta.batch > meta.step:
+        raise ValueError(f"{path}: epoch {meta.epoch} and batch {meta.batch} cannot follow step {meta.step}; {fix}.")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .files import atomic_write_text
+from .files import atomic_write_text, sha256_file
 from .paths import cache_dir, packaged_file
 from .texts import TEXTS
 
@@ -82,10 +82,10 @@ def load_documents(corpus: str = DEFAULT_CORPUS, text_field: str = "text") -> li
     if corpus in MIXES:
         return _mix_documents(corpus)
     datasets.disable_progress_bars()
-    path = Path(corpus)
+    path = local_corpus(corpus)
     if corpus in EMBEDDED:
         ds = datasets.load_dataset("json", data_files=str(_embedded_jsonl(corpus)), split="train")
-    elif path.suffix in (".jsonl", ".json", ".txt") and path.exists():
+    elif path is not None:
         if not path.read_text(encoding="utf-8", errors="replace").strip():
             raise ValueError(f"Corpus file {path} is empty; give it some text.")
         builder, extra = ("text", {"sample_by": "paragraph"}) if path.suffix == ".txt" else ("json", {})
@@ -108,6 +108,20 @@ def load_documents(corpus: str = DEFAULT_CORPUS, text_field: str = "text") -> li
     if not docs:
         raise ValueError(f"Corpus {corpus!r} is empty: it holds no non-blank document.")
     return docs
+
+
+def local_corpus(corpus: str) -> Path | None:
+    """The file ``corpus`` names if it is a local corpus (an existing .txt/.jsonl/.json file), else None."""
+    path = Path(corpus)
+    return path if corpus not in EMBEDDED and corpus not in MIXES and path.suffix in (".jsonl", ".json", ".txt") \
+        and path.is_file() else None
+
+
+def corpus_sha256(corpus: str) -> str | None:
+    """SHA-256 of a local corpus file's bytes, so that anything computed from an edited file is not
+    reused; None for the embedded corpora and ``datasets`` names, which their name fixes."""
+    path = local_corpus(corpus)
+    return None if path is None else sha256_file(path)
 
 
 def split_documents(docs: list[str], split: str, val_fraction: float = 0.1) -> list[str]:

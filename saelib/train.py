@@ -37,12 +37,14 @@ import os
 import signal
 import sys
 import threading
+import typing
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError, create_model
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -50,7 +52,7 @@ from .checkpoint import (TrainState, finished, latest_checkpoint, load_checkpoin
                          save_checkpoint, write_shared_folder)
 # paper_lr and resolve_device are imported by their old path, saelib.train, in notebooks and user code
 from .config import BOOKKEEPING, TRAINER_FIELDS, TrainConfig, paper_lr, resolve_device  # noqa: F401
-from .files import atomic_write_text
+from .files import atomic_write_text, describe, read_json
 from .grid import Grid, RankSlice, all_reduce, init_grid, init_shard, sharded_forward, sync_and_clip
 from .normalize import Normalizer
 from .sae import ForwardOutput, TopKSAE
@@ -254,9 +256,10 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
     sae.to(grid.device)  # initialised on the CPU from the seed: the same weights on every device
     opt = make_optimizer(sae, cfg)
     state = TrainState(since_fired=torch.zeros(sae.n_latents, dtype=torch.int64, device=grid.device), ema=None)
+    record = _config_record(cfg, source.d_in)
     checkpoint = latest_checkpoint(run) if run is not None else None
     if checkpoint is not None:
-        load_checkpoint(checkpoint, sae, opt, state, cfg.n_latents, grid)
+        load_checkpoint(checkpoint, sae, opt, state, record, grid)
         _say(progress and main, f"Resuming {run} from step {state.step} ({state.tokens} tokens)"
                                 + (f" on a {grid.data_size} x {grid.latent_size} grid (data x latent)." if grid.world_size > 1 else "."))
     else:
@@ -267,7 +270,6 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             sae.b_pre.copy_(b_pre)
             sae.W_enc.mul_(cfg.encoder_init_scale)
         state.ema = ema_start(sae) if cfg.ema else None
-    record = _config_record(cfg, source.d_in)
     if run is not None and main:
         _start_run_folder(run, record, state.step)
     grid.barrier()
@@ -402,19 +404,32 @@ def _config_record(cfg: TrainConfig, d_in: int) -> dict:
     return json.loads(json.dumps({"d_in": d_in, **cfg.group("train")}))
 
 
+# config.json of a run: the train fields of TrainConfig (their types; values are compared with the
+# run's options) and d_in; a field added to TrainConfig after the run was written counts as its
+# default, which keeps the old behaviour
+_HINTS = typing.get_type_hints(TrainConfig)
+RunConfig = create_model("RunConfig", __config__=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False),
+                         d_in=(PositiveInt, ...),
+                         **{f.name: (_HINTS[f.name], f.default) for f in fields(TrainConfig) if f.name in TRAINER_FIELDS})
+
+
+class MetricsRow(BaseModel):
+    """A ``metrics.jsonl`` line: the step it was logged at and its metrics."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    step: NonNegativeInt
+
+
 def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:
     """Raise if ``run`` holds a run with another config or d_in; True if it is finished."""
     path = run / "config.json"
     if not path.is_file():
         return False
-    try:
-        saved, current = json.loads(path.read_text()), _config_record(cfg, d_in)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); delete {run} to start the run again.") from None
-    if saved.get("d_in") != d_in:
-        raise ValueError(f"{run} was trained on activations with d_in={saved.get('d_in')} but the data has d_in={d_in}; use a new out folder.")
-    # a field added to TrainConfig after the run was written counts as its default (which keeps the old behaviour)
-    saved = {**{f.name: f.default for f in fields(TrainConfig) if f.name in current and f.name not in saved}, **saved}
+    saved = read_json(path, RunConfig, f"use a new out folder, or delete {run} to start the run again").model_dump(mode="json")
+    current = _config_record(cfg, d_in)
+    if saved["d_in"] != d_in:
+        raise ValueError(f"{run} was trained on activations with d_in={saved['d_in']} but the data has d_in={d_in}; use a new out folder.")
     changed = sorted(key for key in saved.keys() | current.keys() if key not in BOOKKEEPING and saved.get(key) != current.get(key))
     if changed:
         diff = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
@@ -428,6 +443,13 @@ def _start_run_folder(run: Path, record: dict, step: int) -> None:
     atomic_write_text(run / "config.json", json.dumps(record, indent=2))
     metrics = run / "metrics.jsonl"
     if metrics.exists():
-        # a process killed mid-write leaves a partial last line: dropped with the rows after `step`
-        kept = [line for line in metrics.read_text().splitlines() if line.endswith("}") and json.loads(line)["step"] <= step]
-        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        *lines, partial = metrics.read_bytes().split(b"\n")  # a process killed mid-write leaves a partial last line
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = MetricsRow.model_validate_json(line)
+            except ValidationError as error:
+                raise ValueError(describe(f"{metrics} line {number}", error, "delete that line or the file, then run again")) from None
+            if row.step <= step:
+                kept.append(line.decode() + "\n")
+        atomic_write_text(metrics, "".join(kept))

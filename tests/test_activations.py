@@ -244,3 +244,20 @@ def test_a_complete_cache_is_left_alone_when_built_again_with_another_layer(lm, 
     assert both[6].complete and both[12].complete
     assert len(both[12].manifest["shards"]) == 2 and A.ActivationCache(both[12].folder).n_rows == rows
     assert both[6].n_rows == rows  # the same kept positions at layer 6
+
+
+def test_a_local_corpus_is_cached_by_its_content_not_its_path(lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("The cat sat on the mat and looked at the door for a while.\n\n"
+                      "A second paragraph about rivers, bridges and the boats under them.\n")
+    extract = lambda: A.cached_activations("smollm2-135m", 0, corpus=str(corpus), split="all", ctx_len=8,  # noqa: E731
+                                           lm=lm, progress=False)
+    before = extract()
+    assert extract().folder == before.folder  # unchanged text: the cache is reused
+    corpus.write_text(corpus.read_text().replace("cat", "dog"))
+    after = extract()
+    assert after.folder != before.folder and after.manifest["key"]["corpus"] == str(corpus)
+    assert after.manifest["key"]["corpus_sha256"] == data.corpus_sha256(str(corpus)) != before.manifest["key"]["corpus_sha256"]
+    assert not torch.equal(after.all_rows(), before.all_rows())
+    assert data.corpus_sha256("wikipedia") is None

@@ -22,9 +22,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from saelib.activations import SHARD_CHECKSUM, ActivationCache, CachedSource, shard_checksum
+from saelib.activations import SHARD_CHECKSUM, ActivationCache, CachedSource, CacheKey, shard_checksum
 from saelib import load
 from saelib.files import sha256_file
 from saelib.sae import TopKSAE
@@ -189,7 +189,8 @@ def interrupted_run(run):
     batches[8] = batches[8].clone()
     batches[8][0, 0] = math.inf
     with pytest.raises(ValueError, match="Batch 8 of epoch 0 contains NaN or Inf"):
-        fit(batches, 32, 4, out=run, checkpoint_every_tokens=4 * 32, geometric_median_samples=64, progress=False)
+        fit(batches, 32, 4, out=run, checkpoint_every_tokens=4 * 32, geometric_median_samples=64, log_every=1,
+            progress=False)
     batches[8][0, 0] = 0.0
     return batches
 
@@ -202,8 +203,8 @@ def flip_byte(path, offset_from_end=16):
 
 @pytest.mark.parametrize("damage, match", [
     ("flip", r"state.safetensors is corrupt \(its SHA-256 does not match"),
-    ("truncate", r"state.safetensors cannot be read as safetensors"),
-    ("json", r"state.json cannot be read"),
+    ("truncate", r"state.safetensors is corrupt \(its SHA-256 does not match"),
+    ("json", r"state.json is not valid JSON"),
 ])
 def test_damaged_checkpoint_is_an_error_naming_the_file(tmp_path, damage, match):
     batches = interrupted_run(tmp_path)
@@ -243,27 +244,96 @@ def test_truncated_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
         f.write('{"step": 9, "tok')  # what kill -9 in the middle of a log write leaves
     fit(batches, 32, 4, out=tmp_path, checkpoint_every_tokens=4 * 32, geometric_median_samples=64, progress=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [10, 12]  # the partial row is gone; log_every is 10 and the run is 12 steps
+    assert steps == [*range(1, 9), 10, 12]  # the partial row is gone; log_every is 10 after the resume, the run is 12 steps
 
 
-def small_cache(folder, n_shards=3, rows=40, d=8, checksum=SHARD_CHECKSUM):
-    """An activation cache in the on-disk format of ``build_cache`` (manifest + checksummed shards);
-    ``checksum``: the algorithm its manifest records."""
+def resume(run, batches):
+    return fit(batches, 32, 4, out=run, checkpoint_every_tokens=4 * 32, geometric_median_samples=64, progress=False)
+
+
+def edit_json(path, **values):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"step": -5}, r"state.json: step is wrong \(input should be greater than or equal to 0, got -5\)"),
+    ({"batch": 10**12}, r"state.json: batch is 1000000000000 but the copy written with the tensors says 8"),
+    ({"step": 4, "tokens": 128}, r"state.json: step is 4 but the copy written with the tensors says 8"),
+    ({"normalizer_scale": 0.5}, r"state.json: normalizer_scale is 0.5 but the copy written with the tensors says 1.0"),
+    ({"python_rng": [3, [0] * 625, None]}, r"state.json: python_rng is \[3, \[0, 0, .* but the copy"),
+    ({"sha256": "0" * 64}, r"state.safetensors is corrupt"),
+    ({"shard": {"index": 0, "count": 1}}, r"state.json has no shard.n_latents"),
+    ({"extra": 1}, r"state.json has an unknown key extra \(= 1\)"),
+])
+def test_an_edited_state_json_is_an_error_naming_the_key(tmp_path, values, match):
+    batches = interrupted_run(tmp_path)
+    checkpoint = latest_checkpoint(tmp_path)
+    edit_json(checkpoint / "state.json", **values)
+    with pytest.raises(ValueError, match=match + rf".*delete {re.escape(str(checkpoint))} to restart"):
+        resume(tmp_path, batches)
+
+
+def test_a_checkpoint_without_the_copy_of_state_json_resumes_checked_by_its_schema_and_the_run(tmp_path):
+    """Checkpoints written before state.safetensors carried the copy still resume, identically."""
+    batches = interrupted_run(tmp_path / "new")
+    reference = resume(tmp_path / "new", batches)
+    interrupted_run(tmp_path / "old")
+    checkpoint = latest_checkpoint(tmp_path / "old")
+    save_file(load_file(checkpoint / "state.safetensors"), checkpoint / "state.safetensors")  # no metadata
+    edit_json(checkpoint / "state.json", sha256=sha256_file(checkpoint / "state.safetensors"))
+    for name, p in resume(tmp_path / "old", batches).state_dict().items():
+        torch.testing.assert_close(p, reference.state_dict()[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    interrupted_run(tmp_path / "edited")
+    checkpoint = latest_checkpoint(tmp_path / "edited")
+    save_file(load_file(checkpoint / "state.safetensors"), checkpoint / "state.safetensors")
+    edit_json(checkpoint / "state.json", sha256=sha256_file(checkpoint / "state.safetensors"), tokens=7 * 32)
+    with pytest.raises(ValueError, match=r"state.json: tokens is 224 but this run has 256; the checkpoint belongs to another run"):
+        resume(tmp_path / "edited", batches)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe{}", r"config.json is not valid JSON"),
+    (b"[]", r"config.json: the content is wrong \(input should be an object, got \[\]\)"),
+    (b'{"d_in": "8"}', r"config.json: d_in is wrong \(input should be a valid integer, got '8'\)"),
+    (b'{"d_in": 8, "n_latents": 32.0}', r"config.json: n_latents is wrong \(input should be a valid integer, got 32.0\)"),
+    (b'{"d_in": 8, "lr": NaN}', r"config.json: lr is wrong \(input should be a finite number, got nan\)"),
+    (b'{"d_in": 8, "epochs": 2}', r"config.json has an unknown key epochs"),
+])
+def test_a_damaged_run_config_is_an_error_naming_it(tmp_path, content, match):
+    batches = interrupted_run(tmp_path)
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=match + rf".*; use a new out folder, or delete {re.escape(str(tmp_path))}"):
+        resume(tmp_path, batches)
+
+
+def test_a_broken_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
+    batches = interrupted_run(tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text("".join([*lines[:2], "not json}\n", *lines[2:]]))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'metrics.jsonl'))} line 3 is not valid JSON .*; "
+                                         "delete that line or the file"):
+        resume(tmp_path, batches)
+
+
+def small_cache(folder, n_shards=3, rows=40, d=8):
+    """An activation cache written as ``build_cache`` writes one, from random rows instead of an LM."""
     folder.mkdir()
-    shards = []
+    cache = ActivationCache(folder, CacheKey("test", 0, "resid_post", "test", "train", 64, None))
+    g = torch.Generator().manual_seed(0)
     for s in range(n_shards):
-        name = f"shard_{s:05d}.safetensors"
-        save_file({"acts": torch.randn(rows, d), "index": torch.arange(rows)}, str(folder / name))
-        shards.append({"file": name, "rows": rows, "contexts": [s, s + 1], **shard_checksum(folder / name, checksum)})
-    manifest = {"key": {}, "shards": shards, "complete": True, "d_in": d, "total_tokens": n_shards * rows,
-                "dropped": {}, "normalizer": {"mean": [0.0] * d, "scale": 1.0}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+        cache.add_shard(torch.randn(rows, d, generator=g), torch.arange(rows), (s, s + 1), rows)
+    cache.finish()
     return ActivationCache(folder)
 
 
 @pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])  # sha256: caches written before xxh3
 def test_activation_cache_corruption_and_missing_shards_are_named(tmp_path, checksum):
-    cache = small_cache(tmp_path / "cache", checksum=checksum)
+    cache = small_cache(tmp_path / "cache")
+    for entry in cache.manifest["shards"]:
+        del entry[SHARD_CHECKSUM]
+        entry.update(shard_checksum(tmp_path / "cache" / entry["file"], checksum))
+    cache.save()
+    cache = ActivationCache(tmp_path / "cache")
     cache.verify()
     flip_byte(tmp_path / "cache" / "shard_00001.safetensors")
     with pytest.raises(ValueError, match=r"shard_00001.safetensors is corrupt \(checksum mismatch\); delete .* and extract again"):
@@ -271,6 +341,34 @@ def test_activation_cache_corruption_and_missing_shards_are_named(tmp_path, chec
     (tmp_path / "cache" / "shard_00001.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard_00001.safetensors is missing"):
         list(CachedSource(cache).batches(16, seed=0, epoch=0))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: [], r"manifest.json: the content is wrong \(input should be an object, got \[\]\)"),
+    (lambda m: {**m, "normalizer": {**m["normalizer"], "scale": 2.0}}, r"manifest.json was edited or damaged"),
+    (lambda m: {**m, "normalizer": {**m["normalizer"], "mean": [0.0] * 8}}, r"manifest.json was edited or damaged"),
+    (lambda m: {**m, "d_in": 4}, r"manifest.json was edited or damaged"),
+    (lambda m: {**m, "shards": [{**m["shards"][0], "rows": 20}, *m["shards"][1:]]}, r"manifest.json was edited or damaged"),
+    (lambda m: {**m, "normalizer": {**m["normalizer"], "scale": -1.0}}, r"manifest.json: normalizer.scale is wrong"),
+    (lambda m: {k: v for k, v in m.items() if k != "sha256"}, r"manifest.json has no sha256"),
+])
+def test_an_edited_manifest_is_an_error_saying_to_extract_again(tmp_path, edit, match):
+    small_cache(tmp_path / "cache")
+    path = tmp_path / "cache" / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=match + rf".*delete {re.escape(str(tmp_path / 'cache'))} and extract again"):
+        ActivationCache(tmp_path / "cache")
+
+
+def test_a_shard_whose_rows_disagree_with_the_manifest_is_named(tmp_path):
+    cache = small_cache(tmp_path / "cache")
+    shard = tmp_path / "cache" / "shard_00001.safetensors"
+    save_file({"acts": torch.randn(30, 8), "index": torch.arange(30)}, shard)
+    cache.manifest["shards"][1].update(shard_checksum(shard))  # a consistent manifest, for a writer gone wrong
+    cache.save()
+    with pytest.raises(ValueError, match=r"shard_00001.safetensors holds acts \(30, 8\) torch.float32 and index \(30,\) "
+                                         r"but the manifest says 40 rows of d_in 8 float32; delete .* and extract again"):
+        list(CachedSource(ActivationCache(tmp_path / "cache")).batches(16, seed=0, epoch=0))
 
 
 def test_a_shard_without_a_recorded_checksum_is_named(tmp_path):

@@ -203,6 +203,12 @@ def test_site_search_lists_the_latents_of_a_token(site, summary, driver):
     wait_for(driver, "#latent-title", f"Latent {found[0]}")
 
 
+def test_a_malformed_escape_in_the_address_is_searched_as_typed(site, driver):
+    driver.get((site / "index.html").as_uri() + "#search/%E0%A4%A")  # not valid UTF-8 once decoded
+    assert wait_for(driver, "#search-query").text == "%E0%A4%A"
+    wait_for(driver, "#search-results", "No token of the held-out text matches.")
+
+
 def test_injected_markup_in_the_corpus_shows_as_text_and_never_runs(site, summary, driver):
     from selenium.webdriver.common.by import By
 

@@ -239,7 +239,10 @@ function renderSearch(query) {
 // ---------------------------------------------------------------- routing
 
 function route() {
-  const h = decodeURIComponent(location.hash.slice(1));
+  const raw = location.hash.slice(1);
+  let h = raw;
+  // a hand-typed or truncated escape (#search/%E0%A4%A) is not valid UTF-8: search for the text as typed
+  try { h = decodeURIComponent(raw); } catch (e) { if (!(e instanceof URIError)) throw e; }
   if (h.startsWith("latent/")) loadLatent(Number(h.slice(7)));
   else if (h.startsWith("search/")) renderSearch(h.slice(7));
   else overview();
