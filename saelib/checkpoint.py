@@ -38,7 +38,6 @@ from torch import Tensor
 from .config import BOOKKEEPING
 from .files import check_sha256, read_json, remove, replace, sha256_file, temp_path
 from .grid import LATENT_PARAMS, Grid
-from .normalize import Normalizer
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
 
 TENSORS, META = "state.safetensors", "state.json"
@@ -170,19 +169,24 @@ def read_sae_rows(folder: Path, start: int, stop: int) -> dict[str, Tensor]:
 
 def merge_shards(folder: str | os.PathLike) -> TopKSAE:
     """One ``TopKSAE`` from an SAE folder or a folder of ``shard_<l>_of_<L>/`` SAE folders (what a
-    latent-sharded run writes to ``RUN/sae``)."""
+    latent-sharded run writes to ``RUN/sae``); every shard is checked as an SAE folder is."""
     folder = Path(folder)
     if not is_sharded(folder):
         return load_folder(folder)
-    config, info, files = _sae_layout(folder)
-    for path, *_ in files:
-        check_sha256(path, json.loads((path.parent / CONFIG_FILE).read_text()).get("sha256", {}).get(WEIGHTS_FILE),
-                     "train the run again")
-    tensors = _read_rows(files, 0, info["n_latents"], "train the run again")
-    normalizer = Normalizer(tensors["normalizer_mean"], float(config["normalizer_scale"]))
-    sae = TopKSAE(config["d_in"], info["n_latents"], info["k"], arch=config["arch"], normalizer=normalizer,
-                  metadata=config["metadata"], generator=torch.Generator())
-    sae.load_state_dict(tensors)
+    paths = sorted(folder.glob("shard_*_of_*"))
+    shards = [load_folder(path) for path in paths]
+    for i, (path, shard) in enumerate(zip(paths, shards)):
+        info = shard.metadata.get("shard")
+        if path.name != shard_name(i, len(paths)) or not isinstance(info, dict) or \
+                (info.get("index"), info.get("count")) != (i, len(paths)):
+            raise ValueError(f"{path} is not shard {i} of the {len(paths)} in {folder} (its config.json says "
+                             f"{info!r}); train the run again.")
+    first = shards[0]
+    sae = TopKSAE(first.d_in, info["n_latents"], info["k"], arch=first.arch, normalizer=first.normalizer,
+                  metadata={key: value for key, value in first.metadata.items() if key != "shard"},
+                  generator=torch.Generator())
+    rows = {name: torch.cat([getattr(shard, name).detach() for shard in shards]) for name in LATENT_PARAMS}
+    sae.load_state_dict({**first.state_dict(), **rows})
     return sae.eval()
 
 

@@ -206,6 +206,8 @@ def fit(
     unknown = sorted(set(options) - set(TRAINER_FIELDS))
     if unknown:
         raise ValueError(f"fit() got unknown option(s) {unknown}; options are TrainConfig's trainer fields: {list(TRAINER_FIELDS)}.")
+    if out is not None and not str(out).strip():
+        raise ValueError(f"out must name a run folder, got {str(out)!r}; pass a folder such as 'runs/my-sae', or None to keep no files.")
     cfg = TrainConfig(n_latents=n_latents, k=k, **options)
     source, normalizer = as_source(data, normalizer, normalize, cfg.geometric_median_samples)
     if isinstance(source, IterableSource) and "batch_size" not in options:

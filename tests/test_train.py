@@ -352,3 +352,11 @@ def test_the_ema_is_bias_corrected():
     ema_apply(ema, module, 0.999, steps=5)
     for name, p in module.named_parameters():
         torch.testing.assert_close(p.detach(), target[name])
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_run_folder_name_is_refused(out, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty name would otherwise train into the current folder
+    with pytest.raises(ValueError, match=f"out must name a run folder, got {out!r}"):
+        fit(torch.randn(512, 16), 64, 4, out=out, tokens=256, batch_size=128, progress=False)
+    assert list(tmp_path.iterdir()) == []
