@@ -28,7 +28,11 @@ def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -
     cache = cached_activations(**data_opts, split="train", progress=progress)
     source = CachedSource(cache)
     if train_opts.get("tokens") is None:
-        train_opts["tokens"] = int(cfg.epochs * source.n_tokens)
+        tokens = cfg.epochs * source.n_tokens
+        if tokens >= 2**63:
+            raise ValueError(f"epochs={cfg.epochs!r} over the {source.n_tokens:,} extracted tokens is {tokens:.3g} tokens, "
+                             "more than a run can count; choose fewer epochs or give tokens.")
+        train_opts["tokens"] = int(tokens)
     metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
     latent_parallel = cfg.latent_parallel if launched() else None  # one rank of `saelib train --nproc N` / torchrun
     return fit(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress,

@@ -362,3 +362,11 @@ def test_no_traceback_reaches_the_terminal(tmp_path, argv, content):
                           timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert_one_sentence(done.stderr, "saelib train: error:")
+
+
+def test_epochs_beyond_what_a_run_can_count_are_refused_naming_epochs(capsys, tmp_path):
+    code, _, err = run(["train", "--preset", "ci", "--epochs", "1e300", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    error = err.strip().splitlines()[-1]  # after the line saying how many tokens were extracted
+    assert error.startswith("saelib train: error: epochs=1e+300 over the") and "choose fewer epochs or give tokens" in error
+    assert "Traceback" not in err and not (tmp_path / "r" / "checkpoints").exists()
