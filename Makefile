@@ -2,7 +2,7 @@
 #   make demo   create the environment, provision the embedded model and text, run the quickstart (demo preset)
 #   make test   create the environments if missing, run pytest and nbval over every notebook (ci preset)
 #   make lab    JupyterLab on the notebooks, with the project's environment
-#   make figures  every experiment notebook at its demo preset: the published figures/ (tens of minutes)
+#   make figures  every notebook at its demo preset: the published figures/ and docs/results.md (hours on 2 cores)
 #   make release  re-create the released SAEs in saelib/saes/ and their model card (about an hour)
 PYTHON ?= python3
 VENV ?= .venv
@@ -53,13 +53,16 @@ env: $(STAMP)
 
 peers: $(PEERS_STAMP)
 
+# The quickstart's figures go into its run folder (ignored by git); `make figures` rewrites the
+# published ones in figures/
 demo: env
 	@mkdir -p runs
-	cd notebooks && ../$(BIN)/papermill 00_quickstart.ipynb ../runs/00_quickstart-demo.ipynb -p preset demo
+	cd notebooks && ../$(BIN)/papermill 00_quickstart.ipynb ../runs/00_quickstart-demo.ipynb -p preset demo \
+	  -p figures_root ../runs/00_quickstart-demo/figures
 
-# The experiment notebooks at their demo preset, one after another; each writes figures/NN_*.
+# Every notebook at its demo preset, one after another; each writes figures/NN_*.
 # NOTEBOOKS=03_scaling_laws runs one. Executed copies land in runs/NN_name-demo.ipynb.
-NOTEBOOKS ?= $(basename $(notdir $(filter-out %00_quickstart.ipynb,$(wildcard notebooks/0*.ipynb))))
+NOTEBOOKS ?= $(basename $(notdir $(wildcard notebooks/0*.ipynb)))
 # 08_performance times the peers in their own environment (bench_python).
 figures: env peers
 	@mkdir -p runs
