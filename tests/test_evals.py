@@ -158,5 +158,6 @@ def test_evaluate_reports_every_metric(sae, lm):
         assert isinstance(report[key], (int, float)) and math.isfinite(report[key]), (key, report[key])
     assert report["delta_ce"] > 0 and 0 < report["loss_recovered"] <= 1
     assert report["probe_tasks"] >= 10
+    assert report["eval_preset"] == "ci" and report["downstream_contexts"] == 2 and report["probe_per_source"] == 12
     with pytest.raises(ValueError, match="Unknown eval option"):
         evaluate(sae, lm, "ci", eval_token=5)

@@ -75,7 +75,9 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
         return result
 
     held = timed("activations", held_out, lm, layer, site, corpus, ctx_len, cfg["eval_tokens"], progress=progress)
-    report = {"eval_tokens": held.n_tokens}
+    # the preset and the sample sizes travel with the numbers they produced
+    report = {"eval_preset": preset, **{key: value for key, value in cfg.items() if key != "eval_tokens"},
+              "eval_tokens": held.n_tokens}
     report |= timed("reconstruction", reconstruction_metrics, sae, held.acts[held.keep])
     report |= timed("downstream", downstream_loss, sae, lm, held.ids[:cfg["downstream_contexts"]], layer, site,
                     progress=progress)
