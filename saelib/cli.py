@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("view", help="write a static, offline HTML visualizer of a trained SAE's latents")
     p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
     p.add_argument("--out", required=True, type=out_folder, help="folder for the site (index.html inside)")
-    p.add_argument("--preset", default="ci", choices=sorted(config.PRESETS), help="how many tokens to summarise")
+    p.add_argument("--preset", choices=sorted(config.PRESETS),
+                   help="how many tokens to summarise (default: the largest summary the run already has, else ci)")
     p.set_defaults(func=cmd_view)
 
     from . import bench

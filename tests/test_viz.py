@@ -114,6 +114,18 @@ def test_summary_is_cached_next_to_the_run_without_pickle(summary, run, lm, text
         summarize(run, lm, "ci", eval_token=3)
 
 
+def test_without_a_preset_the_largest_cached_summary_is_used(summary, run, tmp_path):
+    """A run that has a bigger summary already (here the ci one, stored under the name demo) is shown
+    with it instead of a new ci summary being computed (no LM is given: none could be built)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (cached,) = (copy / "viz_summary").iterdir()
+    cached.rename(copy / "viz_summary" / "demo")
+    again = summarize(copy, None, progress=False)
+    assert again.info == json.loads(json.dumps(summary.info))
+    assert sorted(p.name for p in (copy / "viz_summary").iterdir()) == ["demo"]
+
+
 def test_search_finds_latents_that_fire_on_a_token(summary):
     hits = summary.search(" the")
     assert hits and hits == sorted(hits, key=lambda h: -h[1])

@@ -214,6 +214,19 @@ class Summary:
         return cls(load_file(folder / "summary.safetensors"), json.loads((folder / "summary.json").read_text()))
 
 
+def _cached_preset(folder: Path, sae) -> str | None:
+    """The largest preset whose summary of this SAE ``folder`` already holds (written by this version)."""
+    for name in reversed(PRESETS):
+        info = folder / SUMMARY_DIR / name / "summary.json"
+        try:
+            cached = json.loads(info.read_text())
+        except (OSError, ValueError):
+            continue  # none, or unreadable: it would be rebuilt anyway
+        if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint(sae) and cached.get("version") == FORMAT_VERSION:
+            return name
+    return None
+
+
 def normalise_query(text: str) -> str:
     """How token texts and queries are compared in search: stripped and lower-cased."""
     return text.strip().lower()
@@ -264,7 +277,7 @@ def resolve_options(preset: str, overrides: dict) -> dict:
     return opts
 
 
-def summarize(run_or_sae, lm=None, preset: str = "ci", *, texts: list[str] | None = None, cache: bool = True,
+def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str] | None = None, cache: bool = True,
               progress: bool = True, **overrides) -> Summary:
     """The visualizer summary of an SAE over held-out text (computed once, then read from the cache).
 
@@ -272,13 +285,15 @@ def summarize(run_or_sae, lm=None, preset: str = "ci", *, texts: list[str] | Non
         run_or_sae: a run folder (``saelib train --out RUN``), an SAE folder, or a loaded SAE whose
             ``metadata`` names ``model``, ``layer``, ``site``, ``ctx_len`` and ``corpus``.
         lm: the loaded LM (:func:`saelib.models.load_lm`); loaded from the SAE's metadata if None.
-        preset: ``"ci"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`).
+        preset: ``"ci"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`); ``None``: the largest one
+            a run folder already has a summary of for this SAE, else ``"ci"``.
         texts: summarise these documents instead of the corpus's validation split (packed into
             contexts of the SAE's ``ctx_len``; the incomplete tail is dropped).
         cache: for a folder, read/write ``RUN/viz_summary/<preset>[-<hash of options>]/``.
         overrides: any key of a preset, e.g. ``eval_tokens=8192``.
     """
     sae, folder = _as_sae(run_or_sae)
+    preset = preset or (folder is not None and _cached_preset(folder, sae)) or "ci"
     opts = resolve_options(preset, overrides)
     cache_folder = None
     if folder is not None and cache:

@@ -142,7 +142,7 @@ class LatentBrowser(widgets.VBox):
             self.latent.value = change["new"]
 
 
-def browser(run_or_summary, lm=None, preset: str = "ci", latent: int = 0, **options) -> LatentBrowser:
+def browser(run_or_summary, lm=None, preset: str | None = None, latent: int = 0, **options) -> LatentBrowser:
     """An ipywidgets latent browser for a :class:`Summary`, or for a run/SAE (summarised first, cached).
 
     ``options`` go to :func:`saelib.viz.summarize` (``texts``, ``progress``, preset keys).
