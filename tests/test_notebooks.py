@@ -25,3 +25,13 @@ def test_notebook_is_committed_clean(path):
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and 'preset = "ci"' in params[0].source
     assert nb.cells[0].cell_type == "markdown" and "**Question.**" in nb.cells[0].source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_hidden_solution_has_a_cell_to_work_in_before_it(path):
+    cells = nbformat.read(path, as_version=4).cells
+    for i, cell in enumerate(cells):
+        if "solution" in cell.metadata.get("tags", []):
+            before = cells[i - 1]
+            assert before.cell_type == "code" and "exercise" in before.metadata.get("tags", []), i
+            assert all(line.startswith("#") for line in before.source.splitlines()), "the answer cell starts empty"
