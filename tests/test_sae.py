@@ -616,6 +616,9 @@ def test_parameters_that_cannot_fit_are_refused_before_allocating():
 def test_the_cli_refuses_an_sae_that_cannot_fit_in_one_sentence(tmp_path, capsys):
     from saelib import cli
 
-    assert cli.main(["train", "--preset", "ci", "--n-latents", "2147483648", "--out", str(tmp_path / "run")]) == 2
+    # the largest n_latents the config takes (a tensor dimension): the SAE's memory check refuses it
+    assert cli.main(["train", "--preset", "ci", "--n-latents", "2147483647", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "n_latents=2147483648 and d_in=576 needs 9,904,194,589,188 bytes" in err and "Traceback" not in err
+    assert "n_latents=2147483647 and d_in=576 needs 9,904,194,584,576 bytes" in err and "Traceback" not in err
+    assert cli.main(["train", "--preset", "ci", "--n-latents", "2147483648", "--out", str(tmp_path / "run")]) == 2
+    assert "n_latents must be at most 2147483647" in capsys.readouterr().err  # refused by the config, before extraction
