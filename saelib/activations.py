@@ -104,7 +104,8 @@ class Exclusion:
     """Which tokens to leave out of training and metrics (they are never changed when splicing).
 
     Attributes:
-        first_position: drop position 0 of every context (an attention sink with a huge norm).
+        first_position: drop position 0 of every context (an attention sink with a huge norm; the
+            begin-of-sequence token where contexts start with one).
         special_tokens: drop the tokenizer's special tokens (e.g. the separator between packed
             documents: under 1% of tokens, 99% of the squared norm at SmolLM2's layer 12).
         outlier_factor: drop tokens whose norm exceeds this many times the batch's median norm
@@ -254,7 +255,8 @@ class ActivationCache:
             found = self.manifest["key"]
             if key is not None and found != key.to_dict():
                 wanted = key.to_dict()
-                diff = {k: (wanted.get(k), found.get(k)) for k in sorted(wanted.keys() | found.keys()) if wanted.get(k) != found.get(k)}
+                diff = {k: (wanted.get(k), found.get(k)) for k in sorted(wanted.keys() | found.keys())
+                        if wanted.get(k) != found.get(k)}
                 raise ValueError(f"The activation cache at {self.folder} was built for another configuration "
                                  f"(wanted vs found: {diff}); delete it or point to another folder.")
         elif key is None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from saelib import config, data
 from saelib.activations import ActivationCache, CacheKey, cached_activations
-from saelib.evals.downstream import downstream_loss, splice, scored_positions
+from saelib.evals.downstream import downstream_loss, scored_positions, splice
 from saelib.evals.heldout import trained_prepend_bos
 from saelib.models import load_lm, load_tokenizer
 from saelib.runs import train_run
