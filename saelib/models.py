@@ -162,25 +162,41 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LM
         name: ``"smollm2-135m"`` (embedded, offline), a hub name such as ``"gpt2"``, or a folder.
         device: where to put it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    source = _embedded_folder(name) if name in EMBEDDED else name
+    tokenizer = load_tokenizer(name)
     transformers_logging.disable_progress_bar()  # one bar per shard read is noise in notebooks
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(_source(name), dtype=torch.float32)
     except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
         raise ValueError(f"Refusing to load model {name!r}: its weights are a pickle that would run code when loaded, "
                          f"which torch.load(weights_only=True) refused; use a copy saved as safetensors.") from None
     except (OSError, ValueError) as e:
-        raise ValueError(
-            f"Cannot load model {name!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
-            f"a local folder, or a Hugging Face name reachable from here ({type(e).__name__})."
-        ) from e
+        raise _not_found(name, e) from e
     except (RuntimeError, EOFError, SafetensorError) as e:  # a truncated or corrupt weights file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"Cannot load model {name!r}: its weights cannot be read ({type(e).__name__}: {reason}); "
                          f"download or copy the model again.") from None
     model.to(device).eval().requires_grad_(False)
     return LM(name=name, model=model, tokenizer=tokenizer)
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of the model :func:`load_lm` would load, without its weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(_source(name))
+    except (OSError, ValueError) as e:
+        raise _not_found(name, e) from e
+
+
+def _source(name: str) -> str | Path:
+    """What ``from_pretrained`` reads for ``name``: the converted folder of an embedded model, else the name."""
+    return _embedded_folder(name) if name in EMBEDDED else name
+
+
+def _not_found(name: str, error: Exception) -> ValueError:
+    return ValueError(f"Cannot load model {name!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
+                      f"a local folder, or a Hugging Face name reachable from here ({type(error).__name__}).")

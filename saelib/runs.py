@@ -33,7 +33,9 @@ def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -
             raise ValueError(f"epochs={cfg.epochs!r} over the {source.n_tokens:,} extracted tokens is {tokens:.3g} tokens, "
                              "more than a run can count; choose fewer epochs or give tokens.")
         train_opts["tokens"] = int(tokens)
-    metadata = {**data_opts, "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
+    # evaluation packs its contexts as training did, begin-of-sequence token or not
+    metadata = {**data_opts, "prepend_bos": cache.manifest["key"].get("prepend_bos", False),
+                "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
     latent_parallel = cfg.latent_parallel if launched() else None  # one rank of `saelib train --nproc N` / torchrun
     return fit(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress,
                latent_parallel=latent_parallel, **train_opts)

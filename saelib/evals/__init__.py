@@ -30,7 +30,7 @@ from .. import config
 from ..loading import load
 from .ablation import ablation_sparsity
 from .downstream import downstream_loss, splice
-from .heldout import HeldOut, encode, held_out, trained_site
+from .heldout import HeldOut, encode, held_out, trained_prepend_bos, trained_site
 from .n2g import n2g
 from .probes import TASKS, probe_loss, probe_results
 from .reconstruction import density_histogram, latent_density, reconstruction_metrics
@@ -65,6 +65,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
         sae = load(sae)
     lm, layer, site, ctx_len = trained_site(sae, lm, "evaluate")
     corpus = corpus or sae.metadata.get("corpus", "wikipedia")
+    prepend_bos = trained_prepend_bos(sae)
     sae.eval()
     timings = {}
 
@@ -74,7 +75,8 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
         timings[f"seconds_{name}"] = round(time.perf_counter() - start, 2)
         return result
 
-    held = timed("activations", held_out, lm, layer, site, corpus, ctx_len, cfg["eval_tokens"], progress=progress)
+    held = timed("activations", held_out, lm, layer, site, corpus, ctx_len, cfg["eval_tokens"], progress=progress,
+                 prepend_bos=prepend_bos)
     # the preset and the sample sizes travel with the numbers they produced
     report = {"eval_preset": preset, **{key: value for key, value in cfg.items() if key != "eval_tokens"},
               "eval_tokens": held.n_tokens}
@@ -82,7 +84,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
     report |= timed("downstream", downstream_loss, sae, lm, held.ids[:cfg["downstream_contexts"]], layer, site,
                     progress=progress)
     report |= timed("probes", probe_loss, sae, lm, layer, site, ctx_len=ctx_len, per_source=cfg["probe_per_source"],
-                    seed=seed, progress=progress)
+                    seed=seed, progress=progress, prepend_bos=prepend_bos)
     values, indices = encode(sae, held.acts)
     report |= timed("n2g", n2g, values, indices, held.ids, held.keep, sample=cfg["n2g_latents"], seed=seed,
                     progress=progress)

@@ -1,8 +1,9 @@
 """Held-out evaluation data: validation contexts, their activations at the SAE's site, and the SAE's code.
 
-Every metric runs on the ``validation`` split of a corpus (documents the SAE never trained on).
-Tokens that training excluded (position 0, special tokens, norm outliers; see
-:func:`saelib.activations.keep_mask`) are excluded from every metric here too.
+Every metric runs on the ``validation`` split of a corpus (documents the SAE never trained on),
+packed as training packed it (with the begin-of-sequence token in front or not:
+:func:`trained_prepend_bos`). Tokens that training excluded (position 0, special tokens, norm
+outliers; see :func:`saelib.activations.keep_mask`) are excluded from every metric here too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
 
         lm = load_lm(meta.get("model", DEFAULT_MODEL))
     return lm, int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
+
+
+def trained_prepend_bos(sae) -> bool:
+    """Whether the SAE's training contexts started with the begin-of-sequence token
+    (``metadata["prepend_bos"]``; False for SAEs that do not record it)."""
+    return bool((getattr(sae, "metadata", {}) or {}).get("prepend_bos", False))
 
 
 @dataclass
@@ -66,9 +73,15 @@ def site_activations(lm: LM, ids: Tensor, layer: int, site: str, batch_size: int
 
 
 def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipedia", ctx_len: int = 64,
-             max_tokens: int | None = 4096, batch_size: int = 32, progress: bool = True) -> HeldOut:
-    """The validation split of ``corpus``, packed into contexts, with activations at ``layer``/``site``."""
-    ids = contexts(corpus, lm.tokenizer, split="validation", ctx_len=ctx_len, max_tokens=max_tokens)
+             max_tokens: int | None = 4096, batch_size: int = 32, progress: bool = True,
+             prepend_bos: bool | None = None) -> HeldOut:
+    """The validation split of ``corpus``, packed into contexts, with activations at ``layer``/``site``.
+
+    ``prepend_bos``: start contexts with the begin-of-sequence token (:func:`saelib.data.pack`);
+    ``None`` follows the model's convention, an SAE's evaluation passes :func:`trained_prepend_bos`.
+    """
+    ids = contexts(corpus, lm.tokenizer, split="validation", ctx_len=ctx_len, max_tokens=max_tokens,
+                   prepend_bos=prepend_bos)
     return site_activations(lm, ids, layer, site, batch_size, progress)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..data import bos_prefix
 from . import probe_sources as S
 from .heldout import encode, site_activations
 
@@ -232,14 +233,17 @@ def available_tasks() -> tuple[list[Task], dict[str, str]]:
 # ---- examples --------------------------------------------------------------------------------
 
 
-def probe_contexts(tokenizer, ctx_len: int = 64, per_source: int = 64, seed: int = 0) -> tuple[Tensor, list[dict]]:
+def probe_contexts(tokenizer, ctx_len: int = 64, per_source: int = 64, seed: int = 0,
+                   prepend_bos: bool | None = None) -> tuple[Tensor, list[dict]]:
     """Contexts for the probe tasks: ``per_source`` from each available text source.
 
-    Each context is the first ``ctx_len`` tokens of one document (documents shorter than that are
-    skipped), sampled round-robin over the source's books/categories so that sub-groups are
-    represented. Returns ``(ids (n, ctx_len), tags)`` with one tag dict per context.
+    Each context is the begin-of-sequence token where contexts start with it (``prepend_bos``, as in
+    :func:`saelib.data.pack`), then the first tokens of one document up to ``ctx_len`` (documents
+    shorter than that are skipped), sampled round-robin over the source's books/categories so that
+    sub-groups are represented. Returns ``(ids (n, ctx_len), tags)`` with one tag dict per context.
     """
     rng = random.Random(seed)
+    prefix = bos_prefix(tokenizer, prepend_bos)
     loaded, _ = available_sources()
     rows, tags = [], []
     for name in S.TEXT_SOURCES:
@@ -259,7 +263,7 @@ def probe_contexts(tokenizer, ctx_len: int = 64, per_source: int = 64, seed: int
             if not docs:
                 continue
             text, tag = docs.pop()
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:ctx_len]
+            ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"][:ctx_len - len(prefix)]
             if len(ids) == ctx_len:
                 rows.append(ids)
                 tags.append(tag)
@@ -351,15 +355,17 @@ def _balanced_split(pos: Tensor, neg: Tensor, max_per_class: int, min_per_class:
 @torch.no_grad()
 def probe_results(sae, lm, layer: int, site: str = "resid_post", ctx_len: int = 64, per_source: int = 64,
                   max_per_class: int = 1000, min_per_class: int = 8, shortlist: int = 32, seed: int = 0,
-                  progress: bool = True) -> tuple[list[dict], dict[str, str]]:
+                  progress: bool = True, prepend_bos: bool | None = None) -> tuple[list[dict], dict[str, str]]:
     """Run every available task; return per-task rows and ``{skipped task: reason}``.
+
+    ``prepend_bos``: as in :func:`probe_contexts`; ``None`` follows the model's convention.
 
     Each row: ``task, kind, examples, probe_loss, latent, probe_loss_baseline, channel``.
     """
     from tqdm.auto import tqdm
 
     tasks, skipped = available_tasks()
-    ids, tags = probe_contexts(lm.tokenizer, ctx_len, per_source, seed)
+    ids, tags = probe_contexts(lm.tokenizer, ctx_len, per_source, seed, prepend_bos)
     held = site_activations(lm, ids, layer, site, progress=progress)
     values, indices = encode(sae, held.acts)
     x = sae.normalizer.apply(held.acts)

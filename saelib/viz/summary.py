@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .. import config
 from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
-from ..evals.heldout import encode, held_out, site_activations, trained_site
+from ..evals.heldout import encode, held_out, site_activations, trained_prepend_bos, trained_site
 from ..evals.n2g import explain, score
 from ..files import atomic_write
 from ..loading import load
@@ -318,9 +318,11 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     sae.eval()
     steps = tqdm(total=6, desc="visualizer summary", disable=not progress)
     if texts is None:
-        held = held_out(lm, layer, site, meta.get("corpus", "wikipedia"), ctx_len, opts["eval_tokens"], progress=progress)
+        held = held_out(lm, layer, site, meta.get("corpus", "wikipedia"), ctx_len, opts["eval_tokens"], progress=progress,
+                        prepend_bos=trained_prepend_bos(sae))
     else:
-        ids = pack(list(texts), lm.tokenizer, ctx_len, max_contexts=max(1, opts["eval_tokens"] // ctx_len))
+        ids = pack(list(texts), lm.tokenizer, ctx_len, max_contexts=max(1, opts["eval_tokens"] // ctx_len),
+                   prepend_bos=trained_prepend_bos(sae))
         held = site_activations(lm, ids, layer, site, progress=progress)
     steps.update()
     values, indices = encode(sae, held.acts)
