@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import BOOKKEEPING
-from .files import check_sha256, read_json, remove, replace, sha256_file, temp_path
+from .files import check_sha256, read_json, remove, replace, sha256_file, shorten, temp_path
 from .grid import LATENT_PARAMS, Grid
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
 
@@ -340,5 +340,4 @@ def _check_meta(path: Path, meta: CheckpointMeta, index: int, config: dict, n_sh
 
 
 def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return shorten(json.dumps(value))

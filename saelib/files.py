@@ -124,17 +124,22 @@ def check_schema(value, schema: type[BaseModel], where: str, fix: str) -> BaseMo
 def describe(where, error: ValidationError, fix: str) -> str:
     """The first problem pydantic found, as one sentence naming ``where``, the key and the value."""
     first = error.errors(include_url=False)[0]
-    key = ".".join(str(part) for part in first["loc"])
+    # a key that holds a newline or other control character is shown quoted: the message stays one line
+    key = ".".join(str(part) if str(part).isprintable() else repr(part) for part in first["loc"])
     if first["type"] == "json_invalid":
         return f"{where} is not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')}); {fix}."
     if first["type"] == "missing":
         return f"{where} has no {key}; {fix}."
-    value = repr(first.get("input"))
-    value = value if len(value) <= 60 else value[:57] + "..."
+    value = shorten(repr(first.get("input")))
     if first["type"] == "extra_forbidden":
         return f"{where} has an unknown key {key} (= {value}); {fix}."
     what = first["msg"][0].lower() + first["msg"][1:]
     return f"{where}: {key or 'the content'} is wrong ({what}, got {value}); {fix}."
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters (ending in ``...`` where cut): a value shown in a one-line error."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @lru_cache(maxsize=1)

@@ -53,7 +53,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .files import atomic_write, atomic_write_text, available_memory, check_schema, load_safetensors, read_json, sha256_file
+from .files import (atomic_write, atomic_write_text, available_memory, check_schema, load_safetensors, read_json,
+                    sha256_file, shorten)
 from .kernels import (LatentPattern, chained_row_gradients, dense_rows_decode, gather_preacts, sparse_decode,
                       sparse_rows_decode, topk_indices)
 from .normalize import Normalizer
@@ -621,7 +622,7 @@ def check_recorded(path: Path, found: dict, source: Path, recorded: dict, fix: s
     difference = first_difference(found, recorded)
     if difference:
         key, value, saved = difference
-        shown = [v if len(v) <= 60 else v[:57] + "..." for v in (repr(value), repr(saved))]
+        shown = [shorten(repr(v)) for v in (value, saved)]
         raise ValueError(f"{path}: {key} is {shown[0]} but {source.name} was saved with {shown[1]}, so {path.name} was "
                          f"edited or damaged since; {fix}.")
 
