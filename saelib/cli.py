@@ -153,14 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="extract and cache activations of a model's layer on a corpus")
-    p.add_argument("--preset", choices=sorted(config.PRESETS), help="scale: ci (seconds), demo, full (a GPU)")
+    p.add_argument("--preset", choices=sorted(config.PRESETS), help="scale: ci (seconds), lesson (minutes), demo, full (a GPU)")
     p.add_argument("--config", help="a JSON or YAML file of settings, keyed by the flags' names with underscores")
     p.add_argument("--split", default="train", choices=["train", "validation"])
     add_config_flags(p, ("data",))
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train an SAE (resumes an interrupted RUN)")
-    p.add_argument("--preset", choices=sorted(config.PRESETS), help="scale: ci (seconds), demo, full (a GPU)")
+    p.add_argument("--preset", choices=sorted(config.PRESETS), help="scale: ci (seconds), lesson (minutes), demo, full (a GPU)")
     p.add_argument("--config", help="a JSON or YAML file of settings, keyed by the flags' names with underscores")
     p.add_argument("--out", required=True, type=out_folder, help="run folder: sae/, metrics.jsonl, checkpoints/")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed, gloo/NCCL)")

@@ -298,6 +298,16 @@ PRESETS = {
                      n_neighbours=8, search_latents=10, n2g_latents=None, ablation_latents=4, window=(20, 6), seed=0),
         "bench": "quick",
     },
+    # Sized for class time: each notebook's default, its finding within about 5 minutes on 2 cores
+    "lesson": {
+        "train": dict(max_tokens=262_144, n_latents=2304, k=32, batch_size=2048, epochs=2.0, warmup_steps=20,
+                      decay="linear", lr_multiplier=4),
+        "eval": dict(eval_tokens=16_384, downstream_contexts=16, probe_per_source=32, n2g_latents=32,
+                     ablation_latents=8),
+        "view": dict(eval_tokens=16_384, n_top=12, n_quantiles=4, per_quantile=3, hist_bins=32, n_logits=10,
+                     n_neighbours=8, search_latents=12, n2g_latents=None, ablation_latents=8, window=(24, 8), seed=0),
+        "bench": "quick",
+    },
     "demo": {
         # lr_multiplier: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run
         # (validation NMSE 0.280 at 1x, 0.228 at 2x, 0.193 at 4x; see docs/results.md).

@@ -139,7 +139,7 @@ def test_presets_come_from_one_registry():
         assert preset["bench"] in config.BENCH_GRIDS
         assert config.resolve(name) == config.TrainConfig(**preset["train"])
     assert bench.PRESETS is config.BENCH_GRIDS
-    assert sorted(config.PRESETS) == ["ci", "demo", "full"]
+    assert sorted(config.PRESETS) == ["ci", "demo", "full", "lesson"]
     subcommands = build_parser()._subparsers._group_actions[0].choices
     for command in ("extract", "train", "eval", "view"):
         preset = next(a for a in subcommands[command]._actions if a.dest == "preset")
