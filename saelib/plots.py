@@ -17,11 +17,31 @@ import plotly.graph_objects as go
 import torch
 
 
+# Presets whose figures are the published ones in ``figures/``; the others write to ``figures/<preset>/``
+PUBLISHED_PRESETS = ("demo", "full")
+
+
 def figures_dir(root: str | Path, preset: str) -> Path:
-    """Where a notebook writes its figures: ``root`` for published presets, ``root/ci`` for tests."""
-    folder = Path(root) / "ci" if preset == "ci" else Path(root)
+    """Where a notebook writes its figures: ``root`` for published presets, ``root/<preset>`` for the
+    class-time and test presets (``lesson``, ``ci``; ignored by git)."""
+    folder = Path(root) if preset in PUBLISHED_PRESETS else Path(root) / preset
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def published(name: str, root: str | Path = "../figures") -> dict | None:
+    """The numbers behind the published figure ``name`` (``root/name.json``, written at the ``demo``
+    preset by ``make figures``), to draw beside a smaller run; None where the file is absent."""
+    path = Path(root) / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def log_axis(values) -> dict:
+    """Axis settings for a log axis over ``values`` (e.g. powers of 2): one labelled tick per value
+    and no minor labels, which plotly otherwise prints as "5 6 7 8 9 1000 2 3 4" on short ranges."""
+    ticks = sorted({float(v) for v in values})
+    return dict(type="log", tickvals=ticks, ticktext=[f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in ticks],
+                minor=dict(ticks="", showgrid=False))
 
 
 _png_server_started = False
