@@ -23,7 +23,7 @@ def test_notebook_is_committed_clean(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "committed with outputs"
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and 'preset = "ci"' in params[0].source
+    assert len(params) == 1 and 'preset = "lesson"' in params[0].source  # class time; nbval injects ci
     assert nb.cells[0].cell_type == "markdown" and "**Question.**" in nb.cells[0].source
 
 
