@@ -1,5 +1,5 @@
 """The notebooks as committed: valid nbformat (cell ids too), no outputs, one tagged ``parameters``
-cell whose preset defaults to ``ci``, and a markdown opening that states the question."""
+cell whose preset defaults to ``lesson`` (nbval injects ``ci``), and a markdown opening that states the question."""
 
 import warnings
 from pathlib import Path
