@@ -28,6 +28,7 @@ LAYERS = [
     ["viz", "viz.static", "viz.summary", "viz.widget", "sweep", "results", "released", "plots"],
     ["bench.cases", "bench.memory", "bench.report"],
     ["bench.peers", "bench.experiments"],
+    ["bench.quality"],
     ["cli", "bench", "bench.__main__", "__main__", "__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

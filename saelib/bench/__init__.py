@@ -247,10 +247,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--supply-steps: drop the page cache before each run, so the shards come from the disk (root)")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list on stdout")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
+    parser.add_argument("--quality", action="store_true",
+                        help="instead of speed: reconstruction quality of saelib, sparsify and SAELens trained on the "
+                             "same activations at a grid of learning rates (saelib.bench.quality)")
+    # imported here, not at the top: the peers' interpreter runs saelib.bench.quality as a script,
+    # which must not find it imported already by its package
+    from . import quality
+
+    quality.add_arguments(parser)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the bench as parsed by ``add_arguments``; prints a table (or JSON with ``--json``)."""
+    if args.quality:
+        from . import quality  # see add_arguments
+
+        return quality.run_from_args(args)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
     if args.out is not None and (not args.out.strip() or os.path.isdir(args.out)):

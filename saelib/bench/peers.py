@@ -26,7 +26,16 @@ class Unavailable(Exception):
     """An implementation cannot run here; the message says why and what to do."""
 
 
-Step = Callable[[Tensor], Tensor]
+class Step:
+    """``step(x) -> loss`` (the loss before the update) of one implementation; ``optimizer`` is the
+    one a learning-rate schedule sets, ``model`` the module it trains (None for the roofline)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer | None = None,
+                 model: nn.Module | None = None):
+        self.fn, self.optimizer, self.model = fn, optimizer, model
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x)
 
 
 def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
@@ -45,7 +54,7 @@ def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder
     def step(x: Tensor) -> Tensor:
         return train_step(sae, opt, x, dead, train_cfg).loss.detach()
 
-    return step
+    return Step(step, opt, sae)
 
 
 class NaiveTopK(nn.Module):
@@ -87,7 +96,7 @@ def _naive(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> Step:
             model.W_dec /= model.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return loss.detach()
 
-    return step
+    return Step(step, opt, model)
 
 
 def _import(module: str, package: str):
@@ -97,17 +106,29 @@ def _import(module: str, package: str):
         raise Unavailable(f"{package} not installed ({error}): {INSTALL_PEERS}") from None
 
 
-def _sparsify(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> Step:
+def _sparsify(cfg: BenchConfig, w: dict[str, Tensor] | None, dead: Tensor | None, lr: float | None = None,
+              optimizer: str = "adam", device: str = "cpu") -> Step:
+    """``w=None`` keeps sparsify's own init; ``optimizer="signum"`` is its trainer's default (sign
+    SGD in a schedule-free wrapper, momentum 0.95), ``"adam"`` its Adam option."""
     _import("sparsify", "eai-sparsify")
     from sparsify import SparseCoder, SparseCoderConfig
 
-    sae = SparseCoder(cfg.d_in, SparseCoderConfig(num_latents=cfg.n_latents, k=cfg.k), device=w["W_enc"].device)
-    with torch.no_grad():
-        sae.encoder.weight.copy_(w["W_enc"])
-        sae.encoder.bias.copy_(w["b_enc"])
-        sae.W_dec.copy_(w["W_dec"])
-        sae.b_dec.copy_(w["b_pre"])
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr())
+    device = w["W_enc"].device if w is not None else torch.device(device)
+    sae = SparseCoder(cfg.d_in, SparseCoderConfig(num_latents=cfg.n_latents, k=cfg.k), device=device)
+    if w is not None:
+        with torch.no_grad():
+            sae.encoder.weight.copy_(w["W_enc"])
+            sae.encoder.bias.copy_(w["b_enc"])
+            sae.W_dec.copy_(w["W_dec"])
+            sae.b_dec.copy_(w["b_pre"])
+    if optimizer == "signum":
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr=lr), momentum=0.95)
+        opt.train()
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=lr or cfg.lr())
     auxk_alpha = AUXK_COEF if dead is not None else 0.0
 
     def step(x: Tensor) -> Tensor:
@@ -121,22 +142,26 @@ def _sparsify(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> St
         opt.zero_grad()
         return loss.detach()
 
-    return step
+    return Step(step, opt, sae)
 
 
-def _sae_lens(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, sparse: bool = False) -> Step:
+def _sae_lens(cfg: BenchConfig, w: dict[str, Tensor] | None, dead: Tensor | None, sparse: bool = False,
+              lr: float | None = None, device: str = "cpu") -> Step:
+    """``w=None`` keeps SAELens' own init; Adam with its trainer's default betas (0.9, 0.999)."""
     _import("sae_lens", "sae-lens")
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
+    device = str(w["W_enc"].device) if w is not None else device
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg.d_in, d_sae=cfg.n_latents, k=cfg.k, use_sparse_activations=sparse,
-                                                device=str(w["W_enc"].device)))
-    with torch.no_grad():
-        sae.W_enc.copy_(w["W_enc"].T)
-        sae.b_enc.copy_(w["b_enc"])
-        sae.W_dec.copy_(w["W_dec"])
-        sae.b_dec.copy_(w["b_pre"])
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr())
+                                                device=device))
+    if w is not None:
+        with torch.no_grad():
+            sae.W_enc.copy_(w["W_enc"].T)
+            sae.b_enc.copy_(w["b_enc"])
+            sae.W_dec.copy_(w["W_dec"])
+            sae.b_dec.copy_(w["b_pre"])
+    opt = torch.optim.Adam(sae.parameters(), lr=lr or cfg.lr())
     sae.train()
 
     def step(x: Tensor) -> Tensor:
@@ -149,7 +174,7 @@ def _sae_lens(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, spars
         opt.zero_grad()
         return out.loss.detach()
 
-    return step
+    return Step(step, opt, sae)
 
 
 def _roofline(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> Step:
@@ -159,7 +184,7 @@ def _roofline(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> St
         with torch.no_grad():
             return F.linear(x, W_enc, b_enc)[0, 0]
 
-    return step
+    return Step(step)
 
 
 BUILDERS: dict[str, Callable[[BenchConfig, dict, Tensor | None], Step]] = {
