@@ -15,7 +15,9 @@ import torch
 from saelib import load
 from saelib.config import TrainConfig, paper_lr
 from saelib.sae import TopKSAE
-from saelib.train import TensorSource, fit, geometric_median, latest_checkpoint, learning_rate
+from saelib.grid import Grid
+from saelib.normalize import Normalizer
+from saelib.train import TensorSource, _train, fit, geometric_median, latest_checkpoint, learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +60,30 @@ def test_auxk_and_tied_init_prevent_dead_latents(tmp_path):
         dead[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["dead_fraction"]
     assert dead["paper"] < 0.05
     assert dead["ablation"] > dead["paper"] + 0.25
+
+
+def test_auxk_revives_latents_forced_dead_at_init():
+    """A case with a known answer: a quarter of the latents get encoder rows 20x shorter at init, so
+    they (almost) never reach the top k. Without AuxK nothing trains them and they stay dead; AuxK, which
+    trains the dead latents' top pre-activations on the residual, must bring them back."""
+    x, _ = toy_data(n_features=256, active=4, n=30_000)
+    x = Normalizer.fit(x).apply(x)
+    forced = torch.arange(0, 256, 4)
+    revived = {}
+    for auxk in (True, False):
+        cfg = TrainConfig(n_latents=256, k=4, tokens=60_000, batch_size=512, lr=3e-3, dead_tokens=2048,
+                          auxk=auxk).resolved(x.shape[1], len(x))
+        sae = TopKSAE(x.shape[1], 256, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            sae.W_enc[forced] *= 0.05
+        _train(TensorSource(x), sae, cfg, None, Grid.single(torch.device("cpu")), False, [])
+        with torch.no_grad():
+            latents = sae.train_forward(x[:8192]).latents
+        fired = torch.zeros(256, dtype=torch.bool)
+        fired[latents.indices[latents.values > 0]] = True
+        revived[auxk] = fired[forced].float().mean().item()
+    # measured: all of them with AuxK, 4 of the 64 without (those that won the top k by chance)
+    assert revived[True] > 0.9 and revived[False] < 0.2, revived
 
 
 def test_topk_beats_relu_l1_at_equal_or_higher_relu_l0():
