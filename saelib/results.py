@@ -167,6 +167,35 @@ def throughput(data: dict) -> str:
     return _table(["d_in", "n", "batch", "dead"] + impls, rows) + note
 
 
+def best_cells(rows: list[dict]) -> dict[str, dict]:
+    """``saelib bench --quality``: each library's best learning rate, by NMSE averaged over seeds."""
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            cells.setdefault((r["library"], r["lr_multiplier"]), []).append(r)
+    best = {}
+    for (library, multiple), runs in cells.items():
+        mean = {key: sum(r[key] for r in runs) / len(runs)
+                for key in ("nmse", "delta_ce", "loss_recovered", "dead_fraction", "tokens_per_s")}
+        if library not in best or mean["nmse"] < best[library]["nmse"]:
+            best[library] = {"library": library, "lr_multiplier": multiple, "seeds": len(runs), **mean}
+    return best
+
+
+def quality(data: dict) -> str:
+    """``saelib bench --quality``: every cell (library x lr x seed), then each library's best."""
+    rows = [[r["library"], f"{r['lr_multiplier']:g}", r["seed"]]
+            + ([f"{r['nmse']:.4f}", f"{r['delta_ce']:.3f}", f"{r['loss_recovered']:.3f}", f"{r['dead_fraction']:.2%}",
+                f"{r['tokens_per_s']:,.0f}"] if r["status"] == "ok" else [r["reason"], "", "", "", ""])
+            for r in data["rows"]]
+    best = [[b["library"], f"{b['lr_multiplier']:g}", b["seeds"], f"{b['nmse']:.4f}", f"{b['delta_ce']:.3f}",
+             f"{b['loss_recovered']:.3f}", f"{b['dead_fraction']:.2%}"]
+            for b in sorted(best_cells(data["rows"]).values(), key=lambda b: b["nmse"])]
+    return (_table(["library", "lr (x its rule)", "seed", "NMSE", "Δ CE (nats)", "loss recovered", "dead", "tokens/s"], rows)
+            + "\n\nEach library at its best learning rate (mean over seeds):\n\n"
+            + _table(["library", "lr (x its rule)", "seeds", "NMSE", "Δ CE (nats)", "loss recovered", "dead"], best))
+
+
 # block name -> (JSON file under figures/, renderer, figure embedded above the table, command that makes it)
 BLOCKS = {
     "frontier": ("01_frontier.json", frontier, "01_frontier.png", "make figures NOTEBOOKS=01_topk_vs_relu"),
@@ -180,6 +209,8 @@ BLOCKS = {
     "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
                  "make figures NOTEBOOKS=07_recipe_ablation"),
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
+    "quality": ("quality_demo.json", quality, "quality_demo.png",
+                "saelib bench --quality --budget demo --seeds 0 1 --out figures/quality_demo.json"),
 }
 
 

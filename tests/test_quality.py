@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from saelib import results
 from saelib.bench import quality
 from saelib.formats import import_sae
 
@@ -18,6 +19,7 @@ needs_peers = pytest.mark.skipif(not PEERS.exists(), reason="the peers' environm
 SAVE_AND_RECONSTRUCT = """
 import sys, torch
 from safetensors.torch import save_file
+from saelib import results
 from saelib.bench import quality
 library, out = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -56,10 +58,10 @@ def test_every_library_trains_on_the_same_cache_and_gets_one_evaluation():
         # a few dozen steps at the ci budget: trained well past the zero code, nowhere near converged
         assert 0 < r["nmse"] < 0.8 and 0.5 < r["loss_recovered"] < 1 and r["l0"] == pytest.approx(r["k"])
         assert r["eval_tokens"] == rows[0]["eval_tokens"] and r["ce_zero"] == rows[0]["ce_zero"]
-    best = quality.best(rows)
+    best = results.best_cells(rows)
     assert set(best) == {"saelib", "sparsify", "sae-lens"} and all(b["seeds"] == 1 for b in best.values())
-    table = quality.markdown_table(rows)
-    assert table.count("\n| saelib |") == 2 and "best lr" in table
+    table = results.quality({"rows": rows})
+    assert table.count("\n| saelib |") == 2 and "at its best learning rate" in table
 
 
 def test_an_unknown_library_is_refused_before_anything_runs():

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from saelib import results
 
 
@@ -88,3 +90,18 @@ def test_the_repository_results_document_has_every_block():
     text = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
     for name in results.BLOCKS:
         assert f"<!-- results:{name} -->" in text and f"<!-- /results:{name} -->" in text, name
+
+
+def test_the_quality_block_picks_each_librarys_best_lr_by_its_mean_over_seeds():
+    cell = dict(status="ok", delta_ce=0.3, loss_recovered=0.97, dead_fraction=0.0, tokens_per_s=1000.0)
+    rows = [dict(cell, library="saelib", lr_multiplier=4, seed=0, nmse=0.20),
+            dict(cell, library="saelib", lr_multiplier=4, seed=1, nmse=0.22),
+            dict(cell, library="saelib", lr_multiplier=16, seed=0, nmse=0.18),
+            dict(cell, library="saelib", lr_multiplier=16, seed=1, nmse=0.26),
+            dict(library="sae-lens", lr_multiplier=4, seed=0, status="failed", reason="sae-lens failed")]
+    best = results.best_cells(rows)
+    assert set(best) == {"saelib"} and best["saelib"]["lr_multiplier"] == 4
+    assert best["saelib"]["nmse"] == pytest.approx(0.21) and best["saelib"]["seeds"] == 2
+    text = results.quality({"rows": rows})
+    assert "| saelib | 16 | 1 | 0.2600 | 0.300 | 0.970 | 0.00% | 1,000 |" in text
+    assert "| sae-lens | 4 | 0 | sae-lens failed |" in text and "| saelib | 4 | 2 | 0.2100 |" in text

@@ -47,6 +47,7 @@ from ..evals.reconstruction import reconstruction_metrics
 from ..formats import import_sae
 from ..models import load_lm
 from ..normalize import Normalizer
+from ..results import quality as quality_table
 from ..sae import TopKSAE
 from ..sources import stream
 from ..train import fit, learning_rate
@@ -65,8 +66,6 @@ LIBRARIES = tuple(RULES)
 # more), sign SGD's own rule already sits near its best and diverges a few times above it
 GRIDS = {**dict.fromkeys(LIBRARIES, (1, 4, 16, 32)), "sparsify-signum": (0.25, 0.5, 1, 2)}
 SCHEDULE_FREE = ("sparsify-signum",)
-COLUMNS = ("library", "lr_multiplier", "seed", "nmse", "delta_ce", "loss_recovered", "dead_fraction", "l0",
-           "tokens_per_s")
 
 
 # ---- a peer's run, in the interpreter that has the peer -------------------------------------
@@ -132,7 +131,8 @@ def _with_normalizer(sae: TopKSAE, normalizer: Normalizer) -> TopKSAE:
 def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries=LIBRARIES, *,
                 scale: float = 1.0, peers_python: str | None = None, eval_preset: str | None = None,
                 out: str | Path | None = None, progress: bool = True) -> list[dict]:
-    """Every (seed, lr multiple, library) cell at ``budget``: one row each (see :data:`COLUMNS`),
+    """Every (seed, lr multiple, library) cell at ``budget``: one row each (``library, lr_multiplier,
+    lr, seed``, the budget, ``nmse, l0, dead_fraction, delta_ce, loss_recovered, tokens_per_s``...),
     ``status`` "failed" with the ``reason`` where a peer could not run. ``lr_multipliers``: one grid
     for every library (default: :data:`GRIDS`, each library's own). Rows go to ``out`` (JSON) as
     they finish. ``eval_preset`` sets the held-out sample (default: the budget's)."""
@@ -172,7 +172,7 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
                 reference = reference or loss
                 rows.append({**row, "status": "ok", **speed, **scores, **loss})
                 if out is not None:
-                    Path(out).write_text(json.dumps(rows, indent=1))
+                    Path(out).write_text(json.dumps({"rows": rows}, indent=1))
     return rows
 
 
@@ -201,41 +201,6 @@ def _say(progress: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-# ---- the report --------------------------------------------------------------------------------
-
-
-def best(rows: list[dict]) -> dict[str, dict]:
-    """Each library's best cell: the lowest NMSE averaged over seeds, at one lr multiple."""
-    means: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
-        if r["status"] == "ok":
-            means.setdefault((r["library"], r["lr_multiplier"]), []).append(r)
-    result = {}
-    for (library, multiple), cell in means.items():
-        mean = {key: sum(r[key] for r in cell) / len(cell) for key in ("nmse", "delta_ce", "loss_recovered",
-                                                                       "dead_fraction", "tokens_per_s")}
-        if library not in result or mean["nmse"] < result[library]["nmse"]:
-            result[library] = {"library": library, "lr_multiplier": multiple, "seeds": len(cell), **mean}
-    return result
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """Every cell, then each library's best (mean over seeds), as markdown."""
-    head = "| library | lr (x rule) | seed | NMSE | delta CE | loss recovered | dead | L0 | tokens/s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['library']} | {r['lr_multiplier']:g} | {r['seed']} | {r['reason']} | | | | | |")
-            continue
-        lines.append(f"| {r['library']} | {r['lr_multiplier']:g} | {r['seed']} | {r['nmse']:.4f} | {r['delta_ce']:.3f} | "
-                     f"{r['loss_recovered']:.3f} | {r['dead_fraction']:.2%} | {r['l0']:.1f} | {r['tokens_per_s']:,.0f} |")
-    lines += ["", "| library | best lr (x rule) | seeds | NMSE | delta CE | loss recovered | dead |", "|---|---|---|---|---|---|---|"]
-    for b in sorted(best(rows).values(), key=lambda b: b["nmse"]):
-        lines.append(f"| {b['library']} | {b['lr_multiplier']:g} | {b['seeds']} | {b['nmse']:.4f} | {b['delta_ce']:.3f} | "
-                     f"{b['loss_recovered']:.3f} | {b['dead_fraction']:.2%} |")
-    return "\n".join(lines)
-
-
 # ---- command line --------------------------------------------------------------------------------
 
 
@@ -259,7 +224,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     peers = args.peers_python or (".venv-peers/bin/python" if Path(".venv-peers/bin/python").exists() else None)
     rows = run_quality(args.budget, args.lr_multipliers, args.seeds, args.libraries, scale=args.scale,
                        peers_python=peers, eval_preset=args.eval_preset, out=args.out, progress=True)
-    print(json.dumps(rows) if args.json else markdown_table(rows))
+    print(json.dumps(rows) if args.json else quality_table({"rows": rows}))
     return 0
 
 
