@@ -115,11 +115,17 @@ def nice_log_axis(values) -> dict:
     return log_axis([t for t in ticks if lo / 2.5 <= t <= hi * 2.5])
 
 
+def decade_axis() -> dict:
+    """Axis settings for a log axis over several decades (tokens, FLOPs): one label per power of ten,
+    in SI units (10k, 1M), and no minor labels."""
+    return dict(type="log", dtick=1, tickformat="~s", minor=dict(ticks="", showgrid=False))
+
+
 def training_curves(rows: list[dict], title: str, published_rows: list[dict] | None = None,
                     published_nmse: float | None = None) -> go.Figure:
-    """Training NMSE (log axis) and fraction of dead latents (0 to 1) against training tokens, from
-    ``RUN/metrics.jsonl`` rows; with the published demo run's rows and its held-out NMSE (a dashed
-    reference line) beside them."""
+    """Training NMSE and fraction of dead latents (from 0) against training tokens (log axes: a short
+    run's curve stays readable beside a long one), from ``RUN/metrics.jsonl`` rows; with the published
+    demo run's rows and its held-out NMSE (a dashed reference line) beside them."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("normalised MSE (training batches)", "fraction of dead latents"))
@@ -131,14 +137,15 @@ def training_curves(rows: list[dict], title: str, published_rows: list[dict] | N
         style = dict(mode="lines", name=label, legendgroup=label, line=dict(color="#1f77b4" if i == 0 else "grey", **line))
         fig.add_scatter(x=tokens, y=[r["nmse"] for r in curve], row=1, col=1, **style)
         fig.add_scatter(x=tokens, y=[r["dead_fraction"] for r in curve], row=1, col=2, showlegend=False, **style)
+    every = [r for _, curve, _ in runs for r in curve]
     if published_nmse is not None:
-        fig.add_hline(y=published_nmse, line=dict(color="grey", dash="dash"), row=1, col=1,
-                      annotation_text=f"published demo run, held-out NMSE {published_nmse:.3f}",
-                      annotation_position="top right")
-    fig.update_xaxes(title_text="training tokens")
-    fig.update_yaxes(type="log", title_text="NMSE", row=1, col=1)
-    dead = [r["dead_fraction"] for _, curve, _ in runs for r in curve]
-    fig.update_yaxes(title_text="dead latents", row=1, col=2, **fraction_axis(dead))
+        ends = [min(r["tokens"] for r in every), max(r["tokens"] for r in every)]
+        fig.add_scatter(x=ends, y=[published_nmse] * 2, mode="lines", line=dict(color="grey", dash="dash"),
+                        name=f"{PUBLISHED['label']}, held-out NMSE {published_nmse:.3f}", row=1, col=1)
+    fig.update_xaxes(title_text="training tokens", **decade_axis())
+    nmse = [r["nmse"] for r in every] + ([published_nmse] if published_nmse is not None else [])
+    fig.update_yaxes(title_text="NMSE", row=1, col=1, **nice_log_axis(nmse))
+    fig.update_yaxes(title_text="dead latents", row=1, col=2, **fraction_axis([r["dead_fraction"] for r in every]))
     fig.update_layout(title=title, template="plotly_white", legend=dict(orientation="h", y=-0.2))
     return fig
 
@@ -151,8 +158,8 @@ def density_histogram(counts: torch.Tensor, edges: torch.Tensor, title: str, rep
     notes = [f"{label}: {r['dead_fraction']:.1%} of latents never fire, {r['dense_fraction']:.2%} fire on over "
              f"a tenth of tokens" for label, r in (("this run", report), (PUBLISHED["label"], published_report)) if r]
     if notes:
-        fig.add_annotation(text="<br>".join(notes), xref="paper", yref="paper", x=0.01, y=0.99, showarrow=False,
-                           align="left", xanchor="left", yanchor="top", bgcolor="rgba(255,255,255,0.8)")
+        fig.add_annotation(text="<br>".join(notes), xref="paper", yref="paper", x=0, y=1.02, showarrow=False,
+                           align="left", xanchor="left", yanchor="bottom")
     fig.update_layout(title=title, xaxis_title="log10(fraction of tokens the latent fires on)", yaxis_title="latents",
                       template="plotly_white")
     return fig
@@ -210,8 +217,8 @@ def dead_vs_n(rows: list[dict], title: str, published_rows: list[dict] | None = 
                                     row=1, col=col, **style)
     every = [r for _, table, _ in runs for r in table]
     fig.update_xaxes(title_text="n (latents)", **log_axis([r["n_latents"] for r in every]))
-    fig.update_yaxes(title_text="fraction dead at the end of training", row=1, col=1, range=[0, 1], tickformat=".0%")
     fig.update_yaxes(range=[0, 1], tickformat=".0%")
+    fig.update_yaxes(title_text="fraction dead at the end of training", row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", legend=dict(font_size=10))
     return fig
 
@@ -303,7 +310,7 @@ def compute_and_convergence(curves: list[dict], frontier: tuple, compute_fit, co
     fig.add_scatter(x=n_ref, y=T, mode="markers", name="tokens to convergence", marker_color="crimson", row=1, col=2)
     fig.add_scatter(x=n_ref, y=convergence_fit.predict(n_ref), mode="lines", name="fit of tokens to convergence",
                     line=dict(color="crimson", dash="dot"), row=1, col=2)
-    every_n = list(n_ref)
+    every_n, every_nmse = list(n_ref), [v for r in curves for v in r["nmse"]]
     if published:
         style = dict(mode="markers", opacity=PUBLISHED["opacity"])
         fig.add_scatter(x=published["frontier"]["flops"], y=published["frontier"]["nmse"],
@@ -313,10 +320,11 @@ def compute_and_convergence(curves: list[dict], frontier: tuple, compute_fit, co
         fig.add_scatter(x=demo["n"], y=demo["tokens"], name=f"tokens to convergence, {PUBLISHED['label']}",
                         marker=dict(color="crimson", symbol="circle-open", size=9), row=1, col=2, **style)
         every_n += demo["n"]
-    fig.update_xaxes(type="log", title_text="training FLOPs (6 d_in n tokens)", row=1, col=1)
+        every_nmse += published["frontier"]["nmse"]
+    fig.update_xaxes(title_text="training FLOPs (6 d_in n tokens)", row=1, col=1, **decade_axis())
     fig.update_xaxes(title_text="n (latents)", row=1, col=2, **log_axis(every_n))
-    fig.update_yaxes(type="log", title_text="training NMSE (smoothed)", row=1, col=1)
-    fig.update_yaxes(type="log", title_text="tokens", row=1, col=2)
+    fig.update_yaxes(title_text="training NMSE (smoothed)", row=1, col=1, **nice_log_axis(every_nmse))
+    fig.update_yaxes(title_text="tokens", row=1, col=2, **decade_axis())
     fig.update_layout(template="plotly_white", title=title, legend=dict(font_size=10))
     return fig
 
