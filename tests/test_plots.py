@@ -42,3 +42,136 @@ def test_log_axis_labels_each_value_once():
     assert axis["tickvals"] == [256.0, 512.0, 1024.0] and axis["ticktext"] == ["256", "512", "1,024"]
     fig = go.Figure(go.Scatter(x=[256, 1024], y=[1, 2])).update_xaxes(**axis)
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.minor.ticks == ""
+
+
+# ---- figures of notebooks 00-04, built from the published demo numbers in figures/
+
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from saelib import scaling  # noqa: E402
+
+FIGURES = Path(__file__).resolve().parent.parent / "figures"
+CODE_NAMES = ("delta_ce", "probe_loss", "n2g_", "ablation_sparsity", "val_nmse", "dead_fraction", "_baseline")
+
+
+def demo(name):
+    numbers = plots.published(name, FIGURES)
+    assert numbers is not None, f"figures/{name}.json is part of the repository"
+    return numbers
+
+
+def legend_names(fig):
+    return [t.name for t in fig.data if t.name and t.showlegend is not False]
+
+
+def assert_human_legends(fig):
+    names = legend_names(fig)
+    assert names and not [n for n in names if any(code in n for code in CODE_NAMES)], names
+
+
+def test_published_numbers_stay_out_of_a_published_run():
+    assert plots.beside("01_frontier", "lesson", FIGURES) == demo("01_frontier")
+    assert plots.beside("01_frontier", "demo", FIGURES) is None and plots.beside("01_frontier", "full", FIGURES) is None
+
+
+def test_fraction_axis_starts_at_zero_even_when_nothing_dies():
+    assert plots.fraction_axis([0.0, 0.0])["range"] == [0, 0.05]  # plotly alone draws -1..1 around a flat 0
+    assert plots.fraction_axis([0.1, 0.8])["range"] == [0, 1]
+    assert plots.fraction_axis([0.01, 0.1])["range"] == pytest.approx([0, 0.12])
+
+
+def test_nice_log_axis_ticks_span_the_values_at_1_2_5():
+    axis = plots.nice_log_axis([0.07, 0.9])
+    assert axis["type"] == "log" and axis["tickvals"] == pytest.approx([0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
+
+
+def test_training_curves_draw_the_demo_run_and_a_zero_to_one_dead_panel():
+    rows = demo("00_training")["rows"]
+    mine = [dict(r, tokens=r["tokens"] // 4) for r in rows[:20]]
+    fig = plots.training_curves(mine, "t", published_rows=rows, published_nmse=demo("00_density")["report"]["nmse"])
+    # the demo's held-out NMSE is a reference line
+    assert legend_names(fig) == ["this run", "published demo run", "published demo run, held-out NMSE 0.193"]
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.minor.ticks == "" and fig.layout.xaxis.type == "log"
+    assert fig.layout.yaxis2.range[0] == 0 and fig.layout.yaxis2.range[1] <= 1
+    assert len(plots.training_curves(mine, "t").data) == 2  # without the published run: this run only
+
+
+def test_density_histogram_writes_both_runs_dead_and_dense_fractions():
+    report = demo("00_density")["report"]
+    fig = plots.density_histogram(torch.tensor([1.0, 5.0, 2.0]), torch.tensor([-4.0, -3.0, -2.0, -1.0]), "d",
+                                  report=report, published_report=report)
+    (note,) = fig.layout.annotations
+    assert note.text.count("never fire") == 2 and "published demo run" in note.text
+
+
+def test_frontier_names_methods_and_draws_the_demo_dotted():
+    summary = demo("01_frontier")["summary"]
+    mine = [r for r in summary if r["arch"] != "batchtopk"]
+    fig = plots.frontier(mine, "f", published_summary=summary)
+    assert legend_names(fig) == ["TopK", "ReLU + L1", "TopK, published demo run", "BatchTopK, published demo run",
+                                 "ReLU + L1, published demo run"]
+    assert fig.layout.yaxis2.title.text == "Δ cross-entropy (nats)"
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.minor.ticks == "" and "10" in fig.layout.xaxis.ticktext
+    assert all(t.line.dash == "dot" for t in fig.data if "published" in t.name)
+
+
+def test_dead_vs_n_reads_zero_to_one_with_readable_log_n():
+    runs = demo("02_dead_vs_n")["runs"]
+    mine = [r for r in runs if r["lr_multiplier"] in (4, 16) and r["n_latents"] <= 4096]
+    fig = plots.dead_vs_n(mine, "d", published_rows=runs)
+    assert [a.text for a in fig.layout.annotations] == ["lr = 4 x paper's rule", "lr = 16 x paper's rule"]
+    assert all(list(fig.layout[f"yaxis{i}"].range) == [0, 1] for i in ("", "2"))
+    assert list(fig.layout.xaxis.ticktext) == ["1,024", "4,096", "16,384"]
+    assert "AuxK + tied init (paper), published demo run" in legend_names(fig)
+
+
+def test_dead_over_training_reads_zero_to_one():
+    curves = demo("02_dead_over_training")["curves"]
+    fig = plots.dead_over_training({"neither": curves["neither"][:50]}, "d", published_curves=curves)
+    assert list(fig.layout.yaxis.range) == [0, 1] and len(fig.data) == 5
+
+
+def test_loss_curves_draw_fits_and_the_demo_runs_of_the_same_k():
+    runs = demo("03_loss_vs_n")["runs"]
+    mine = [r for r in runs if r["n_latents"] <= 2048 and r["k"] in (8, 64)]
+    n, k, L = (np.array([r[key] for r in mine], float) for key in ("n_latents", "k", "val_nmse"))
+    fits = {kk: scaling.fit_power_law(n[k == kk], L[k == kk], n_boot=2) for kk in (8, 64)}
+    fig = plots.loss_curves(n, k, L, fits, "n (latents)", "k", "t", published_rows=runs)
+    assert legend_names(fig) == ["k=8", "k=8, published demo run", "k=64", "k=64, published demo run"]
+    assert list(fig.layout.xaxis.ticktext) == ["256", "512", "1,024", "2,048", "4,096"]
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.minor.ticks == ""
+
+
+def test_joint_law_and_compute_figures_carry_the_demo_fit():
+    runs = demo("03_loss_vs_n")["runs"]
+    n, k, L = (np.array([r[key] for r in runs], float) for key in ("n_latents", "k", "val_nmse"))
+    joint = scaling.fit_joint_law(n, k, L, n_boot=2)
+    fig = plots.joint_law(n, k, L, joint.predict(n, k), joint.r2, joint.rmse_log, demo("03_joint_law")["fit"])
+    assert "published demo run: R² 0.994" in fig.layout.title.text
+    cc = demo("03_compute_and_convergence")
+    C_f, L_f = np.array(cc["frontier"]["flops"]), np.array(cc["frontier"]["nmse"])
+    compute = scaling.fit_compute_law(C_f, L_f, n_boot=2)
+    n_ref, T = np.array(cc["tokens_to_convergence"]["n"]), np.array(cc["tokens_to_convergence"]["tokens"])
+    conv = scaling.fit_convergence(n_ref, T, n_boot=2)
+    curves = [dict(n=256, flops=[1e9, 1e10], nmse=[0.5, 0.3])]
+    fig = plots.compute_and_convergence(curves, (C_f, L_f), compute, (n_ref, T), conv, "c", published=cc)
+    assert fig.layout.xaxis2.type == "log" and list(fig.layout.xaxis2.ticktext)[0] == "256"
+    assert all(fig.layout[axis].minor.ticks == "" for axis in ("xaxis", "yaxis", "yaxis2"))  # no "2 3 4 5" labels
+    assert "tokens to convergence, published demo run" in legend_names(fig)
+
+
+def test_metrics_vs_size_legends_say_what_each_metric_is():
+    runs = demo("04_metrics_vs_size")["runs"]
+    fig = plots.metrics_vs_size(runs[::2], "m", published_rows=runs)
+    assert_human_legends(fig)
+    names = legend_names(fig)
+    assert {"Δ cross-entropy (nats)", "probe loss, SAE latents", "probe loss, baseline (residual channels)",
+            "N2G precision", "N2G recall"} <= set(names)
+    assert sum("published demo run" in name for name in names) == 1  # one grey legend entry for the demo run
+    assert list(fig.layout.xaxis.ticktext) == ["512", "1,024", "2,048", "4,096", "8,192"]
+    assert not math.isnan(fig.data[0].y[0])
