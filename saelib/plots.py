@@ -274,16 +274,23 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
         auxk = f"AuxK, {r['dead_fraction']:.0%} dead" if r["dead_fraction"] else "no dead latents"
         return "<br>".join([f"n {r['n_latents']}", *(f"{CONFIG_NAMES[key]} {r[key]}" for key in varies), auxk])
 
+    def caption(panel, name):  # the machine: only ratios within one panel compare
+        machine = panel.get("machine")
+        return f"{name} ({machine['cpu']}, load {machine['load_avg_1m']:.1f})" if machine else name
+
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[name for _, name in panels])
+                        subplot_titles=[caption(panel, name) for panel, name in panels])
+    in_legend = set()
     colors = dict(zip(IMPL_NAMES, ("#1f77b4", "#6baed6", "#ff7f0e", "#2ca02c", "#98df8a", "#d62728")))
     for col, (panel, _) in enumerate(panels, 1):
         rows = [r for r in panel["rows"] if r["tokens_per_s"]]
         for impl in dict.fromkeys(r["impl"] for r in rows if r["impl"] != "roofline"):
             ok = [r for r in rows if r["impl"] == impl]
             fig.add_bar(name=IMPL_NAMES.get(impl, impl), x=[label(r) for r in ok], y=[r["tokens_per_s"] for r in ok],
-                        marker_color=colors.get(impl), legendgroup=impl, showlegend=col == 1, offsetgroup=impl,
+                        marker_color=colors.get(impl), legendgroup=impl, showlegend=impl not in in_legend,
+                        offsetgroup=impl,
                         hovertemplate="%{y:,.0f} tokens/s", row=1, col=col)
+            in_legend.add(impl)
         roof = [r for r in rows if r["impl"] == "roofline"]
         fig.add_scatter(x=[label(r) for r in roof], y=[r["tokens_per_s"] for r in roof], mode="markers",
                         name="roofline: the encoder GEMM alone", legendgroup="roofline", showlegend=col == 1,

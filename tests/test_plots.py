@@ -106,3 +106,7 @@ def test_throughput_draws_the_roofline_as_a_level_not_a_bar():
     assert_human_names(legend_names(fig))
     assert "SAELens" in legend_names(fig) and fig.layout.yaxis.type == "log"
     assert len(fig.layout.annotations) == 2 and len(plots.throughput(demo).layout.annotations) == 1
+    assert demo["machine"]["cpu"] in fig.layout.annotations[1].text  # ratios compare within a machine only
+    # an implementation measured only in the published run still gets its legend entry
+    fp32_only = plots.throughput({"rows": [r for r in demo["rows"] if r["impl"] != "saelib-bf16"]}, demo)
+    assert "saelib, bf16 encoder" in legend_names(fp32_only)
