@@ -113,6 +113,7 @@ def density_histogram(counts: torch.Tensor, edges: torch.Tensor, title: str) -> 
 
 PUBLISHED_STYLE = dict(color="#9a9a9a")  # the published demo run, drawn beside a smaller one
 ARCH_NAMES = {"topk": "TopK", "multitopk": "Multi-TopK", "batchtopk": "BatchTopK", "relu": "ReLU + L1"}
+ARCH_COLORS = {"topk": "#1f77b4", "multitopk": "#d62728", "batchtopk": "#2ca02c", "relu": "#ff7f0e"}
 
 
 def progressive_codes(data: dict, published: dict | None = None) -> go.Figure:
@@ -131,8 +132,8 @@ def progressive_codes(data: dict, published: dict | None = None) -> go.Figure:
         for arch in dict.fromkeys(r["arch"] for r in source["summary"]):
             s = [r for r in source["summary"] if r["arch"] == arch]
             fig.add_scatter(x=[r["k_prime"] for r in s], y=[r["nmse"] for r in s], mode="lines+markers",
-                            name=ARCH_NAMES.get(arch, arch) + suffix, line=dict(dash="dash" if suffix else None,
-                                                                                **style),
+                            name=ARCH_NAMES.get(arch, arch) + suffix,
+                            line=dict(dash="dash" if suffix else None, **(style or {"color": ARCH_COLORS.get(arch)})),
                             marker=dict(symbol="circle-open" if arch == "topk" else "diamond-open") if suffix else None,
                             error_y=dict(array=[r["nmse_std"] for r in s], **style))
         k_primes += [r["k_prime"] for r in source["summary"]]
