@@ -308,7 +308,7 @@ PRESETS = {
                      ablation_latents=8),
         "view": dict(eval_tokens=16_384, n_top=12, n_quantiles=4, per_quantile=3, hist_bins=32, n_logits=10,
                      n_neighbours=8, search_latents=12, n2g_latents=None, ablation_latents=8, window=(24, 8), seed=0),
-        "bench": "quick",
+        "bench": "default",
     },
     "demo": {
         # lr_multiplier: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run

@@ -1,11 +1,16 @@
 """Figures: PNG (through the local Chromium), HTML and JSON from one call."""
 
 import json
+import math
 import struct
+from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
+import pytest
+import torch
 
-from saelib import plots
+from saelib import plots, scaling
 
 
 def png_size(path):
@@ -45,15 +50,6 @@ def test_log_axis_labels_each_value_once():
 
 
 # ---- figures of notebooks 00-04, built from the published demo numbers in figures/
-
-import math  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from saelib import scaling  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent.parent / "figures"
 CODE_NAMES = ("delta_ce", "probe_loss", "n2g_", "ablation_sparsity", "val_nmse", "dead_fraction", "_baseline")
@@ -175,3 +171,63 @@ def test_metrics_vs_size_legends_say_what_each_metric_is():
     assert sum("published demo run" in name for name in names) == 1  # one grey legend entry for the demo run
     assert list(fig.layout.xaxis.ticktext) == ["512", "1,024", "2,048", "4,096", "8,192"]
     assert not math.isnan(fig.data[0].y[0])
+
+# ---- figures of notebooks 05-08, drawn from the published numbers in figures/
+
+
+def assert_human_names(names):
+    assert names and not any("_" in n or n in ("topk", "multitopk", "sae-lens", "naive") for n in names), names
+
+
+def test_progressive_codes_draws_each_architecture_beside_the_published_run():
+    demo = plots.published("05_progressive", FIGURES)
+    fig = plots.progressive_codes(demo, demo)
+    assert_human_names(legend_names(fig))
+    assert {t.name for t in fig.data} == {"TopK", "Multi-TopK", "TopK (published demo run)",
+                                          "Multi-TopK (published demo run)", "trained k = 32"}
+    multitopk = next(t for t in fig.data if t.name == "Multi-TopK")
+    assert list(multitopk.y) == [r["nmse"] for r in demo["summary"] if r["arch"] == "multitopk"]
+    assert fig.layout.xaxis.type == "log" and list(fig.layout.xaxis.tickvals) == [8, 16, 32, 64, 128]
+    assert len(plots.progressive_codes(demo).data) == 3
+
+
+def test_toy_recovery_puts_the_published_heatmap_beside_the_run():
+    demo = plots.published("06_recovery", FIGURES)
+    run = {**demo, "runs": [r for r in demo["runs"] if r["k"] in (1, 4)], "setup": {**demo["setup"], "k": [1, 4]}}
+    fig = plots.toy_recovery(run, demo)
+    ours, published = fig.data
+    assert len(ours.z) == 2 and len(published.z) == len(demo["setup"]["k"])
+    best = max(demo["runs"], key=lambda r: r["mbc"])
+    assert best["mbc"] in published.z[demo["setup"]["k"].index(best["k"])]
+    assert "published demo run" in fig.layout.annotations[1].text and not ours.showscale
+
+
+def test_recipe_ablation_shows_changes_from_the_reference_and_the_published_ones():
+    demo = plots.published("07_recipe_ablation", FIGURES)
+    fig = plots.recipe_ablation(demo, demo)
+    bars = next(t for t in fig.data if t.type == "bar")
+    ref = [r["val_nmse"] for r in demo["runs"] if r["variant"] == "reference"]
+    no_auxk = next(r["val_nmse"] for r in demo["runs"] if r["variant"] == "no AuxK")
+    assert bars.x[list(bars.y).index("no AuxK")] == 100 * (no_auxk / (sum(ref) / len(ref)) - 1)
+    assert "reference" not in bars.y and list(bars.x) == sorted(bars.x)
+    diamonds = next(t for t in fig.data if t.name == "published demo run" and t.xaxis == "x")
+    assert list(diamonds.x) == list(bars.x)
+    assert fig.layout.xaxis2.type == "log" and 1.0 in fig.layout.xaxis2.tickvals
+    assert "%" in fig.layout.xaxis.title.text
+
+
+def test_throughput_draws_the_roofline_as_a_level_not_a_bar():
+    demo = plots.published("08_throughput", FIGURES)
+    fig = plots.throughput(demo, demo)
+    assert "tokens per second" in fig.layout.title.text and "SAELens" in fig.layout.title.text
+    assert not [t for t in fig.data if t.type == "bar" and "roofline" in t.name.lower()]
+    roofline = [t for t in fig.data if t.type == "scatter"]
+    assert len(roofline) == 2 and roofline[0].mode == "markers" and roofline[0].marker.symbol == "line-ew"
+    assert max(roofline[0].y) == max(r["tokens_per_s"] for r in demo["rows"] if r["impl"] == "roofline")
+    assert_human_names(legend_names(fig))
+    assert "SAELens" in legend_names(fig) and fig.layout.yaxis.type == "log"
+    assert len(fig.layout.annotations) == 2 and len(plots.throughput(demo).layout.annotations) == 1
+    assert demo["machine"]["cpu"] in fig.layout.annotations[1].text  # ratios compare within a machine only
+    # an implementation measured only in the published run still gets its legend entry
+    fp32_only = plots.throughput({"rows": [r for r in demo["rows"] if r["impl"] != "saelib-bf16"]}, demo)
+    assert "saelib, bf16 encoder" in legend_names(fp32_only)

@@ -2,6 +2,7 @@
 in headless Chromium (from file:// and over HTTP), untrusted corpus text, and the notebook widget."""
 
 import functools
+import html
 import http.server
 import json
 import shutil
@@ -285,3 +286,63 @@ def test_widget_renders_a_latent_and_searches(summary):
     w.latent.value = payload
     assert "&lt;" in w.contexts.value and "<script" not in w.contexts.value and "<img" not in w.contexts.value
     assert len(w.overview_figure.data[0].y) == len(summary.overview()["density_hist"]["counts"])
+
+
+def test_site_explains_its_numbers_and_shows_tiny_ones_with_significant_digits(site, summary, driver):
+    from selenium.webdriver.common.by import By
+
+    from saelib.viz.summary import HELP
+
+    driver.get((site / "index.html").as_uri())
+    wait_for(driver, "#latents tbody tr")
+    headers = driver.find_elements(By.CSS_SELECTOR, "#latents th")
+    assert headers and all(HELP[th.get_attribute("data-key")] in th.get_attribute("title") for th in headers)
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#latents-legend dt")) == len(headers)
+    assert driver.execute_script("return [fmt(0.00032), fmt(0), fmt(0.5), pct(2.5e-6)]") == ["3.20e-4", "0", "0.500",
+                                                                                              "2.50e-4%"]
+    cells = [td.text for td in driver.find_elements(By.CSS_SELECTOR, "#latents td")]
+    assert cells and not [c for c in cells if c.rstrip("%") in ("0.00", "0.000")]
+    # the rarest latent's density reaches the page unrounded (4 significant digits)
+    density = summary.tensors["density"]
+    rarest = float(density[density > 0].min())
+    assert min(x for x in summary.overview()["columns"]["density"] if x) == pytest.approx(rarest, rel=1e-3)
+
+
+def test_output_effects_are_in_logits_with_their_definition(site, summary, driver):
+    from selenium.webdriver.common.by import By
+
+    from saelib.viz.summary import HELP
+
+    latent = int(summary.tensors["ablation_latents"][0])
+    driver.get((site / "index.html").as_uri() + f"#latent/{latent}")
+    wait_for(driver, "#latent-title", f"Latent {latent}")
+    tables = driver.find_elements(By.CSS_SELECTOR, "table.logits")
+    assert len(tables) == 4  # promoted, suppressed, and the ablation's raised and lowered
+    for table, kind in zip(tables, ("direct", "direct", "ablation", "ablation")):
+        unit = table.find_elements(By.CSS_SELECTOR, "th")[1]
+        assert unit.text == "\u0394 logit" and unit.get_attribute("title") == HELP[kind]
+    promoted = [td.text for td in tables[0].find_elements(By.CSS_SELECTOR, "td:not(.tok)")]
+    assert promoted and all(v.startswith("+") for v in promoted)
+    assert HELP["logit"] in driver.find_element(By.ID, "effect-legend").text
+
+
+def test_long_contexts_wrap_inside_a_narrow_window(site, summary, driver):
+    latent = int(summary.tensors["density"].argmax())
+    driver.set_window_size(480, 900)
+    try:
+        driver.get((site / "index.html").as_uri() + f"#latent/{latent}")
+        wait_for(driver, "#examples .example")
+        overflow = driver.execute_script(
+            "return [...document.querySelectorAll('#examples .example')].map(e => e.scrollWidth - e.clientWidth)")
+        assert overflow and max(overflow) <= 0
+    finally:
+        driver.set_window_size(1280, 1000)
+
+
+def test_widget_gives_output_effects_a_unit_and_each_number_its_meaning(summary):
+    from saelib.viz.summary import HELP
+    from saelib.viz.widget import latent_html
+
+    page = latent_html(summary.latent(int(summary.tensors["ablation_latents"][0])))
+    assert "Δ logit" in page and page.count(f'title="{html.escape(HELP["ablation"])}"') > 1
+    assert f'title="{html.escape(HELP["n2g_recall"])}"' in page

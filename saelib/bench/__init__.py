@@ -64,12 +64,12 @@ from .cases import IMPLS, PEERS, PRESETS, BenchConfig, dead_mask, grid, initial_
 from .experiments import bf16_parity, input_wait, supply_rate
 from .memory import _available_gb, _needed_gb, _peak_memory_mb, _reset_peak_memory, machine
 from .peers import BUILDERS, NaiveTopK, Step, Unavailable, _version, make_step
-from .report import COLUMNS, _format_row, markdown_table, throughput_figure
+from .report import COLUMNS, _format_row, markdown_table
 
 # what notebooks, tests and the CLI use as saelib.bench.<name>
 __all__ = ["IMPLS", "PEERS", "PRESETS", "BenchConfig", "grid", "synthetic_activations", "initial_weights", "dead_mask",
            "NaiveTopK", "Unavailable", "make_step", "machine", "supply_rate", "input_wait", "bf16_parity", "COLUMNS",
-           "markdown_table", "throughput_figure", "measure", "run_bench", "run_elsewhere", "add_arguments",
+           "markdown_table", "measure", "run_bench", "run_elsewhere", "add_arguments",
            "run_from_args", "main"]
 
 

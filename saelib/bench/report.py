@@ -1,4 +1,4 @@
-"""The bench's rows as a markdown table and a plotly figure."""
+"""The bench's rows as a markdown table (the figure: :func:`saelib.plots.throughput`)."""
 
 from __future__ import annotations
 
@@ -35,22 +35,3 @@ def markdown_table(rows: list[dict]) -> str:
         note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         lines.append("| " + " | ".join(_cell(r[c]) for c in columns) + f" | {note} |")
     return "\n".join(lines)
-
-
-def throughput_figure(rows: list[dict], title: str = "Training throughput of one TopK step"):
-    """A plotly bar chart: tokens/s per implementation (bars) for each configuration (groups),
-    log scale; implementations that could not run are left out of the bars (their rows say why)."""
-    import plotly.graph_objects as go
-
-    def label(r: dict) -> str:
-        return f"d {r['d_in']}, n {r['n_latents']}, B {r['batch_size']}, dead {r['dead_fraction']:g}"
-
-    fig = go.Figure()
-    for impl in dict.fromkeys(r["impl"] for r in rows):
-        ok = [r for r in rows if r["impl"] == impl and r["tokens_per_s"]]
-        if ok:
-            fig.add_bar(name=impl, x=[label(r) for r in ok], y=[r["tokens_per_s"] for r in ok],
-                        text=[f"{r['ratio_to_roofline']:.2f} of roofline" for r in ok], textposition="none")
-    fig.update_layout(title=title, yaxis_title="tokens/s (median step)", yaxis_type="log", barmode="group",
-                      template="plotly_white", legend=dict(orientation="h", y=-0.25))
-    return fig

@@ -49,6 +49,25 @@ from ..loading import load
 FORMAT_VERSION = 1
 SUMMARY_DIR = "viz_summary"
 DENSE_THRESHOLD = 0.1  # the paper's (and saelib.evals') "dense latent": fires on more than 10% of tokens
+# What each number means, for the tooltips and legends of both front ends: the overview's columns,
+# then the output effects (in logits: "Δ logit")
+HELP = {
+    "id": "the latent's index; click it to open the latent's page",
+    "density": "activation density: share of the held-out tokens on which the latent fires",
+    "mean_act": "mean activation over the tokens where it fires (the SAE's normalised input scale)",
+    "max_act": "largest activation on the held-out tokens",
+    "n2g_precision": "of the tokens where its n-gram explanation (N2G) predicts a firing, the share where it fires "
+                     "(held-out half; 1 is best)",
+    "n2g_recall": "of the tokens where it fires, the share its n-gram explanation (N2G) predicts (held-out half; "
+                  "1 is best)",
+    "top_token": "the token of its largest activation",
+    "logit": "Δ logit: a change in a next-token logit (natural-log odds), centred over the vocabulary",
+    "direct": "direct logit attribution: the change in the token's logit per unit of the latent's activation, "
+              "through the direct path from this layer to the output (later layers skipped, the final norm's 1/RMS "
+              "left out), centred over the vocabulary",
+    "ablation": "measured change in the next-token logit when the latent's contribution is removed at its "
+                "top-activating token (through every later layer), centred over the vocabulary",
+}
 
 # options of summarize() at each preset of saelib.config (one registry: PRESETS["ci"] is config.PRESETS["ci"]["view"])
 PRESETS = config.section("view")
@@ -126,17 +145,17 @@ class Summary:
             "ablation": ablation,
             "n2g": {"patterns": ["".join(self.text(x) for x in p) for p in patterns],
                     "precision": _finite(t["n2g_precision"][i]), "recall": _finite(t["n2g_recall"][i])},
-            "neighbours": [[int(j), round(float(c), 4)] for j, c in zip(t["neighbours"][i], t["neighbour_cos"][i])],
+            "neighbours": [[int(j), _short(float(c), 4)] for j, c in zip(t["neighbours"][i], t["neighbour_cos"][i])],
         }
 
     def _logits(self, name: str, row: int) -> list:
         ids, vals = self.tensors[f"{name}_ids"][row], self.tensors[name][row]
-        return [[self.text(x), round(float(v), 4)] for x, v in zip(ids.tolist(), vals)]
+        return [[self.text(x), _short(float(v), 4)] for x, v in zip(ids.tolist(), vals)]
 
     def overview(self) -> dict:
         """Overview data: SAE facts, counts of dead and dense latents, the log10-density histogram,
         and per-latent columns (``id, density, mean_act, max_act, n2g_precision, n2g_recall,
-        top_token``) for a sortable table."""
+        top_token``) for a sortable table, with ``help``: what each column and output effect means."""
         t = self.tensors
         density = t["density"]
         alive = density[density > 0].log10()
@@ -148,13 +167,13 @@ class Summary:
             "metadata": self.info["metadata"], "n_latents": self.n_latents, "k": self.info["k"],
             "n_tokens": self.info["n_tokens"], "preset": self.info["options"].get("preset"),
             "dead": int((density == 0).sum()), "dense": int((density > DENSE_THRESHOLD).sum()),
-            "dense_threshold": DENSE_THRESHOLD,
+            "dense_threshold": DENSE_THRESHOLD, "help": HELP,
             "density_hist": {"edges": edges.tolist(), "counts": counts.int().tolist()},
             "columns": {
                 "id": list(range(self.n_latents)),
-                "density": [round(x, 7) for x in density.tolist()],
-                "mean_act": [round(x, 4) for x in t["mean_act"].tolist()],
-                "max_act": [round(x, 4) for x in t["max_act"].tolist()],
+                "density": [_short(x, 4) for x in density.tolist()],
+                "mean_act": [_short(x, 4) for x in t["mean_act"].tolist()],
+                "max_act": [_short(x, 4) for x in t["max_act"].tolist()],
                 "n2g_precision": [_finite(x, 3) for x in t["n2g_precision"]],
                 "n2g_recall": [_finite(x, 3) for x in t["n2g_recall"]],
                 "top_token": top_token,
@@ -178,7 +197,7 @@ class Summary:
                 best = merged.setdefault(key, {})
                 for j, s in zip(lats, scores):
                     if j >= 0 and s > best.get(j, 0.0):
-                        best[j] = round(s, 4)
+                        best[j] = _short(s, 4)
             self._search_index = {key: sorted(best.items(), key=lambda kv: -kv[1]) for key, best in merged.items()}
         return self._search_index
 
@@ -233,13 +252,14 @@ def normalise_query(text: str) -> str:
 
 
 def _short(x: float, digits: int = 3) -> float | int:
-    """``x`` to ``digits`` significant digits (0 as the integer 0): compact JSON for the site."""
+    """``x`` to ``digits`` significant digits (0 as the integer 0): compact JSON for the site that keeps
+    tiny values (a density of 3e-6 is not rounded to 0)."""
     return float(f"{x:.{digits}g}") if x else 0
 
 
 def _finite(x, digits: int = 4) -> float | None:
     x = float(x)
-    return round(x, digits) if math.isfinite(x) else None
+    return _short(x, digits) if math.isfinite(x) else None
 
 
 # ----------------------------------------------------------------------------- building

@@ -15,7 +15,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from IPython.display import display
 
-from .summary import Summary, summarize
+from .summary import HELP, Summary, summarize
 
 
 def _tok(text: str) -> str:
@@ -47,27 +47,38 @@ def activation_figure(data: dict) -> go.Figure:
     return fig
 
 
+def _titled(text: str, about: str, tag: str = "span") -> str:
+    """``text`` (HTML) with ``about`` as its tooltip."""
+    return f'<{tag} title="{html.escape(about)}">{text}</{tag}>'
+
+
 def latent_html(data: dict) -> str:
-    """Facts, N2G explanation, nearest latents and output effect of one latent, as escaped HTML."""
+    """Facts, N2G explanation, nearest latents and output effect of one latent, as escaped HTML; each
+    number's meaning (:data:`~.summary.HELP`) is its tooltip."""
     n2g = data["n2g"]
     patterns = " ".join(f"<code>{_tok(p)}</code>" for p in n2g["patterns"]) or "<i>none</i>"
     neighbours = ", ".join(f"#{j} ({c:.2f})" for j, c in data["neighbours"])
 
-    def logits(rows):
-        return ", ".join(f"<code>{_tok(t)}</code> {v:+.3g}" for t, v in rows)
+    def logits(rows, kind):
+        return ", ".join(f"<code>{_tok(t)}</code> {_titled(f'{v:+.3g}', HELP[kind])}" for t, v in rows)
 
     parts = [
         f"<h3>Latent {data['id']}</h3>",
-        f"<p>density <b>{100 * data['density']:.3g}%</b> · mean activation {_num(data['mean_act'])} · "
-        f"max {_num(data['max_act'])}</p>",
-        f"<p><b>N2G</b> (precision {_num(n2g['precision'])}, recall {_num(n2g['recall'])}): {patterns}</p>",
+        f"<p>{_titled('density', HELP['density'], 'b')} {_num(100 * data['density'])}% · "
+        f"{_titled('mean activation', HELP['mean_act'], 'b')} {_num(data['mean_act'])} · "
+        f"{_titled('max', HELP['max_act'], 'b')} {_num(data['max_act'])}</p>",
+        f"<p><b>N2G</b> ({_titled('precision', HELP['n2g_precision'])} {_num(n2g['precision'])}, "
+        f"{_titled('recall', HELP['n2g_recall'])} {_num(n2g['recall'])}): {patterns}</p>",
         f"<p><b>Nearest latents</b> (decoder cosine): {neighbours}</p>",
-        f"<p><b>Promoted</b> (direct logit attribution): {logits(data['promoted'])}<br>"
-        f"<b>Suppressed</b>: {logits(data['suppressed'])}</p>",
+        f"<p><b>Output effect</b> in Δ logit ({html.escape(HELP['logit'])}; hover a number for its definition)<br>"
+        f"{_titled('Promoted', HELP['direct'], 'b')} (direct logit attribution, per unit activation): "
+        f"{logits(data['promoted'], 'direct')}<br>"
+        f"{_titled('Suppressed', HELP['direct'], 'b')}: {logits(data['suppressed'], 'direct')}</p>",
     ]
     if data["ablation"]:
-        parts.append(f"<p><b>Ablation</b> raises {logits(data['ablation']['promoted'])}<br>"
-                     f"lowers {logits(data['ablation']['suppressed'])}</p>")
+        parts.append(f"<p>{_titled('Ablation', HELP['ablation'], 'b')} raises "
+                     f"{logits(data['ablation']['promoted'], 'ablation')}<br>"
+                     f"lowers {logits(data['ablation']['suppressed'], 'ablation')}</p>")
     return "\n".join(parts)
 
 
@@ -84,7 +95,7 @@ def examples_html(data: dict) -> str:
         for j, (tok, a) in enumerate(zip(ex["tokens"], ex["acts"])):
             alpha = min(1.0, 0.1 + 0.9 * a / (data["max_act"] or 1.0)) if a > 0 else 0.0
             border = "outline:1.5px solid #b03000;" if j == ex["center"] else ""
-            spans.append(f'<span title="{a:.3g}" style="white-space:pre;background:rgba(255,110,0,{alpha:.2f});'
+            spans.append(f'<span title="{a:.3g}" style="white-space:pre-wrap;background:rgba(255,110,0,{alpha:.2f});'
                          f'{border}">{_tok(tok)}</span>')
         out.append(f'<div style="font-family:monospace;margin:2px 0">{"".join(spans)}</div>')
     return "\n".join(out)

@@ -25,8 +25,15 @@ function el(tag, attrs, ...children) {
 }
 
 const shown = (tok) => tok.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
-const fmt = (x, d = 3) => (x === null || x === undefined) ? "\u2013" : Number(x).toPrecision(d);
-const pct = (x) => (x === null || x === undefined) ? "\u2013" : (100 * x).toPrecision(3) + "%";
+// `d` significant digits; below 1e-3 in exponent form (3.2e-4), so that no value shows as "0.00"
+function fmt(x, d = 3) {
+  if (x === null || x === undefined) return "\u2013";
+  const v = Number(x);
+  if (v === 0) return "0";
+  return Math.abs(v) < 1e-3 ? v.toExponential(d - 1) : v.toPrecision(d);
+}
+const pct = (x) => (x === null || x === undefined) ? "\u2013" : fmt(100 * x) + "%";
+const signed = (x) => (x > 0 ? "+" : "") + fmt(x);
 const latentLink = (i, text) => el("a", { href: "#latent/" + i }, text === undefined ? "#" + i : text);
 
 function fact(value, label) { return el("div", { class: "fact" }, el("b", {}, value), el("span", {}, label)); }
@@ -90,6 +97,8 @@ function overview() {
   renderTable();
 }
 
+// what each number means (summary.HELP): header tooltips, the table's legend, the output effects
+const HELP = OV.help;
 const COLUMNS = [
   ["id", "latent", (i) => latentLink(i, String(i))],
   ["density", "density", pct],
@@ -115,7 +124,7 @@ function renderTable() {
   const pages = Math.max(1, Math.ceil(n / PAGE));
   table.page = Math.min(table.page, pages - 1);
   const head = el("tr", {}, ...COLUMNS.map(([k, label]) => {
-    const th = el("th", { class: k === "top_token" ? "text" : "", "data-key": k },
+    const th = el("th", { class: k === "top_token" ? "text" : "", "data-key": k, title: `${HELP[k]} (click to sort)` },
                   label + (k === table.key ? (table.desc ? " \u25bc" : " \u25b2") : ""));
     th.addEventListener("click", () => {
       table = { key: k, desc: k === table.key ? !table.desc : k !== "id" && k !== "top_token", page: 0 };
@@ -134,7 +143,9 @@ function renderTable() {
   prev.addEventListener("click", () => go(table.page - 1));
   next.addEventListener("click", () => go(table.page + 1));
   pager.append(prev, el("span", {}, `page ${table.page + 1} of ${pages} (click a header to sort)`), next);
-  host.replaceChildren(pager, el("table", { id: "latents" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+  const legend = el("dl", { class: "legend", id: "latents-legend" },
+    ...COLUMNS.flatMap(([k, label]) => [el("dt", {}, label), el("dd", {}, HELP[k])]));
+  host.replaceChildren(pager, el("table", { id: "latents" }, el("thead", {}, head), el("tbody", {}, ...rows)), legend);
 }
 
 // ---------------------------------------------------------------- one latent
@@ -158,9 +169,13 @@ function loadLatent(id) {
   document.body.appendChild(s);
 }
 
-function logitTable(title, rows) {
-  return el("div", {}, el("h3", {}, title), el("table", { class: "logits" },
-    ...rows.map(([tok, v]) => el("tr", {}, el("td", { class: "tok" }, shown(tok)), el("td", {}, fmt(v))))));
+// One column of output effects: tokens and their logit changes (signed, in logits), `about` their tooltip
+function logitTable(title, rows, about) {
+  return el("div", {}, el("h3", { title: about }, title), el("table", { class: "logits" },
+    el("thead", {}, el("tr", {}, el("th", { class: "text", title: "the output token" }, "token"),
+                        el("th", { title: about }, "\u0394 logit"))),
+    el("tbody", {}, ...rows.map(([tok, v]) =>
+      el("tr", {}, el("td", { class: "tok" }, shown(tok)), el("td", { title: about }, signed(v)))))));
 }
 
 function example(ex, maxAct) {
@@ -184,11 +199,11 @@ function renderLatent(d) {
     ? el("div", {}, el("p", {}, `precision ${fmt(d.n2g.precision)}, recall ${fmt(d.n2g.recall)} (held-out half)`),
          el("div", { id: "n2g-patterns" }, ...d.n2g.patterns.map((p) => el("span", { class: "tok chip" }, shown(p)))))
     : el("p", { class: "muted" }, "No N2G explanation (the latent does not fire on the explanation half).");
-  const effects = el("div", { class: "row" }, logitTable("promoted (direct logit attribution)", d.promoted),
-                     logitTable("suppressed", d.suppressed));
+  const effects = el("div", { class: "row" }, logitTable("promoted (direct logit attribution)", d.promoted, HELP.direct),
+                     logitTable("suppressed", d.suppressed, HELP.direct));
   if (d.ablation) {
-    effects.append(logitTable("ablation: raised at its top token", d.ablation.promoted),
-                   logitTable("ablation: lowered", d.ablation.suppressed));
+    effects.append(logitTable("ablation: raised at its top token", d.ablation.promoted, HELP.ablation),
+                   logitTable("ablation: lowered", d.ablation.suppressed, HELP.ablation));
   }
   const groups = [];
   for (const ex of d.examples) {
@@ -207,7 +222,11 @@ function renderLatent(d) {
       el("div", {}, el("h2", {}, "N2G explanation"), n2g,
          el("h2", {}, "Nearest latents (decoder cosine)"),
          el("div", { id: "neighbours" }, ...d.neighbours.map(([j, c]) => el("span", { class: "chip" }, latentLink(j), ` ${fmt(c, 2)}`))),
-         el("h2", {}, "Output effect"), effects)),
+         el("h2", {}, "Output effect"),
+         el("p", { class: "muted", id: "effect-legend" }, `${HELP.logit}. Direct logit attribution is per unit ` +
+            "of activation, through the direct path only; ablation is measured by removing the latent at its top " +
+            "token. Hover a number for its definition."),
+         effects)),
     el("h2", {}, "Example contexts"),
     el("p", { class: "muted" }, "Highlight is proportional to activation; the outlined token is the example."),
     examples);
