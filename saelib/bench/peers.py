@@ -4,6 +4,7 @@ roofline. A peer that is not installed raises :class:`Unavailable`, saying what 
 
 from __future__ import annotations
 
+import time
 from importlib import metadata
 from typing import Callable
 
@@ -27,6 +28,19 @@ class Unavailable(Exception):
 
 
 Step = Callable[[Tensor], Tensor]
+
+
+def measure(step: Step, batches: list[Tensor], warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run ``warmup`` then ``steps`` timed steps cycling over ``batches``; (seconds per step, losses)."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        x = batches[i % len(batches)]
+        start = time.perf_counter()
+        loss = float(step(x))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(loss)
+    return times, losses
 
 
 def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
