@@ -3,7 +3,8 @@
 Stages, each timed on the same tokens in one process:
 
 - ``tokenise``: ``data.pack`` of the corpus's documents into contexts;
-- ``forward``: the LM stopped after the hooked layer, read by a bare torch forward hook;
+- ``forward``: the LM stopped after the hooked layer, read by a bare torch forward hook, on a copy
+  of the LM that nnsight never wrapped (nnsight wraps the modules it sees for good);
 - ``hook``: what nnsight's trace (``activations.extract``, the library's path) costs over that
   bare hook: its seconds are the difference of the two (``None`` when within the noise);
 - ``cache write``: exclusion, shards, checksums and the normaliser (``activations.store_shard``,
@@ -40,7 +41,7 @@ from .peers import make_step, measure
 # quick: seconds, for tests; default: a few minutes on 2 cores
 PIPELINE_SIZES = {
     "quick": dict(n_contexts=8, batch_size=4, n_latents=256, k=8, train_batch=256, steps=3, rounds=1),
-    "default": dict(n_contexts=256, batch_size=64, n_latents=4608, k=32, train_batch=4096, steps=5, rounds=2),
+    "default": dict(n_contexts=128, batch_size=64, n_latents=4608, k=32, train_batch=4096, steps=5, rounds=2),
 }
 STAGES = ("tokenise", "forward", "hook", "cache write", "cache read + shuffle", "train step")
 
@@ -83,15 +84,15 @@ def _row(stage: str, tokens: int, seconds: float | None, cpu_seconds: float | No
             "cpu_seconds": cpu_seconds if measured else None, "tokens_per_s": tokens / seconds if measured else None}
 
 
-def pipeline_rates(size: str = "default", *, lm: LM | None = None, model: str = DEFAULT_MODEL, corpus: str = "wikipedia",
+def pipeline_rates(size: str = "default", *, model: str = DEFAULT_MODEL, corpus: str = "wikipedia",
                    layer: int = 12, site: str = "resid_post", ctx_len: int = 64, device: str | torch.device = "cpu",
                    seed: int = 0) -> dict:
     """Time every stage of the pipeline once (see the module's docstring).
 
     Args:
-        size: ``"quick"`` (8 contexts, a tiny SAE: seconds) or ``"default"`` (256 contexts of 64
+        size: ``"quick"`` (8 contexts, a tiny SAE: seconds) or ``"default"`` (128 contexts of 64
             tokens, n 4608, k 32, batches of 4096: the demo's SAE).
-        lm: a loaded LM (default: ``load_lm(model, device)``).
+        model: loaded twice on ``device``, for the bare hook and for nnsight.
 
     Returns:
         ``{"stages": [{stage, tokens, seconds, cpu_seconds, tokens_per_s}, ...], "slowest",
@@ -102,7 +103,7 @@ def pipeline_rates(size: str = "default", *, lm: LM | None = None, model: str = 
     if size not in PIPELINE_SIZES:
         raise ValueError(f"Unknown pipeline size {size!r}; choose one of {', '.join(PIPELINE_SIZES)}.")
     sizes = PIPELINE_SIZES[size]
-    lm = lm or load_lm(model, device)
+    lm, unwrapped = load_lm(model, device), load_lm(model, device)
     rows = []
 
     docs = split_documents(load_documents(corpus), "train")
@@ -111,7 +112,8 @@ def pipeline_rates(size: str = "default", *, lm: LM | None = None, model: str = 
     rows.append(_row("tokenise", tokens, wall, cpu))
 
     bs, dtype = sizes["batch_size"], extraction_dtype(lm.model.device)
-    runs = {"bare": lambda: [bare_forward(lm, contexts[s:s + bs], layer, site, dtype) for s in range(0, len(contexts), bs)],
+    runs = {"bare": lambda: [bare_forward(unwrapped, contexts[s:s + bs], layer, site, dtype)
+                             for s in range(0, len(contexts), bs)],
             "nnsight": lambda: list(extract(lm, contexts, [layer], site, bs, progress=False, dtype=dtype))}
     batches = [run() for run in runs.values()][-1]  # warm-up (first-call allocations, nnsight's setup); kept to cache
     times = {name: [] for name in runs}
@@ -135,8 +137,8 @@ def pipeline_rates(size: str = "default", *, lm: LM | None = None, model: str = 
 
         train_batch = min(sizes["train_batch"], cache.n_rows)
         source = CachedSource(cache)
-        _, wall, cpu = _timed(lambda: supply_rate(source, train_batch, epochs=1, seed=seed))
-        rows.append(_row("cache read + shuffle", cache.n_rows, wall, cpu))
+        supplied, wall, cpu = _timed(lambda: supply_rate(source, train_batch, epochs=1, seed=seed))
+        rows.append(_row("cache read + shuffle", supplied[0]["tokens"], wall, cpu))  # the batches the trainer gets
         train = list(source.batches(train_batch, seed=seed, epoch=1))
 
     cfg = BenchConfig(lm.d_model, sizes["n_latents"], sizes["k"], train_batch, dead_fraction=0.0)
