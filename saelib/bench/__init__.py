@@ -305,8 +305,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{pipeline_table(report)}\n\nslowest: {report['slowest']}; nnsight over a bare hook: "
-              f"{report['hook_overhead']:+.1%}; {report['cpu']}, {report['threads']} threads, load {report['load_avg_1m']:.1f}")
+        print(f"{pipeline_table(report)}\n\nslowest: {report['slowest']}; stages in series: "
+              f"{report['serial_tokens_per_s']:,.0f} tokens/s; nnsight over a bare hook: {report['hook_overhead']:+.1%}; "
+              f"{report['cpu']}, {report['threads']} threads, load {report['load_avg_1m']:.1f}")
     return 0
 
 
