@@ -618,11 +618,12 @@ def stream(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", rule:
 def cached_activations(model: str, layer: int | list[int], site: str = "resid_post", corpus: str = "wikipedia",
                        split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
                        val_fraction: float = 0.1, rule: Exclusion = Exclusion(), lm: LM | None = None,
-                       progress: bool = True, dtype: str | None = None) -> ActivationCache | dict[int, ActivationCache]:
+                       progress: bool = True, dtype: str | None = None,
+                       device: str | torch.device = "cpu") -> ActivationCache | dict[int, ActivationCache]:
     """The activation cache of a model/layer/site/corpus/split, extracted on first use.
 
-    ``dtype``: of the LM's forward, as in :func:`extract` (``None``: :func:`extraction_dtype` of the
-    device of ``lm``, or of the CPU where the model is loaded here); part of the key.
+    ``device``: where the model is loaded when ``lm`` is None. ``dtype``: of the LM's forward, as in
+    :func:`extract` (``None``: :func:`extraction_dtype` of the LM's device); part of the key.
 
     The language model is loaded only when something is left to extract (its tokenizer always:
     whether contexts start with the begin-of-sequence token, :func:`saelib.data.tokenizer_adds_bos`,
@@ -632,7 +633,7 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
     layers = [layer] if isinstance(layer, int) else list(layer)
     corpus_sha256 = data.corpus_sha256(corpus)
     prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
-    dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else "cpu") if dtype is None else dtype)
+    dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else device) if dtype is None else dtype)
 
     def key_of(L: int) -> CacheKey:
         return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256,
@@ -640,7 +641,7 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
 
     caches = {L: ActivationCache(cache_dir("activations") / key_of(L).folder_name(), key_of(L)) for L in layers}
     if not all(c.complete for c in caches.values()):
-        lm = lm or load_lm(model)
+        lm = lm or load_lm(model, device)
         ctx = data.contexts(corpus, lm.tokenizer, split, ctx_len, max_tokens, val_fraction, prepend_bos)
         caches = build_cache(lm, ctx, layers, site, key_of, rule, progress=progress)
     return caches[layer] if isinstance(layer, int) else caches

@@ -273,10 +273,11 @@ def test_bf16_extraction_is_close_to_float32(lm, val_contexts):
     assert approx.dtype == torch.float32 and approx.shape == exact.shape
     error = (approx - exact).norm(dim=-1) / exact.norm(dim=-1)
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2% per op), compounded over 13 blocks:
-    # within 5% per token and 3% over all kept tokens; above 0.01% overall, so the forward did run in bf16
-    assert error.max() < 0.05, error.max()
+    # measured 0.6% per token (median), 5% at most, 0.85% over all kept tokens. Bounds: 10% per token,
+    # 2% overall; above 0.01% overall, so the forward did run in bf16
+    assert error.max() < 0.1, error.max()
     overall = ((approx - exact).norm() / exact.norm()).item()
-    assert 1e-4 < overall < 0.03, overall
+    assert 1e-4 < overall < 0.02, overall
 
 
 def test_the_extraction_dtype_is_bf16_only_where_it_is_fast(monkeypatch):
