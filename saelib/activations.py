@@ -60,6 +60,12 @@ def extraction_dtype(device: str | torch.device = "cpu") -> str:
     return "bfloat16" if fast_bf16(device) else "float32"
 
 
+def forward_dtype(device: torch.device, dtype: str) -> torch.autocast:
+    """The context the LM's forward runs in: matmuls in bfloat16 under autocast for ``"bfloat16"``
+    (the weights stay float32), unchanged for ``"float32"``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_check_dtype(dtype) == "bfloat16")
+
+
 def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post", batch_size: int = 64,
             stop_early: bool = True, progress: bool = True, dtype: str | None = None) -> Iterator[tuple[int, dict[int, Tensor]]]:
     """Run the LM over contexts and yield the activations at ``site`` of each layer.
@@ -92,8 +98,7 @@ def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post
     model = NNsight(lm.model)
     bar = tqdm(total=contexts.numel(), unit="tok", desc=f"activations L{','.join(map(str, layers))} {site}",
                disable=not progress, leave=False)
-    autocast = torch.autocast(lm.model.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), forward_dtype(lm.model.device, dtype):
         for start in range(0, len(contexts), batch_size):
             ids = contexts[start:start + batch_size].to(lm.model.device)
             saved = {}

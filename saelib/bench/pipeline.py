@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from ..activations import ActivationCache, CacheKey, CachedSource, extract, extraction_dtype, store_shard
+from ..activations import ActivationCache, CacheKey, CachedSource, extract, extraction_dtype, forward_dtype, store_shard
 from ..data import load_documents, pack, split_documents
 from ..models import DEFAULT_MODEL, LM, load_lm
 from .cases import BenchConfig, initial_weights
@@ -61,8 +61,7 @@ def bare_forward(lm: LM, ids: torch.Tensor, layer: int, site: str = "resid_post"
 
     handle = lm.model.get_submodule(lm.site_module_path(layer, site)).register_forward_hook(hook)
     try:
-        autocast = torch.autocast(lm.model.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), forward_dtype(lm.model.device, dtype):
             lm.model(ids.to(lm.model.device))
     except _Stop:
         pass
