@@ -1,7 +1,7 @@
 """Activations: hook a site of a language model with nnsight, filter outlier tokens, cache and shuffle.
 
 Pipeline: packed contexts ``(n_ctx, T)`` -> :func:`extract` (one forward per batch, stopped
-after the last hooked layer) -> :func:`keep_mask` (drop position 0, special tokens and norm
+after the last hooked layer; in bfloat16 where the device multiplies it fast) -> :func:`keep_mask` (drop position 0, special tokens and norm
 outliers) -> either :func:`build_cache` (sharded safetensors on disk, resumable) and
 :class:`CachedSource` (shuffled, normalised training batches), or :func:`shuffle` (a bounded
 shuffling buffer over a live stream).
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .files import atomic_write, atomic_write_text, file_digest, read_json
+from .kernels import fast_bf16
 from .models import LM, SITES, load_lm, load_tokenizer
 from .normalize import Normalizer
 from .paths import cache_dir
@@ -40,6 +41,7 @@ SHARD_CHECKSUM = "xxh3_128"  # the one new shards record
 CACHE_FORMAT = 2  # 2: manifests carry their own SHA-256, local corpora are keyed by their content
 # Execution order of the sites inside one decoder block: nnsight must be asked for them in it.
 _SITE_ORDER = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
+EXTRACTION_DTYPES = ("float32", "bfloat16")  # of the LM's forward; activations are stored as float32
 
 
 def _site_output(envoy, lm: LM, layer: int, site: str):
@@ -51,8 +53,21 @@ def _site_output(envoy, lm: LM, layer: int, site: str):
     return out[0] if isinstance(out, tuple) else out
 
 
+def extraction_dtype(device: str | torch.device = "cpu") -> str:
+    """The dtype the LM's forward runs in by default on ``device``: ``"bfloat16"`` where its matmuls are
+    much faster than fp32 (``kernels.fast_bf16``: a GPU, a CPU with AMX or AVX512_BF16), else
+    ``"float32"`` (an AVX2 CPU multiplies bf16 about 8x slower than fp32)."""
+    return "bfloat16" if fast_bf16(device) else "float32"
+
+
+def forward_dtype(device: torch.device, dtype: str) -> torch.autocast:
+    """The context the LM's forward runs in: matmuls in bfloat16 under autocast for ``"bfloat16"``
+    (the weights stay float32), unchanged for ``"float32"``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_check_dtype(dtype) == "bfloat16")
+
+
 def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post", batch_size: int = 64,
-            stop_early: bool = True, progress: bool = True) -> Iterator[tuple[int, dict[int, Tensor]]]:
+            stop_early: bool = True, progress: bool = True, dtype: str | None = None) -> Iterator[tuple[int, dict[int, Tensor]]]:
     """Run the LM over contexts and yield the activations at ``site`` of each layer.
 
     Args:
@@ -63,6 +78,8 @@ def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post
         batch_size: contexts per forward pass.
         stop_early: stop the forward after the last hooked layer (later layers and the LM head
             are never computed); ``False`` runs the full model, for comparison.
+        dtype: ``"float32"`` or ``"bfloat16"`` (matmuls under autocast; the weights stay float32);
+            ``None``: :func:`extraction_dtype` of the model's device.
 
     Yields:
         ``(start, {layer: (b, T, d_model) float32})`` where ``start`` is the index of the first
@@ -75,12 +92,13 @@ def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post
         lm.check_layer(layer)
     if contexts.shape[-1] > lm.max_context:
         raise ValueError(f"Context length {contexts.shape[-1]} exceeds what {lm.name} allows ({lm.max_context} tokens).")
+    dtype = _check_dtype(extraction_dtype(lm.model.device) if dtype is None else dtype)
     from nnsight import NNsight
 
     model = NNsight(lm.model)
     bar = tqdm(total=contexts.numel(), unit="tok", desc=f"activations L{','.join(map(str, layers))} {site}",
                disable=not progress, leave=False)
-    with torch.inference_mode():
+    with torch.inference_mode(), forward_dtype(lm.model.device, dtype):
         for start in range(0, len(contexts), batch_size):
             ids = contexts[start:start + batch_size].to(lm.model.device)
             saved = {}
@@ -97,6 +115,13 @@ def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post
             bar.update(ids.numel())
             yield start, acts
     bar.close()
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in EXTRACTION_DTYPES:
+        raise ValueError(f"Unknown extraction dtype {dtype!r}; choose one of {', '.join(EXTRACTION_DTYPES)} (or None: "
+                         f"bfloat16 where the device multiplies it fast, else float32).")
+    return dtype
 
 
 @dataclass
@@ -162,14 +187,17 @@ class CacheKey:
     corpus_sha256: str | None = None  # of a local corpus file, whose path alone says nothing of its text
     format: int = CACHE_FORMAT
     prepend_bos: bool = False  # contexts start with the begin-of-sequence token (see saelib.data.pack)
+    lm_dtype: str = "float32"  # of the LM's forward (see extract)
 
     def to_dict(self) -> dict:
         """The key as the manifest records it and :meth:`digest` hashes it; ``prepend_bos`` only when
-        True, so that a recorded key without it reads as False and the caches of models without a
-        begin-of-sequence token keep their folders."""
+        True and ``lm_dtype`` only when not float32, so that a recorded key without them reads as the
+        default and the caches made before them keep their folders."""
         key = asdict(self)
         if not self.prepend_bos:
             del key["prepend_bos"]
+        if self.lm_dtype == "float32":
+            del key["lm_dtype"]
         return key
 
     def digest(self) -> str:
@@ -357,6 +385,32 @@ class ActivationCache:
         return torch.cat([self.shard(i)["acts"] for i in range(len(self.manifest["shards"]))])
 
 
+def store_shard(caches: dict[int, ActivationCache], contexts: Tensor, lo: int, hi: int,
+                batches: Iterable[tuple[int, dict[int, Tensor]]], special_ids: list[int], rule: Exclusion = Exclusion()) -> None:
+    """Write the next shard of each layer's cache: the kept tokens of contexts ``[lo, hi)``.
+
+    Args:
+        caches: ``{layer: ActivationCache}``.
+        contexts: ``(n_ctx, T)`` token ids of the whole cache.
+        batches: :func:`extract`'s output over ``contexts[lo:hi]`` (``start`` counts from ``lo``).
+        special_ids, rule: as in :func:`keep_mask`; each cache's manifest counts what it dropped.
+    """
+    parts = {layer: {"acts": [], "index": []} for layer in caches}
+    T = contexts.shape[1]
+    for start, acts in batches:
+        n = len(next(iter(acts.values())))
+        ids = contexts[lo + start:lo + start + n]
+        flat = torch.arange(lo + start, lo + start + n)[:, None] * T + torch.arange(T)[None, :]
+        for layer, cache in caches.items():
+            keep, dropped = keep_mask(ids, acts[layer], special_ids, rule)
+            parts[layer]["acts"].append(acts[layer][keep])
+            parts[layer]["index"].append(flat[keep])
+            for name, count in dropped.items():
+                cache.manifest["dropped"][name] += count
+    for layer, cache in caches.items():
+        cache.add_shard(torch.cat(parts[layer]["acts"]), torch.cat(parts[layer]["index"]), (lo, hi), (hi - lo) * T)
+
+
 def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, rule: Exclusion = Exclusion(),
                 batch_size: int = 64, shard_contexts: int = 256, progress: bool = True,
                 stop_after_shards: int | None = None) -> dict[int, ActivationCache]:
@@ -364,7 +418,8 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
 
     Args:
         lm, contexts, layers, site, rule, batch_size: as in :func:`extract` / :func:`keep_mask`.
-        key_of: ``layer -> CacheKey``; the cache lives in ``$SAELIB_HOME/activations/<key folder>``.
+        key_of: ``layer -> CacheKey``; the cache lives in ``$SAELIB_HOME/activations/<key folder>``; the
+            LM's forward runs in the key's ``lm_dtype``.
         shard_contexts: contexts per shard (the unit of resumption).
         stop_after_shards: stop after writing this many new shards (to test interruption).
 
@@ -400,20 +455,8 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
     for s in tqdm(range(first_shard, n_shards), desc="caching activations", unit="shard", disable=not progress,
                   initial=first_shard, total=n_shards):
         lo, hi = s * shard_contexts, min((s + 1) * shard_contexts, len(contexts))
-        chunk = contexts[lo:hi]
-        parts = {layer: {"acts": [], "index": []} for layer in layers}
-        for start, acts in extract(lm, chunk, layers, site, batch_size, progress=False):
-            ids = chunk[start:start + batch_size]
-            flat = (torch.arange(lo + start, lo + start + len(ids))[:, None] * contexts.shape[1]
-                    + torch.arange(contexts.shape[1])[None, :])
-            for layer in layers:
-                keep, dropped = keep_mask(ids, acts[layer], lm.special_ids, rule)
-                parts[layer]["acts"].append(acts[layer][keep])
-                parts[layer]["index"].append(flat[keep])
-                for name, count in dropped.items():
-                    caches[layer].manifest["dropped"][name] += count
-        for layer in layers:
-            caches[layer].add_shard(torch.cat(parts[layer]["acts"]), torch.cat(parts[layer]["index"]), (lo, hi), chunk.numel())
+        batches = extract(lm, contexts[lo:hi], layers, site, batch_size, progress=False, dtype=key_of(layers[0]).lm_dtype)
+        store_shard({layer: caches[layer] for layer in layers}, contexts, lo, hi, batches, lm.special_ids, rule)
         written += 1
         if stop_after_shards is not None and written >= stop_after_shards and s + 1 < n_shards:
             return caches
@@ -570,9 +613,9 @@ def shuffle(batches: Iterable[Tensor], batch_size: int, capacity: int = 262_144,
 
 
 def stream(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", rule: Exclusion = Exclusion(),
-           batch_size: int = 64, progress: bool = True) -> Iterator[Tensor]:
+           batch_size: int = 64, progress: bool = True, dtype: str | None = None) -> Iterator[Tensor]:
     """Live activations of one layer, outlier tokens removed: ``(n_kept, d)`` per forward pass."""
-    for start, acts in extract(lm, contexts, [layer], site, batch_size, progress=progress):
+    for start, acts in extract(lm, contexts, [layer], site, batch_size, progress=progress, dtype=dtype):
         keep, _ = keep_mask(contexts[start:start + batch_size], acts[layer], lm.special_ids, rule)
         yield acts[layer][keep]
 
@@ -580,8 +623,12 @@ def stream(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", rule:
 def cached_activations(model: str, layer: int | list[int], site: str = "resid_post", corpus: str = "wikipedia",
                        split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
                        val_fraction: float = 0.1, rule: Exclusion = Exclusion(), lm: LM | None = None,
-                       progress: bool = True) -> ActivationCache | dict[int, ActivationCache]:
+                       progress: bool = True, dtype: str | None = None,
+                       device: str | torch.device = "cpu") -> ActivationCache | dict[int, ActivationCache]:
     """The activation cache of a model/layer/site/corpus/split, extracted on first use.
+
+    ``device``: where the model is loaded when ``lm`` is None. ``dtype``: of the LM's forward, as in
+    :func:`extract` (``None``: :func:`extraction_dtype` of the LM's device); part of the key.
 
     The language model is loaded only when something is left to extract (its tokenizer always:
     whether contexts start with the begin-of-sequence token, :func:`saelib.data.tokenizer_adds_bos`,
@@ -591,14 +638,15 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
     layers = [layer] if isinstance(layer, int) else list(layer)
     corpus_sha256 = data.corpus_sha256(corpus)
     prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
+    dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else device) if dtype is None else dtype)
 
     def key_of(L: int) -> CacheKey:
         return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256,
-                        prepend_bos=prepend_bos)
+                        prepend_bos=prepend_bos, lm_dtype=dtype)
 
     caches = {L: ActivationCache(cache_dir("activations") / key_of(L).folder_name(), key_of(L)) for L in layers}
     if not all(c.complete for c in caches.values()):
-        lm = lm or load_lm(model)
+        lm = lm or load_lm(model, device)
         ctx = data.contexts(corpus, lm.tokenizer, split, ctx_len, max_tokens, val_fraction, prepend_bos)
         caches = build_cache(lm, ctx, layers, site, key_of, rule, progress=progress)
     return caches[layer] if isinstance(layer, int) else caches

@@ -6,7 +6,7 @@
     saelib eval    RUN [--preset ci|demo|full] [--json]
     saelib view    RUN --out DIR [--preset ci|demo|full]
     saelib export  RUN --format saelens|sparsify|openai --out DIR
-    saelib bench   [--preset quick|default|full] [--json]
+    saelib bench   [--preset quick|default|full] [--pipeline] [--json]
 
 Every expected failure (bad input, a missing or damaged file, a locked run folder, a failed write)
 ends with one sentence on standard error and exit status 2; anything else with one line naming

@@ -14,7 +14,7 @@ the encoder's backward pass needs a dense ``(batch, n_latents)`` matrix:
 - ``dense_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows, chosen, pre_rows)``: ``gather_preacts``,
   ReLU and ``sparse_decode`` in one, with dense GEMMs over a few rows: for codes that keep a large
   share of those rows (AuxK with few dead latents).
-- ``fast_bf16(device)``: whether a bf16 matmul is much faster than fp32 there (AMX, CUDA).
+- ``fast_bf16(device)``: whether a bf16 matmul is much faster than fp32 there (AMX, AVX512_BF16, CUDA).
 
 Both backwards write weight gradients only into the rows that were touched (a CSR sparse matmul
 whose pattern, a ``LatentPattern``, the two share when they run over the same indices). Rows that
@@ -481,11 +481,13 @@ def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
 
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether bf16 matmuls run much faster than fp32 on ``device``: a CUDA GPU with bf16, or a
-    CPU with AMX (``amx_bf16`` in ``/proc/cpuinfo``; measured about 4-6x the fp32 GEMM here)."""
+    CPU with AMX (``amx_bf16`` in ``/proc/cpuinfo``; measured about 4-6x the fp32 GEMM here) or
+    AVX512_BF16 (``avx512_bf16``: a bf16 dot product per fp32 lane, twice fp32's multiply-adds).
+    An AVX2 CPU converts bf16 in software: about 8x slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return "amx_bf16" in cpu_info().get("flags", "").split()
+    return bool({"amx_bf16", "avx512_bf16"} & set(cpu_info().get("flags", "").split()))
 
 
 # topk_indices: columns per group (the first that leaves enough groups), and the fewest groups per

@@ -25,7 +25,8 @@ load_run = load
 def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -> TopKSAE:
     """Train the SAE a run configuration (:func:`saelib.config.resolve`) describes; return it."""
     data_opts, train_opts = config.split(cfg)
-    cache = cached_activations(**data_opts, split="train", progress=progress)
+    # the LM runs where the SAE trains (in bf16 where that is fast: activations.extraction_dtype)
+    cache = cached_activations(**data_opts, split="train", progress=progress, device=config.resolve_device(cfg.device))
     source = CachedSource(cache)
     if train_opts.get("tokens") is None:
         tokens = cfg.epochs * source.n_tokens

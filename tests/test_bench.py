@@ -228,3 +228,35 @@ def test_input_wait_trains_on_a_cache_with_and_without_read_ahead(lm, val_contex
     assert bench.main(argv) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("input wait")]
     assert [line.split(":")[0] for line in lines] == ["input wait, read ahead off", "input wait, read ahead on "] * 2
+
+
+def test_pipeline_report_times_every_stage_and_names_the_slowest(capsys):
+    # the quick sizes on the real SmolLM2 and corpus; the structure of the report, never its speed
+    assert bench.main(["--pipeline", "--preset", "quick", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    from saelib.bench.pipeline import PIPELINE_SIZES, STAGES
+
+    assert [r["stage"] for r in report["stages"]] == list(STAGES)
+    assert report["slowest"] in STAGES and report["slowest"] != "hook"
+    quick = PIPELINE_SIZES["quick"]
+    for row in report["stages"]:
+        assert set(row) == {"stage", "tokens", "seconds", "cpu_seconds", "tokens_per_s"}
+        if row["stage"] != "hook":  # nnsight's cost over the bare hook may be within the noise
+            assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"]) and row["tokens_per_s"] > 0
+    by_stage = {r["stage"]: r for r in report["stages"]}
+    assert by_stage["forward"]["tokens"] == quick["n_contexts"] * report["ctx_len"]
+    assert by_stage["train step"]["tokens"] == quick["train_batch"]
+    slowest = by_stage[report["slowest"]]["tokens_per_s"]
+    assert all(r["tokens_per_s"] is None or r["tokens_per_s"] >= slowest for r in report["stages"])
+    assert report["serial_tokens_per_s"] < slowest
+    assert report["lm_dtype"] in ("float32", "bfloat16") and report["cpu"] and report["threads"] >= 1
+    table = bench.pipeline_table(report)
+    assert table.count("\n") == len(STAGES) + 1 and "(slowest)" in table
+
+
+def test_the_bare_forward_reads_what_extract_reads(lm, val_contexts):
+    from saelib.activations import extract
+    from saelib.bench.pipeline import bare_forward
+
+    (_, acts), = list(extract(lm, val_contexts[:2], [12], progress=False))
+    torch.testing.assert_close(bare_forward(lm, val_contexts[:2], 12), acts[12], rtol=0, atol=0)

@@ -80,9 +80,9 @@ def test_clean_loss_is_that_of_a_plain_forward_of_the_text(bos_lm):
 def test_cache_keys_with_and_without_bos_never_mix(bos_lm, tmp_path, monkeypatch):
     key = CacheKey("smollm2-135m", 12, "resid_post", "wikipedia", "train", 64, None)
     with_bos = replace(key, prepend_bos=True)
-    # without BOS, the key is recorded and hashed as when it had no such field
-    assert key.to_dict() == {k: v for k, v in asdict(key).items() if k != "prepend_bos"}
-    assert with_bos.to_dict() == asdict(with_bos) and with_bos.folder_name() != key.folder_name()
+    # without BOS (and with the float32 forward), the key is recorded and hashed as when it had no such fields
+    assert key.to_dict() == {k: v for k, v in asdict(key).items() if k not in ("prepend_bos", "lm_dtype")}
+    assert with_bos.to_dict() == {**key.to_dict(), "prepend_bos": True} and with_bos.folder_name() != key.folder_name()
 
     monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
     corpus = tmp_path / "corpus.txt"

@@ -27,7 +27,7 @@ LAYERS = [
      "evals.reconstruction"],
     ["viz", "viz.static", "viz.summary", "viz.widget", "sweep", "results", "released", "plots"],
     ["bench.cases", "bench.memory", "bench.report"],
-    ["bench.peers", "bench.experiments"],
+    ["bench.peers", "bench.experiments", "bench.pipeline"],
     ["bench.quality"],
     ["cli", "bench", "bench.__main__", "__main__", "__init__"],
 ]

@@ -28,16 +28,21 @@ timed steps after warm-up), ``ratio_to_best_peer`` (to the fastest of sparsify /
 the same configuration), ``ratio_to_roofline``, ``peak_rss_mb`` (the process's peak resident
 memory while that implementation ran, reset before each), plus versions, threads and CPU.
 ``--device cuda`` runs them all on a GPU; rows then also give ``peak_device_mb``.
+``--pipeline`` times the whole pipeline instead, stage by stage, from text to a train step
+(:mod:`.pipeline`: tokenise, forward, nnsight's hook, cache write, cache read + shuffle, train step),
+and names the slowest stage; ``--preset quick`` runs it in seconds.
 ``--supply CACHE`` also times reading and shuffling an activation cache (``supply_rate``), and
 ``--supply-steps N`` how long a trainer on it waits for batches, with and without reading the
 next group ahead (``input_wait``).
 
     saelib bench --preset quick --json
+    saelib bench --pipeline
     python -m saelib.bench --d-in 576 --n-latents 4608 18432 --dead-fraction 0.25 0 --out bench.json
 
 The package: :mod:`.cases` (the grid and the shared activations and weights), :mod:`.peers` (each
 implementation's step), :mod:`.memory` (peak memory, the machine), :mod:`.experiments` (the
-activation supply, the trainer's wait, bf16 parity), :mod:`.report` (table and figure); this
+activation supply, the trainer's wait, bf16 parity), :mod:`.pipeline` (every stage from text to a
+train step), :mod:`.report` (table and figure); this
 module times them (``run_bench``) and is the command line.
 """
 
@@ -51,39 +56,25 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from typing import Callable
 
 import torch
-from torch import Tensor
 
 from ..activations import ActivationCache, CachedSource
 from ..config import resolve_device
 from .cases import IMPLS, PEERS, PRESETS, BenchConfig, dead_mask, grid, initial_weights, synthetic_activations
 from .experiments import bf16_parity, input_wait, supply_rate
 from .memory import _available_gb, _needed_gb, _peak_memory_mb, _reset_peak_memory, machine
-from .peers import BUILDERS, NaiveTopK, Step, Unavailable, _version, make_step
+from .peers import BUILDERS, NaiveTopK, Step, Unavailable, _version, make_step, measure
+from .pipeline import pipeline_rates, pipeline_table
 from .report import COLUMNS, _format_row, markdown_table
 
 # what notebooks, tests and the CLI use as saelib.bench.<name>
 __all__ = ["IMPLS", "PEERS", "PRESETS", "BenchConfig", "grid", "synthetic_activations", "initial_weights", "dead_mask",
            "NaiveTopK", "Unavailable", "make_step", "machine", "supply_rate", "input_wait", "bf16_parity", "COLUMNS",
-           "markdown_table", "measure", "run_bench", "run_elsewhere", "add_arguments",
+           "markdown_table", "measure", "run_bench", "pipeline_rates", "pipeline_table", "run_elsewhere", "add_arguments",
            "run_from_args", "main"]
-
-
-def measure(step: Step, batches: list[Tensor], warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """Run ``warmup`` then ``steps`` timed steps cycling over ``batches``; (seconds per step, losses)."""
-    times, losses = [], []
-    for i in range(warmup + steps):
-        x = batches[i % len(batches)]
-        start = time.perf_counter()
-        loss = float(step(x))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(loss)
-    return times, losses
 
 
 def run_bench(
@@ -245,6 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with and without reading the next group ahead, and print how long the trainer waited")
     parser.add_argument("--drop-page-cache", action="store_true",
                         help="--supply-steps: drop the page cache before each run, so the shards come from the disk (root)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="time every stage from text to a train step instead (tokenise, forward, hook, cache write, "
+                             "cache read + shuffle, train step) and name the slowest; --preset quick: tiny sizes, seconds")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list on stdout")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
     parser.add_argument("--quality", action="store_true",
@@ -270,6 +264,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # an unknown or absent device is refused before anything runs
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pipeline:
+        return _run_pipeline(args)
     axes = dict(PRESETS[args.preset])
     for name in ("d_in", "n_latents", "k", "batch_size", "dead_fraction"):
         if getattr(args, name) is not None:
@@ -308,6 +304,22 @@ def run_from_args(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
     print(json.dumps(rows) if args.json else markdown_table(rows))
+    return 0
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    """``--pipeline``: one report (JSON object with ``--json``, else a table and the slowest stage)."""
+    report = pipeline_rates("quick" if args.preset == "quick" else "default", device=resolve_device(args.device),
+                            seed=args.seed)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{pipeline_table(report)}\n\nslowest: {report['slowest']}; stages in series: "
+              f"{report['serial_tokens_per_s']:,.0f} tokens/s; nnsight over a bare hook: {report['hook_overhead']:+.1%}; "
+              f"{report['cpu']}, {report['threads']} threads, load {report['load_avg_1m']:.1f}")
     return 0
 
 

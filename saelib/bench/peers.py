@@ -4,6 +4,7 @@ roofline. A peer that is not installed raises :class:`Unavailable`, saying what 
 
 from __future__ import annotations
 
+import time
 from importlib import metadata
 from typing import Callable
 
@@ -38,8 +39,20 @@ class Step:
         return self.fn(x)
 
 
-def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
+def measure(step: Step, batches: list[Tensor], warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run ``warmup`` then ``steps`` timed steps cycling over ``batches``; (seconds per step, losses)."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        x = batches[i % len(batches)]
+        start = time.perf_counter()
+        loss = float(step(x))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(loss)
+    return times, losses
 
+
+def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
     device = w["W_enc"].device
     if encoder_dtype == "bfloat16" and not fast_bf16(device):
         missing = "this GPU has no fast bf16 matmul" if device.type == "cuda" else "this CPU has no fast bf16 matmul (AMX)"

@@ -65,7 +65,9 @@ def site_activations(lm: LM, ids: Tensor, layer: int, site: str, batch_size: int
     """Activations of ``ids (n_ctx, T)`` at ``layer``/``site`` (forward stopped after the layer)."""
     acts = torch.empty(*ids.shape, lm.d_model)
     keep = torch.zeros(ids.shape, dtype=torch.bool)
-    for start, batch in extract(lm, ids, [layer], site, batch_size, progress=progress):
+    # float32 even where training extracts in bf16: metrics compare with the activations that splicing
+    # replaces in the float32 model
+    for start, batch in extract(lm, ids, [layer], site, batch_size, progress=progress, dtype="float32"):
         a = batch[layer]
         acts[start:start + len(a)] = a
         keep[start:start + len(a)] = keep_mask(ids[start:start + len(a)], a, lm.special_ids)[0]
