@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import data
 from .files import atomic_write, atomic_write_text, file_digest, read_json
 from .kernels import fast_bf16
-from .models import LM, SITES, load_lm, load_tokenizer
+from .models import LM, LM_DTYPES, SITES, load_lm, load_tokenizer
 from .normalize import Normalizer
 from .paths import cache_dir
 
@@ -41,7 +41,6 @@ SHARD_CHECKSUM = "xxh3_128"  # the one new shards record
 CACHE_FORMAT = 2  # 2: manifests carry their own SHA-256, local corpora are keyed by their content
 # Execution order of the sites inside one decoder block: nnsight must be asked for them in it.
 _SITE_ORDER = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
-EXTRACTION_DTYPES = ("float32", "bfloat16")  # of the LM's forward; activations are stored as float32
 
 
 def _site_output(envoy, lm: LM, layer: int, site: str):
@@ -118,8 +117,8 @@ def extract(lm: LM, contexts: Tensor, layers: list[int], site: str = "resid_post
 
 
 def _check_dtype(dtype: str) -> str:
-    if dtype not in EXTRACTION_DTYPES:
-        raise ValueError(f"Unknown extraction dtype {dtype!r}; choose one of {', '.join(EXTRACTION_DTYPES)} (or None: "
+    if dtype not in LM_DTYPES:
+        raise ValueError(f"Unknown extraction dtype {dtype!r}; choose one of {', '.join(LM_DTYPES)} (or None: "
                          f"bfloat16 where the device multiplies it fast, else float32).")
     return dtype
 
@@ -623,12 +622,12 @@ def stream(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", rule:
 def cached_activations(model: str, layer: int | list[int], site: str = "resid_post", corpus: str = "wikipedia",
                        split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
                        val_fraction: float = 0.1, rule: Exclusion = Exclusion(), lm: LM | None = None,
-                       progress: bool = True, dtype: str | None = None,
+                       progress: bool = True, lm_dtype: str | None = None,
                        device: str | torch.device = "cpu") -> ActivationCache | dict[int, ActivationCache]:
     """The activation cache of a model/layer/site/corpus/split, extracted on first use.
 
-    ``device``: where the model is loaded when ``lm`` is None. ``dtype``: of the LM's forward, as in
-    :func:`extract` (``None``: :func:`extraction_dtype` of the LM's device); part of the key.
+    ``device``: where the model is loaded when ``lm`` is None. ``lm_dtype``: of the LM's forward, as
+    ``dtype`` in :func:`extract` (``None``: :func:`extraction_dtype` of the LM's device); part of the key.
 
     The language model is loaded only when something is left to extract (its tokenizer always:
     whether contexts start with the begin-of-sequence token, :func:`saelib.data.tokenizer_adds_bos`,
@@ -638,7 +637,7 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
     layers = [layer] if isinstance(layer, int) else list(layer)
     corpus_sha256 = data.corpus_sha256(corpus)
     prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
-    dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else device) if dtype is None else dtype)
+    dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else device) if lm_dtype is None else lm_dtype)
 
     def key_of(L: int) -> CacheKey:
         return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256,

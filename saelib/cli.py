@@ -56,7 +56,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .activations import cached_activations
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
-    cache = cached_activations(**cfg.group("data"), split=args.split)
+    cache = cached_activations(**cfg.group("data"), split=args.split, device=config.resolve_device(cfg.device))
     print(json.dumps({"cache": str(cache.folder), "rows": cache.n_rows, "dropped": cache.manifest["dropped"]}))
     return 0
 
@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(cfg)))
         return 0
     if not launched():  # extract once, here, not by every rank
-        cache = cached_activations(**cfg.group("data"), split="train")
+        # on the device the SAE trains on, as train_run does (its default lm_dtype is part of the key)
+        cache = cached_activations(**cfg.group("data"), split="train", device=config.resolve_device(cfg.device))
         amount = "all" if cfg.max_tokens is None else f"at most {cfg.max_tokens:,} tokens"
         print(f"saelib train: {cache.n_rows:,} tokens of activations ({amount} of {cfg.corpus}'s train split, "
               f"max_tokens={cfg.max_tokens}) in {cache.folder}.", file=sys.stderr)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .models import SITES
+from .models import LM_DTYPES, SITES
 from .sae import ARCHS, ENCODER_DTYPES
 
 B_PRE_INITS = ("geometric_median", "mean", "zero")
@@ -75,6 +75,9 @@ class TrainConfig:
     max_tokens: int | None = option(None, "tokens of the train split to extract (default, or null in a config "
                                     "file: all of it)", group="data", bound="positive")
     val_fraction: float = option(0.1, "share of the corpus's documents held out as the validation split", group="data")
+    lm_dtype: str | None = option(None, "dtype of the LM's forward that extracts the activations (default: bfloat16 "
+                                  "where the device multiplies it fast, AMX CPUs and GPUs, else float32)", group="data",
+                                  choices=LM_DTYPES)
 
     n_latents: int = option(2**14, "number of latents n", bound="positive", most=DIM_MAX)
     k: int | None = option(32, "active latents per token (None only for arch relu, whose L0 is set by l1_coef)",

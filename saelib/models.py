@@ -31,6 +31,9 @@ EMBEDDED = {
     ),
 }
 
+# The dtypes an LM's forward runs in to extract activations (they are stored as float32 either way)
+LM_DTYPES = ("float32", "bfloat16")
+
 # The sites an SAE can be trained on, as a layer's output or one of its sub-modules' outputs.
 SITES = {
     "resid_post": None,  # the decoder layer's output: the residual stream after the block

@@ -549,7 +549,7 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
     colors = dict(zip(IMPL_NAMES, ("#1f77b4", "#6baed6", "#ff7f0e", "#2ca02c", "#98df8a", "#d62728")))
     for col, (panel, _) in enumerate(panels, 1):
         rows = [r for r in panel["rows"] if r["tokens_per_s"]]
-        for impl in dict.fromkeys(r["impl"] for r in rows if r["impl"] != "roofline"):
+        for impl in dict.fromkeys(r["impl"] for r in rows if not r["impl"].startswith("roofline")):
             ok = [r for r in rows if r["impl"] == impl]
             fig.add_bar(name=IMPL_NAMES.get(impl, impl), x=[label(r) for r in ok], y=[r["tokens_per_s"] for r in ok],
                         marker_color=colors.get(impl), legendgroup=impl, showlegend=impl not in in_legend,

@@ -36,6 +36,7 @@ def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -
         train_opts["tokens"] = int(tokens)
     # evaluation packs its contexts as training did, begin-of-sequence token or not
     metadata = {**data_opts, "prepend_bos": cache.manifest["key"].get("prepend_bos", False),
+                "lm_dtype": cache.manifest["key"].get("lm_dtype", "float32"),
                 "excluded_tokens": cache.manifest["dropped"], "train_rows": source.n_tokens}
     latent_parallel = cfg.latent_parallel if launched() else None  # one rank of `saelib train --nproc N` / torchrun
     return fit(source, out=out, normalizer=source.normalizer, metadata=metadata, progress=progress,

@@ -280,6 +280,17 @@ def test_bf16_extraction_is_close_to_float32(lm, val_contexts):
     assert 1e-4 < overall < 0.02, overall
 
 
+def test_a_run_chooses_and_records_the_dtype_of_its_extraction(tmp_path):
+    from saelib import config
+    from saelib.runs import train_run
+
+    with pytest.raises(config.ConfigError, match="lm_dtype must be one of float32, bfloat16"):
+        config.resolve("ci", lm_dtype="float16")
+    cfg = config.resolve("ci", lm_dtype="float32", max_tokens=2048, n_latents=256, k=8, batch_size=512)
+    sae = train_run(cfg, tmp_path / "run", progress=False)
+    assert sae.metadata["lm_dtype"] == "float32"
+
+
 def test_the_extraction_dtype_is_bf16_only_where_it_is_fast(monkeypatch):
     from saelib import kernels
 

@@ -154,12 +154,17 @@ def test_peer_steps_lower_the_loss(peer_losses, impl, dead_fraction):
 
 def test_saelib_bf16_row_runs_where_bf16_is_fast_and_says_why_elsewhere(monkeypatch):
     from saelib import kernels
+    from saelib.bench import peers
 
-    rows = bench.run_bench([TINY], ["saelib-bf16"], warmup=0, steps=1)
-    assert rows[0]["status"] == ("ok" if kernels.fast_bf16() else "unavailable")
-    monkeypatch.setattr(kernels, "fast_bf16", lambda device="cpu": False)
-    row = bench.run_bench([TINY], ["saelib-bf16"], warmup=0, steps=1)[0]
-    assert row["status"] == "unavailable" and "AMX" in row["reason"] and row["tokens_per_s"] is None
+    rows = {r["impl"]: r for r in bench.run_bench([TINY], ["saelib-bf16", "roofline-bf16"], warmup=0, steps=1)}
+    assert {r["status"] for r in rows.values()} == {"ok" if kernels.fast_bf16() else "unavailable"}
+    if kernels.fast_bf16():  # the bf16 step's bound is the bf16 GEMM
+        ratio = rows["saelib-bf16"]["tokens_per_s"] / rows["roofline-bf16"]["tokens_per_s"]
+        assert rows["saelib-bf16"]["ratio_to_roofline"] == pytest.approx(ratio)
+    monkeypatch.setattr(peers, "fast_bf16", lambda device="cpu": False)
+    rows = bench.run_bench([TINY], ["saelib-bf16", "roofline-bf16"], warmup=0, steps=1)
+    assert all(r["status"] == "unavailable" and r["tokens_per_s"] is None for r in rows if r["impl"] != "roofline")
+    assert "AMX" in rows[0]["reason"] and "AMX" in rows[1]["reason"]
 
 
 def test_memory_estimates_at_batch_16384():

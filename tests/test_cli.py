@@ -35,6 +35,7 @@ BAD_TRAIN = st.one_of(
     st.tuples(st.just("--arch"), st.text("abcxyz", min_size=1, max_size=6)),
     st.tuples(st.just("--layer"), st.integers(-10**6, -1)),
     st.tuples(st.just("--ctx-len"), st.integers(-10**6, 1)),
+    st.tuples(st.just("--lm-dtype"), st.sampled_from(["float16", "fp32", "bf16"])),
 )
 
 

@@ -20,7 +20,8 @@ latents are marked dead), backward, optimiser step (Adam) and decoder renormalis
   (gradient clipping, no renormalisation: it rescales by decoder norms instead).
 - ``sae-lens-sparse``: the same with ``use_sparse_activations=True``.
 - ``naive``: the saelib recipe written with dense PyTorch ops (``(B, n)`` codes).
-- ``roofline``: ``B / t_gemm``.
+- ``roofline``: ``B / t_gemm``; ``roofline-bf16`` the same GEMM in bf16 (the bound of
+  ``saelib-bf16``, whose ``ratio_to_roofline`` is to it where it was measured).
 
 A peer that is not installed or fails gets a row that says why (``status``, ``reason``).
 Rows: ``impl, d_in, n_latents, k, batch_size, dead_fraction, tokens_per_s`` (median of the
@@ -183,15 +184,18 @@ def _finish(row: dict, cfg: BenchConfig, times: list[float], losses: list[float]
     median = statistics.median(times)
     row.update(tokens_per_s=cfg.batch_size / median, step_s_median=median, step_s_all=times, peak_rss_mb=peak_rss_mb,
                peak_device_mb=peak_device_mb, loss_first=losses[0], loss_last=losses[-1])
-    if row["impl"] == "roofline":
+    if row["impl"].startswith("roofline"):
         row.update(loss_first=None, loss_last=None)
 
 
 def _add_ratios(group: list[dict]) -> None:
     peers = [r["tokens_per_s"] for r in group if r["impl"] in PEERS and r["tokens_per_s"]]
-    roof = next((r["tokens_per_s"] for r in group if r["impl"] == "roofline"), None)
+    roofs = {r["impl"]: r["tokens_per_s"] for r in group if r["impl"].startswith("roofline")}
     for r in group:
         if r["tokens_per_s"]:
+            # the bf16 encoder's step against the bf16 GEMM where that was measured
+            roof = roofs.get("roofline-bf16") if r["impl"].endswith("bf16") else None
+            roof = roof or roofs.get("roofline")
             r["ratio_to_best_peer"] = r["tokens_per_s"] / max(peers) if peers else None
             r["ratio_to_roofline"] = r["tokens_per_s"] / roof if roof else None
 
@@ -319,6 +323,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     else:
         print(f"{pipeline_table(report)}\n\nslowest: {report['slowest']}; stages in series: "
               f"{report['serial_tokens_per_s']:,.0f} tokens/s; nnsight over a bare hook: {report['hook_overhead']:+.1%}; "
+              f"the {report['lm_dtype']} forward at {report['forward_speedup']:.2f}x float32's; "
               f"{report['cpu']}, {report['threads']} threads, load {report['load_avg_1m']:.1f}")
     return 0
 

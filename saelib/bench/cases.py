@@ -14,7 +14,7 @@ from ..config import BENCH_GRIDS, paper_lr
 from ..sae import TopKSAE
 
 
-IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline")
+IMPLS = ("saelib", "saelib-bf16", "sparsify", "sae-lens", "sae-lens-sparse", "naive", "roofline", "roofline-bf16")
 PEERS = ("sparsify", "sae-lens", "sae-lens-sparse")
 ADAM_EPS = 6.25e-10  # the paper's; saelib and the naive step use it, peers keep their own default
 AUXK_COEF = 1 / 32

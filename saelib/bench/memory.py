@@ -53,7 +53,7 @@ def _needed_gb(impl: str, cfg: BenchConfig) -> float:
     # sparsify builds a (B, k, d) tensor (its peak RSS with AuxK on fits this too); saelib builds none
     sparse_rows = cfg.batch_size * cfg.k * cfg.d_in * 4
     per_impl = {"naive": 8 * dense, "sae-lens": 7 * dense, "sae-lens-sparse": 7 * dense, "roofline": dense,
-                "saelib": 3 * dense, "saelib-bf16": 3 * dense, "sparsify": 3 * dense + 2 * sparse_rows}
+                "roofline-bf16": dense, "saelib": 3 * dense, "saelib-bf16": 3 * dense, "sparsify": 3 * dense + 2 * sparse_rows}
     return (per_impl[impl] + 5 * params) / 2**30
 
 

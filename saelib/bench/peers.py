@@ -190,12 +190,15 @@ def _sae_lens(cfg: BenchConfig, w: dict[str, Tensor] | None, dead: Tensor | None
     return Step(step, opt, sae)
 
 
-def _roofline(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None) -> Step:
-    W_enc, b_enc = w["W_enc"], w["b_enc"]
+def _roofline(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, dtype: torch.dtype = torch.float32) -> Step:
+    """The encoder GEMM alone, in ``dtype`` (bf16: the bound of the ``saelib-bf16`` step)."""
+    if dtype == torch.bfloat16 and not fast_bf16(w["W_enc"].device):
+        raise Unavailable("no fast bf16 matmul here (AMX or a GPU): the bf16 roofline is not measured")
+    W_enc, b_enc = w["W_enc"].to(dtype), w["b_enc"].to(dtype)
 
     def step(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return F.linear(x, W_enc, b_enc)[0, 0]
+            return F.linear(x.to(dtype), W_enc, b_enc)[0, 0]
 
     return Step(step)
 
@@ -208,6 +211,7 @@ BUILDERS: dict[str, Callable[[BenchConfig, dict, Tensor | None], Step]] = {
     "sae-lens-sparse": lambda cfg, w, dead: _sae_lens(cfg, w, dead, sparse=True),
     "naive": _naive,
     "roofline": _roofline,
+    "roofline-bf16": lambda cfg, w, dead: _roofline(cfg, w, dead, torch.bfloat16),
 }
 
 

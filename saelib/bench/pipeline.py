@@ -96,8 +96,10 @@ def pipeline_rates(size: str = "default", *, model: str = DEFAULT_MODEL, corpus:
     Returns:
         ``{"stages": [{stage, tokens, seconds, cpu_seconds, tokens_per_s}, ...], "slowest",
         "serial_tokens_per_s", "hook_overhead"`` (nnsight's seconds over the bare hook's, as a
-        fraction of the bare hook's), ``"extract_tokens_per_s"`` (nnsight's whole rate), the sizes
-        and the machine.
+        fraction of the bare hook's), ``"extract_tokens_per_s"`` (nnsight's whole rate),
+        ``"float32_forward_tokens_per_s"`` and ``"forward_speedup"`` (the ``lm_dtype`` forward's rate
+        over float32's, timed in the same rounds; 1 when ``lm_dtype`` is float32), the sizes and the
+        machine.
     """
     if size not in PIPELINE_SIZES:
         raise ValueError(f"Unknown pipeline size {size!r}; choose one of {', '.join(PIPELINE_SIZES)}.")
@@ -111,15 +113,20 @@ def pipeline_rates(size: str = "default", *, model: str = DEFAULT_MODEL, corpus:
     rows.append(_row("tokenise", tokens, wall, cpu))
 
     bs, dtype = sizes["batch_size"], extraction_dtype(lm.model.device)
-    runs = {"bare": lambda: [bare_forward(unwrapped, contexts[s:s + bs], layer, site, dtype)
-                             for s in range(0, len(contexts), bs)],
-            "nnsight": lambda: list(extract(lm, contexts, [layer], site, bs, progress=False, dtype=dtype))}
-    batches = [run() for run in runs.values()][-1]  # warm-up (first-call allocations, nnsight's setup); kept to cache
+    def bare(dtype: str) -> Callable[[], list]:
+        return lambda: [bare_forward(unwrapped, contexts[s:s + bs], layer, site, dtype) for s in range(0, len(contexts), bs)]
+
+    runs = {"bare": bare(dtype), "nnsight": lambda: list(extract(lm, contexts, [layer], site, bs, progress=False, dtype=dtype))}
+    if dtype != "float32":  # the float32 forward in the same rounds: what the faster dtype gains
+        runs["bare float32"] = bare("float32")
+    batches = {name: run() for name, run in runs.items()}["nnsight"]  # warm-up (allocations, nnsight's setup)
     times = {name: [] for name in runs}
     for _ in range(sizes["rounds"]):
         for name, run in runs.items():
             times[name].append(_timed(run)[1:])
-    forward, nnsight = ([statistics.median(t[i] for t in times[name]) for i in (0, 1)] for name in runs)
+    median = {name: [statistics.median(t[i] for t in times[name]) for i in (0, 1)] for name in runs}
+    forward, nnsight = median["bare"], median["nnsight"]
+    float32_forward = median.get("bare float32", forward)
     rows.append(_row("forward", tokens, *forward))
     rows.append(_row("hook", tokens, nnsight[0] - forward[0], nnsight[1] - forward[1]))
 
@@ -151,6 +158,7 @@ def pipeline_rates(size: str = "default", *, model: str = DEFAULT_MODEL, corpus:
     return {"stages": rows, "slowest": min(timed, key=lambda r: r["tokens_per_s"])["stage"],
             "serial_tokens_per_s": 1 / sum(1 / r["tokens_per_s"] for r in timed),
             "hook_overhead": nnsight[0] / forward[0] - 1, "extract_tokens_per_s": tokens / nnsight[0],
+            "float32_forward_tokens_per_s": tokens / float32_forward[0], "forward_speedup": float32_forward[0] / forward[0],
             "model": lm.name, "layer": layer, "site": site, "ctx_len": ctx_len, "lm_dtype": dtype, "size": size,
             **sizes, **machine(torch.device(device))}
 
