@@ -3,6 +3,7 @@
 #   make test   create the environments if missing, run pytest and nbval over every notebook (ci preset)
 #   make lab    JupyterLab on the notebooks, with the project's environment
 #   make wheelhouse  everything set-up installs, in wheelhouse/, for a room without network (docs/workshop.md)
+#   make lesson   every notebook at its default, class-time preset, in order, with each one's time
 #   make figures  every notebook at its demo preset: the published figures/ and docs/results.md (hours on 2 cores)
 #   make release  re-create the released SAEs in saelib/saes/ and their model card (about an hour)
 PYTHON ?= python3
@@ -17,7 +18,7 @@ PEERS := .venv-peers
 PEERS_STAMP := $(PEERS)/.saelib-installed
 export SAELIB_HOME ?= $(CURDIR)/.cache
 
-.PHONY: env peers demo figures release test lab wheelhouse clean
+.PHONY: env peers demo figures lesson release test lab wheelhouse clean
 
 # Debian packages: chromium (PNG figures, visualizer tests); Austen's novels and fortunes (probe tasks);
 # gcc builds saelib's CPU kernels on first use (saelib/native.py; without it torch ops stand in)
@@ -87,6 +88,14 @@ figures: env peers
 	  extra=; [ $$nb = 08_performance ] && extra="-p bench_python $(CURDIR)/$(PEERS)/bin/python"; \
 	  ../$(BIN)/papermill $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo $$extra || exit 1; done
 	$(BIN)/python -m saelib.results
+
+# Every notebook at its default, class-time preset (lesson), one after another, with each one's
+# minutes: a rehearsal before a class, which also fills the caches. Figures go to figures/lesson/.
+lesson: env
+	@mkdir -p runs
+	@cd notebooks && for nb in $(NOTEBOOKS); do start=$$(date +%s); \
+	  ../$(BIN)/papermill --log-level WARNING $$nb.ipynb ../runs/$$nb-lesson.ipynb || exit 1; \
+	  echo "$$nb: $$(( $$(date +%s) - start )) s" | tee -a ../runs/lesson-times.txt; done
 
 # The released SAEs (saelib/saes/): train, convert to float16, evaluate, write the model card (about an hour)
 release: env
