@@ -430,7 +430,8 @@ def _activation_stats(lat: Tensor, val: Tensor, counts: Tensor, n: int, n_tokens
             "max_act": max_act, "hist": hist.int()}
 
 
-def _pick_examples(tok: Tensor, lat: Tensor, counts: Tensor, starts: Tensor, T: int, opts: dict) -> tuple[Tensor, Tensor, list]:
+def _pick_examples(tok: Tensor, lat: Tensor, counts: Tensor, starts: Tensor, T: int,
+                   opts: dict) -> tuple[Tensor, Tensor, list]:
     """Example tokens per latent from its firing tokens (``tok``, ``lat``: flat token index and
     latent, ranked by latent then activation): ``n_top`` top ones, then ``per_quantile`` spread at
     random over each of ``n_quantiles`` equal-count rank slices of those outside the top ones' contexts."""

@@ -114,8 +114,8 @@ def examples_html(data: dict) -> str:
         for j, (tok, a) in enumerate(zip(ex["tokens"], ex["acts"])):
             alpha = min(1.0, 0.1 + 0.9 * a / (data["max_act"] or 1.0)) if a > 0 else 0.0
             border = "outline:1.5px solid #b03000;" if j == ex["center"] else ""
-            spans.append(f'<span title="activation {_num(a)}" style="white-space:pre-wrap;background:rgba(255,110,0,{alpha:.2f});'
-                         f'{border}">{_tok(tok)}</span>')
+            spans.append(f'<span title="activation {_num(a)}" style="white-space:pre-wrap;'
+                         f'background:rgba(255,110,0,{alpha:.2f});{border}">{_tok(tok)}</span>')
         out.append(f'<div style="font-family:monospace;margin:2px 0">{"".join(spans)}</div>')
     return "\n".join(out)
 
