@@ -346,3 +346,51 @@ def test_widget_gives_output_effects_a_unit_and_each_number_its_meaning(summary)
     page = latent_html(summary.latent(int(summary.tensors["ablation_latents"][0])))
     assert "Δ logit" in page and page.count(f'title="{html.escape(HELP["ablation"])}"') > 1
     assert f'title="{html.escape(HELP["n2g_recall"])}"' in page
+
+
+def test_a_byte_token_shows_its_bytes_not_a_replacement_character(summary):
+    from saelib.models import load_tokenizer
+    from saelib.viz.summary import token_text
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    ids = tokenizer.encode(" 日 the\U0001F600")  # CJK and emoji characters split over byte tokens
+    texts = [token_text(tokenizer, x) for x in ids]
+    assert "\ufffd" in "".join(tokenizer.decode([x]) for x in ids)
+    assert "\ufffd" not in "".join(texts) and " the" in texts
+    assert texts[:3] == [" <0xE6>", "<0x97>", "<0xA5>"]
+    assert not [t for t in summary.info["tokens"].values() if "\ufffd" in t]
+
+
+def test_quantile_examples_come_from_other_contexts_than_the_top_ones(summary):
+    t, (top, *quantiles) = summary.tensors, summary.info["groups"]
+    assert top["name"] == "top activations" and quantiles
+    ex_ctx = t["ex_ctx"]
+    shown = 0
+    for i in range(summary.n_latents):
+        top_ctx = set(ex_ctx[i, :top["count"]].tolist()) - {-1}
+        rest = set(ex_ctx[i, top["count"]:].tolist()) - {-1}
+        assert not top_ctx & rest, f"latent {i} shows a top context again among its quantile samples"
+        shown += len(rest)
+    assert shown > 0
+
+
+def test_lone_whitespace_tokens_are_visible_and_numbers_keep_their_digits(site, summary, driver):
+    from saelib.viz.widget import _num, latent_html
+
+    driver.get((site / "index.html").as_uri())
+    wait_for(driver, "#latents")
+    assert driver.execute_script("return [shownToken(' '), shownToken('\\n'), shownToken(' the'), shown(' ')]") == [
+        "\u2423", "\u21b5", " the", " "]
+    # the widget writes numbers as the site does
+    values = [0.14, 0.255, 1, 100, 1234.5, -0.5, 0.00032, 0.0009996, -3.2e-7, 0]
+    assert [_num(v) for v in values] == driver.execute_script("return arguments[0].map((v) => fmt(v))", values)
+    assert _num(1) == "1.00" and _num(0.14) == "0.140" and _num(0.5, 2) == driver.execute_script("return fmt(0.5, 2)")
+    data = summary.latent(int(summary.tensors["density"].argmax()))
+    data["promoted"][0][0] = " "
+    assert "<code>\u2423</code>" in latent_html(data)
+
+
+def test_loading_a_search_address_fills_the_search_box(site, driver):
+    driver.get((site / "index.html").as_uri() + "#search/the%20cat")
+    wait_for(driver, "#search-query", "the cat")
+    assert driver.find_element("id", "search-input").get_attribute("value") == "the cat"

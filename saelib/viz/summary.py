@@ -6,9 +6,10 @@ or your own ``texts``) and keeps, per latent (``n`` latents, over ``N`` kept tok
 - activation density (fraction of kept tokens where it fires), mean and max activation, and a
   histogram of its non-zero activations (``hist_bins`` bins from 0 to its max);
 - example contexts: the ``n_top`` top-activating tokens, then ``per_quantile`` random tokens from
-  each of ``n_quantiles`` equal-count slices of its firing tokens ranked by activation (top
-  examples alone mislead: they hide what the latent does most of the time), each with the
-  latent's activation on every token of its context;
+  each of ``n_quantiles`` equal-count slices of its other firing tokens ranked by activation (those
+  outside the top examples' contexts, so no passage is shown twice; top examples alone mislead:
+  they hide what the latent does most of the time), each with the latent's activation on every
+  token of its context;
 - output effect: the tokens its decoder direction promotes and suppresses through the
   unembedding (:func:`logit_effects`, direct logit attribution) and, for a few latents, the
   measured effect of ablating it (:func:`ablation_effects`);
@@ -25,11 +26,13 @@ site, :mod:`.static`, and the notebook browser, :mod:`.widget`) read it through
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +49,7 @@ from ..evals.n2g import explain, score
 from ..files import atomic_write
 from ..loading import load
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: byte tokens as <0x..>, quantile examples outside the top contexts
 SUMMARY_DIR = "viz_summary"
 DENSE_THRESHOLD = 0.1  # the paper's (and saelib.evals') "dense latent": fires on more than 10% of tokens
 # What each number means, for the tooltips and legends of both front ends: the overview's columns,
@@ -357,7 +360,7 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     tok, lat, val = tok[order], lat[order], val[order]
 
     tensors = _activation_stats(lat, val, counts, n, n_tokens, opts["hist_bins"])
-    ex_ctx, ex_pos, groups = _pick_examples(tok, counts, starts, T, opts)
+    ex_ctx, ex_pos, groups = _pick_examples(tok, lat, counts, starts, T, opts)
     tensors |= {"ids": held.ids.int(), "ex_ctx": ex_ctx, "ex_pos": ex_pos,
                 "ex_acts": _example_acts(values, indices, ex_ctx, T)}
     steps.update()
@@ -381,10 +384,32 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     info = {
         "version": FORMAT_VERSION, "options": opts, "metadata": meta, "n_latents": n, "k": sae.k,
         "n_tokens": n_tokens, "n_contexts": n_ctx, "fingerprint": fingerprint(sae), "groups": groups,
-        "tokens": {str(x): lm.tokenizer.decode([x]) for x in sorted(referenced)},
+        "tokens": {str(x): token_text(lm.tokenizer, x) for x in sorted(referenced)},
         "n2g": patterns,
     }
     return Summary(tensors, info)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as text. A token that is part of a multi-byte character (byte-level BPE) shows its
+    bytes, ``<0xE2 0x80>``, instead of the replacement character its lone decode gives."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    decoder = _byte_decoder()
+    if not piece or any(ch not in decoder for ch in piece):
+        return piece or text  # not byte-level BPE: its own piece (e.g. SentencePiece's "<0xE2>")
+    raw = bytes(decoder[ch] for ch in piece).decode("utf-8", "surrogateescape")  # bad bytes -> U+DC80..U+DCFF
+    return re.sub("[\udc80-\udcff]+", lambda m: "<" + " ".join(f"0x{ord(c) - 0xDC00:02X}" for c in m[0]) + ">", raw)
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable character -> the byte it stands for."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
 
 
 def _rank_by_group(group: Tensor, score: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -405,10 +430,28 @@ def _activation_stats(lat: Tensor, val: Tensor, counts: Tensor, n: int, n_tokens
             "max_act": max_act, "hist": hist.int()}
 
 
-def _pick_examples(tok: Tensor, counts: Tensor, starts: Tensor, T: int, opts: dict) -> tuple[Tensor, Tensor, list]:
-    """Example tokens per latent from its firing tokens ranked by activation: ``n_top`` top ones,
-    then ``per_quantile`` spread at random over each of ``n_quantiles`` equal-count rank slices."""
-    n, top, Q, P = len(counts), opts["n_top"], opts["n_quantiles"], opts["per_quantile"]
+def _pick_examples(tok: Tensor, lat: Tensor, counts: Tensor, starts: Tensor, T: int,
+                   opts: dict) -> tuple[Tensor, Tensor, list]:
+    """Example tokens per latent from its firing tokens (``tok``, ``lat``: flat token index and
+    latent, ranked by latent then activation): ``n_top`` top ones, then ``per_quantile`` spread at
+    random over each of ``n_quantiles`` equal-count rank slices of those outside the top ones' contexts."""
+    top_ctx, top_pos = _sample_ranks(tok, counts, starts, torch.arange(opts["n_top"])[None], T)
+    n_ctx = int(tok.max()) // T + 1 if len(tok) else 1
+    shown = (torch.arange(len(counts))[:, None] * n_ctx + top_ctx)[top_ctx >= 0]
+    rest = ~torch.isin(lat.long() * n_ctx + tok // T, shown)
+    counts = torch.bincount(lat[rest], minlength=len(counts))
+    ctx, pos = _sample_ranks(tok[rest], counts, torch.cumsum(counts, 0) - counts, _quantile_ranks(counts, opts), T)
+    groups = [{"name": "top activations", "start": 0, "count": opts["n_top"]}]
+    Q, P = opts["n_quantiles"], opts["per_quantile"]
+    for k in range(Q):
+        groups.append({"name": f"activation quantile {k * 100 // Q}-{(k + 1) * 100 // Q}% from the top",
+                       "start": opts["n_top"] + k * P, "count": P})
+    return torch.cat([top_ctx, ctx], 1), torch.cat([top_pos, pos], 1), groups
+
+
+def _quantile_ranks(counts: Tensor, opts: dict) -> Tensor:
+    """``(n, Q * P)`` ranks (-1: none): ``P`` spread at random over each of ``Q`` equal-count slices of ``counts``."""
+    n, Q, P = len(counts), opts["n_quantiles"], opts["per_quantile"]
     g = torch.Generator().manual_seed(opts["seed"])
     c = counts[:, None, None].double()
     q = torch.arange(Q)[None, :, None]
@@ -416,17 +459,15 @@ def _pick_examples(tok: Tensor, counts: Tensor, starts: Tensor, T: int, opts: di
     width, j = hi - lo, torch.arange(P)[None, None, :]
     spread = lo + ((j + torch.rand(n, Q, P, generator=g, dtype=torch.float64)) * width / P).floor()
     ranks = torch.where(width >= P, spread, lo + j).long()
-    valid = (width >= P) | (j < width)
-    ranks = torch.cat([torch.arange(top)[None].expand(n, -1), ranks.view(n, -1)], 1)
-    valid = torch.cat([torch.arange(top)[None] < counts[:, None], valid.view(n, -1)], 1)
-    flat = tok[(starts[:, None] + ranks).clamp(max=max(len(tok) - 1, 0))] if len(tok) else torch.zeros_like(ranks)
-    ex_ctx = torch.where(valid, flat // T, -1).int()
-    ex_pos = torch.where(valid, flat % T, -1).int()
-    groups = [{"name": "top activations", "start": 0, "count": top}]
-    for k in range(Q):
-        groups.append({"name": f"activation quantile {k * 100 // Q}-{(k + 1) * 100 // Q}% from the top",
-                       "start": top + k * P, "count": P})
-    return ex_ctx, ex_pos, groups
+    return torch.where((width >= P) | (j < width), ranks, -1).view(n, -1)
+
+
+def _sample_ranks(tok: Tensor, counts: Tensor, starts: Tensor, ranks: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """``(ctx, pos)`` of each latent's firing tokens at ``ranks`` (``(n or 1, E)``), -1 where out of range."""
+    ranks = ranks.expand(len(counts), -1)
+    valid = (ranks >= 0) & (ranks < counts[:, None])
+    flat = tok[(starts[:, None] + ranks).clamp(0, max(len(tok) - 1, 0))] if len(tok) else torch.zeros_like(ranks)
+    return torch.where(valid, flat // T, -1).int(), torch.where(valid, flat % T, -1).int()
 
 
 def _example_acts(values: Tensor, indices: Tensor, ex_ctx: Tensor, T: int, chunk: int = 256) -> Tensor:

@@ -19,11 +19,30 @@ from .summary import HELP, Summary, summarize
 
 
 def _tok(text: str) -> str:
-    return html.escape(text.replace("\n", "\u21b5"), quote=True)
+    return html.escape(text.replace("\n", "\u21b5").replace("\t", "\u21e5"), quote=True)
+
+
+def _token(text: str) -> str:
+    """A token on its own (in a list): one made only of whitespace shows its spaces as "␣"."""
+    return _tok(text.replace(" ", "\u2423") if text.isspace() else text)
 
 
 def _num(x, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}g}"
+    """``x`` with ``digits`` significant digits, trailing zeros kept ("1.00", "0.140"); below 1e-3
+    in exponent form ("3.20e-4"), as the static site shows numbers."""
+    if x is None:
+        return "\u2013"
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+    exponent = int(exponent)
+    if abs(x) < 1e-3 or exponent >= digits:
+        return f"{mantissa}e{exponent:+d}"
+    return f"{x:.{max(0, digits - 1 - exponent)}f}"
+
+
+def _signed(x) -> str:
+    return ("+" if x > 0 else "") + _num(x)
 
 
 def density_figure(summary: Summary) -> go.Figure:
@@ -56,11 +75,11 @@ def latent_html(data: dict) -> str:
     """Facts, N2G explanation, nearest latents and output effect of one latent, as escaped HTML; each
     number's meaning (:data:`~.summary.HELP`) is its tooltip."""
     n2g = data["n2g"]
-    patterns = " ".join(f"<code>{_tok(p)}</code>" for p in n2g["patterns"]) or "<i>none</i>"
-    neighbours = ", ".join(f"#{j} ({c:.2f})" for j, c in data["neighbours"])
+    patterns = " ".join(f"<code>{_token(p)}</code>" for p in n2g["patterns"]) or "<i>none</i>"
+    neighbours = ", ".join(f"#{j} ({_num(c, 2)})" for j, c in data["neighbours"])
 
     def logits(rows, kind):
-        return ", ".join(f"<code>{_tok(t)}</code> {_titled(f'{v:+.3g}', HELP[kind])}" for t, v in rows)
+        return ", ".join(f"<code>{_token(t)}</code> {_titled(_signed(v), HELP[kind])}" for t, v in rows)
 
     parts = [
         f"<h3>Latent {data['id']}</h3>",
@@ -95,8 +114,8 @@ def examples_html(data: dict) -> str:
         for j, (tok, a) in enumerate(zip(ex["tokens"], ex["acts"])):
             alpha = min(1.0, 0.1 + 0.9 * a / (data["max_act"] or 1.0)) if a > 0 else 0.0
             border = "outline:1.5px solid #b03000;" if j == ex["center"] else ""
-            spans.append(f'<span title="{a:.3g}" style="white-space:pre-wrap;background:rgba(255,110,0,{alpha:.2f});'
-                         f'{border}">{_tok(tok)}</span>')
+            spans.append(f'<span title="activation {_num(a)}" style="white-space:pre-wrap;'
+                         f'background:rgba(255,110,0,{alpha:.2f});{border}">{_tok(tok)}</span>')
         out.append(f'<div style="font-family:monospace;margin:2px 0">{"".join(spans)}</div>')
     return "\n".join(out)
 
@@ -145,7 +164,7 @@ class LatentBrowser(widgets.VBox):
     def search(self, query: str) -> list[tuple[int, float]]:
         """Fill ``.results`` with the latents that fire most on ``query``'s token."""
         hits = self.summary.search(query)
-        self.results.options = [(f"#{j}  mean activation {s:.3g}", j) for j, s in hits]
+        self.results.options = [(f"#{j}  mean activation {_num(s)}", j) for j, s in hits]
         return hits
 
     def _pick(self, change) -> None:

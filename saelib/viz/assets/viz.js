@@ -25,6 +25,8 @@ function el(tag, attrs, ...children) {
 }
 
 const shown = (tok) => tok.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
+// a token on its own (a table cell, a list): one made only of whitespace shows its spaces as "\u2423"
+const shownToken = (tok) => shown(/^\s+$/.test(tok) ? tok.replace(/ /g, "\u2423") : tok);
 // `d` significant digits; below 1e-3 in exponent form (3.2e-4), so that no value shows as "0.00"
 function fmt(x, d = 3) {
   if (x === null || x === undefined) return "\u2013";
@@ -106,7 +108,7 @@ const COLUMNS = [
   ["max_act", "max act.", fmt],
   ["n2g_precision", "N2G precision", fmt],
   ["n2g_recall", "N2G recall", fmt],
-  ["top_token", "top token", (t) => el("span", { class: "tok" }, shown(t))],
+  ["top_token", "top token", (t) => el("span", { class: "tok" }, shownToken(t))],
 ];
 
 function renderTable() {
@@ -175,7 +177,7 @@ function logitTable(title, rows, about) {
     el("thead", {}, el("tr", {}, el("th", { class: "text", title: "the output token" }, "token"),
                         el("th", { title: about }, "\u0394 logit"))),
     el("tbody", {}, ...rows.map(([tok, v]) =>
-      el("tr", {}, el("td", { class: "tok" }, shown(tok)), el("td", { title: about }, signed(v)))))));
+      el("tr", {}, el("td", { class: "tok" }, shownToken(tok)), el("td", { title: about }, signed(v)))))));
 }
 
 function example(ex, maxAct) {
@@ -197,7 +199,7 @@ function renderLatent(d) {
                    fact(fmt(d.mean_act), "mean activation when firing"), fact(fmt(d.max_act), "max activation"));
   const n2g = d.n2g.patterns.length
     ? el("div", {}, el("p", {}, `precision ${fmt(d.n2g.precision)}, recall ${fmt(d.n2g.recall)} (held-out half)`),
-         el("div", { id: "n2g-patterns" }, ...d.n2g.patterns.map((p) => el("span", { class: "tok chip" }, shown(p)))))
+         el("div", { id: "n2g-patterns" }, ...d.n2g.patterns.map((p) => el("span", { class: "tok chip" }, shownToken(p)))))
     : el("p", { class: "muted" }, "No N2G explanation (the latent does not fire on the explanation half).");
   const effects = el("div", { class: "row" }, logitTable("promoted (direct logit attribution)", d.promoted, HELP.direct),
                      logitTable("suppressed", d.suppressed, HELP.direct));
@@ -263,7 +265,10 @@ function route() {
   // a hand-typed or truncated escape (#search/%E0%A4%A) is not valid UTF-8: search for the text as typed
   try { h = decodeURIComponent(raw); } catch (e) { if (!(e instanceof URIError)) throw e; }
   if (h.startsWith("latent/")) loadLatent(Number(h.slice(7)));
-  else if (h.startsWith("search/")) renderSearch(h.slice(7));
+  else if (h.startsWith("search/")) {
+    document.getElementById("search-input").value = h.slice(7);
+    renderSearch(h.slice(7));
+  }
   else overview();
 }
 
