@@ -41,7 +41,7 @@ def log_axis(values) -> dict:
     """Axis settings for a log axis over ``values`` (e.g. powers of 2): one labelled tick per value
     and no minor labels, which plotly otherwise prints as "5 6 7 8 9 1000 2 3 4" on short ranges."""
     ticks = sorted({float(v) for v in values})
-    return dict(type="log", tickvals=ticks, ticktext=[f"{v:,.0f}" if v >= 1 else f"{v:g}" for v in ticks],
+    return dict(type="log", tickvals=ticks, ticktext=[f"{v:,.0f}" if v >= 1 and v == int(v) else f"{v:g}" for v in ticks],
                 minor=dict(ticks="", showgrid=False))
 
 
@@ -74,16 +74,33 @@ def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None
     return folder / f"{name}.png"
 
 
+# Where in a layer activations are read (:data:`saelib.models.SITES`), in words for titles
+SITE_NAMES = {"resid_post": "residual stream after layer {layer}", "mlp_out": "MLP output of layer {layer}",
+              "attn_out": "attention output of layer {layer}"}
+
+
+def site_name(site: str, layer: int) -> str:
+    """``site`` of ``layer`` in words, e.g. "residual stream after layer 12"."""
+    return SITE_NAMES.get(site, site + " of layer {layer}").format(layer=layer)
+
+
+def seeds_phrase(seeds: int) -> str:
+    """How a figure's points combine seeds: "one seed", or "mean ± sd over 3 seeds"."""
+    return "one seed" if seeds == 1 else f"mean ± sd over {seeds} seeds"
+
+
 def norm_histogram(kept: torch.Tensor, excluded: torch.Tensor, title: str) -> go.Figure:
     """Histogram of log10 token norms, kept vs excluded (excluded tokens sit far to the right)."""
-    fig = go.Figure()
+    fig, every = go.Figure(), []
     logs = torch.cat([kept, excluded]).float().clamp_min(1e-6).log10()
     bins = torch.linspace(float(logs.min()), float(logs.max()) + 1e-3, 61)
     for label, norms in (("kept", kept), ("excluded (position 0, separators, outliers)", excluded)):
         counts = torch.histogram(norms.float().clamp_min(1e-6).log10(), bins=bins).hist
+        every += [c for c in counts.tolist() if c > 0]
         fig.add_bar(x=((bins[:-1] + bins[1:]) / 2).tolist(), y=counts.tolist(), name=f"{label}: {len(norms)} tokens")
     fig.update_layout(title=title, xaxis_title="log10(activation norm)", yaxis_title="tokens", barmode="overlay",
-                      yaxis_type="log", template="plotly_white", legend=dict(orientation="h", y=-0.2))
+                      template="plotly_white", legend=dict(orientation="h", y=-0.2))
+    fig.update_yaxes(**nice_log_axis(every or [1]))
     fig.update_traces(opacity=0.7)
     return fig
 
@@ -107,12 +124,17 @@ def fraction_axis(values) -> dict:
 
 
 def nice_log_axis(values) -> dict:
-    """:func:`log_axis` with ticks at 1, 2 and 5 times the powers of ten that span ``values`` (for values
-    that are measurements, not a small set of chosen sizes)."""
-    lo, hi = min(float(v) for v in values), max(float(v) for v in values)
+    """:func:`log_axis` for values that are measurements, not a small set of chosen sizes: ticks at the
+    powers of ten that span ``values``, or at 1, 2 and 5 times them, or at 1, 1.5, 2, 3, 4, 5, 6 and 8
+    times them: the first of these with at least 3 ticks inside the values' range (else 3 ticks spread
+    over it, to 2 significant digits)."""
+    lo, hi = min(float(v) for v in values if v > 0), max(float(v) for v in values)
     decades = range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1)
-    ticks = [m * 10.0**d for d in decades for m in (1, 2, 5)]
-    return log_axis([t for t in ticks if lo / 2.5 <= t <= hi * 2.5])
+    for mantissas in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = [float(f"{m * 10.0**d:.3g}") for d in decades for m in mantissas]
+        if sum(lo <= t <= hi for t in ticks) >= 3:
+            return log_axis([t for t in ticks if lo / 2.5 <= t <= hi * 2.5])
+    return log_axis([float(f"{t:.2g}") for t in np.geomspace(lo, hi, 3)])
 
 
 def decade_axis() -> dict:
@@ -167,7 +189,7 @@ def density_histogram(counts: torch.Tensor, edges: torch.Tensor, title: str, rep
 
 def frontier(summary: list[dict], title: str, published_summary: list[dict] | None = None) -> go.Figure:
     """Notebook 01's two panels: held-out NMSE and Δ cross-entropy against L0, one line per method (TopK,
-    BatchTopK, ReLU + L1; each point a k or a λ, error bars ± one sd over seeds), from
+    BatchTopK, ReLU + L1; each point a k or a λ, error bars ± one sd over seeds where there are several), from
     :func:`saelib.sweep.summarize` rows over ``arch, k, l1_coef``; the published demo run dotted beside."""
     from plotly.subplots import make_subplots
 
@@ -176,12 +198,13 @@ def frontier(summary: list[dict], title: str, published_summary: list[dict] | No
                                                     dict(line_dash=PUBLISHED["dash"], opacity=PUBLISHED["opacity"]))):
         for arch, label in ARCH_NAMES.items():
             s = sorted((r for r in rows if r["arch"] == arch), key=lambda r: r["val_l0"])
+            bars = any(r["runs"] > 1 for r in s)  # ± one sd over seeds; none at one seed
             for col, metric in ((1, "val_nmse"), (2, "delta_ce")):
                 if s:
                     fig.add_scatter(x=[r["val_l0"] for r in s], y=[r[metric] for r in s], mode="lines+markers",
                                     name=label + source, legendgroup=label + source, showlegend=col == 1,
-                                    marker_color=ARCH_COLORS[arch], error_x=dict(array=[r["val_l0_std"] for r in s]),
-                                    error_y=dict(array=[r[f"{metric}_std"] for r in s]),
+                                    marker_color=ARCH_COLORS[arch], error_x=dict(array=[r["val_l0_std"] for r in s], visible=bars),
+                                    error_y=dict(array=[r[f"{metric}_std"] for r in s], visible=bars),
                                     text=[f"λ={r['l1_coef']}" if arch == "relu" else f"k={r['k']}" for r in s],
                                     row=1, col=col, **style)
     every = summary + (published_summary or [])
@@ -330,13 +353,16 @@ def compute_and_convergence(curves: list[dict], frontier: tuple, compute_fit, co
 
 
 # Notebook 04's panels: (title, [(metric, legend name, dash)]); the baselines are the residual channels
+# and each panel's y-axis title
 METRIC_PANELS = [
-    ("downstream loss, lower better", [("delta_ce", "Δ cross-entropy (nats)", "solid")]),
-    ("probe loss, lower better", [("probe_loss", "probe loss, SAE latents", "solid"),
-                                  ("probe_loss_baseline", "probe loss, baseline (residual channels)", "dot")]),
-    ("N2G explanations, higher better", [("n2g_precision", "N2G precision", "solid"),
-                                         ("n2g_recall", "N2G recall", "dash")]),
-    ("ablation sparsity, lower sparser", [("ablation_sparsity", "ablation sparsity, SAE latents", "solid"),
+    ("downstream loss, lower better", "Δ cross-entropy (nats)", [("delta_ce", "Δ cross-entropy (nats)", "solid")]),
+    ("probe loss, lower better", "probe loss (nats)", [
+        ("probe_loss", "probe loss, SAE latents", "solid"),
+        ("probe_loss_baseline", "probe loss, baseline (residual channels)", "dot")]),
+    ("N2G (n-gram) explanations, higher better", "fraction (0 to 1)", [
+        ("n2g_precision", "N2G precision", "solid"), ("n2g_recall", "N2G recall", "dash")]),
+    ("ablation sparsity, lower sparser", "effective share of logits (0 to 1)", [
+        ("ablation_sparsity", "ablation sparsity, SAE latents", "solid"),
                                           ("ablation_sparsity_baseline",
                                            "ablation sparsity, baseline (residual channels)", "dot")]),
 ]
@@ -345,25 +371,28 @@ METRIC_PANELS = [
 def metrics_vs_size(rows: list[dict], title: str, published_rows: list[dict] | None = None) -> go.Figure:
     """Notebook 04's four panels: Δ cross-entropy, probe loss, N2G precision and recall, ablation sparsity
     against n (log axis), each metric under its own name, the residual-channel baselines dotted; the
-    published demo run's values in grey beside them. ``rows``: one :func:`saelib.evals.evaluate` dict per
+    published demo run's values in grey beside them, under one legend entry. ``rows``: one :func:`saelib.evals.evaluate` dict per
     size, with ``n_latents``."""
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[title_ for title_, _ in METRIC_PANELS], vertical_spacing=0.18)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[panel[0] for panel in METRIC_PANELS], vertical_spacing=0.18)
     runs = [("", rows, None)]
     if published_rows:
         runs.append((f", {PUBLISHED['label']}", published_rows, "grey"))
     colors = iter(["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"])
-    color = {metric: next(colors) for _, lines in METRIC_PANELS for metric, _, _ in lines}
-    for i, (_, lines) in enumerate(METRIC_PANELS):
+    color = {metric: next(colors) for _, _, lines in METRIC_PANELS for metric, _, _ in lines}
+    for i, (_, y_title, lines) in enumerate(METRIC_PANELS):
         row, col = divmod(i, 2)
+        fig.update_yaxes(title_text=y_title, row=row + 1, col=col + 1)
         for source, table, grey in runs:
             s = sorted(table, key=lambda r: r["n_latents"])
-            for metric, label, dash in lines:
+            for j, (metric, label, dash) in enumerate(lines):
+                # the published run: one legend entry that shows or hides all its grey lines
                 fig.add_scatter(x=[r["n_latents"] for r in s], y=[r[metric] for r in s], mode="lines+markers",
-                                name=label + source, line=dict(dash=dash, color=grey or color[metric]),
-                                opacity=PUBLISHED["opacity"] if grey else 1, showlegend=not grey or i == 0,
-                                legendgroup=source or label, row=row + 1, col=col + 1)
+                                name=PUBLISHED["label"] if grey else label, hovertext=label + source, hoverinfo="x+y+text",
+                                line=dict(dash=dash, color=grey or color[metric]),
+                                opacity=PUBLISHED["opacity"] if grey else 1, showlegend=not grey or i + j == 0,
+                                legendgroup=PUBLISHED["label"] if grey else label, row=row + 1, col=col + 1)
     every = [r["n_latents"] for _, table, _ in runs for r in table]
     fig.update_xaxes(title_text="n (latents)", **log_axis(every))
     fig.update_layout(title=title, template="plotly_white", height=750, legend=dict(orientation="h", y=-0.15))
@@ -383,7 +412,7 @@ GREY = dict(color=PUBLISHED["color"])  # the published demo run where a figure d
 
 def progressive_codes(data: dict, published: dict | None = None) -> go.Figure:
     """Held-out NMSE against the number of latents kept at test time, k', per architecture (mean ± sd over
-    seeds), the trained k marked; the published demo run's curves in grey beside them.
+    seeds, or one seed without bars), the trained k marked; the published demo run's curves in grey beside them.
 
     ``data`` (and ``published``): ``{"summary": [{arch, k_prime, nmse, nmse_std, runs}], "runs": [{k, n_latents,
     ...}]}``, what notebook 05 saves.
@@ -400,15 +429,15 @@ def progressive_codes(data: dict, published: dict | None = None) -> go.Figure:
                             name=ARCH_NAMES.get(arch, arch) + suffix,
                             line=dict(dash="dash" if suffix else None, **(style or {"color": ARCH_COLORS.get(arch)})),
                             marker=dict(symbol="circle-open" if arch == "topk" else "diamond-open") if suffix else None,
-                            error_y=dict(array=[r["nmse_std"] for r in s], **style))
+                            error_y=dict(array=[r["nmse_std"] for r in s], visible=seeds > 1, **style))
         k_primes += [r["k_prime"] for r in source["summary"]]
     nmse = [r["nmse"] for d in (data, published) if d for r in d["summary"]]
     fig.add_scatter(x=[k, k], y=[min(nmse), max(nmse)], mode="lines", name=f"trained k = {k}",
                     line=dict(dash="dot", color="black"))
     fig.update_xaxes(title_text="k' (latents kept at test time)", **log_axis(k_primes))
     fig.update_yaxes(title_text="held-out normalised MSE")
-    fig.update_layout(title=f"Decoding at k' ≠ k: held-out NMSE (n = {n}, mean ± sd over {seeds} seed"
-                            f"{'s' if seeds > 1 else ''})", template="plotly_white")
+    fig.update_layout(title=f"Decoding at k' ≠ k: held-out NMSE (n = {n}, {seeds_phrase(seeds)})",
+                      template="plotly_white")
     return fig
 
 
@@ -463,7 +492,8 @@ def _ablation_deltas(data: dict) -> tuple[dict[str, float], float, list[float]]:
 
 def recipe_ablation(data: dict, published: dict | None = None) -> go.Figure:
     """Left: each one-knob variant's held-out NMSE as a change (%) from the reference recipe (bars, with the
-    fraction of dead latents), the grey band the reference's seed range, grey diamonds the published demo run.
+    fraction of dead latents, in a column right of them), the grey band the reference's seed range (at least
+    1% of the axis wide), grey diamonds the published demo run.
     Right: held-out NMSE against the learning rate in multiples of the paper's rule, this run and the published.
 
     ``data`` (and ``published``): ``{"reference": {n_latents, k, tokens, lr}, "runs": [{variant, seed, lr,
@@ -475,40 +505,49 @@ def recipe_ablation(data: dict, published: dict | None = None) -> go.Figure:
 
     deltas, ref_mean, ref_band = _ablation_deltas(data)
     order = sorted(deltas, key=deltas.get)
+    names = [v.replace("b_pre", "decoder bias b_pre") for v in order]
     dead = {r["variant"]: r["dead_fraction"] for r in data["runs"]}
+    pub = _ablation_deltas(published)[0] if published else {}
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.3,
                         subplot_titles=("one change from the reference recipe",
                                         "learning rate (multiples of the paper's rule)"))
-    fig.add_bar(y=order, x=[100 * deltas[v] for v in order], orientation="h", name="this run", marker_color="#1f77b4",
-                row=1, col=1)
-    # labels right of each bar or of zero: left of a negative bar they would cover the variant names
-    fig.add_scatter(y=order, x=[max(0.0, 100 * deltas[v]) for v in order], mode="text", showlegend=False,
-                    text=[f"  {100 * deltas[v]:+.1f}% · dead {dead[v]:.0%}" for v in order],
+    fig.add_bar(y=names, x=[100 * deltas[v] for v in order], orientation="h", name="this run", legendgroup="this run",
+                marker_color="#1f77b4", row=1, col=1)
+    # labels in one column right of every bar and diamond, so that none covers another or a variant's name
+    right = 100 * max([0.0, *deltas.values(), *pub.values()])
+    fig.add_scatter(y=names, x=[right] * len(order), mode="text", showlegend=False, hoverinfo="skip",
+                    text=[f"   {100 * deltas[v]:+.1f}% · dead {dead[v]:.0%}" for v in order],
                     textposition="middle right", cliponaxis=False, row=1, col=1)
-    fig.add_vrect(x0=100 * min(ref_band), x1=100 * max(ref_band), fillcolor="grey", opacity=0.25, line_width=0,
-                  row=1, col=1)
+    if len(ref_band) > 1:  # the reference's seed range, at least 1% of the axis wide to stay visible
+        span = 100 * (max([0.0, *deltas.values(), *pub.values()]) - min([0.0, *deltas.values(), *pub.values()]))
+        low, high = 100 * min(ref_band), 100 * max(ref_band)
+        pad = max(0.0, 0.01 * span - (high - low)) / 2
+        fig.add_vrect(x0=low - pad, x1=high + pad, fillcolor="grey", opacity=0.25, line_width=0, row=1, col=1,
+                      annotation_text="reference's seed range", annotation_position="bottom left",
+                      annotation_font=dict(size=10, color="grey"))
     for source, name, style in ((data, "this run", dict(color="#1f77b4")), (published, "published demo run", GREY)):
         if source is None:
             continue
         if source is published:
-            pub = _ablation_deltas(published)[0]
             shown = [v for v in order if v in pub]
-            fig.add_scatter(y=shown, x=[100 * pub[v] for v in shown], mode="markers", name=name,
-                            marker=dict(symbol="diamond", size=11, **style), row=1, col=1)
+            fig.add_scatter(y=[names[order.index(v)] for v in shown], x=[100 * pub[v] for v in shown], mode="markers",
+                            name=name, legendgroup=name, marker=dict(symbol="diamond", size=11, **style), row=1, col=1)
         rule = paper_lr(source["reference"]["n_latents"])
         lr_rows = sorted((r for r in source["runs"] if r["variant"].startswith("lr ")
                           or r["variant"] == "reference" and r["seed"] == source["runs"][0]["seed"]),
                          key=lambda r: r["lr"])
         fig.add_scatter(x=[r["lr"] / rule for r in lr_rows], y=[r["val_nmse"] for r in lr_rows], mode="lines+markers",
-                        name=name, showlegend=False, marker_color=style["color"], row=1, col=2)
+                        name=f"{name}: NMSE against the learning rate", legendgroup=name, marker_color=style["color"],
+                        row=1, col=2)
     multiples = [r["lr"] / paper_lr(d["reference"]["n_latents"]) for d in (data, published) if d for r in d["runs"]]
     ref = data["reference"]
     fig.update_xaxes(title_text="change in held-out NMSE from the reference (%)", row=1, col=1)
-    fig.update_xaxes(title_text="lr / (2e-4 / sqrt(n / 2^14))", row=1, col=2, **log_axis(multiples))
+    fig.update_xaxes(title_text="learning rate (× the paper's rule 2e-4/√(n/2¹⁴))", row=1, col=2,
+                     **log_axis(multiples))
     fig.update_yaxes(title_text="held-out normalised MSE", row=1, col=2)
     fig.update_layout(template="plotly_white", height=480, legend=dict(orientation="h", y=-0.2),
                       title=f"Recipe ablation at n = {ref['n_latents']}, k = {ref['k']}, {ref['tokens'] / 1e6:.2f}M "
-                            f"tokens (reference NMSE {ref_mean:.3f}; grey band: its seed range)")
+                            f"tokens (reference NMSE {ref_mean:.3f})")
     return fig
 
 
@@ -520,7 +559,7 @@ IMPL_NAMES = {"saelib": "saelib", "saelib-bf16": "saelib, bf16 encoder", "sparsi
 def throughput(data: dict, published: dict | None = None) -> go.Figure:
     """Tokens per second of one TopK training step (forward, loss with AuxK, backward, Adam, decoder
     renormalisation) per implementation (bars) and configuration (groups), log scale; the roofline (the
-    encoder GEMM alone, the fastest any step can be) is a black dash over each group. With ``published``,
+    encoder's matrix multiply alone, the fastest any step can be) is a black line spanning its group. With ``published``,
     the published demo run is a second panel on the same axis. Implementations that could not run have
     no bar (their rows say why).
 
@@ -534,6 +573,7 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
     # a group's label names what varies across the groups; the rest goes into the axis title
     varies = [key for key in ("d_in", "batch_size") if len({r[key] for r in every}) > 1]
     fixed = ", ".join(f"{CONFIG_NAMES[key]} {every[0][key]}" for key in ("d_in", "batch_size") if key not in varies)
+    fixed = fixed.replace("d_in", "activation width d_in") + (", d_in: activation width" if "d_in" in varies else "")
 
     def label(r: dict) -> str:
         auxk = f"AuxK, {r['dead_fraction']:.0%} dead" if r["dead_fraction"] else "no dead latents"
@@ -549,6 +589,8 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
     colors = dict(zip(IMPL_NAMES, ("#1f77b4", "#6baed6", "#ff7f0e", "#2ca02c", "#98df8a", "#d62728")))
     for col, (panel, _) in enumerate(panels, 1):
         rows = [r for r in panel["rows"] if r["tokens_per_s"]]
+        groups = list(dict.fromkeys(label(r) for r in rows))  # the x axis's categories, at positions 0, 1, ...
+        fig.update_xaxes(categoryorder="array", categoryarray=groups, row=1, col=col)
         for impl in dict.fromkeys(r["impl"] for r in rows if not r["impl"].startswith("roofline")):
             ok = [r for r in rows if r["impl"] == impl]
             fig.add_bar(name=IMPL_NAMES.get(impl, impl), x=[label(r) for r in ok], y=[r["tokens_per_s"] for r in ok],
@@ -556,13 +598,15 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
                         offsetgroup=impl,
                         hovertemplate="%{y:,.0f} tokens/s", row=1, col=col)
             in_legend.add(impl)
+        # the roofline of a group: a line over its bars, which span its category's position ± 0.4
         roof = [r for r in rows if r["impl"] == "roofline"]
-        fig.add_scatter(x=[label(r) for r in roof], y=[r["tokens_per_s"] for r in roof], mode="markers",
-                        name="roofline: the encoder GEMM alone", legendgroup="roofline", showlegend=col == 1,
-                        marker=dict(symbol="line-ew", size=560 // (len(panels) * max(1, len(roof))),
-                                    line=dict(width=3, color="black")),
-                        hovertemplate="roofline %{y:,.0f} tokens/s", row=1, col=col)
-    fig.update_yaxes(type="log", dtick=1)  # a label per decade
+        for i, r in enumerate(roof):
+            at = groups.index(label(r))
+            fig.add_shape(type="line", x0=at - 0.4, x1=at + 0.4, y0=r["tokens_per_s"], y1=r["tokens_per_s"],
+                          line=dict(width=3, color="black"), name="roofline: the encoder's matrix multiply alone",
+                          legendgroup="roofline", showlegend=col == 1 and i == 0, row=1, col=col)
+    speeds = [r["tokens_per_s"] for r in every if r["tokens_per_s"]]  # room above the highest roofline
+    fig.update_yaxes(type="log", dtick=1, tickformat="~s", range=[np.log10(min(speeds)) - 0.1, np.log10(max(speeds)) + 0.1])
     fig.update_yaxes(title_text="tokens per second (median step)", col=1)
     fig.update_layout(title="Training throughput: tokens per second of one TopK step, saelib vs sparsify vs SAELens"
                             f"<br><sup>forward, loss, backward, Adam; k {every[0]['k']}"

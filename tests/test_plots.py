@@ -86,6 +86,26 @@ def test_nice_log_axis_ticks_span_the_values_at_1_2_5():
     assert axis["type"] == "log" and axis["tickvals"] == pytest.approx([0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
 
 
+@pytest.mark.parametrize("lo, hi", [(0.2, 0.41), (0.13, 0.4), (1.2, 3.5), (0.19, 0.21), (3, 30_000)])
+def test_nice_log_axis_labels_at_least_three_ticks_inside_a_narrow_range(lo, hi):
+    axis = plots.nice_log_axis([lo, hi])
+    inside = [(v, t) for v, t in zip(axis["tickvals"], axis["ticktext"]) if lo <= v <= hi]
+    assert len(inside) >= 3, axis
+    assert all(float(t.replace(",", "")) == pytest.approx(v) for v, t in inside)  # 1.5 reads "1.5", not "2"
+    assert len(inside) <= 8  # wide ranges: a label per decade, not at every 1, 2 and 5
+
+
+def test_nice_log_axis_uses_finer_mantissas_where_1_2_5_labels_one_tick():
+    assert {0.2, 0.3, 0.4} <= set(plots.nice_log_axis([0.2, 0.41])["tickvals"])  # 1-2-5 labels 0.2 alone
+
+
+def test_titles_say_sites_and_seeds_in_words():
+    assert plots.site_name("resid_post", 12) == "residual stream after layer 12"
+    assert plots.seeds_phrase(1) == "one seed" and plots.seeds_phrase(3) == "mean ± sd over 3 seeds"
+    fig = plots.norm_histogram(torch.tensor([100.0, 120, 150, 130]), torch.tensor([2e4]), "t")
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.minor.ticks == ""  # no "5 2 100 5 2" labels
+
+
 def test_training_curves_draw_the_demo_run_and_a_zero_to_one_dead_panel():
     rows = demo("00_training")["rows"]
     mine = [dict(r, tokens=r["tokens"] // 4) for r in rows[:20]]
@@ -114,6 +134,9 @@ def test_frontier_names_methods_and_draws_the_demo_dotted():
     assert fig.layout.yaxis2.title.text == "Δ cross-entropy (nats)"
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.minor.ticks == "" and "10" in fig.layout.xaxis.ticktext
     assert all(t.line.dash == "dot" for t in fig.data if "published" in t.name)
+    assert all(t.error_y.visible for t in fig.data)
+    one_seed = plots.frontier([dict(r, runs=1) for r in summary], "f")
+    assert not any(t.error_y.visible or t.error_x.visible for t in one_seed.data)  # no ± bars at one seed
 
 
 def test_dead_vs_n_reads_zero_to_one_with_readable_log_n():
@@ -169,6 +192,10 @@ def test_metrics_vs_size_legends_say_what_each_metric_is():
     assert {"Δ cross-entropy (nats)", "probe loss, SAE latents", "probe loss, baseline (residual channels)",
             "N2G precision", "N2G recall"} <= set(names)
     assert sum("published demo run" in name for name in names) == 1  # one grey legend entry for the demo run
+    grey = [t for t in fig.data if t.line.color == "grey"]
+    assert len(grey) == 7 and {t.legendgroup for t in grey} == {"published demo run"}  # it toggles every grey line
+    assert all(fig.layout[f"yaxis{i}"].title.text for i in ("", "2", "3", "4"))
+    assert "N2G (n-gram)" in fig.layout.annotations[2].text
     assert list(fig.layout.xaxis.ticktext) == ["512", "1,024", "2,048", "4,096", "8,192"]
     assert not math.isnan(fig.data[0].y[0])
 
@@ -214,6 +241,11 @@ def test_recipe_ablation_shows_changes_from_the_reference_and_the_published_ones
     assert list(diamonds.x) == list(bars.x)
     assert fig.layout.xaxis2.type == "log" and 1.0 in fig.layout.xaxis2.tickvals
     assert "%" in fig.layout.xaxis.title.text
+    labels = next(t for t in fig.data if t.type == "scatter" and t.mode == "text")  # one column right of every bar and diamond
+    assert len(set(labels.x)) == 1 and labels.x[0] >= max([*bars.x, *diamonds.x])
+    assert "decoder bias b_pre = sample mean" in bars.y and "learning rate" in fig.layout.xaxis2.title.text
+    assert "published demo run: NMSE against the learning rate" in legend_names(fig)
+    assert "grey band" not in fig.layout.title.text
 
 
 def test_throughput_draws_the_roofline_as_a_level_not_a_bar():
@@ -221,9 +253,14 @@ def test_throughput_draws_the_roofline_as_a_level_not_a_bar():
     fig = plots.throughput(demo, demo)
     assert "tokens per second" in fig.layout.title.text and "SAELens" in fig.layout.title.text
     assert not [t for t in fig.data if t.type == "bar" and "roofline" in t.name.lower()]
-    roofline = [t for t in fig.data if t.type == "scatter"]
-    assert len(roofline) == 2 and roofline[0].mode == "markers" and roofline[0].marker.symbol == "line-ew"
-    assert max(roofline[0].y) == max(r["tokens_per_s"] for r in demo["rows"] if r["impl"] == "roofline")
+    assert "GEMM" not in fig.layout.title.text and "activation width d_in" in fig.layout.title.text
+    # each group's roofline spans exactly its bars: category position ± 0.4 on that panel's axis
+    roofs = [r for r in demo["rows"] if r["impl"] == "roofline"]
+    lines = [s for s in fig.layout.shapes if s.xref == "x"]
+    assert len(lines) == len(roofs) and [(s.x0, s.x1) for s in lines] == [(i - 0.4, i + 0.4) for i in range(len(roofs))]
+    assert [s.y0 for s in lines] == [r["tokens_per_s"] for r in roofs]
+    assert list(fig.layout.xaxis.categoryarray)[0] == next(t for t in fig.data if t.type == "bar").x[0]
+    assert sum(bool(s.showlegend) for s in fig.layout.shapes) == 1
     assert_human_names(legend_names(fig))
     assert "SAELens" in legend_names(fig) and fig.layout.yaxis.type == "log"
     assert len(fig.layout.annotations) == 2 and len(plots.throughput(demo).layout.annotations) == 1
