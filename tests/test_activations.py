@@ -14,7 +14,7 @@ from saelib.normalize import Normalizer
 
 def test_hooked_activations_equal_hidden_states(lm, val_contexts):
     ids = val_contexts[:4]
-    (_, acts), = list(A.extract(lm, ids, [3, 12], progress=False))
+    (_, acts), = list(A.extract(lm, ids, [3, 12], progress=False, dtype="float32"))  # as the model's own forward
     with torch.no_grad():
         hidden = lm.model(ids, output_hidden_states=True).hidden_states
     # hidden_states[i + 1] is the output of decoder layer i
@@ -88,7 +88,7 @@ def test_cache_round_trip_and_interrupted_build_resumes(lm, val_contexts, tmp_pa
         index = torch.cat([resumed[layer].shard(i)["index"] for i in range(3)])
         assert len(index) == len(set(index.tolist())) == resumed[layer].n_rows  # no duplicate or missing rows
         # the cached rows are exactly the extracted activations at the kept positions
-        (_, acts), = list(A.extract(lm, ctx, [layer], batch_size=12, progress=False))
+        (_, acts), = list(A.extract(lm, ctx, [layer], batch_size=12, progress=False, dtype=key_of(layer).lm_dtype))
         keep, _ = A.keep_mask(ctx, acts[layer], lm.special_ids)
         torch.testing.assert_close(rows, acts[layer][keep], rtol=1e-5, atol=1e-4)
         assert torch.equal(index, keep.flatten().nonzero().squeeze(1))

@@ -263,5 +263,5 @@ def test_the_bare_forward_reads_what_extract_reads(lm, val_contexts):
     from saelib.activations import extract
     from saelib.bench.pipeline import bare_forward
 
-    (_, acts), = list(extract(lm, val_contexts[:2], [12], progress=False))
-    torch.testing.assert_close(bare_forward(lm, val_contexts[:2], 12), acts[12], rtol=0, atol=0)
+    (_, acts), = list(extract(lm, val_contexts[:2], [12], progress=False, dtype="float32"))
+    torch.testing.assert_close(bare_forward(lm, val_contexts[:2], 12, dtype="float32"), acts[12], rtol=0, atol=0)
