@@ -209,6 +209,8 @@ BLOCKS = {
     "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
                  "make figures NOTEBOOKS=07_recipe_ablation"),
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
+    "quality_lesson": ("quality_lesson.json", quality, "quality_lesson.png",
+                       "saelib bench --quality --budget lesson --seeds 0 1 --out figures/quality_lesson.json"),
     "quality": ("quality_demo.json", quality, "quality_demo.png",
                 "saelib bench --quality --budget demo --seeds 0 1 --out figures/quality_demo.json"),
 }

@@ -67,7 +67,7 @@ from ..config import resolve_device
 from .cases import IMPLS, PEERS, PRESETS, BenchConfig, dead_mask, grid, initial_weights, synthetic_activations
 from .experiments import bf16_parity, input_wait, supply_rate
 from .memory import _available_gb, _needed_gb, _peak_memory_mb, _reset_peak_memory, machine
-from .peers import BUILDERS, NaiveTopK, Step, Unavailable, _version, make_step, measure
+from .peers import BUILDERS, NaiveTopK, Unavailable, _version, make_step, measure
 from .pipeline import pipeline_rates, pipeline_table
 from .report import COLUMNS, _format_row, markdown_table
 
