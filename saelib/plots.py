@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 
 # Presets whose figures are the published ones in ``figures/``; the others write to ``figures/<preset>/``
@@ -148,8 +149,6 @@ def training_curves(rows: list[dict], title: str, published_rows: list[dict] | N
     """Training NMSE and fraction of dead latents (from 0) against training tokens (log axes: a short
     run's curve stays readable beside a long one), from ``RUN/metrics.jsonl`` rows; with the published
     demo run's rows and its held-out NMSE (a dashed reference line) beside them."""
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=2, subplot_titles=("normalised MSE (training batches)", "fraction of dead latents"))
     runs = [("this run", rows, {})]
     if published_rows:
@@ -191,8 +190,6 @@ def frontier(summary: list[dict], title: str, published_summary: list[dict] | No
     """Notebook 01's two panels: held-out NMSE and Δ cross-entropy against L0, one line per method (TopK,
     BatchTopK, ReLU + L1; each point a k or a λ, error bars ± one sd over seeds where there are several), from
     :func:`saelib.sweep.summarize` rows over ``arch, k, l1_coef``; the published demo run dotted beside."""
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=2, subplot_titles=("reconstruction vs sparsity", "downstream loss vs sparsity"))
     for source, rows, style in (("", summary, {}), (f", {PUBLISHED['label']}", published_summary or [],
                                                     dict(line_dash=PUBLISHED["dash"], opacity=PUBLISHED["opacity"]))):
@@ -219,8 +216,6 @@ def dead_vs_n(rows: list[dict], title: str, published_rows: list[dict] | None = 
     """Notebook 02: the fraction of latents dead at the end of training (0 to 1) against n, one panel per
     learning-rate multiplier and one line per mitigation, from sweep rows with ``mitigation`` and
     ``lr_multiplier``; the published demo run dotted beside, at the multipliers both have."""
-    from plotly.subplots import make_subplots
-
     multipliers = sorted({r["lr_multiplier"] for r in rows})
     fig = make_subplots(rows=1, cols=len(multipliers), shared_yaxes=True,
                         subplot_titles=[f"lr = {m:g} x paper's rule" for m in multipliers])
@@ -318,8 +313,6 @@ def compute_and_convergence(curves: list[dict], frontier: tuple, compute_fit, co
     "nmse"}`` per run) with the compute-efficient ``frontier`` ``(flops, nmse)`` and its fit; and tokens
     to convergence against n (``convergence``: ``(n, tokens)``) with its fit; the published demo run's
     frontier and convergence points as faded open markers (``published``: its figure's JSON)."""
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         f"L(C) = {compute_fit.params['c0']:.3g} + c1 C^-{compute_fit.params['p']:.3g}",
         f"tokens to convergence ∝ n^{convergence_fit.params['b']:.2f}"))
@@ -373,8 +366,6 @@ def metrics_vs_size(rows: list[dict], title: str, published_rows: list[dict] | N
     against n (log axis), each metric under its own name, the residual-channel baselines dotted; the
     published demo run's values in grey beside them, under one legend entry. ``rows``: one :func:`saelib.evals.evaluate` dict per
     size, with ``n_latents``."""
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=2, cols=2, subplot_titles=[panel[0] for panel in METRIC_PANELS], vertical_spacing=0.18)
     runs = [("", rows, None)]
     if published_rows:
@@ -460,8 +451,6 @@ def toy_recovery(data: dict, published: dict | None = None) -> go.Figure:
     ``data`` (and ``published``): ``{"runs": [{n_latents, k, mbc}], "random_mbc": float, "setup": {m, s, k}}``,
     what notebook 06 saves.
     """
-    from plotly.subplots import make_subplots
-
     def caption(d, name):
         s = d["setup"]
         return f"{name} (m {s['m']}, s {s['s']}; random dictionary {d['random_mbc']:.2f})"
@@ -499,8 +488,6 @@ def recipe_ablation(data: dict, published: dict | None = None) -> go.Figure:
     ``data`` (and ``published``): ``{"reference": {n_latents, k, tokens, lr}, "runs": [{variant, seed, lr,
     val_nmse, dead_fraction}]}``, what notebook 07 saves.
     """
-    from plotly.subplots import make_subplots
-
     from .config import paper_lr
 
     deltas, ref_mean, ref_band = _ablation_deltas(data)
@@ -566,8 +553,6 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
     ``data`` (and ``published``): ``{"rows": [{impl, d_in, n_latents, batch_size, dead_fraction,
     tokens_per_s}]}``, what notebook 08 saves (``saelib bench --json`` rows).
     """
-    from plotly.subplots import make_subplots
-
     panels = [(data, "this run")] + ([(published, "published demo run")] if published else [])
     every = [r for panel, _ in panels for r in panel["rows"]]
     # a group's label names what varies across the groups; the rest goes into the axis title
