@@ -326,7 +326,7 @@ def compute_and_convergence(curves: list[dict], frontier: tuple, compute_fit, co
     fig.add_scatter(x=n_ref, y=T, mode="markers", name="tokens to convergence", marker_color="crimson", row=1, col=2)
     fig.add_scatter(x=n_ref, y=convergence_fit.predict(n_ref), mode="lines", name="fit of tokens to convergence",
                     line=dict(color="crimson", dash="dot"), row=1, col=2)
-    every_n, every_nmse = list(n_ref), [v for r in curves for v in r["nmse"]]
+    every_n, every_nmse, every_T = list(n_ref), [v for r in curves for v in r["nmse"]], list(T)
     if published:
         style = dict(mode="markers", opacity=PUBLISHED["opacity"])
         fig.add_scatter(x=published["frontier"]["flops"], y=published["frontier"]["nmse"],
@@ -337,10 +337,12 @@ def compute_and_convergence(curves: list[dict], frontier: tuple, compute_fit, co
                         marker=dict(color="crimson", symbol="circle-open", size=9), row=1, col=2, **style)
         every_n += demo["n"]
         every_nmse += published["frontier"]["nmse"]
+        every_T += demo["tokens"]
     fig.update_xaxes(title_text="training FLOPs (6 d_in n tokens)", row=1, col=1, **decade_axis())
     fig.update_xaxes(title_text="n (latents)", row=1, col=2, **log_axis(every_n))
     fig.update_yaxes(title_text="training NMSE (smoothed)", row=1, col=1, **nice_log_axis(every_nmse))
-    fig.update_yaxes(title_text="tokens", row=1, col=2, **decade_axis())
+    # tokens to convergence often stay within one decade, where a per-decade axis labels nothing
+    fig.update_yaxes(title_text="tokens", row=1, col=2, **nice_log_axis(every_T))
     fig.update_layout(template="plotly_white", title=title, legend=dict(font_size=10))
     return fig
 

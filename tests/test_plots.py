@@ -182,6 +182,7 @@ def test_joint_law_and_compute_figures_carry_the_demo_fit():
     assert fig.layout.xaxis2.type == "log" and list(fig.layout.xaxis2.ticktext)[0] == "256"
     assert all(fig.layout[axis].minor.ticks == "" for axis in ("xaxis", "yaxis", "yaxis2"))  # no "2 3 4 5" labels
     assert "tokens to convergence, published demo run" in legend_names(fig)
+    assert len(fig.layout.yaxis2.tickvals) >= 3  # labelled even when every run converges within one decade
 
 
 def test_metrics_vs_size_legends_say_what_each_metric_is():
