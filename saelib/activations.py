@@ -623,20 +623,23 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
                        split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
                        val_fraction: float = 0.1, rule: Exclusion = Exclusion(), lm: LM | None = None,
                        progress: bool = True, lm_dtype: str | None = None,
-                       device: str | torch.device = "cpu") -> ActivationCache | dict[int, ActivationCache]:
+                       device: str | torch.device = "cpu", prepend_bos: bool | None = None
+                       ) -> ActivationCache | dict[int, ActivationCache]:
     """The activation cache of a model/layer/site/corpus/split, extracted on first use.
 
     ``device``: where the model is loaded when ``lm`` is None. ``lm_dtype``: of the LM's forward, as
     ``dtype`` in :func:`extract` (``None``: :func:`extraction_dtype` of the LM's device); part of the key.
+    ``prepend_bos``: contexts start with the begin-of-sequence token (:func:`saelib.data.pack`), part
+    of the key; ``None`` follows the model's convention (:func:`saelib.data.tokenizer_adds_bos`).
 
-    The language model is loaded only when something is left to extract (its tokenizer always:
-    whether contexts start with the begin-of-sequence token, :func:`saelib.data.tokenizer_adds_bos`,
-    is part of the key). With a list of layers, all are extracted in one forward pass and a
+    The language model is loaded only when something is left to extract (its tokenizer always,
+    where ``prepend_bos`` is None). With a list of layers, all are extracted in one forward pass and a
     ``{layer: cache}`` dict is returned.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
     corpus_sha256 = data.corpus_sha256(corpus)
-    prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
+    if prepend_bos is None:
+        prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
     dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else device) if lm_dtype is None else lm_dtype)
 
     def key_of(L: int) -> CacheKey:

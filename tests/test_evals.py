@@ -47,6 +47,18 @@ def sae(lm):
     return fit(x, 256, 8, tokens=4 * len(x), batch_size=256, seed=0, metadata=META, progress=False)
 
 
+def test_held_out_activations_are_extracted_once_in_float32_and_read_from_the_cache(lm, held):
+    from saelib.activations import cached_activations
+
+    cache = cached_activations("smollm2-135m", LAYER, "resid_post", "wikipedia", "validation", 64, 16 * 64, lm=lm,
+                               lm_dtype="float32", progress=False)
+    assert cache.complete and torch.equal(cache.contexts(), held.ids)
+    direct = site_activations(lm, held.ids, LAYER, "resid_post", progress=False)  # a fresh forward
+    assert torch.equal(held.keep, direct.keep) and 0 < held.n_tokens < held.keep.numel()
+    assert torch.equal(held.acts[held.keep], direct.acts[direct.keep])
+    assert not held.acts[~held.keep].any()  # the excluded tokens are not cached
+
+
 def test_reconstruction_metrics(sae, held):
     x = held.acts[held.keep]
     m = reconstruction_metrics(sae, x)

@@ -4,6 +4,9 @@ Every metric runs on the ``validation`` split of a corpus (documents the SAE nev
 packed as training packed it (with the begin-of-sequence token in front or not:
 :func:`trained_prepend_bos`). Tokens that training excluded (position 0, special tokens, norm
 outliers; see :func:`saelib.activations.keep_mask`) are excluded from every metric here too.
+The split's activations are extracted once, in float32, into an activation cache
+(:func:`saelib.activations.cached_activations`), which every later evaluation, summary and
+notebook reads.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..activations import extract, keep_mask
-from ..data import contexts
+from ..activations import ActivationCache, cached_activations, extract, keep_mask
 from ..models import LM
 
 
@@ -43,7 +45,8 @@ class HeldOut:
 
     Attributes:
         ids: ``(n_ctx, T)`` token ids.
-        acts: ``(n_ctx, T, d_model)`` raw activations at ``layer``/``site``.
+        acts: ``(n_ctx, T, d_model)`` raw activations at ``layer``/``site`` (zero at the excluded
+            tokens where read from a cache, which keeps only the others).
         keep: ``(n_ctx, T)`` bool, tokens that count in metrics (and are spliced).
         layer, site: where ``acts`` come from.
     """
@@ -58,6 +61,19 @@ class HeldOut:
     def n_tokens(self) -> int:
         """Number of kept tokens (the ``eval_tokens`` of the report)."""
         return int(self.keep.sum())
+
+    @classmethod
+    def from_cache(cls, cache: ActivationCache) -> HeldOut:
+        """The contexts of an activation cache with its kept tokens' activations in place."""
+        ids = cache.contexts()
+        acts = torch.zeros(ids.numel(), cache.d_in)
+        keep = torch.zeros(ids.numel(), dtype=torch.bool)
+        for i in range(len(cache.manifest["shards"])):
+            shard = cache.shard(i)
+            acts[shard["index"]] = shard["acts"]
+            keep[shard["index"]] = True
+        key = cache.manifest["key"]
+        return cls(ids, acts.view(*ids.shape, -1), keep.view(ids.shape), key["layer"], key["site"])
 
 
 def site_activations(lm: LM, ids: Tensor, layer: int, site: str, batch_size: int = 32,
@@ -75,16 +91,18 @@ def site_activations(lm: LM, ids: Tensor, layer: int, site: str, batch_size: int
 
 
 def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipedia", ctx_len: int = 64,
-             max_tokens: int | None = 4096, batch_size: int = 32, progress: bool = True,
-             prepend_bos: bool | None = None) -> HeldOut:
-    """The validation split of ``corpus``, packed into contexts, with activations at ``layer``/``site``.
+             max_tokens: int | None = 4096, progress: bool = True, prepend_bos: bool | None = None) -> HeldOut:
+    """The validation split of ``corpus``, packed into contexts, with activations at ``layer``/``site``:
+    extracted in float32 on first use, then read from the activation cache.
 
     ``prepend_bos``: start contexts with the begin-of-sequence token (:func:`saelib.data.pack`);
     ``None`` follows the model's convention, an SAE's evaluation passes :func:`trained_prepend_bos`.
     """
-    ids = contexts(corpus, lm.tokenizer, split="validation", ctx_len=ctx_len, max_tokens=max_tokens,
-                   prepend_bos=prepend_bos)
-    return site_activations(lm, ids, layer, site, batch_size, progress)
+    # float32 even where training extracts in bf16: metrics compare with the activations that splicing
+    # replaces in the float32 model
+    cache = cached_activations(lm.name, layer, site, corpus, "validation", ctx_len, max_tokens, lm=lm,
+                               progress=progress, lm_dtype="float32", prepend_bos=prepend_bos)
+    return HeldOut.from_cache(cache)
 
 
 @torch.no_grad()
