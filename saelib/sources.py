@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .activations import ActivationCache, CachedSource
 from .normalize import Normalizer
 
 
@@ -93,6 +94,9 @@ def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_
             normalizer = Normalizer.fit(data)
             data = normalizer.apply(data)
         source = TensorSource(data)
+    elif isinstance(data, ActivationCache):  # shuffled batches on the cache's normalised scale
+        source = CachedSource(data, normalizer)
+        normalizer = source.normalizer
     elif isinstance(data, BatchSource):
         source = data
     else:

@@ -187,7 +187,9 @@ def fit(
     """Train an SAE on activations and return it (in eval mode, on the CPU like a loaded one).
 
     Args:
-        data: ``(N, d_in)`` tensor, a ``BatchSource``, or an iterable of ``(B, d_in)`` batches.
+        data: ``(N, d_in)`` tensor, an ``ActivationCache`` (shuffled batches, normalised with its
+            statistics unless ``normalizer`` is given), a ``BatchSource``, or an iterable of
+            ``(B, d_in)`` batches.
         n_latents, k: dictionary size and active latents per token.
         out: run folder (checkpoints, the final ``sae/`` and ``metrics.jsonl``: every ``log_every``
             steps NMSE, L0, dead fraction, AuxK loss, lr, ``tokens_per_s`` and ``input_wait``, the

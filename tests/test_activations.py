@@ -131,6 +131,18 @@ def test_cached_source_shuffles_across_contexts_and_resumes(lm, val_contexts, tm
     assert abs(normed.pow(2).sum(-1).mean().item() - 1) < 1e-3
 
 
+def test_fit_trains_on_a_cache_directly_with_its_normaliser(lm, val_contexts, tmp_path, monkeypatch):
+    from saelib.train import fit
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    cache = A.build_cache(lm, val_contexts[:16], [12], "resid_post", lambda L: _key("fit", L), progress=False)[12]
+    sae = fit(cache, 64, 4, tokens=40 * 256, batch_size=256, seed=0, progress=False)
+    assert torch.equal(sae.normalizer.mean, cache.normalizer.mean) and sae.normalizer.scale == cache.normalizer.scale
+    rows = cache.all_rows()  # raw activations in, raw reconstructions out
+    error = (sae.decode(sae.encode(rows)) - rows).pow(2).sum() / (rows - rows.mean(0)).pow(2).sum()
+    assert float(error) < 0.8  # an untrained SAE is above 1
+
+
 def test_a_cache_larger_than_the_memory_budget_is_read_ahead_in_the_background(lm, val_contexts, tmp_path, monkeypatch):
     monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
     cache = A.build_cache(lm, val_contexts, [12], "resid_post", lambda L: _key("ahead", L), shard_contexts=4,
