@@ -90,10 +90,11 @@ class TrainConfig:
                                 "pass over the data for saelib.fit)", bound="positive")
     lr: float | None = option(None, "learning rate (default: lr_multiplier x 2e-4 / sqrt(n / 2^14))",
                               bound="positive")
-    # runs too short for the paper's rule want more (07_recipe_ablation: about 16x is best for a
-    # few hundred steps)
-    lr_multiplier: float = option(1.0, "multiple of the paper's learning-rate rule, for short runs; ignored when "
-                                  "lr is given", bound="positive")
+    # runs too short for the paper's rule want more: the default multiple depends on the run's
+    # length and n (lr_multiple, fitted to the sweeps of 09_learning_rate)
+    lr_multiplier: float | None = option(None, "multiple of the paper's learning-rate rule (default: the best "
+                                         "multiple for the run's steps and n, config.lr_multiple); ignored "
+                                         "when lr is given", bound="positive")
     warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of the steps, at most 1000)",
                                       bound="non-negative")
     decay: str = option("linear", "linear: decay to 0 at the end of the run (if its length is known); none: constant",
@@ -157,7 +158,7 @@ class TrainConfig:
         return replace(
             self,
             tokens=tokens,
-            lr=self.lr or self.lr_multiplier * paper_lr(self.n_latents),
+            lr=self.lr or (self.lr_multiplier or lr_multiple(steps, self.n_latents)) * paper_lr(self.n_latents),
             lr_multiplier=1.0,  # folded into lr
             warmup_steps=self.warmup_steps if self.warmup_steps is not None else min(1000, (steps or 20_000) // 20),
             k_aux=self.k_aux or max(1, min(512, d_in // 2)),
@@ -286,6 +287,24 @@ def paper_lr(n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
+# The best multiple of paper_lr for a run of `steps` steps and n latents, exp(a) * steps^b * (n / 2^14)^c,
+# fitted (saelib.scaling.fit_lr_rule) to sweeps of TopK SAEs on SmolLM2's residual stream: n 1024 to
+# 16384, 100 to 1600 steps of 1024 tokens, multiples 1 to 128 (notebook 09_learning_rate, figures/09_*).
+LR_RULE = {"a": 4.968, "b": -0.297, "c": 0.288}
+LR_RULE_STEPS = (100, 1600)  # the run lengths it was fitted on
+
+
+def lr_multiple(steps: int | None, n_latents: int) -> float:
+    """The default multiple of :func:`paper_lr` for a run of ``steps`` steps and ``n_latents`` latents
+    (``LR_RULE``), never below 1 (the paper's rule is tuned on runs far longer than these); runs shorter
+    than the sweeps' shortest get its multiple, and 1 where the length is not known."""
+    if not steps:
+        return 1.0
+    steps = max(steps, LR_RULE_STEPS[0])  # not extrapolated to shorter runs than the sweeps had
+    r = LR_RULE
+    return max(1.0, math.exp(r["a"] + r["b"] * math.log(steps) + r["c"] * math.log(n_latents / 2**14)))
+
+
 # ---- presets --------------------------------------------------------------------------------
 
 PRESETS = {
@@ -303,10 +322,9 @@ PRESETS = {
     },
     # Sized for class time: each notebook's default, its finding within about 5 minutes on 2 cores
     "lesson": {
-        # 131,072 tokens: the train cache notebooks 01, 02 and 04 share; batches of 1024 give 256 steps,
-        # which want a higher multiple of the paper's learning-rate rule than demo's 454
+        # 131,072 tokens: the train cache notebooks 01, 02 and 04 share; batches of 1024 give 256 steps
         "train": dict(max_tokens=131_072, n_latents=2304, k=32, batch_size=1024, epochs=2.0, warmup_steps=20,
-                      decay="linear", lr_multiplier=8),
+                      decay="linear"),
         "eval": dict(eval_tokens=16_384, downstream_contexts=16, probe_per_source=32, n2g_latents=32,
                      ablation_latents=8),
         "view": dict(eval_tokens=16_384, n_top=12, n_quantiles=4, per_quantile=3, hist_bins=32, n_logits=10,
@@ -314,10 +332,7 @@ PRESETS = {
         "bench": "default",
     },
     "demo": {
-        # lr_multiplier: 4x the paper's rule 2e-4 / sqrt(n / 2^14), which under-trains a 454-step run
-        # (validation NMSE 0.280 at 1x, 0.228 at 2x, 0.193 at 4x; see docs/results.md).
-        "train": dict(n_latents=4608, k=32, batch_size=4096, epochs=2.0, warmup_steps=50, decay="linear",
-                      lr_multiplier=4),
+        "train": dict(n_latents=4608, k=32, batch_size=4096, epochs=2.0, warmup_steps=50, decay="linear"),
         "eval": dict(eval_tokens=65_536, downstream_contexts=64, probe_per_source=128, n2g_latents=64,
                      ablation_latents=32),
         "view": dict(eval_tokens=65_536, n_top=16, n_quantiles=4, per_quantile=4, hist_bins=32, n_logits=12,

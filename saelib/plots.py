@@ -600,3 +600,65 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
                             f"{', ' + fixed if fixed else ''}</sup>",
                       barmode="group", template="plotly_white", height=540, legend=dict(orientation="h", y=-0.28))
     return fig
+
+
+def lr_sweep(rows: list[dict], best: list[dict], rule, fitted=None, published_best: list[dict] | None = None) -> go.Figure:
+    """Notebook 09: held-out NMSE against the learning rate (a multiple of the paper's rule), one line
+    per run length, one panel per n, each line's best multiple marked; and the best multiples against
+    the run's steps, one shade per n, with ``rule`` (the library's default, ``(steps, n) -> multiple``)
+    drawn through them and the fit to this sweep's points (``fitted``, a :class:`saelib.scaling.Fit`)
+    dotted.
+
+    ``rows``: sweep rows with ``n_latents``, ``steps``, ``lr_multiplier``, ``val_nmse``; ``best``: one
+    dict per (``n_latents``, ``steps``) with ``multiple`` and ``nmse`` (:func:`saelib.scaling.lr_grid_table`);
+    ``published_best``: the published demo sweep's, drawn beside in grey."""
+    sizes, lengths = sorted({r["n_latents"] for r in rows}), sorted({r["steps"] for r in rows})
+    fig = make_subplots(rows=1, cols=len(sizes) + 1, horizontal_spacing=0.06,
+                        subplot_titles=[f"n = {n:,}" for n in sizes] + ["best multiple against the run's length"])
+    color = {s: f"hsl({200 + int(160 * i / max(1, len(lengths) - 1))}, 70%, 45%)" for i, s in enumerate(lengths)}
+    for col, n in enumerate(sizes, 1):
+        for s in lengths:
+            line = sorted((r for r in rows if r["n_latents"] == n and r["steps"] == s), key=lambda r: r["lr_multiplier"])
+            if not line:
+                continue
+            fig.add_scatter(x=[r["lr_multiplier"] for r in line], y=[r["val_nmse"] for r in line], mode="lines+markers",
+                            name=f"{s:,} steps", legendgroup=str(s), showlegend=col == 1, line_color=color[s],
+                            row=1, col=col)
+            b = next(b for b in best if b["n_latents"] == n and b["steps"] == s)
+            fig.add_scatter(x=[b["multiple"]], y=[b["nmse"]], mode="markers", marker=dict(symbol="star", size=13,
+                            color=color[s]), legendgroup=str(s), showlegend=False, row=1, col=col)
+    last = len(sizes) + 1
+    span = np.geomspace(min(lengths), max(lengths), 40)
+    shade = {n: f"hsl(0, 0%, {15 + int(50 * i / max(1, len(sizes) - 1))}%)" for i, n in enumerate(sizes)}
+    for n in sizes:
+        pts = sorted((b for b in best if b["n_latents"] == n), key=lambda b: b["steps"])
+        fig.add_scatter(x=[b["steps"] for b in pts], y=[b["multiple"] for b in pts], mode="markers",
+                        marker=dict(size=10, color=shade[n]), name=f"best multiple, n = {n:,}",
+                        row=1, col=last)
+        first = n == sizes[0]  # one legend entry for each kind of line
+        fig.add_scatter(x=span, y=[rule(s, n) for s in span], mode="lines", line=dict(color=shade[n]),
+                        name="saelib's default, per n", showlegend=first, row=1, col=last)
+        if fitted is not None:
+            fig.add_scatter(x=span, y=fitted.predict(span, np.full_like(span, n)), mode="lines",
+                            line=dict(color=shade[n], dash="dot"), name="fit to this sweep, per n", showlegend=first,
+                            row=1, col=last)
+    if published_best:
+        fig.add_scatter(x=[b["steps"] for b in published_best], y=[b["multiple"] for b in published_best],
+                        mode="markers", marker=dict(size=9, symbol="circle-open", **GREY), opacity=PUBLISHED["opacity"],
+                        name=f"best multiples, {PUBLISHED['label']}", row=1, col=last)
+    multiples = sorted({r["lr_multiplier"] for r in rows})
+    for col in range(1, last):
+        fig.update_xaxes(title_text="lr / paper's rule", row=1, col=col, **log_axis(multiples))
+    fig.update_yaxes(title_text="normalised MSE (held-out)", row=1, col=1)
+    fig.update_yaxes(**nice_log_axis([r["val_nmse"] for r in rows]), range=None)
+    for col in range(1, last):
+        fig.update_yaxes(range=[np.log10(min([r["val_nmse"] for r in rows] + [b["nmse"] for b in best])) - 0.03,
+                                np.log10(min(1.0, 2 * max(b["nmse"] for b in best))) + 0.03], row=1, col=col)
+    fig.update_xaxes(title_text="steps", row=1, col=last, **log_axis(lengths))
+    fig.update_yaxes(title_text="best lr / paper's rule", row=1, col=last,
+                     **nice_log_axis([b["multiple"] for b in best + (published_best or [])]
+                                     + [rule(s, n) for s in lengths for n in sizes]))
+    fig.update_layout(title=f"The learning rate a run of a given length wants (TopK, k {rows[0]['k']}, batches of "
+                            f"{rows[0]['batch_size']:,} tokens)", template="plotly_white", height=460,
+                      legend=dict(orientation="h", y=-0.25))
+    return fig

@@ -117,6 +117,19 @@ def toy_recovery(data: dict) -> str:
     return _table(["mean best cosine"] + [f"n={n}" for n in ns], rows) + note
 
 
+def lr_rule(data: dict) -> str:
+    """09: each run size's best learning-rate multiple, the default's, and what the default costs."""
+    rows = [[f"{b['n_latents']:,}", f"{b['steps']:,}", f"{b['multiple']:.1f}", f"{b['default_multiple']:.1f}",
+             f"{b['best_run_nmse']:.4f}", f"{b['default_nmse']:.4f}", f"{b['regret']:+.1%}"] for b in data["best"]]
+    fit, rule = data["fit"], data["rule"]
+    law = ", ".join(f"{k} = {v:+.3f} [{fit['ci'][k][0]:+.3f}, {fit['ci'][k][1]:+.3f}]" for k, v in fit["params"].items())
+    note = (f"\n\nFit `multiple = exp(a) · steps^b · (n / 2^14)^c` to the best multiples: {law} (95% intervals, "
+            f"R² {fit['r2']:.2f}); the library's default uses "
+            + ", ".join(f"{k} = {v:+.3f}" for k, v in rule.items()) + ", and never less than 1x.")
+    return _table(["n", "steps", "best multiple", "default's multiple", "NMSE, best run", "NMSE at the default",
+                   "default vs best run"], rows) + note
+
+
 # a bench row whose slowest timed step took more than this many times its fastest ran on an unsteady machine
 UNSTEADY_SPREAD = 2.0
 
@@ -208,6 +221,7 @@ BLOCKS = {
     "toy": ("06_recovery.json", toy_recovery, "06_recovery.png", "make figures NOTEBOOKS=06_toy_ground_truth"),
     "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
                  "make figures NOTEBOOKS=07_recipe_ablation"),
+    "lr_rule": ("09_learning_rate.json", lr_rule, "09_learning_rate.png", "make figures NOTEBOOKS=09_learning_rate"),
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
     "quality_lesson": ("quality_lesson.json", quality, "quality_lesson.png",
                        "saelib bench --quality --budget lesson --seeds 0 1 --out figures/quality_lesson.json"),

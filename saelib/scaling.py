@@ -15,6 +15,9 @@ Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active
   (:func:`compute_frontier`: the lowest loss reached with at most ``C`` FLOPs over all runs).
 - :func:`fit_convergence` -- tokens to convergence ``T(n) = exp(a) * n^b`` (paper: ``b ~ 0.6``
   on GPT-2), with :func:`tokens_to_convergence` read off a learning curve.
+- :func:`fit_lr_rule` -- the best learning rate, as a multiple of the paper's rule, against the
+  run's steps and ``n``: ``m = exp(a) * steps^b * (n / 2^14)^c``, each point the
+  :func:`best_multiple` of a grid of runs (the default rule of :func:`saelib.config.lr_multiple`).
 
 Every fit is a least-squares fit of ``log L`` (errors are relative, as on the paper's log-log
 plots), the best of several starting points. Goodness of fit: ``r2`` and ``rmse_log``, both of
@@ -291,3 +294,70 @@ def comparison_table(fits: dict[str, Fit]) -> list[dict]:
     for name, fit in fits.items():
         rows += [{"fit": name, **row} for row in fit.table(PAPER.get(fit.law))]
     return rows
+
+
+# ---- the learning rate against the run's length -------------------------------------------------
+
+
+def best_multiple(multiples, loss) -> tuple[float, float]:
+    """The loss-minimising learning-rate multiple of one run size, from a grid of runs.
+
+    ``multiples``: the runs' learning rates as multiples of :func:`saelib.config.paper_lr`; ``loss``:
+    their validation NMSE. The vertex of the parabola in ``log2(multiple)`` through the lowest run
+    and its two neighbours; the lowest run itself where it lies at an end of the grid. Returns
+    ``(multiple, loss at it)``.
+    """
+    order = np.argsort(multiples)
+    m, y = np.log2(np.asarray(multiples, float)[order]), np.asarray(loss, float)[order]
+    i = int(np.argmin(y))
+    if i in (0, len(y) - 1):
+        return float(2 ** m[i]), float(y[i])
+    a, b, c = np.polyfit(m[i - 1:i + 2], y[i - 1:i + 2], 2)  # a > 0: the middle point is the lowest
+    vertex = -b / (2 * a)
+    return float(2**vertex), float(np.polyval([a, b, c], vertex))
+
+
+def loss_at_multiple(multiples, loss, multiple: float) -> float:
+    """The loss of one run size at ``multiple``, read off its grid by linear interpolation in
+    ``log2(multiple)`` (above the convex curve between two runs, so a regret read this way is not
+    understated); outside the grid, its nearest end."""
+    order = np.argsort(multiples)
+    m, y = np.log2(np.asarray(multiples, float)[order]), np.asarray(loss, float)[order]
+    return float(np.interp(np.log2(multiple), m, y))
+
+
+def lr_grid_table(rows: list[dict], rule: Callable[[int, int], float]) -> list[dict]:
+    """One row per run size of a learning-rate sweep: ``n_latents``, ``steps``, the grid's best
+    ``multiple`` and the ``nmse`` there (:func:`best_multiple`), ``best_run_nmse``, the multiple that
+    ``rule(steps, n_latents)`` chooses (``default_multiple``), the NMSE read there
+    (``default_nmse``, :func:`loss_at_multiple`) and ``regret``, that NMSE over the best run's minus 1.
+
+    ``rows``: the sweep's runs, each with ``n_latents``, ``steps``, ``lr_multiplier`` and ``val_nmse``.
+    """
+    table = []
+    for n, steps in sorted({(r["n_latents"], r["steps"]) for r in rows}):
+        grid = [r for r in rows if r["n_latents"] == n and r["steps"] == steps]
+        multiples, losses = [r["lr_multiplier"] for r in grid], [r["val_nmse"] for r in grid]
+        multiple, nmse = best_multiple(multiples, losses)
+        default = rule(steps, n)
+        at_default = loss_at_multiple(multiples, losses, default)
+        table.append(dict(n_latents=n, steps=steps, multiple=multiple, nmse=nmse, best_run_nmse=min(losses),
+                          default_multiple=default, default_nmse=at_default, regret=at_default / min(losses) - 1))
+    return table
+
+
+def _lr_rule(theta, steps, n):
+    a, b, c = theta
+    return np.exp(a + b * np.log(steps) + c * np.log(n / 2**14))
+
+
+def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
+    """The best learning-rate multiple against the run's length and size:
+    ``multiple = exp(a) * steps^b * (n / 2^14)^c`` (``c = 0``: the paper's ``1 / sqrt(n)`` holds).
+
+    ``steps``, ``n_latents``, ``multiple``: one point per run size, the last from :func:`best_multiple`.
+    """
+    steps, n, y = (np.asarray(v, float) for v in (steps, n_latents, multiple))
+    A = np.stack([np.ones_like(steps), np.log(steps), np.log(n / 2**14)], 1)
+    start = np.linalg.lstsq(A, np.log(y), rcond=None)[0]
+    return _fit("lr", ["a", "b", "c"], _lr_rule, [steps, n], y, [start], **options)

@@ -86,3 +86,34 @@ def test_no_bootstrap_gives_the_fit_without_intervals():
     n = np.array([64, 128, 256, 512, 1024.0])
     fit = scaling.fit_power_law(n, 0.1 + 2 * n**-0.5, n_boot=0)
     assert abs(fit.params["b"] + 0.5) < 1e-6 and all(np.isnan(v).all() for v in fit.ci.values())
+
+
+def test_the_best_multiple_is_the_vertex_of_the_grid_in_log_multiple():
+    from saelib.scaling import best_multiple, loss_at_multiple
+
+    grid = [1, 2, 4, 8, 16, 32, 64]
+    loss = [0.2 + 0.01 * (np.log2(m) - np.log2(11.0)) ** 2 for m in grid]
+    m, y = best_multiple(grid, loss)
+    assert m == pytest.approx(11.0, rel=1e-6) and y == pytest.approx(0.2)
+    order = [3, 0, 6, 1, 5, 2, 4]
+    assert best_multiple([grid[i] for i in order], [loss[i] for i in order])[0] == pytest.approx(11.0)  # any order
+    assert best_multiple(grid[:3], loss[:3]) == (4.0, pytest.approx(loss[2]))  # the best run at an end: itself
+    between = loss_at_multiple(grid, loss, 11.0)
+    assert min(loss) <= between <= max(loss[3], loss[4])  # read between 8x and 16x, never below the curve's min
+
+
+def test_the_lr_rule_is_recovered_and_the_default_follows_it():
+    from saelib import config
+    from saelib.scaling import fit_lr_rule
+
+    steps, n = np.meshgrid([100, 400, 1600], [1024, 4096, 16384])
+    truth = np.exp(5.0 - 0.5 * np.log(steps) + 0.3 * np.log(n / 2**14))
+    fit = fit_lr_rule(steps.ravel(), n.ravel(), truth.ravel() * np.exp(0.01 * np.sin(np.arange(9))), n_boot=50)
+    assert fit.params == pytest.approx({"a": 5.0, "b": -0.5, "c": 0.3}, abs=0.05)
+    assert fit.ci["b"][0] < -0.5 < fit.ci["b"][1]
+    assert config.lr_multiple(None, 4096) == 1.0 and config.lr_multiple(10**9, 4096) == 1.0  # never below the paper's
+    short = config.LR_RULE_STEPS[0]
+    assert config.lr_multiple(short // 4, 4096) == config.lr_multiple(short, 4096)  # not extrapolated below the sweeps
+    resolved = config.TrainConfig(n_latents=4096, k=32, batch_size=1024, tokens=400 * 1024).resolved(576, None)
+    assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096) * config.paper_lr(4096))
+    assert config.TrainConfig(n_latents=4096, k=32, lr_multiplier=2).resolved(576, 10**6).lr == 2 * config.paper_lr(4096)

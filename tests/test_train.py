@@ -118,7 +118,7 @@ def test_tensor_source_is_deterministic_and_skips():
 
 
 def test_learning_rate_schedule():
-    cfg = TrainConfig(n_latents=2**16, k=32, tokens=100 * 4096).resolved(d_in=768, n_tokens=None)
+    cfg = TrainConfig(n_latents=2**16, k=32, tokens=100 * 4096, lr_multiplier=1).resolved(d_in=768, n_tokens=None)
     assert cfg.lr == pytest.approx(1e-4) and cfg.warmup_steps == 5 and cfg.k_aux == 384
     rates = [learning_rate(cfg, step, 100) for step in range(100)]
     assert rates[0] < rates[4] == pytest.approx(cfg.lr) and rates[5] == pytest.approx(cfg.lr)
