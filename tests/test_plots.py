@@ -109,9 +109,10 @@ def test_titles_say_sites_and_seeds_in_words():
 def test_training_curves_draw_the_demo_run_and_a_zero_to_one_dead_panel():
     rows = demo("00_training")["rows"]
     mine = [dict(r, tokens=r["tokens"] // 4) for r in rows[:20]]
-    fig = plots.training_curves(mine, "t", published_rows=rows, published_nmse=demo("00_density")["report"]["nmse"])
+    nmse = demo("00_density")["report"]["nmse"]
+    fig = plots.training_curves(mine, "t", published_rows=rows, published_nmse=nmse)
     # the demo's held-out NMSE is a reference line
-    assert legend_names(fig) == ["this run", "published demo run", "published demo run, held-out NMSE 0.193"]
+    assert legend_names(fig) == ["this run", "published demo run", f"published demo run, held-out NMSE {nmse:.3f}"]
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.minor.ticks == "" and fig.layout.xaxis.type == "log"
     assert fig.layout.yaxis2.range[0] == 0 and fig.layout.yaxis2.range[1] <= 1
     assert len(plots.training_curves(mine, "t").data) == 2  # without the published run: this run only
