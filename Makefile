@@ -84,7 +84,7 @@ demo: env
 
 # Every notebook at its demo preset, one after another; each writes figures/NN_*.
 # NOTEBOOKS=03_scaling_laws runs one. Executed copies land in runs/NN_name-demo.ipynb.
-NOTEBOOKS ?= $(basename $(notdir $(wildcard notebooks/0*.ipynb)))
+NOTEBOOKS ?= $(basename $(notdir $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 # 08_performance times the peers in their own environment (bench_python).
 figures: env peers
 	@mkdir -p runs

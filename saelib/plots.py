@@ -215,7 +215,10 @@ def frontier(summary: list[dict], title: str, published_summary: list[dict] | No
 def dead_vs_n(rows: list[dict], title: str, published_rows: list[dict] | None = None) -> go.Figure:
     """Notebook 02: the fraction of latents dead at the end of training (0 to 1) against n, one panel per
     learning-rate multiplier and one line per mitigation, from sweep rows with ``mitigation`` and
-    ``lr_multiplier``; the published demo run dotted beside, at the multipliers both have."""
+    ``lr_multiplier``: the mean over seeds, with the 95% interval of the mean as bars where a cell has
+    several seeds; the published demo run dotted beside, at the multipliers both have."""
+    from .sweep import summarize
+
     multipliers = sorted({r["lr_multiplier"] for r in rows})
     fig = make_subplots(rows=1, cols=len(multipliers), shared_yaxes=True,
                         subplot_titles=[f"lr = {m:g} x paper's rule" for m in multipliers])
@@ -225,18 +228,21 @@ def dead_vs_n(rows: list[dict], title: str, published_rows: list[dict] | None = 
                      dict(line_dash=PUBLISHED["dash"], opacity=PUBLISHED["opacity"])))
     for col, m in enumerate(multipliers, 1):
         for source, table, style in runs:
+            cells = summarize(table, ["mitigation", "lr_multiplier", "n_latents"], ["dead_fraction"])
             for mit in dict.fromkeys(r["mitigation"] for r in table):
-                s = sorted((r for r in table if r["mitigation"] == mit and r["lr_multiplier"] == m),
+                s = sorted((r for r in cells if r["mitigation"] == mit and r["lr_multiplier"] == m),
                            key=lambda r: r["n_latents"])
                 if s:
                     fig.add_scatter(x=[r["n_latents"] for r in s], y=[r["dead_fraction"] for r in s],
+                                    error_y=dict(array=[r["dead_fraction_ci"] for r in s],
+                                                 visible=any(r["runs"] > 1 for r in s)),
                                     mode="lines+markers", name=mit + source, legendgroup=mit + source,
                                     showlegend=col == 1, marker_color=MITIGATION_COLORS.get(mit, "grey"),
                                     row=1, col=col, **style)
     every = [r for _, table, _ in runs for r in table]
     fig.update_xaxes(title_text="n (latents)", **log_axis([r["n_latents"] for r in every]))
     fig.update_yaxes(range=[0, 1], tickformat=".0%")
-    fig.update_yaxes(title_text="fraction dead at the end of training", row=1, col=1)
+    fig.update_yaxes(title_text="fraction dead at the end of training (mean over seeds)", row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", legend=dict(font_size=10))
     return fig
 
@@ -389,6 +395,61 @@ def metrics_vs_size(rows: list[dict], title: str, published_rows: list[dict] | N
     every = [r["n_latents"] for _, table, _ in runs for r in table]
     fig.update_xaxes(title_text="n (latents)", **log_axis(every))
     fig.update_layout(title=title, template="plotly_white", height=750, legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def convergence(runs: list[dict], fit, tol: float, published: dict | None = None) -> go.Figure:
+    """Notebook 10's two panels: each run's training NMSE against tokens (log-log, smoothed) with its fitted
+    curve ``exp(a) t^b + c`` dotted and its tokens to convergence ``T`` marked; and ``T`` against n with
+    its 95% interval and the fitted ``T = exp(a) n^b`` (``fit``, a :class:`saelib.scaling.Fit`), the paper's
+    exponent drawn through the middle run for comparison. A ``T`` beyond a run's last token is an
+    extrapolation of its fitted curve and is drawn as an open marker.
+
+    ``runs``: one dict per run with ``n_latents``, ``tokens`` and ``nmse`` (the curve), ``curve_fit``
+    (``{"a", "b", "c"}``), ``T``, ``T_low``, ``T_high``; ``published``: the published demo run's figure
+    JSON, whose ``T`` against n is drawn beside in grey."""
+    from .scaling import PAPER, smooth
+
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
+        "learning curves (dotted: fitted; x: T)", "tokens to convergence T against n"))
+    sizes = sorted(r["n_latents"] for r in runs)
+    for r in sorted(runs, key=lambda r: r["n_latents"]):
+        color = f"hsl({200 + int(160 * sizes.index(r['n_latents']) / max(1, len(sizes) - 1))}, 70%, 45%)"
+        t = np.asarray(r["tokens"], float)
+        fig.add_scatter(x=t, y=smooth(r["nmse"], 25), mode="lines", name=f"n={r['n_latents']:,}", line_color=color,
+                        legendgroup=str(r["n_latents"]), row=1, col=1)
+        p = r["curve_fit"]
+        grid = np.geomspace(t[len(t) // 20], max(t[-1], min(r["T"], 10 * t[-1])), 100)
+        fig.add_scatter(x=grid, y=np.exp(p["a"]) * grid ** p["b"] + p["c"], mode="lines", line=dict(color=color, dash="dot"),
+                        legendgroup=str(r["n_latents"]), showlegend=False, row=1, col=1)
+        if r["T"] <= grid[-1]:
+            fig.add_scatter(x=[r["T"]], y=[(1 + tol) * p["c"]], mode="markers", marker=dict(color=color, symbol="x", size=9),
+                            legendgroup=str(r["n_latents"]), showlegend=False, row=1, col=1)
+    n = np.array([r["n_latents"] for r in runs], float)
+    T = np.array([r["T"] for r in runs])
+    inside = np.array([r["T"] <= r["tokens"][-1] for r in runs])
+    bars = dict(type="data", symmetric=False, array=[r["T_high"] - r["T"] for r in runs],
+                arrayminus=[r["T"] - r["T_low"] for r in runs])
+    fig.add_scatter(x=n, y=T, mode="markers", name="T (open: beyond the run, extrapolated)", error_y=bars,
+                    marker=dict(color="crimson", size=9, symbol=["circle" if i else "circle-open" for i in inside]),
+                    row=1, col=2)
+    grid = np.geomspace(n.min(), n.max(), 50)
+    fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", name="fit T = exp(a) n^b",
+                    line=dict(color="crimson", dash="dot"), row=1, col=2)
+    middle = float(np.exp(np.log(n).mean()))
+    fig.add_scatter(x=grid, y=float(fit.predict([middle])[0]) * (grid / middle) ** PAPER["convergence"]["b"],
+                    mode="lines", name="the paper's exponent", line=dict(color="black", dash="dash", width=1), row=1, col=2)
+    if published:
+        fig.add_scatter(x=[r["n_latents"] for r in published["runs"]], y=[r["T"] for r in published["runs"]],
+                        mode="markers", name=f"T, {PUBLISHED['label']}", opacity=PUBLISHED["opacity"],
+                        marker=dict(color=PUBLISHED["color"], size=9), row=1, col=2)
+    fig.update_xaxes(type="log", title_text="training tokens", row=1, col=1)
+    fig.update_yaxes(type="log", title_text="training NMSE (smoothed)", row=1, col=1)
+    fig.update_xaxes(title_text="n (latents)", row=1, col=2, **log_axis(n))
+    fig.update_yaxes(type="log", title_text="tokens to convergence", row=1, col=2)
+    fig.update_layout(template="plotly_white", height=500, legend=dict(font_size=10), title=dict(font_size=14, text=(
+        f"T (fitted curve within {tol:.0%} of its asymptote) ∝ n^{fit.params['b']:.2f}, 95% interval "
+        f"[{fit.ci['b'][0]:.2f}, {fit.ci['b'][1]:.2f}]; the paper: n^{PAPER['convergence']['b']:.1f}")))
     return fig
 
 

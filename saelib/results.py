@@ -39,15 +39,22 @@ def frontier(data: dict) -> str:
 
 
 def dead_latents(data: dict) -> str:
-    """02: the fraction of dead latents at the end of training, by n, mitigation and lr multiplier."""
-    runs = data["runs"]
-    ns = sorted({r["n_latents"] for r in runs})
+    """02: the fraction of dead latents at the end of training, by n, mitigation and lr multiplier: the
+    mean over seeds and, with several, the half-width of its 95% interval."""
+    from .sweep import summarize
+
+    cells = summarize(data["runs"], ["lr_multiplier", "mitigation", "n_latents"], ["dead_fraction"])
+    ns = sorted({c["n_latents"] for c in cells})
+    seeds = max(c["runs"] for c in cells)
     groups = {}
-    for r in runs:
-        groups.setdefault((r["lr_multiplier"], r["mitigation"]), {})[r["n_latents"]] = r["dead_fraction"]
-    rows = [[f"{m:g}x", mitigation] + [f"{by_n[n]:.1%}" if n in by_n else "–" for n in ns]
+    for c in cells:
+        ci = f" ± {c['dead_fraction_ci']:.1%}" if c["runs"] > 1 else ""
+        groups.setdefault((c["lr_multiplier"], c["mitigation"]), {})[c["n_latents"]] = f"{c['dead_fraction']:.1%}{ci}"
+    rows = [[f"{m:g}x", mitigation] + [by_n.get(n, "–") for n in ns]
             for (m, mitigation), by_n in sorted(groups.items(), key=lambda item: item[0][0])]
-    return _table(["lr (x the rule)", "mitigation"] + [f"dead at n={n}" for n in ns], rows)
+    note = (f"\n\nMean of {seeds} seeds per cell, ± the half-width of its 95% interval (Student t)." if seeds > 1
+            else "")
+    return _table(["lr (x the rule)", "mitigation"] + [f"dead at n={n}" for n in ns], rows) + note
 
 
 def scaling(data: dict) -> str:

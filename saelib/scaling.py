@@ -14,7 +14,8 @@ Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active
 - :func:`fit_compute_law` -- ``L(C) = c0 + c1 * C^-p`` on the compute-efficient frontier
   (:func:`compute_frontier`: the lowest loss reached with at most ``C`` FLOPs over all runs).
 - :func:`fit_convergence` -- tokens to convergence ``T(n) = exp(a) * n^b`` (paper: ``b ~ 0.6``
-  on GPT-2), with :func:`tokens_to_convergence` read off a learning curve.
+  on GPT-2), with :func:`converged_at` (a fitted curve at a constant learning rate, with an
+  interval) or :func:`tokens_to_convergence` (read off a curve) giving each run's ``T``.
 - :func:`fit_lr_rule` -- the best learning rate, as a multiple of the paper's rule, against the
   run's steps and ``n``: ``m = exp(a) * steps^b * (n / 2^14)^c``, each point the
   :func:`best_multiple` of a grid of runs (the default rule of :func:`saelib.config.lr_multiple`).
@@ -73,6 +74,7 @@ class Fit:
     boot_failures: int = 0
     bootstrap: str = "case"
     _model: Callable = field(default=None, repr=False)
+    samples: np.ndarray | None = field(default=None, repr=False)  # (resamples, coefficients) behind ``ci``
 
     def predict(self, *x) -> np.ndarray:
         """The law at ``x`` (one array per input, e.g. ``predict(n, k)`` for the joint law)."""
@@ -160,7 +162,7 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
         boots = np.array(boots)
         ci = {name: tuple(float(v) for v in np.quantile(boots[:, i], q)) for i, name in enumerate(names)}
     return Fit(law, {name: float(v) for name, v in zip(names, theta)}, ci, r2, float(np.sqrt(np.mean(resid**2))),
-               len(y), level, failures, bootstrap, model)
+               len(y), level, failures, bootstrap, model, np.array(boots) if len(boots) else None)
 
 
 # ---- the laws -------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def fit_compute_law(flops, loss, **options) -> Fit:
         c0, c1, p = theta
         return c0 + c1 * np.power(C, -p)
 
-    return replace(fit, law="compute", params=params, ci=ci, _model=model)  # goodness of fit and bootstrap as fitted
+    return replace(fit, law="compute", params=params, ci=ci, _model=model, samples=None)  # goodness of fit and bootstrap as fitted
 
 
 def compute_frontier(flops, loss, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -279,6 +281,82 @@ def tokens_to_convergence(tokens, loss, tol: float = 0.05, window: int = 5) -> f
     final = s[-1]
     above = np.nonzero(s > (1 + tol) * final)[0]
     return float(t[0] if len(above) == 0 else t[min(above[-1] + 1, len(t) - 1)])
+
+
+def _within(theta, tol: float) -> float:
+    """Tokens at which ``exp(a) t^b + c`` comes within ``1 + tol`` of ``c`` (``inf`` if it never falls to it)."""
+    a, b, c = theta
+    log_T = (math.log(tol * c) - a) / b if c > 0 and b < 0 else math.inf
+    return math.exp(log_T) if log_T < 700 else math.inf
+
+
+def converged_at(tokens, loss, tol: float = 0.01, after: float = 0.0, bins: int = 40,
+                 **options) -> tuple[float, tuple[float, float], Fit]:
+    """Tokens at which a learning curve comes within ``1 + tol`` of its asymptote, from a fitted curve.
+
+    ``L(t) = exp(a) * t^b + c`` is fitted (:func:`fit_power_law`) to the curve's points after ``after``
+    tokens (skip the warmup), averaged in ``bins`` log-spaced bins of tokens: each stretch of the curve
+    weighs alike, and a bin's mean is precise enough near the end for the asymptote (which the fit
+    keeps below the lowest point) to lie under it. The asymptote is ``c`` and the curve reaches ``(1 + tol) * c`` at
+    ``T = (tol * c / exp(a))^(1 / b)``, which may lie beyond the curve's last point (an
+    extrapolation: compare with ``max(tokens)``). Meant for runs at a constant learning rate, whose
+    curves flatten towards ``c`` rather than bend down with a decaying one.
+
+    Returns ``(T, (low, high), fit)``: the interval is the quantiles of ``T`` over the fit's bootstrap
+    resamples (``fit.samples``; ``options``: ``n_boot``, ``level``, ``seed``); ``T`` is ``inf`` where
+    the fitted curve does not fall towards a positive asymptote.
+    """
+    t, L = np.asarray(tokens, float), np.asarray(loss, float)
+    t, L = t[t > after], L[t > after]
+    which = np.digitize(t, np.geomspace(t[0], t[-1], bins + 1)[1:-1])
+    t, L = (np.array([v[which == i].mean() for i in np.unique(which)]) for v in (t, L))
+    fit = fit_power_law(t, L, **options)
+    draws = [_within(theta, tol) for theta in fit.samples] if fit.samples is not None else []
+    q = [(1 - fit.level) / 2, (1 + fit.level) / 2]
+    low, high = (float(v) for v in np.quantile(draws, q)) if draws else (math.nan, math.nan)
+    return _within(fit.params.values(), tol), (low, high), fit
+
+
+def convergence_exponent(n, curve_fits: list[Fit], tol: float = 0.01, level: float = 0.95, seed: int = 0) -> Fit:
+    """``T(n) = exp(a) * n^b`` through the runs' tokens to convergence (:func:`converged_at`), with an
+    interval that carries each run's uncertainty as well as the scatter about the line.
+
+    ``curve_fits``: each run's learning-curve fit (with bootstrap ``samples``), in the order of ``n``.
+    The point fit is least squares of ``log T`` on ``log n``. Resample ``i`` takes every run's ``i``-th
+    bootstrap draw of ``T`` and multiplies it by a resampled residual of the point fit (inflated for the
+    two coefficients, as :func:`_fit`'s residual bootstrap), then refits; resamples where some run's
+    curve does not converge are left out (``boot_failures``).
+    """
+    n = np.asarray(n, float)
+    T = np.array([_within(f.params.values(), tol) for f in curve_fits])
+    if not np.all(np.isfinite(T)):
+        raise ValueError(f"Every run needs a finite T to fit T(n); got {T.tolist()} (a curve that does not fall "
+                         "towards a positive asymptote: train longer or check its learning rate).")
+    x = np.log(n)
+    b, a = np.polyfit(x, np.log(T), 1)
+    resid = np.log(T) - (a + b * x)
+    total = np.sum((np.log(T) - np.log(T).mean()) ** 2)
+    resamples = min((0 if f.samples is None else len(f.samples)) for f in curve_fits)
+    draws = np.array([[_within(theta, tol) for theta in f.samples[:resamples]] for f in curve_fits]).reshape(len(n), -1)
+    rng = np.random.default_rng(seed)
+    inflate = math.sqrt(len(n) / max(1, len(n) - 2))
+    boots, failures = [], 0
+    for i in range(draws.shape[1]):
+        Ti = draws[:, i]
+        if not np.all(np.isfinite(Ti)) or not np.all(Ti > 0):
+            failures += 1
+            continue
+        y = np.log(Ti) + inflate * resid[rng.integers(0, len(n), len(n))]
+        boots.append(np.polyfit(x, y, 1)[::-1])
+    q = [(1 - level) / 2, (1 + level) / 2]
+    if not boots or failures >= len(boots):
+        ci = {"a": (math.nan, math.nan), "b": (math.nan, math.nan)}
+    else:
+        boots = np.array(boots)
+        ci = {name: tuple(float(v) for v in np.quantile(boots[:, j], q)) for j, name in enumerate(("a", "b"))}
+    return Fit("convergence", {"a": float(a), "b": float(b)}, ci, float(1 - np.sum(resid**2) / total) if total > 0 else math.nan,
+               float(np.sqrt(np.mean(resid**2))), len(n), level, failures, "curves and residuals",
+               lambda t, n_: np.exp(t[0] + t[1] * np.log(n_)), np.array(boots) if len(boots) else None)
 
 
 def fit_convergence(n, tokens, **options) -> Fit:

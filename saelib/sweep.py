@@ -176,11 +176,16 @@ def _run_one(source: BatchSource, options: dict, folder: Path, x_val: torch.Tens
 
 
 def summarize(table: list[dict], by: list[str], metrics: list[str]) -> list[dict]:
-    """Mean and standard deviation of ``metrics`` over rows that share the values of ``by`` (seeds).
+    """Mean, standard deviation and 95% interval of ``metrics`` over rows that share the values of
+    ``by`` (seeds).
 
     Returns one dict per group: the ``by`` values, ``runs`` (the group size), and for each
-    metric ``m``: ``m`` (mean) and ``m_std`` (sample standard deviation, 0 for one run).
+    metric ``m``: ``m`` (mean), ``m_std`` (sample standard deviation, 0 for one run) and ``m_ci``
+    (half-width of the mean's 95% Student-t interval, ``t(0.975, runs - 1) * std / sqrt(runs)``;
+    0 for one run).
     """
+    from scipy.stats import t as student_t
+
     groups: dict[tuple, list[dict]] = {}
     for row in table:
         groups.setdefault(tuple(row[key] for key in by), []).append(row)
@@ -191,8 +196,17 @@ def summarize(table: list[dict], by: list[str], metrics: list[str]) -> list[dict
             x = torch.tensor([float(r[m]) for r in rows], dtype=torch.float64)
             summary[m] = float(x.mean())
             summary[f"{m}_std"] = float(x.std()) if len(x) > 1 else 0.0
+            summary[f"{m}_ci"] = float(student_t.ppf(0.975, len(x) - 1) * x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0
         out.append(summary)
     return out
+
+
+def mean_curve(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """The learning curves of several runs (seeds of one config, logged at the same steps) averaged
+    point by point: one dict per logged step with its ``tokens`` and the mean of each of ``metrics``."""
+    steps = zip(*(row["curve"] for row in rows))
+    return [{"tokens": points[0]["tokens"], **{m: sum(p[m] for p in points) / len(points) for m in metrics}}
+            for points in steps]
 
 
 def without_curves(table: list[dict]) -> list[dict]:

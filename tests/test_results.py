@@ -55,6 +55,17 @@ def test_the_metrics_and_progressive_blocks_put_each_value_in_its_cell():
     assert "| k'=8 | 0.3000 ± 0.0100 | 0.2800 ± 0.0200 |" in text and "| k'=64 | – | 0.2000 ± 0.0000 |" in text
 
 
+def test_the_dead_latents_block_gives_each_cells_mean_over_seeds_and_its_interval():
+    cell = dict(lr_multiplier=4, mitigation="neither", n_latents=1024)
+    runs = [dict(cell, seed=0, dead_fraction=0.30), dict(cell, seed=1, dead_fraction=0.32), dict(cell, seed=2, dead_fraction=0.34),
+            dict(cell, n_latents=4096, seed=0, dead_fraction=0.5), dict(cell, n_latents=4096, seed=1, dead_fraction=0.5),
+            dict(cell, n_latents=4096, seed=2, dead_fraction=0.5)]
+    text = results.dead_latents({"runs": runs})
+    assert "| 4x | neither | 32.0% ± 5.0% | 50.0% ± 0.0% |" in text and "Mean of 3 seeds per cell" in text
+    one = results.dead_latents({"runs": runs[:1]})
+    assert "| 4x | neither | 30.0% |" in one and "seeds" not in one
+
+
 def test_the_throughput_block_has_one_row_per_configuration_and_saelibs_ratio():
     base = dict(d_in=576, n_latents=4608, k=32, batch_size=4096, dead_fraction=0.25)
     rows = [dict(base, impl="saelib", tokens_per_s=3000.0, ratio_to_best_peer=2.0),

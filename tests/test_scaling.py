@@ -60,6 +60,27 @@ def test_tokens_to_convergence_and_its_law():
     assert fit.ci["b"][0] <= 0.6 <= fit.ci["b"][1]
 
 
+def test_tokens_to_convergence_from_a_fitted_curve_and_its_exponent_across_sizes():
+    """Curves L(t) = exp(a) t^b + c whose T (within 1% of c) grows as n^0.6: each run's T is recovered
+    within its interval, and the exponent through five sizes is recovered, its interval excluding 0."""
+    rng = np.random.default_rng(4)
+    t = np.arange(1, 801) * 4096.0
+    n = np.array([256.0, 512, 1024, 2048, 4096])
+    T_true = 3e5 * (n / 256) ** 0.6
+    fits = []
+    for T_n, c in zip(T_true, (0.30, 0.25, 0.21, 0.18, 0.16)):
+        curve = c * (1 + 0.01 * T_n / t)  # exp(a) t^b + c with b = -1 and exp(a) T^b = 0.01 c
+        T, (low, high), fit = scaling.converged_at(t, noisy(curve, rng, 0.005), tol=0.01, after=8192, n_boot=100)
+        assert low <= T_n <= high and abs(T / T_n - 1) < 0.3, (T_n, T, low, high)
+        fits.append(fit)
+    law = scaling.convergence_exponent(n, fits, tol=0.01)
+    assert law.ci["b"][0] <= 0.6 <= law.ci["b"][1] and law.ci["b"][0] > 0, law.ci
+    assert abs(law.params["b"] - 0.6) < 0.1 and law.predict([256.0])[0] == pytest.approx(np.exp(law.params["a"]) * 256**law.params["b"])
+    flat = scaling.fit_power_law(t, 0.2 + 0 * t + 1e-6 * rng.standard_normal(len(t)), n_boot=0)
+    with pytest.raises(ValueError, match="finite T"):
+        scaling.convergence_exponent(n[:2], [fits[0], flat])
+
+
 def test_one_curve_of_few_points_gets_a_residual_bootstrap_interval():
     # 5 runs and 3 coefficients: too few points to resample them, so the residuals are resampled
     rng = np.random.default_rng(0)

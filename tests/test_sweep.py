@@ -49,6 +49,17 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, data):
     summary = sweep.summarize(table, ["n_latents"], ["val_nmse"])
     assert [s["runs"] for s in summary] == [2, 2] and all(s["val_nmse_std"] >= 0 for s in summary)
     assert "curve" not in sweep.without_curves(table)[0]
+    mean = sweep.mean_curve(table[:2], ["nmse"])
+    assert len(mean) == len(table[0]["curve"]) and mean[-1]["tokens"] == 1024
+    assert mean[-1]["nmse"] == pytest.approx((table[0]["curve"][-1]["nmse"] + table[1]["curve"][-1]["nmse"]) / 2)
+
+
+def test_summarize_gives_the_means_student_t_interval():
+    rows = [dict(cell="a", x=v) for v in (0.10, 0.12, 0.14)] + [dict(cell="b", x=0.5)]
+    a, b = sweep.summarize(rows, ["cell"], ["x"])
+    # t(0.975, 2) = 4.303; sd 0.02; half-width 4.303 * 0.02 / sqrt(3)
+    assert a["x"] == pytest.approx(0.12) and a["x_ci"] == pytest.approx(4.303 * 0.02 / 3**0.5, rel=1e-3)
+    assert b["runs"] == 1 and b["x_ci"] == 0.0
 
 
 def test_shards_split_a_sweep_and_a_call_without_shard_collects_it(tmp_path, data):
