@@ -202,6 +202,21 @@ def best_cells(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
+def convergence(data: dict) -> str:
+    """10: each run's tokens to convergence with its interval, and the exponent of ``T(n)``."""
+    rows = [[f"{r['n_latents']:,}", f"{r['T'] / 1e6:.1f}M", f"[{r['T_low'] / 1e6:.1f}M, {r['T_high'] / 1e6:.1f}M]",
+             f"{r['T'] / r['trained']:.1f}x", f"{r['curve_fit']['c']:.4f}", f"{r['val_nmse']:.4f}"]
+            for r in sorted(data["runs"], key=lambda r: r["n_latents"])]
+    fit = data["fit"]
+    low, high = fit["ci"]["b"]
+    trained = data["runs"][0]["trained"]
+    note = (f"\n\nT(n) = exp({fit['params']['a']:.2f}) n^{fit['params']['b']:.2f}, 95% interval of the exponent "
+            f"[{low:.2f}, {high:.2f}] (the paper: n^0.6). Each run trained on {trained:,} tokens ({data['passes']:g} "
+            f"passes over {data['unique_tokens']:,}) at a constant learning rate; T is where its fitted curve comes "
+            f"within {data['tol']:.0%} of the asymptote, beyond the run where the ratio exceeds 1x.")
+    return _table(["n", "T (tokens)", "95% interval", "T / tokens trained", "asymptote (NMSE)", "held-out NMSE"], rows) + note
+
+
 def quality(data: dict) -> str:
     """``saelib bench --quality``: every cell (library x lr x seed), then each library's best."""
     rows = [[r["library"], f"{r['lr_multiplier']:g}", r["seed"]]
@@ -229,6 +244,7 @@ BLOCKS = {
     "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
                  "make figures NOTEBOOKS=07_recipe_ablation"),
     "lr_rule": ("09_learning_rate.json", lr_rule, "09_learning_rate.png", "make figures NOTEBOOKS=09_learning_rate"),
+    "convergence": ("10_convergence.json", convergence, "10_convergence.png", "make figures NOTEBOOKS=10_convergence"),
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
     "quality_lesson": ("quality_lesson.json", quality, "quality_lesson.png",
                        "saelib bench --quality --budget lesson --seeds 0 1 --out figures/quality_lesson.json"),

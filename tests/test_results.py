@@ -66,6 +66,15 @@ def test_the_dead_latents_block_gives_each_cells_mean_over_seeds_and_its_interva
     assert "| 4x | neither | 30.0% |" in one and "seeds" not in one
 
 
+def test_the_convergence_block_states_each_T_against_its_run_and_the_exponent():
+    run = dict(n_latents=1024, T=2.5e7, T_low=2e7, T_high=3.1e7, trained=4_000_000, curve_fit=dict(a=7, b=-0.7, c=0.19),
+               val_nmse=0.2)
+    fit = dict(params=dict(a=13.5, b=0.6), ci=dict(a=[11, 16], b=[0.28, 0.99]))
+    text = results.convergence(dict(runs=[run], fit=fit, tol=0.01, passes=4, unique_tokens=1_000_000))
+    assert "| 1,024 | 25.0M | [20.0M, 31.0M] | 6.2x | 0.1900 | 0.2000 |" in text
+    assert "n^0.60, 95% interval of the exponent [0.28, 0.99]" in text and "within 1% of the asymptote" in text
+
+
 def test_the_throughput_block_has_one_row_per_configuration_and_saelibs_ratio():
     base = dict(d_in=576, n_latents=4608, k=32, batch_size=4096, dead_fraction=0.25)
     rows = [dict(base, impl="saelib", tokens_per_s=3000.0, ratio_to_best_peer=2.0),

@@ -296,6 +296,32 @@ def test_auxk_grads_reach_only_dead_latents():
     assert not sae(torch.randn(8, 16), torch.zeros(64, dtype=torch.bool)).auxk_loss
 
 
+def test_auxk_shrinks_dead_latents_whose_decoder_rows_miss_the_residual():
+    """Where AuxK can cost latents (notebook 02, section 3): the inputs and the live latents' decoder rows
+    lie in the first 8 dimensions, so the residual does too, and the dead latents' decoder rows lie in the
+    last 8. Their reconstruction of the residual is then pure error (AuxK loss above 1), and its gradient
+    pushes every selected dead latent's pre-activation down, further from the top-k cut."""
+    g = torch.Generator().manual_seed(0)
+    sae = TopKSAE(16, 32, 2, generator=g)
+    live, dead = torch.arange(16), torch.arange(16, 32)
+    with torch.no_grad():
+        sae.W_dec[live, 8:] = 0
+        sae.W_dec[dead, :8] = 0
+        sae.normalize_decoder()
+        sae.W_enc.copy_(sae.W_dec)
+        sae.W_enc[dead] = 0.05 * torch.randn(16, 16, generator=g).abs()  # small positive pre-activations
+        sae.b_pre.zero_()
+    x = torch.zeros(64, 16)
+    x[:, :8] = torch.randn(64, 8, generator=g).abs()
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[dead] = True
+    out = sae.train_forward(x, mask, k_aux=4)
+    assert out.auxk_loss > 1
+    out.auxk_loss.backward()
+    chosen = sae.b_enc.grad[dead] != 0
+    assert chosen.sum() >= 4 and (sae.b_enc.grad[dead][chosen] > 0).all(), "gradient descent lowers them all"
+
+
 def test_multitopk_decodes_at_any_k_up_to_4k():
     sae = make_sae(arch="multitopk")
     x = torch.randn(10, 16)
