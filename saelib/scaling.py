@@ -39,6 +39,8 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import least_squares
 
+from .config import lr_law
+
 # The paper's coefficients (GPT-4 joint and compute laws; GPT-2 tokens-to-convergence exponent).
 PAPER = {
     "joint": {"a": -0.50, "b_k": 0.26, "b_n": -0.017, "g": -0.042, "z": -1.32, "e": -0.085},
@@ -424,11 +426,6 @@ def lr_grid_table(rows: list[dict], rule: Callable[[int, int], float]) -> list[d
     return table
 
 
-def _lr_rule(theta, steps, n):
-    a, b, c = theta
-    return np.exp(a + b * np.log(steps) + c * np.log(n / 2**14))
-
-
 def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
     """The best learning-rate multiple against the run's length and size:
     ``multiple = exp(a) * steps^b * (n / 2^14)^c`` (``c = 0``: the paper's ``1 / sqrt(n)`` holds).
@@ -438,4 +435,4 @@ def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
     steps, n, y = (np.asarray(v, float) for v in (steps, n_latents, multiple))
     A = np.stack([np.ones_like(steps), np.log(steps), np.log(n / 2**14)], 1)
     start = np.linalg.lstsq(A, np.log(y), rcond=None)[0]
-    return _fit("lr", ["a", "b", "c"], _lr_rule, [steps, n], y, [start], **options)
+    return _fit("lr", ["a", "b", "c"], lr_law, [steps, n], y, [start], **options)
