@@ -156,6 +156,27 @@ def test_dead_over_training_reads_zero_to_one():
     assert list(fig.layout.yaxis.range) == [0, 1] and len(fig.data) == 5
 
 
+def test_convergence_marks_extrapolated_T_open_and_draws_the_papers_slope():
+    published = demo("10_convergence")
+    rng = np.random.default_rng(0)
+    runs, fits = [], []
+    for n, T_n in ((256, 3e5), (512, 4.5e5), (1024, 7e5), (2048, 1.05e6), (4096, 1.6e6)):
+        tokens = np.arange(1, 401) * 8192.0
+        nmse = 0.2 * (1 + 0.01 * T_n / tokens) * np.exp(0.003 * rng.standard_normal(400))
+        T, (low, high), fit = scaling.converged_at(tokens, nmse, after=16384, n_boot=20)
+        runs.append(dict(n_latents=n, tokens=tokens.tolist(), nmse=nmse.tolist(), curve_fit=fit.params, T=T, T_low=low,
+                         T_high=high))
+        fits.append(fit)
+    runs[-1]["tokens"] = runs[-1]["tokens"][:100]  # this run stops before its T: drawn open
+    fig = plots.convergence(runs, scaling.convergence_exponent([r["n_latents"] for r in runs], fits), 0.01,
+                            published=published)
+    (T_trace,) = [t for t in fig.data if (t.name or "").startswith("T (open")]
+    assert list(T_trace.marker.symbol) == ["circle"] * 4 + ["circle-open"]
+    assert "the paper's exponent" in legend_names(fig) and "T, published demo run" in legend_names(fig)
+    assert "n^0.6" in fig.layout.title.text and fig.layout.yaxis2.type == "log"
+    assert_human_legends(fig)
+
+
 def test_loss_curves_draw_fits_and_the_demo_runs_of_the_same_k():
     runs = demo("03_loss_vs_n")["runs"]
     mine = [r for r in runs if r["n_latents"] <= 2048 and r["k"] in (8, 64)]
