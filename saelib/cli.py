@@ -95,8 +95,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report.items()}))
     else:
         width = max(map(len, report))
-        for key, value in report.items():
-            print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        for key, value in report.items():  # a metric's 95% interval (key_ci, a half-width) beside it
+            ci = f" ± {report[key + '_ci']:.2g}" if key + "_ci" in report else ""
+            if not key.endswith("_ci"):
+                print(f"{key:<{width}}  {value:.6g}{ci}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 
 

@@ -36,6 +36,7 @@ from .evals.reconstruction import reconstruction_metrics
 from .runs import read_metrics
 from .config import TRAINER_FIELDS
 from .sources import BatchSource
+from .stats import mean_interval
 from .train import fit
 
 # the keys a run name spells out, in order, with their short labels
@@ -181,10 +182,8 @@ def summarize(table: list[dict], by: list[str], metrics: list[str]) -> list[dict
 
     Returns one dict per group: the ``by`` values, ``runs`` (the group size), and for each
     metric ``m``: ``m`` (mean), ``m_std`` (sample standard deviation, 0 for one run) and ``m_ci``
-    (half-width of the mean's 95% Student-t interval, ``t(0.975, runs - 1) * std / sqrt(runs)``;
-    0 for one run).
+    (half-width of the mean's 95% interval, :func:`saelib.stats.mean_interval`; 0 for one run).
     """
-    from scipy.stats import t as student_t
 
     groups: dict[tuple, list[dict]] = {}
     for row in table:
@@ -194,9 +193,8 @@ def summarize(table: list[dict], by: list[str], metrics: list[str]) -> list[dict
         summary = dict(zip(by, values), runs=len(rows))
         for m in metrics:
             x = torch.tensor([float(r[m]) for r in rows], dtype=torch.float64)
-            summary[m] = float(x.mean())
+            summary[m], summary[f"{m}_ci"] = mean_interval(x.tolist())
             summary[f"{m}_std"] = float(x.std()) if len(x) > 1 else 0.0
-            summary[f"{m}_ci"] = float(student_t.ppf(0.975, len(x) - 1) * x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0
         out.append(summary)
     return out
 

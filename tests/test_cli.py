@@ -371,3 +371,16 @@ def test_epochs_beyond_what_a_run_can_count_are_refused_naming_epochs(capsys, tm
     error = err.strip().splitlines()[-1]  # after the line saying how many tokens were extracted
     assert error.startswith("saelib train: error: epochs=1e+300 over the") and "choose fewer epochs or give tokens" in error
     assert "Traceback" not in err and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_eval_prints_each_sampled_metric_with_its_interval(capsys, monkeypatch):
+    from saelib import evals, runs
+
+    report = {"nmse": 0.2, "probe_loss": 0.41, "probe_loss_ci": 0.034, "n2g_latents": 64}
+    monkeypatch.setattr(runs, "load_run", lambda path: None)
+    monkeypatch.setattr(evals, "evaluate", lambda sae, **options: report)
+    code, out, _ = run(["eval", "some-run"], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["nmse", "probe_loss", "n2g_latents"]
+    assert lines[1].split()[1:] == ["0.41", "±", "0.034"]

@@ -152,7 +152,7 @@ def test_n2g_is_exact_for_a_latent_that_detects_one_token(held):
     fires = ((values > 0) & (indices == 0)).any(-1) & held.keep
     assert torch.equal(fires, (held.ids == token) & held.keep)
     m = n2g(values, indices, held.ids, held.keep, sample=4, progress=False)
-    assert m == {"n2g_precision": 1.0, "n2g_recall": 1.0, "n2g_latents": 1}
+    assert m == {"n2g_precision": 1.0, "n2g_recall": 1.0, "n2g_latents": 1, "n2g_precision_ci": 0.0, "n2g_recall_ci": 0.0}
 
 
 def test_ablation_sparsity_in_unit_interval(sae, lm, held):

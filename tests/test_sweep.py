@@ -101,3 +101,11 @@ def test_progress_estimates_the_time_left_from_the_compute_to_go(tmp_path, data,
     assert last.startswith("[2/2] n64-k4-") and "left" not in last
     sweep.run_sweep(configs, TensorSource(data[0]), tmp_path, **common)  # all loaded: nothing trained, no estimate
     assert "left" not in capsys.readouterr().out
+
+
+def test_mean_interval_is_student_t_and_ignores_what_is_not_finite():
+    from saelib.stats import mean_interval
+
+    mean, half = mean_interval([0.10, 0.12, float("nan"), 0.14])
+    assert mean == pytest.approx(0.12) and half == pytest.approx(4.303 * 0.02 / 3**0.5, rel=1e-3)
+    assert mean_interval([0.3]) == (0.3, 0.0) and all(v != v for v in mean_interval([]))

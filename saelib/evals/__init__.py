@@ -17,6 +17,10 @@ ablation_sparsity_baseline     on later logits)
 eval_tokens                    kept held-out tokens of the reconstruction metrics
 =============================  ==============================================================
 
+The metrics averaged over a sample (probe tasks, N2G latents, ablated latents) come with the
+half-width of their mean's 95% interval under ``<metric>_ci`` (:func:`saelib.stats.mean_interval`):
+raise the preset's sample sizes where it is wider than the difference it should show.
+
 Presets change scale, never code paths: ``"ci"`` runs in well under a minute on 2 CPU cores,
 ``"demo"`` in minutes, ``"full"`` is for a GPU or a long CPU run.
 """

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..stats import mean_interval
 from .downstream import sae_reconstruct, splice
 from .heldout import HeldOut, encode
 
@@ -88,6 +89,7 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
         delta[j, :, ch] = (held.acts[c, :, ch] - sae.normalizer.mean[ch]) * held.keep[c]
     channel_sparsity = _sparsities(lm, held, contexts, delta, None, batch_size, "ablation sparsity (channels)",
                                    progress)
-    return {"ablation_sparsity": float(torch.tensor(latent_sparsity, dtype=torch.float64).nanmean()),
-            "ablation_sparsity_baseline": float(torch.tensor(channel_sparsity, dtype=torch.float64).nanmean()),
+    (latent_mean, latent_ci), (channel_mean, channel_ci) = mean_interval(latent_sparsity), mean_interval(channel_sparsity)
+    return {"ablation_sparsity": latent_mean, "ablation_sparsity_ci": latent_ci,
+            "ablation_sparsity_baseline": channel_mean, "ablation_sparsity_baseline_ci": channel_ci,
             "ablation_latents": len(latents)}

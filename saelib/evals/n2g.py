@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..stats import mean_interval
+
 
 def ngram_matches(ids: Tensor, pattern: tuple[int, ...]) -> Tensor:
     """``(n, T)`` bool: where ``pattern`` (oldest token first) ends."""
@@ -77,7 +79,8 @@ def n2g(values: Tensor, indices: Tensor, ids: Tensor, keep: Tensor, sample: int 
         ids, keep: ``(n_ctx, T)`` token ids and kept-token mask.
         sample: how many latents to explain.
 
-    Returns ``n2g_precision, n2g_recall, n2g_latents`` (latents explained).
+    Returns ``n2g_precision, n2g_recall, n2g_latents`` (latents explained), and each mean's 95%
+    interval over the sampled latents (``n2g_precision_ci``, ``n2g_recall_ci``: half-widths).
     """
     half = len(ids) // 2
     if half == 0:
@@ -93,5 +96,6 @@ def n2g(values: Tensor, indices: Tensor, ids: Tensor, keep: Tensor, sample: int 
             precisions.append(p)
         if r is not None:
             recalls.append(r)
-    return {"n2g_precision": float(torch.tensor(precisions, dtype=torch.float64).mean()),
-            "n2g_recall": float(torch.tensor(recalls, dtype=torch.float64).mean()), "n2g_latents": len(latents)}
+    (precision, precision_ci), (recall, recall_ci) = mean_interval(precisions), mean_interval(recalls)
+    return {"n2g_precision": precision, "n2g_precision_ci": precision_ci, "n2g_recall": recall,
+            "n2g_recall_ci": recall_ci, "n2g_latents": len(latents)}

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..data import bos_prefix
+from ..stats import mean_interval
 from . import probe_sources as S
 from .heldout import encode, site_activations
 
@@ -407,14 +408,13 @@ def probe_loss(sae, lm, layer: int, site: str = "resid_post", **options) -> dict
     """Mean probe loss over tasks for the SAE's latents and for the residual channels (nats).
 
     ``options`` go to :func:`probe_results`. Returns ``probe_loss, probe_loss_baseline,
-    probe_tasks`` (tasks evaluated) and ``probe_tasks_skipped``.
+    probe_tasks`` (tasks evaluated) and ``probe_tasks_skipped``, and each mean's 95% interval over
+    the tasks (``probe_loss_ci``, ``probe_loss_baseline_ci``: half-widths).
     """
     rows, skipped = probe_results(sae, lm, layer, site, **options)
     if not rows:
         raise ValueError(f"No probe task could run (skipped: {skipped}); install the probe sources or use a larger preset.")
-    return {
-        "probe_loss": sum(r["probe_loss"] for r in rows) / len(rows),
-        "probe_loss_baseline": sum(r["probe_loss_baseline"] for r in rows) / len(rows),
-        "probe_tasks": len(rows),
-        "probe_tasks_skipped": len(skipped),
-    }
+    (loss, loss_ci), (baseline, baseline_ci) = (mean_interval([r[key] for r in rows])
+                                                for key in ("probe_loss", "probe_loss_baseline"))
+    return {"probe_loss": loss, "probe_loss_ci": loss_ci, "probe_loss_baseline": baseline,
+            "probe_loss_baseline_ci": baseline_ci, "probe_tasks": len(rows), "probe_tasks_skipped": len(skipped)}
