@@ -373,7 +373,7 @@ def metrics_vs_size(rows: list[dict], title: str, published_rows: list[dict] | N
     """Notebook 04's four panels: Δ cross-entropy, probe loss, N2G precision and recall, ablation sparsity
     against n (log axis), each metric under its own name, the residual-channel baselines dotted; the
     published demo run's values in grey beside them, under one legend entry. ``rows``: one :func:`saelib.evals.evaluate` dict per
-    size, with ``n_latents``."""
+    size, with ``n_latents``; a metric's ``<metric>_ci`` (its 95% interval) is drawn as bars."""
     fig = make_subplots(rows=2, cols=2, subplot_titles=[panel[0] for panel in METRIC_PANELS], vertical_spacing=0.18)
     runs = [("", rows, None)]
     if published_rows:
@@ -387,7 +387,9 @@ def metrics_vs_size(rows: list[dict], title: str, published_rows: list[dict] | N
             s = sorted(table, key=lambda r: r["n_latents"])
             for j, (metric, label, dash) in enumerate(lines):
                 # the published run: one legend entry that shows or hides all its grey lines
+                bars = [r.get(f"{metric}_ci", 0.0) for r in s]  # the 95% interval of a sampled metric
                 fig.add_scatter(x=[r["n_latents"] for r in s], y=[r[metric] for r in s], mode="lines+markers",
+                                error_y=dict(array=bars, visible=any(bars) and not grey),
                                 name=PUBLISHED["label"] if grey else label, hovertext=label + source, hoverinfo="x+y+text",
                                 line=dict(dash=dash, color=grey or color[metric]),
                                 opacity=PUBLISHED["opacity"] if grey else 1, showlegend=not grey or i + j == 0,
