@@ -142,11 +142,14 @@ def test_frontier_names_methods_and_draws_the_demo_dotted():
 
 def test_dead_vs_n_reads_zero_to_one_with_readable_log_n():
     runs = demo("02_dead_vs_n")["runs"]
-    mine = [r for r in runs if r["lr_multiplier"] in (4, 16) and r["n_latents"] <= 4096]
+    mine = [r for r in runs if r["lr_multiplier"] in (4, 16) and r["n_latents"] <= 2048]
     fig = plots.dead_vs_n(mine, "d", published_rows=runs)
     assert [a.text for a in fig.layout.annotations] == ["lr = 4 x paper's rule", "lr = 16 x paper's rule"]
     assert all(list(fig.layout[f"yaxis{i}"].range) == [0, 1] for i in ("", "2"))
-    assert list(fig.layout.xaxis.ticktext) == ["1,024", "4,096", "16,384"]
+    assert list(fig.layout.xaxis.ticktext) == ["1,024", "2,048", "4,096"]
+    # three seeds per cell: one point per n (their mean) with its interval as bars
+    (line,) = [t for t in fig.data if t.name == "neither" and t.xaxis == "x"]
+    assert list(line.x) == [1024, 2048] and line.error_y.visible and all(b > 0 for b in line.error_y.array)
     assert "AuxK + tied init (paper), published demo run" in legend_names(fig)
 
 
