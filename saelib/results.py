@@ -78,9 +78,14 @@ def scaling(data: dict) -> str:
 
 
 def metrics_vs_size(data: dict) -> str:
-    """04: every evaluation metric of the paper's section 4 at each n (arrows: which way is better)."""
-    rows = [[f"{r['n_latents']:,}", f"{r['val_nmse']:.4f}", f"{r['delta_ce']:.3f}", f"{r['probe_loss']:.4f}",
-             f"{r['n2g_precision']:.3f}", f"{r['n2g_recall']:.3f}", f"{r['ablation_sparsity']:.3f}",
+    """04 and 10: every evaluation metric of the paper's section 4 at each n (arrows: which way is better),
+    ± the 95% interval of the metrics averaged over a sample where the run recorded it."""
+    def cell(r: dict, metric: str, digits: int) -> str:
+        ci = f" ± {r[metric + '_ci']:.{digits}f}" if metric + "_ci" in r else ""
+        return f"{r[metric]:.{digits}f}{ci}"
+
+    rows = [[f"{r['n_latents']:,}", f"{r['val_nmse']:.4f}", f"{r['delta_ce']:.3f}", cell(r, "probe_loss", 3),
+             cell(r, "n2g_precision", 3), cell(r, "n2g_recall", 3), cell(r, "ablation_sparsity", 3),
              f"{r['dead_fraction']:.1%}"]
             for r in sorted(data["runs"], key=lambda r: r["n_latents"])]
     first = min(data["runs"], key=lambda r: r["n_latents"])
@@ -245,6 +250,7 @@ BLOCKS = {
                  "make figures NOTEBOOKS=07_recipe_ablation"),
     "lr_rule": ("09_learning_rate.json", lr_rule, "09_learning_rate.png", "make figures NOTEBOOKS=09_learning_rate"),
     "convergence": ("10_convergence.json", convergence, "10_convergence.png", "make figures NOTEBOOKS=10_convergence"),
+    "convergence_metrics": ("10_metrics.json", metrics_vs_size, "10_metrics.png", "make figures NOTEBOOKS=10_convergence"),
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
     "quality_lesson": ("quality_lesson.json", quality, "quality_lesson.png",
                        "saelib bench --quality --budget lesson --seeds 0 1 --out figures/quality_lesson.json"),

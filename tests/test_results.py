@@ -46,7 +46,9 @@ def test_the_metrics_and_progressive_blocks_put_each_value_in_its_cell():
     run = dict(n_latents=1024, val_nmse=0.25, delta_ce=0.5, probe_loss=0.3, n2g_precision=0.8, n2g_recall=0.4,
                ablation_sparsity=0.6, dead_fraction=0.01, probe_loss_baseline=0.35, ablation_sparsity_baseline=0.7)
     text = results.metrics_vs_size({"runs": [run]})
-    assert "| 1,024 | 0.2500 | 0.500 | 0.3000 | 0.800 | 0.400 | 0.600 | 1.0% |" in text
+    assert "| 1,024 | 0.2500 | 0.500 | 0.300 | 0.800 | 0.400 | 0.600 | 1.0% |" in text
+    with_intervals = results.metrics_vs_size({"runs": [dict(run, probe_loss_ci=0.05, n2g_precision_ci=0.02)]})
+    assert "| 1,024 | 0.2500 | 0.500 | 0.300 ± 0.050 | 0.800 ± 0.020 | 0.400 | 0.600 | 1.0% |" in with_intervals
     assert "probe loss 0.3500, ablation sparsity 0.700" in text
     summary = [dict(arch="topk", k_prime=8, nmse=0.3, nmse_std=0.01), dict(arch="multitopk", k_prime=8, nmse=0.28, nmse_std=0.02),
                dict(arch="multitopk", k_prime=64, nmse=0.2, nmse_std=0.0)]
