@@ -34,7 +34,6 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -302,15 +301,9 @@ def lr_multiple(steps: int | None, n_latents: int) -> float:
     if not steps:
         return 1.0
     steps = max(steps, LR_RULE_STEPS[0])  # not extrapolated to shorter runs than the sweeps had
+    from .scaling import lr_law
+
     return max(1.0, float(lr_law(LR_RULE.values(), steps, n_latents)))
-
-
-def lr_law(theta, steps, n_latents):
-    """The law of the best learning-rate multiple, ``exp(a) * steps^b * (n / 2^14)^c`` at ``theta =
-    (a, b, c)``, on numbers or numpy arrays: the default's with ``LR_RULE``, and the one
-    :func:`saelib.scaling.fit_lr_rule` fits."""
-    a, b, c = theta
-    return np.exp(a + b * np.log(steps) + c * np.log(np.divide(n_latents, 2**14)))
 
 
 # ---- presets --------------------------------------------------------------------------------

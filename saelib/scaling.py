@@ -39,8 +39,6 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import least_squares
 
-from .config import lr_law
-
 # The paper's coefficients (GPT-4 joint and compute laws; GPT-2 tokens-to-convergence exponent).
 PAPER = {
     "joint": {"a": -0.50, "b_k": 0.26, "b_n": -0.017, "g": -0.042, "z": -1.32, "e": -0.085},
@@ -424,6 +422,14 @@ def lr_grid_table(rows: list[dict], rule: Callable[[int, int], float]) -> list[d
         table.append(dict(n_latents=n, steps=steps, multiple=multiple, nmse=nmse, best_run_nmse=min(losses),
                           default_multiple=default, default_nmse=at_default, regret=at_default / min(losses) - 1))
     return table
+
+
+def lr_law(theta, steps, n_latents):
+    """The law of the best learning-rate multiple, ``exp(a) * steps^b * (n / 2^14)^c`` at ``theta =
+    (a, b, c)``, on numbers or arrays: the library's default with :data:`saelib.config.LR_RULE`
+    (:func:`saelib.config.lr_multiple`), and the law :func:`fit_lr_rule` fits."""
+    a, b, c = theta
+    return np.exp(a + b * np.log(steps) + c * np.log(np.divide(n_latents, 2**14)))
 
 
 def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
