@@ -322,7 +322,7 @@ def convergence_exponent(n, curve_fits: list[Fit], tol: float = 0.01, level: flo
     interval that carries each run's uncertainty as well as the scatter about the line.
 
     ``curve_fits``: each run's learning-curve fit (with bootstrap ``samples``), in the order of ``n``.
-    The point fit is least squares of ``log T`` on ``log n``. Resample ``i`` takes every run's ``i``-th
+    The point fit is :func:`fit_convergence`'s (least squares of ``log T`` on ``log n``). Resample ``i`` takes every run's ``i``-th
     bootstrap draw of ``T`` and multiplies it by a resampled residual of the point fit (inflated for the
     two coefficients, as :func:`_fit`'s residual bootstrap), then refits; resamples where some run's
     curve does not converge are left out (``boot_failures``).
@@ -332,10 +332,9 @@ def convergence_exponent(n, curve_fits: list[Fit], tol: float = 0.01, level: flo
     if not np.all(np.isfinite(T)):
         raise ValueError(f"Every run needs a finite T to fit T(n); got {T.tolist()} (a curve that does not fall "
                          "towards a positive asymptote: train longer or check its learning rate).")
+    point = fit_convergence(n, T, n_boot=0, level=level)
     x = np.log(n)
-    b, a = np.polyfit(x, np.log(T), 1)
-    resid = np.log(T) - (a + b * x)
-    total = np.sum((np.log(T) - np.log(T).mean()) ** 2)
+    resid = np.log(T) - np.log(point.predict(n))
     resamples = min((0 if f.samples is None else len(f.samples)) for f in curve_fits)
     draws = np.array([[_within(theta, tol) for theta in f.samples[:resamples]] for f in curve_fits]).reshape(len(n), -1)
     rng = np.random.default_rng(seed)
@@ -350,13 +349,12 @@ def convergence_exponent(n, curve_fits: list[Fit], tol: float = 0.01, level: flo
         boots.append(np.polyfit(x, y, 1)[::-1])
     q = [(1 - level) / 2, (1 + level) / 2]
     if not boots or failures >= len(boots):
-        ci = {"a": (math.nan, math.nan), "b": (math.nan, math.nan)}
+        ci = {name: (math.nan, math.nan) for name in point.params}
     else:
         boots = np.array(boots)
-        ci = {name: tuple(float(v) for v in np.quantile(boots[:, j], q)) for j, name in enumerate(("a", "b"))}
-    return Fit("convergence", {"a": float(a), "b": float(b)}, ci, float(1 - np.sum(resid**2) / total) if total > 0 else math.nan,
-               float(np.sqrt(np.mean(resid**2))), len(n), level, failures, "curves and residuals",
-               lambda t, n_: np.exp(t[0] + t[1] * np.log(n_)), np.array(boots) if len(boots) else None)
+        ci = {name: tuple(float(v) for v in np.quantile(boots[:, j], q)) for j, name in enumerate(point.params)}
+    return replace(point, ci=ci, boot_failures=failures, bootstrap="curves and residuals",
+                   samples=np.array(boots) if len(boots) else None)
 
 
 def fit_convergence(n, tokens, **options) -> Fit:
