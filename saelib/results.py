@@ -84,15 +84,21 @@ def metrics_vs_size(data: dict) -> str:
         ci = f" ± {r[metric + '_ci']:.{digits}f}" if metric + "_ci" in r else ""
         return f"{r[metric]:.{digits}f}{ci}"
 
-    rows = [[f"{r['n_latents']:,}", f"{r['val_nmse']:.4f}", f"{r['delta_ce']:.3f}", cell(r, "probe_loss", 3),
-             cell(r, "n2g_precision", 3), cell(r, "n2g_recall", 3), cell(r, "ablation_sparsity", 3),
-             f"{r['dead_fraction']:.1%}"]
-            for r in sorted(data["runs"], key=lambda r: r["n_latents"])]
-    first = min(data["runs"], key=lambda r: r["n_latents"])
+    runs = sorted(data["runs"], key=lambda r: r["n_latents"])
+    trained = "trained" in runs[0]  # 10: each SAE's training tokens, and whether it reached its T
+    rows = [[f"{r['n_latents']:,}"] + ([f"{r['trained'] / 1e6:.1f}M" + (" (short of T)" if r["short"] else "")]
+                                       if trained else [])
+            + [f"{r['val_nmse']:.4f}", f"{r['delta_ce']:.3f}", cell(r, "probe_loss", 3), cell(r, "n2g_precision", 3),
+               cell(r, "n2g_recall", 3), cell(r, "ablation_sparsity", 3), f"{r['dead_fraction']:.1%}"] for r in runs]
+    first, last = runs[0], runs[-1]
     note = (f"\n\nBaselines on the residual channels: probe loss {first['probe_loss_baseline']:.4f}, "
             f"ablation sparsity {first['ablation_sparsity_baseline']:.3f}.")
-    return _table(["n", "NMSE ↓", "Δ CE (nats) ↓", "probe loss ↓", "N2G precision ↑", "N2G recall ↑",
-                   "ablation sparsity ↓", "dead"], rows) + note
+    if "trend" in data:
+        probe = data["trend"]["probe_loss"]
+        note += (f" Probe loss, n {last['n_latents']:,} minus n {first['n_latents']:,} task by task over {probe['tasks']} "
+                 f"tasks: {probe['difference']:+.3f} ± {probe['ci']:.3f}.")
+    return _table(["n"] + (["tokens trained"] if trained else []) + ["NMSE ↓", "Δ CE (nats) ↓", "probe loss ↓",
+                  "N2G precision ↑", "N2G recall ↑", "ablation sparsity ↓", "dead"], rows) + note
 
 
 def progressive(data: dict) -> str:

@@ -170,6 +170,8 @@ def test_evaluate_reports_every_metric(sae, lm):
         assert isinstance(report[key], (int, float)) and math.isfinite(report[key]), (key, report[key])
     assert report["delta_ce"] > 0 and 0 < report["loss_recovered"] <= 1
     assert report["probe_tasks"] >= 10
+    by_task = report["probe_loss_by_task"]  # what a task-by-task comparison of two SAEs reads
+    assert len(by_task) == report["probe_tasks"] and sum(by_task.values()) / len(by_task) == pytest.approx(report["probe_loss"])
     assert report["eval_preset"] == "ci" and report["downstream_contexts"] == 2 and report["probe_per_source"] == 12
     with pytest.raises(ValueError, match="Unknown eval option"):
         evaluate(sae, lm, "ci", eval_token=5)

@@ -50,6 +50,11 @@ def test_the_metrics_and_progressive_blocks_put_each_value_in_its_cell():
     with_intervals = results.metrics_vs_size({"runs": [dict(run, probe_loss_ci=0.05, n2g_precision_ci=0.02)]})
     assert "| 1,024 | 0.2500 | 0.500 | 0.300 ± 0.050 | 0.800 ± 0.020 | 0.400 | 0.600 | 1.0% |" in with_intervals
     assert "probe loss 0.3500, ablation sparsity 0.700" in text
+    converged = [dict(run, trained=4_098_048, short=False), dict(run, n_latents=4096, trained=15_456_256, short=True)]
+    trend = {"probe_loss": {"difference": -0.021, "ci": 0.013, "tasks": 30}}
+    text = results.metrics_vs_size({"runs": converged, "trend": trend})
+    assert "| 1,024 | 4.1M | 0.2500 |" in text and "| 4,096 | 15.5M (short of T) | 0.2500 |" in text
+    assert "n 4,096 minus n 1,024 task by task over 30 tasks: -0.021 ± 0.013" in text
     summary = [dict(arch="topk", k_prime=8, nmse=0.3, nmse_std=0.01), dict(arch="multitopk", k_prime=8, nmse=0.28, nmse_std=0.02),
                dict(arch="multitopk", k_prime=64, nmse=0.2, nmse_std=0.0)]
     text = results.progressive({"summary": summary})

@@ -1,6 +1,7 @@
 """The evaluation suite of Gao et al. (2024), run on held-out text (the corpus's validation split).
 
-``evaluate(sae)`` returns one flat dict of numbers (what ``saelib eval RUN --json`` prints):
+``evaluate(sae)`` returns one flat dict of numbers (what ``saelib eval RUN --json`` prints) and
+one of numbers by name, ``probe_loss_by_task``:
 
 =============================  ==============================================================
 keys                           module
@@ -10,7 +11,8 @@ dead_fraction, dense_fraction  gives the per-latent densities for a histogram)
 delta_ce, kl, loss_recovered,  :mod:`.downstream` (SAE spliced into the LM with nnsight)
 loss_recovered_mean, ce_*
 probe_loss,                    :mod:`.probes` (1-D logistic probes on latents / on residual
-probe_loss_baseline            channels, tasks from offline sources: :mod:`.probe_sources`)
+probe_loss_baseline,           channels, tasks from offline sources: :mod:`.probe_sources`)
+probe_loss_by_task
 n2g_precision, n2g_recall      :mod:`.n2g` (n-gram explanations of sampled latents)
 ablation_sparsity,             :mod:`.ablation` (sparsity of a latent's / a channel's effect
 ablation_sparsity_baseline     on later logits)
@@ -19,7 +21,9 @@ eval_tokens                    kept held-out tokens of the reconstruction metric
 
 The metrics averaged over a sample (probe tasks, N2G latents, ablated latents) come with the
 half-width of their mean's 95% interval under ``<metric>_ci`` (:func:`saelib.stats.mean_interval`):
-raise the preset's sample sizes where it is wider than the difference it should show.
+raise the preset's sample sizes where it is wider than the difference it should show. The probe
+tasks differ from one another more than SAEs do: compare two SAEs task by task
+(``probe_loss_by_task``), which narrows the interval of their difference.
 
 Presets change scale, never code paths: ``"ci"`` runs in well under a minute on 2 CPU cores,
 ``"demo"`` in minutes, ``"full"`` is for a GPU or a long CPU run.

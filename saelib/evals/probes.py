@@ -408,8 +408,10 @@ def probe_loss(sae, lm, layer: int, site: str = "resid_post", **options) -> dict
     """Mean probe loss over tasks for the SAE's latents and for the residual channels (nats).
 
     ``options`` go to :func:`probe_results`. Returns ``probe_loss, probe_loss_baseline,
-    probe_tasks`` (tasks evaluated) and ``probe_tasks_skipped``, and each mean's 95% interval over
-    the tasks (``probe_loss_ci``, ``probe_loss_baseline_ci``: half-widths).
+    probe_tasks`` (tasks evaluated) and ``probe_tasks_skipped``, each mean's 95% interval over
+    the tasks (``probe_loss_ci``, ``probe_loss_baseline_ci``: half-widths), and
+    ``probe_loss_by_task`` (task name -> loss): the tasks differ from one another more than SAEs
+    do, so two SAEs compare best task by task (the interval of the mean difference).
     """
     rows, skipped = probe_results(sae, lm, layer, site, **options)
     if not rows:
@@ -417,4 +419,5 @@ def probe_loss(sae, lm, layer: int, site: str = "resid_post", **options) -> dict
     (loss, loss_ci), (baseline, baseline_ci) = (mean_interval([r[key] for r in rows])
                                                 for key in ("probe_loss", "probe_loss_baseline"))
     return {"probe_loss": loss, "probe_loss_ci": loss_ci, "probe_loss_baseline": baseline,
-            "probe_loss_baseline_ci": baseline_ci, "probe_tasks": len(rows), "probe_tasks_skipped": len(skipped)}
+            "probe_loss_baseline_ci": baseline_ci, "probe_tasks": len(rows), "probe_tasks_skipped": len(skipped),
+            "probe_loss_by_task": {r["task"]: r["probe_loss"] for r in rows}}
