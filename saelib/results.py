@@ -261,7 +261,7 @@ BLOCKS = {
     "quality_lesson": ("quality_lesson.json", quality, "quality_lesson.png",
                        "saelib bench --quality --budget lesson --seeds 0 1 --out figures/quality_lesson.json"),
     "quality": ("quality_demo.json", quality, "quality_demo.png",
-                "saelib bench --quality --budget demo --seeds 0 1 --out figures/quality_demo.json"),
+                "saelib bench --quality --budget demo --seeds 0 1 --libraries saelib sparsify --out figures/quality_demo.json"),
 }
 
 
