@@ -79,7 +79,8 @@ def scaling(data: dict) -> str:
 
 def metrics_vs_size(data: dict) -> str:
     """04 and 10: every evaluation metric of the paper's section 4 at each n (arrows: which way is better),
-    ± the 95% interval of the metrics averaged over a sample where the run recorded it."""
+    ± the 95% interval of the metrics averaged over a sample where the run recorded it; where the runs
+    record them (10), the tokens each SAE trained and the task-by-task probe-loss difference."""
     def cell(r: dict, metric: str, digits: int) -> str:
         ci = f" ± {r[metric + '_ci']:.{digits}f}" if metric + "_ci" in r else ""
         return f"{r[metric]:.{digits}f}{ci}"

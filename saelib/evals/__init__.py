@@ -1,7 +1,7 @@
 """The evaluation suite of Gao et al. (2024), run on held-out text (the corpus's validation split).
 
-``evaluate(sae)`` returns one flat dict of numbers (what ``saelib eval RUN --json`` prints) and
-one of numbers by name, ``probe_loss_by_task``:
+``evaluate(sae)`` returns one flat dict (what ``saelib eval RUN --json`` prints): numbers, and
+``probe_loss_by_task``, the probe loss of each task by name:
 
 =============================  ==============================================================
 keys                           module
