@@ -665,6 +665,42 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
     return fig
 
 
+def lr_batches(rows: list[dict], best: list[dict], rule) -> go.Figure:
+    """Notebook 09: held-out NMSE against the learning rate (a multiple of the paper's rule) for one
+    run size at several batch sizes, one panel per (``n_latents``, ``steps``), one line per batch
+    size with its best multiple starred, and the multiple ``rule(steps, n)`` chooses (which does not
+    know the batch size) as a dashed line.
+
+    ``rows``: sweep rows with ``n_latents``, ``steps``, ``batch_size``, ``lr_multiplier``, ``val_nmse``;
+    ``best``: their :func:`saelib.scaling.lr_grid_table`."""
+    sizes = sorted({(r["n_latents"], r["steps"]) for r in rows})
+    batches = sorted({r["batch_size"] for r in rows})
+    fig = make_subplots(rows=1, cols=len(sizes), horizontal_spacing=0.08,
+                        subplot_titles=[f"n = {n:,}, {s:,} steps" for n, s in sizes])
+    color = {b: f"hsl({20 + int(200 * i / max(1, len(batches) - 1))}, 70%, 45%)" for i, b in enumerate(batches)}
+    for col, (n, s) in enumerate(sizes, 1):
+        for b in batches:
+            line = sorted((r for r in rows if (r["n_latents"], r["steps"], r["batch_size"]) == (n, s, b)),
+                          key=lambda r: r["lr_multiplier"])
+            if not line:
+                continue
+            fig.add_scatter(x=[r["lr_multiplier"] for r in line], y=[r["val_nmse"] for r in line],
+                            mode="lines+markers", name=f"batches of {b:,}", legendgroup=str(b), showlegend=col == 1,
+                            line_color=color[b], row=1, col=col)
+            star = next(t for t in best if (t["n_latents"], t["steps"], t["batch_size"]) == (n, s, b))
+            fig.add_scatter(x=[star["multiple"]], y=[star["nmse"]], mode="markers", legendgroup=str(b),
+                            marker=dict(symbol="star", size=13, color=color[b]), showlegend=False, row=1, col=col)
+        fig.add_vline(x=rule(s, n), line=dict(dash="dash", color="grey"), row=1, col=col)
+        fig.update_xaxes(title_text="lr / paper's rule", row=1, col=col,
+                         **log_axis(sorted({r["lr_multiplier"] for r in rows})))
+    fig.update_yaxes(title_text="normalised MSE (held-out)", row=1, col=1)
+    fig.update_yaxes(**nice_log_axis([r["val_nmse"] for r in rows]))
+    fig.update_layout(title="Does the batch size move the best learning rate? (TopK, k "
+                            f"{rows[0]['k']}; dashed: saelib's default, which counts steps only)",
+                      template="plotly_white", height=420, legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
 def lr_sweep(rows: list[dict], best: list[dict], rule, fitted=None, published_best: list[dict] | None = None) -> go.Figure:
     """Notebook 09: held-out NMSE against the learning rate (a multiple of the paper's rule), one line
     per run length, one panel per n, each line's best multiple marked; and the best multiples against

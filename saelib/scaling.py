@@ -403,22 +403,24 @@ def loss_at_multiple(multiples, loss, multiple: float) -> float:
 
 
 def lr_grid_table(rows: list[dict], rule: Callable[[int, int], float]) -> list[dict]:
-    """One row per run size of a learning-rate sweep: ``n_latents``, ``steps``, the grid's best
-    ``multiple`` and the ``nmse`` there (:func:`best_multiple`), ``best_run_nmse``, the multiple that
-    ``rule(steps, n_latents)`` chooses (``default_multiple``), the NMSE read there
+    """One row per run size of a learning-rate sweep: ``n_latents``, ``steps``, ``batch_size``, the
+    grid's best ``multiple`` and the ``nmse`` there (:func:`best_multiple`), ``best_run_nmse``, the
+    multiple that ``rule(steps, n_latents)`` chooses (``default_multiple``), the NMSE read there
     (``default_nmse``, :func:`loss_at_multiple`) and ``regret``, that NMSE over the best run's minus 1.
 
-    ``rows``: the sweep's runs, each with ``n_latents``, ``steps``, ``lr_multiplier`` and ``val_nmse``.
+    ``rows``: the sweep's runs, each with ``n_latents``, ``steps``, ``lr_multiplier`` and ``val_nmse``
+    (and ``batch_size``: runs of other batch sizes make grids of their own).
     """
     table = []
-    for n, steps in sorted({(r["n_latents"], r["steps"]) for r in rows}):
-        grid = [r for r in rows if r["n_latents"] == n and r["steps"] == steps]
+    for n, steps, batch in sorted({(r["n_latents"], r["steps"], r.get("batch_size") or 0) for r in rows}):
+        grid = [r for r in rows if (r["n_latents"], r["steps"], r.get("batch_size") or 0) == (n, steps, batch)]
         multiples, losses = [r["lr_multiplier"] for r in grid], [r["val_nmse"] for r in grid]
         multiple, nmse = best_multiple(multiples, losses)
         default = rule(steps, n)
         at_default = loss_at_multiple(multiples, losses, default)
-        table.append(dict(n_latents=n, steps=steps, multiple=multiple, nmse=nmse, best_run_nmse=min(losses),
-                          default_multiple=default, default_nmse=at_default, regret=at_default / min(losses) - 1))
+        table.append(dict(n_latents=n, steps=steps, batch_size=batch or None, multiple=multiple, nmse=nmse,
+                          best_run_nmse=min(losses), default_multiple=default, default_nmse=at_default,
+                          regret=at_default / min(losses) - 1))
     return table
 
 

@@ -1,6 +1,7 @@
 """``saelib bench --quality``: saelib, sparsify and SAELens trained on one activation cache and scored
 by one evaluation. The peers run in their own interpreter (``make peers``), as the bench runs them."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -62,6 +63,17 @@ def test_every_library_trains_on_the_same_cache_and_gets_one_evaluation():
     assert set(best) == {"saelib", "sparsify", "sae-lens"} and all(b["seeds"] == 1 for b in best.values())
     table = results.quality({"rows": rows})
     assert table.count("\n| saelib |") == 2 and "at its best learning rate" in table
+
+
+def test_a_grid_run_again_into_its_file_trains_only_the_missing_cells(tmp_path):
+    out = tmp_path / "grid.json"
+    first = quality.run_quality("ci", (4,), libraries=("saelib",), eval_preset="ci", out=out, progress=False)
+    rows = quality.run_quality("ci", (4, 16), libraries=("saelib",), eval_preset="ci", out=out, progress=False)
+    assert [(r["lr_multiplier"], r["status"]) for r in rows] == [(4, "ok"), (16, "ok")]
+    assert rows[0] == first[0]  # kept as it was, not trained again
+    assert json.loads(out.read_text())["rows"] == rows
+    with pytest.raises(ValueError, match="holds the grid of another budget .*'scale': 1.0.*'scale': 2.0"):
+        quality.run_quality("ci", (4,), libraries=("saelib",), scale=2.0, eval_preset="ci", out=out, progress=False)
 
 
 def test_an_unknown_library_is_refused_before_anything_runs():

@@ -123,6 +123,18 @@ def test_the_best_multiple_is_the_vertex_of_the_grid_in_log_multiple():
     assert min(loss) <= between <= max(loss[3], loss[4])  # read between 8x and 16x, never below the curve's min
 
 
+def test_each_batch_size_of_a_run_size_gets_its_own_grid():
+    from saelib.scaling import lr_grid_table
+
+    grid = [2, 4, 8, 16, 32, 64]
+    rows = [dict(n_latents=1024, steps=100, batch_size=b, lr_multiplier=m,
+                 val_nmse=0.2 + 0.01 * (np.log2(m) - np.log2(best)) ** 2)
+            for b, best in ((256, 5.0), (4096, 20.0)) for m in grid]
+    table = lr_grid_table(rows, lambda steps, n: 10.0)
+    assert [(t["batch_size"], round(t["multiple"], 3)) for t in table] == [(256, 5.0), (4096, 20.0)]
+    assert all(t["default_multiple"] == 10.0 and t["regret"] > 0 for t in table)
+
+
 def test_the_lr_rule_is_recovered_and_the_default_follows_it():
     from saelib import config
     from saelib.scaling import fit_lr_rule

@@ -25,6 +25,9 @@ scored here: NMSE, L0 and the fraction of latents that never fire on the held-ou
 delta CE and loss recovered with the SAE spliced into the LM.
 
     saelib bench --quality --budget demo --lr-multipliers 1 4 16 32 --seeds 0 1 --out quality.json
+
+Run again with the same ``--out``, a grid trains only the cells that file lacks: an interrupted grid
+resumes, and another seed, library or learning rate is added to the same table.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..activations import ActivationCache, CachedSource, cached_activations
 from ..evals.downstream import downstream_loss
 from ..evals.heldout import held_out
 from ..evals.reconstruction import reconstruction_metrics
+from ..files import atomic_write_text
 from ..formats import import_sae
 from ..models import load_lm
 from ..normalize import Normalizer
@@ -135,7 +139,9 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
     lr, seed``, the budget, ``nmse, l0, dead_fraction, delta_ce, loss_recovered, tokens_per_s``...),
     ``status`` "failed" with the ``reason`` where a peer could not run. ``lr_multipliers``: one grid
     for every library (default: :data:`GRIDS`, each library's own). Rows go to ``out`` (JSON) as
-    they finish. ``eval_preset`` sets the held-out sample (default: the budget's)."""
+    they finish; where ``out`` already holds cells of the same budget, those are kept, not trained
+    again, and returned with the new ones. ``eval_preset`` sets the held-out sample (default: the
+    budget's)."""
     unknown = sorted(set(libraries) - set(LIBRARIES))
     if unknown:
         raise ValueError(f"Unknown libraries {unknown}; choose from {', '.join(LIBRARIES)}.")
@@ -151,16 +157,19 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
     ids = held.ids[:sample["downstream_contexts"]]
     reference = None
     python = peers_python or sys.executable
-    rows = []
+    grid = {"budget": budget, "scale": scale, "steps": steps, "tokens": steps * cfg.batch_size,
+            "n_latents": cfg.n_latents, "k": cfg.k, "batch_size": cfg.batch_size, "eval_tokens": held.n_tokens}
+    rows = _finished_rows(out, grid)
+    done = {(r["library"], float(r["lr_multiplier"]), r["seed"]) for r in rows}
     grids = {library: tuple(lr_multipliers or GRIDS[library]) for library in libraries}
     for seed in seeds:
         for i in range(max(map(len, grids.values()))):
             for library in (library for library in libraries if i < len(grids[library])):
                 multiple = grids[library][i]
+                if (library, float(multiple), seed) in done:
+                    continue
                 lr = multiple * RULES[library](cfg.n_latents)
-                row = {"library": library, "lr_multiplier": multiple, "lr": lr, "seed": seed, "budget": budget,
-                       "scale": scale, "steps": steps, "tokens": steps * cfg.batch_size, "n_latents": cfg.n_latents,
-                       "k": cfg.k, "batch_size": cfg.batch_size, "eval_tokens": held.n_tokens}
+                row = {"library": library, "lr_multiplier": multiple, "lr": lr, "seed": seed, **grid}
                 _say(progress, f"{library} at {multiple}x (lr {lr:.3g}), seed {seed}: {steps} steps")
                 try:
                     sae, speed = _train(library, source, cache.folder, cfg, train_opts, lr, seed, steps, python)
@@ -172,8 +181,25 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
                 reference = reference or loss
                 rows.append({**row, "status": "ok", **speed, **scores, **loss})
                 if out is not None:
-                    Path(out).write_text(json.dumps({"rows": rows}, indent=1))
+                    atomic_write_text(out, json.dumps({"rows": rows}, indent=1))
     return rows
+
+
+def _finished_rows(out: str | Path | None, grid: dict) -> list[dict]:
+    """The finished cells already in ``out`` (a grid run again adds only its missing cells, and a
+    failed cell trains again); an error if ``out`` holds another budget's grid."""
+    if out is None or not Path(out).exists():
+        return []
+    try:
+        rows = json.loads(Path(out).read_text())["rows"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{out} is not a quality grid's JSON; give --out a new file.") from None
+    for r in rows:
+        other = {key: r.get(key) for key in grid if r.get(key) != grid[key]}
+        if other:
+            raise ValueError(f"{out} holds the grid of another budget ({other} where this one has "
+                             f"{ {key: grid[key] for key in other} }); give --out another file.")
+    return [r for r in rows if r["status"] == "ok"]
 
 
 def _train(library: str, source: CachedSource, cache: Path, cfg: config.TrainConfig, train_opts: dict, lr: float,
