@@ -41,7 +41,7 @@ def published(name: str, root: str | Path = "../figures") -> dict | None:
 def log_axis(values) -> dict:
     """Axis settings for a log axis over ``values`` (e.g. powers of 2): one labelled tick per value
     and no minor labels, which plotly otherwise prints as "5 6 7 8 9 1000 2 3 4" on short ranges."""
-    ticks = sorted({float(v) for v in values})
+    ticks = sorted({float(f"{v:.3g}") for v in values})
     return dict(type="log", tickvals=ticks, ticktext=[f"{v:,.0f}" if v >= 1 and v == int(v) else f"{v:g}" for v in ticks],
                 minor=dict(ticks="", showgrid=False))
 
@@ -662,6 +662,51 @@ def throughput(data: dict, published: dict | None = None) -> go.Figure:
                             f"<br><sup>forward, loss, backward, Adam; k {every[0]['k']}"
                             f"{', ' + fixed if fixed else ''}</sup>",
                       barmode="group", template="plotly_white", height=540, legend=dict(orientation="h", y=-0.28))
+    return fig
+
+
+LIBRARY_COLORS = {"saelib": "#1f77b4", "sparsify": "#ff7f0e", "sparsify-signum": "#bcbd22", "sae-lens": "#2ca02c"}
+
+
+def peers_quality(rows: list[dict], published: list[dict] | None = None) -> go.Figure:
+    """``saelib bench --quality``: held-out NMSE and delta CE against the learning rate (a multiple
+    of each library's rule), one line per library through the mean over seeds, with the seeds' range
+    as bars and the dead latents in the hover; ``published``: the published grid's rows, dotted grey.
+
+    ``rows``: :func:`saelib.bench.quality.run_quality`'s (those that failed are left out)."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=["normalised MSE (held-out)", "Δ CE with the SAE spliced in (nats)"])
+    for grid, style in ((published or [], "published"), (rows, "run")):
+        ok = [r for r in grid if r["status"] == "ok"]
+        for library in dict.fromkeys(r["library"] for r in ok):
+            cells: dict[float, list[dict]] = {}
+            for r in ok:
+                if r["library"] == library:
+                    cells.setdefault(float(r["lr_multiplier"]), []).append(r)
+            multiples = sorted(cells)
+            for col, key in enumerate(("nmse", "delta_ce"), 1):
+                mean = [float(np.mean([r[key] for r in cells[m]])) for m in multiples]
+                low = [m_ - min(r[key] for r in cells[m]) for m, m_ in zip(multiples, mean)]
+                high = [max(r[key] for r in cells[m]) - m_ for m, m_ in zip(multiples, mean)]
+                dead = [f"{np.mean([r['dead_fraction'] for r in cells[m]]):.1%} dead, {len(cells[m])} seed(s)"
+                        for m in multiples]
+                line = (dict(color=PUBLISHED["color"], dash=PUBLISHED["dash"]) if style == "published"
+                        else dict(color=LIBRARY_COLORS.get(library, "#444")))
+                fig.add_scatter(x=multiples, y=mean, text=dead, mode="lines+markers", line=line,
+                                error_y=dict(type="data", array=high, arrayminus=low, visible=style == "run"),
+                                name=library if style == "run" else f"{library}, {PUBLISHED['label']}",
+                                legendgroup=f"{style}{library}", showlegend=col == 1,
+                                opacity=PUBLISHED["opacity"] if style == "published" else 1, row=1, col=col)
+    every = [r for r in rows + (published or []) if r["status"] == "ok"]
+    for col, key in enumerate(("nmse", "delta_ce"), 1):
+        fig.update_xaxes(title_text="lr / the library's rule", row=1, col=col,
+                         **log_axis(sorted({float(r["lr_multiplier"]) for r in every})))
+        fig.update_yaxes(row=1, col=col, **nice_log_axis([r[key] for r in every]))
+    first = rows[0]
+    budget = first["budget"] + ("" if first["scale"] == 1 else f" x {first['scale']:g}")
+    fig.update_layout(title=f"Quality at equal budget and equal tuning ({budget}: {first['steps']:,} steps of "
+                            f"{first['batch_size']:,} tokens, n {first['n_latents']:,}, k {first['k']})",
+                      template="plotly_white", height=440, legend=dict(orientation="h", y=-0.25))
     return fig
 
 

@@ -138,7 +138,9 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
     """Every (seed, lr multiple, library) cell at ``budget``: one row each (``library, lr_multiplier,
     lr, seed``, the budget, ``nmse, l0, dead_fraction, delta_ce, loss_recovered, tokens_per_s``...),
     ``status`` "failed" with the ``reason`` where a peer could not run. ``lr_multipliers``: one grid
-    for every library (default: :data:`GRIDS`, each library's own). Rows go to ``out`` (JSON) as
+    for every library (default: :data:`GRIDS`, each library's own); "default" in it is the multiple
+    saelib chooses for this run (:func:`saelib.config.lr_multiple`) for the libraries on the paper's
+    rule, and 1 (its own rule) for sparsify's sign SGD. Rows go to ``out`` (JSON) as
     they finish; where ``out`` already holds cells of the same budget, those are kept, not trained
     again, and returned with the new ones. ``eval_preset`` sets the held-out sample (default: the
     budget's)."""
@@ -166,6 +168,8 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
         for i in range(max(map(len, grids.values()))):
             for library in (library for library in libraries if i < len(grids[library])):
                 multiple = grids[library][i]
+                if multiple == "default":  # the library's default for this run: saelib's, on the paper's rule
+                    multiple = config.lr_multiple(steps, cfg.n_latents) if RULES[library] is config.paper_lr else 1
                 if (library, float(multiple), seed) in done:
                     continue
                 lr = multiple * RULES[library](cfg.n_latents)
@@ -236,14 +240,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--budget", default="demo", choices=sorted(config.PRESETS),
                        help="the preset whose run every library trains (cache, n, k, batch size, steps, schedule)")
     group.add_argument("--scale", type=float, default=1.0, help="train this many times the budget's steps")
-    group.add_argument("--lr-multipliers", type=float, nargs="+",
+    group.add_argument("--lr-multipliers", type=_multiple, nargs="+",
                        help="learning rates as multiples of each library's rule (default: 1 4 16 32 x the "
-                            "paper's rule for the Adam libraries, 0.25 0.5 1 2 x sparsify's own for its sign SGD)")
+                            "paper's rule for the Adam libraries, 0.25 0.5 1 2 x sparsify's own for its sign SGD); "
+                            "'default': the multiple saelib chooses for the run's steps and n")
     group.add_argument("--seeds", type=int, nargs="+", default=[0])
     group.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     group.add_argument("--peers-python", help="the interpreter with sparsify and SAELens (default: .venv-peers/bin/python "
                                               "where it exists, else this one)")
     group.add_argument("--eval-preset", choices=sorted(config.PRESETS), help="held-out sample (default: the budget's)")
+
+
+def _multiple(text: str) -> float | str:
+    if text == "default":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a learning-rate multiple is a number or 'default', got {text!r}") from None
 
 
 def run_from_args(args: argparse.Namespace) -> int:
