@@ -243,8 +243,7 @@ def quality(data: dict) -> str:
             + _table(["library", "lr (x its rule)", "seeds", "NMSE", "Δ CE (nats)", "loss recovered", "dead"], best))
 
 
-# block name -> (JSON file under figures/, renderer, figure embedded above the table, command that
-# makes it, or commands that make it in turn: each quality grid after the first adds the cells the file lacks)
+# block name -> (JSON file under figures/, renderer, figure embedded above the table, command that makes it)
 BLOCKS = {
     "frontier": ("01_frontier.json", frontier, "01_frontier.png", "make figures NOTEBOOKS=01_topk_vs_relu"),
     "dead_latents": ("02_dead_vs_n.json", dead_latents, "02_dead_vs_n.png", "make figures NOTEBOOKS=02_dead_latents"),
@@ -262,23 +261,14 @@ BLOCKS = {
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
     "quality_lesson": ("quality_lesson.json", quality, "quality_lesson.png",
                        "saelib bench --quality --budget lesson --seeds 0 1 --out figures/quality_lesson.json"),
-    "quality": ("quality_demo.json", quality, "quality_demo.png",
-                ("saelib bench --quality --budget demo --seeds 0 1 --libraries saelib sparsify --out figures/quality_demo.json",
-                 "saelib bench --quality --budget demo --seeds 0 --libraries sae-lens --out figures/quality_demo.json")),
-    "quality_x4": ("quality_demo_x4.json", quality, "quality_demo_x4.png",
-                   ("saelib bench --quality --budget demo --scale 4 --lr-multipliers 4 16 32 --seeds 0 "
-                    "--libraries saelib sparsify --out figures/quality_demo_x4.json",
-                    "saelib bench --quality --budget demo --scale 4 --lr-multipliers 16 32 --seeds 1 "
-                    "--libraries saelib sparsify --out figures/quality_demo_x4.json",
-                    "saelib bench --quality --budget demo --scale 4 --lr-multipliers 10.7353 --seeds 0 "
-                    "--libraries saelib --out figures/quality_demo_x4.json")),
+    "quality": ("quality_demo.json", quality, "quality_demo.png", "make figures NOTEBOOKS=11_peers_quality"),
+    "quality_x4": ("quality_demo_x4.json", quality, "quality_demo_x4.png", "make figures NOTEBOOKS=11_peers_quality"),
 }
 
 
 def render(name: str, figures: Path, link_prefix: str = "figures/") -> str:
     """The markdown of block ``name`` from the JSON in ``figures``."""
-    file, renderer, image, commands = BLOCKS[name]
-    command = "`, then `".join((commands,) if isinstance(commands, str) else commands)
+    file, renderer, image, command = BLOCKS[name]
     path = figures / file
     if not path.exists():
         return f"*Not run yet: `{command}` writes `{link_prefix}{file}`.*"
