@@ -136,17 +136,28 @@ def toy_recovery(data: dict) -> str:
     return _table(["mean best cosine"] + [f"n={n}" for n in ns], rows) + note
 
 
+def _lr_grids(best: list[dict], batch: bool = False) -> str:
+    """09: one row per grid of a learning-rate sweep (:func:`saelib.scaling.lr_grid_table`)."""
+    rows = [[f"{b['n_latents']:,}", f"{b['steps']:,}"] + ([f"{b['batch_size']:,}"] if batch else [])
+            + [f"{b['multiple']:.1f}", f"{b['default_multiple']:.1f}", f"{b['best_run_nmse']:.4f}",
+               f"{b['default_nmse']:.4f}", f"{b['regret']:+.1%}"] for b in best]
+    return _table(["n", "steps"] + (["batch"] if batch else []) + ["best multiple", "default's multiple", "NMSE, best run",
+                   "NMSE at the default", "default vs best run"], rows)
+
+
 def lr_rule(data: dict) -> str:
     """09: each run size's best learning-rate multiple, the default's, and what the default costs."""
-    rows = [[f"{b['n_latents']:,}", f"{b['steps']:,}", f"{b['multiple']:.1f}", f"{b['default_multiple']:.1f}",
-             f"{b['best_run_nmse']:.4f}", f"{b['default_nmse']:.4f}", f"{b['regret']:+.1%}"] for b in data["best"]]
     fit, rule = data["fit"], data["rule"]
     law = ", ".join(f"{k} = {v:+.3f} [{fit['ci'][k][0]:+.3f}, {fit['ci'][k][1]:+.3f}]" for k, v in fit["params"].items())
     note = (f"\n\nFit `multiple = exp(a) · steps^b · (n / 2^14)^c` to the best multiples: {law} (95% intervals, "
             f"R² {fit['r2']:.2f}); the library's default uses "
             + ", ".join(f"{k} = {v:+.3f}" for k, v in rule.items()) + ", and never less than 1x.")
-    return _table(["n", "steps", "best multiple", "default's multiple", "NMSE, best run", "NMSE at the default",
-                   "default vs best run"], rows) + note
+    return _lr_grids(data["best"]) + note
+
+
+def lr_batches(data: dict) -> str:
+    """09: the best multiple of the same run sizes at other batch sizes, and what the default costs there."""
+    return _lr_grids(sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["batch_size"])), batch=True)
 
 
 # a bench row whose slowest timed step took more than this many times its fastest ran on an unsteady machine
@@ -256,6 +267,7 @@ BLOCKS = {
     "ablation": ("07_recipe_ablation.json", ablation, "07_recipe_ablation.png",
                  "make figures NOTEBOOKS=07_recipe_ablation"),
     "lr_rule": ("09_learning_rate.json", lr_rule, "09_learning_rate.png", "make figures NOTEBOOKS=09_learning_rate"),
+    "lr_batches": ("09_lr_batches.json", lr_batches, "09_lr_batches.png", "make figures NOTEBOOKS=09_learning_rate"),
     "convergence": ("10_convergence.json", convergence, "10_convergence.png", "make figures NOTEBOOKS=10_convergence"),
     "convergence_metrics": ("10_metrics.json", metrics_vs_size, "10_metrics.png", "make figures NOTEBOOKS=10_convergence"),
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),
