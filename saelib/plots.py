@@ -41,7 +41,7 @@ def published(name: str, root: str | Path = "../figures") -> dict | None:
 def log_axis(values) -> dict:
     """Axis settings for a log axis over ``values`` (e.g. powers of 2): one labelled tick per value
     and no minor labels, which plotly otherwise prints as "5 6 7 8 9 1000 2 3 4" on short ranges."""
-    ticks = sorted({float(f"{v:.3g}") for v in values})
+    ticks = sorted({float(v) for v in values})
     return dict(type="log", tickvals=ticks, ticktext=[f"{v:,.0f}" if v >= 1 and v == int(v) else f"{v:g}" for v in ticks],
                 minor=dict(ticks="", showgrid=False))
 
@@ -700,7 +700,7 @@ def peers_quality(rows: list[dict], published: list[dict] | None = None) -> go.F
     every = [r for r in rows + (published or []) if r["status"] == "ok"]
     for col, key in enumerate(("nmse", "delta_ce"), 1):
         fig.update_xaxes(title_text="lr / the library's rule", row=1, col=col,
-                         **log_axis(sorted({float(r["lr_multiplier"]) for r in every})))
+                         **log_axis(sorted({float(f"{r['lr_multiplier']:.3g}") for r in every})))
         fig.update_yaxes(row=1, col=col, **nice_log_axis([r[key] for r in every]))
     first = rows[0]
     budget = first["budget"] + ("" if first["scale"] == 1 else f" x {first['scale']:g}")

@@ -201,9 +201,10 @@ def _finished_rows(out: str | Path | None, grid: dict) -> list[dict]:
     for r in rows:
         other = {key: r.get(key) for key in grid if r.get(key) != grid[key]}
         if other:
-            raise ValueError(f"{out} holds the grid of another budget ({other} where this one has "
-                             f"{ {key: grid[key] for key in other} }); give --out another file.")
-    return [r for r in rows if r["status"] == "ok"]
+            this = {key: grid[key] for key in other}
+            raise ValueError(f"{out} holds the grid of another budget ({other} where this one has {this}); "
+                             "give --out another file.")
+    return [r for r in rows if r.get("status") == "ok"]
 
 
 def _train(library: str, source: CachedSource, cache: Path, cfg: config.TrainConfig, train_opts: dict, lr: float,
