@@ -136,12 +136,14 @@ def toy_recovery(data: dict) -> str:
     return _table(["mean best cosine"] + [f"n={n}" for n in ns], rows) + note
 
 
-def _lr_grids(best: list[dict], batch: bool = False) -> str:
-    """09: one row per grid of a learning-rate sweep (:func:`saelib.scaling.lr_grid_table`)."""
-    rows = [[f"{b['n_latents']:,}", f"{b['steps']:,}"] + ([f"{b['batch_size']:,}"] if batch else [])
+def _lr_grids(best: list[dict], by: str | None = None) -> str:
+    """09: one row per grid of a learning-rate sweep (:func:`saelib.scaling.lr_grid_table`), with a
+    column for ``by`` (``"batch_size"`` or ``"k"``) where the grids differ in it."""
+    rows = [[f"{b['n_latents']:,}", f"{b['steps']:,}"] + ([f"{b[by]:,}"] if by else [])
             + [f"{b['multiple']:.1f}", f"{b['default_multiple']:.1f}", f"{b['best_run_nmse']:.4f}",
                f"{b['default_nmse']:.4f}", f"{b['regret']:+.1%}"] for b in best]
-    return _table(["n", "steps"] + (["batch"] if batch else []) + ["best multiple", "default's multiple", "NMSE, best run",
+    column = {"batch_size": ["batch"], "k": ["k"]}.get(by, [])
+    return _table(["n", "steps"] + column + ["best multiple", "default's multiple", "NMSE, best run",
                    "NMSE at the default", "default vs best run"], rows)
 
 
@@ -157,7 +159,16 @@ def lr_rule(data: dict) -> str:
 
 def lr_batches(data: dict) -> str:
     """09: the best multiple of the same run sizes at other batch sizes, and what the default costs there."""
-    return _lr_grids(sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["batch_size"])), batch=True)
+    return _lr_grids(sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["batch_size"])), by="batch_size")
+
+
+def lr_ks(data: dict) -> str:
+    """09: the best multiple of the same run sizes at other k, the fitted k term, and what the default costs."""
+    fit = data["fit"]
+    low, high = fit["ci"]["d"]
+    note = (f"\n\nFit `best multiple at k / best multiple at k 32 = (k / 32)^d`: d = {fit['params']['d']:+.3f} "
+            f"(95% interval {low:+.3f} to {high:+.3f}); the library's default uses d = {data['rule']['d']:+.3f}.")
+    return _lr_grids(sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["k"])), by="k") + note
 
 
 # a bench row whose slowest timed step took more than this many times its fastest ran on an unsteady machine
@@ -268,6 +279,7 @@ BLOCKS = {
                  "make figures NOTEBOOKS=07_recipe_ablation"),
     "lr_rule": ("09_learning_rate.json", lr_rule, "09_learning_rate.png", "make figures NOTEBOOKS=09_learning_rate"),
     "lr_batches": ("09_lr_batches.json", lr_batches, "09_lr_batches.png", "make figures NOTEBOOKS=09_learning_rate"),
+    "lr_ks": ("09_lr_ks.json", lr_ks, "09_lr_ks.png", "make figures NOTEBOOKS=09_learning_rate"),
     "convergence": ("10_convergence.json", convergence, "10_convergence.png", "make figures NOTEBOOKS=10_convergence"),
     "convergence_metrics": ("10_metrics.json", metrics_vs_size, "10_metrics.png", "make figures NOTEBOOKS=10_convergence"),
     "throughput": ("08_throughput.json", throughput, "08_throughput.png", "make figures NOTEBOOKS=08_performance"),

@@ -18,7 +18,8 @@ Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active
   interval) or :func:`tokens_to_convergence` (read off a curve) giving each run's ``T``.
 - :func:`fit_lr_rule` -- the best learning rate, as a multiple of the paper's rule, against the
   run's steps and ``n``: ``m = exp(a) * steps^b * (n / 2^14)^c``, each point the
-  :func:`best_multiple` of a grid of runs (the default rule of :func:`saelib.config.lr_multiple`).
+  :func:`best_multiple` of a grid of runs (the default rule of :func:`saelib.config.lr_multiple`);
+  :func:`fit_lr_k_term` -- its factor ``(k / 32)^d`` for runs at other ``k`` than the sweep's 32.
 
 Every fit is a least-squares fit of ``log L`` (errors are relative, as on the paper's log-log
 plots), the best of several starting points. Goodness of fit: ``r2`` and ``rmse_log``, both of
@@ -402,38 +403,43 @@ def loss_at_multiple(multiples, loss, multiple: float) -> float:
     return float(np.interp(np.log2(multiple), m, y))
 
 
-def lr_grid_table(rows: list[dict], rule: Callable[[int, int], float]) -> list[dict]:
-    """One row per run size of a learning-rate sweep: ``n_latents``, ``steps``, ``batch_size``, the
-    grid's best ``multiple`` and the ``nmse`` there (:func:`best_multiple`), ``best_run_nmse``, the
-    multiple that ``rule(steps, n_latents)`` chooses (``default_multiple``), the NMSE read there
+def lr_grid_table(rows: list[dict], rule: Callable[[int, int, int], float]) -> list[dict]:
+    """One row per run size of a learning-rate sweep: ``n_latents``, ``steps``, ``batch_size``, ``k``,
+    the grid's best ``multiple`` and the ``nmse`` there (:func:`best_multiple`), ``best_run_nmse``, the
+    multiple that ``rule(steps, n_latents, k)`` chooses (``default_multiple``), the NMSE read there
     (``default_nmse``, :func:`loss_at_multiple`) and ``regret``, that NMSE over the best run's minus 1.
 
-    ``rows``: the sweep's runs, each with ``n_latents``, ``steps``, ``lr_multiplier`` and ``val_nmse``
-    (and ``batch_size``: runs of other batch sizes make grids of their own).
+    ``rows``: the sweep's runs, each with ``n_latents``, ``k``, ``steps``, ``lr_multiplier`` and
+    ``val_nmse`` (and ``batch_size``: runs of other batch sizes, or other ``k``, make grids of their own).
     """
     table = []
-    for n, steps, batch in sorted({(r["n_latents"], r["steps"], r.get("batch_size") or 0) for r in rows}):
-        grid = [r for r in rows if (r["n_latents"], r["steps"], r.get("batch_size") or 0) == (n, steps, batch)]
+    for n, steps, batch, k in sorted({(r["n_latents"], r["steps"], r.get("batch_size") or 0, r["k"]) for r in rows}):
+        grid = [r for r in rows if (r["n_latents"], r["steps"], r.get("batch_size") or 0, r["k"]) == (n, steps, batch, k)]
         multiples, losses = [r["lr_multiplier"] for r in grid], [r["val_nmse"] for r in grid]
         multiple, nmse = best_multiple(multiples, losses)
-        default = rule(steps, n)
+        default = rule(steps, n, k)
         at_default = loss_at_multiple(multiples, losses, default)
-        table.append(dict(n_latents=n, steps=steps, batch_size=batch or None, multiple=multiple, nmse=nmse,
+        table.append(dict(n_latents=n, steps=steps, batch_size=batch or None, k=k, multiple=multiple, nmse=nmse,
                           best_run_nmse=min(losses), default_multiple=default, default_nmse=at_default,
                           regret=at_default / min(losses) - 1))
     return table
 
 
-def lr_law(theta, steps, n_latents):
-    """The law of the best learning-rate multiple, ``exp(a) * steps^b * (n / 2^14)^c`` at ``theta =
-    (a, b, c)``, on numbers or arrays: the library's default with :data:`saelib.config.LR_RULE`
-    (:func:`saelib.config.lr_multiple`), and the law :func:`fit_lr_rule` fits."""
-    a, b, c = theta
-    return np.exp(a + b * np.log(steps) + c * np.log(np.divide(n_latents, 2**14)))
+LR_K = 32  # the k of the learning-rate sweeps that fit_lr_rule is fitted to
+
+
+def lr_law(theta, steps, n_latents, k=LR_K):
+    """The law of the best learning-rate multiple, ``exp(a) * steps^b * (n / 2^14)^c * (k / 32)^d`` at
+    ``theta = (a, b, c, d)`` (or ``(a, b, c)``: no k term), on numbers or arrays: the library's default
+    with :data:`saelib.config.LR_RULE` (:func:`saelib.config.lr_multiple`), and the law
+    :func:`fit_lr_rule` and :func:`fit_lr_k_term` fit."""
+    a, b, c, *d = theta
+    k_term = d[0] * np.log(np.divide(k, LR_K)) if d else 0.0
+    return np.exp(a + b * np.log(steps) + c * np.log(np.divide(n_latents, 2**14)) + k_term)
 
 
 def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
-    """The best learning-rate multiple against the run's length and size:
+    """The best learning-rate multiple against the run's length and size, at the sweep's one ``k``:
     ``multiple = exp(a) * steps^b * (n / 2^14)^c`` (``c = 0``: the paper's ``1 / sqrt(n)`` holds).
 
     ``steps``, ``n_latents``, ``multiple``: one point per run size, the last from :func:`best_multiple`.
@@ -442,3 +448,20 @@ def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
     A = np.stack([np.ones_like(steps), np.log(steps), np.log(n / 2**14)], 1)
     start = np.linalg.lstsq(A, np.log(y), rcond=None)[0]
     return _fit("lr", ["a", "b", "c"], lr_law, [steps, n], y, [start], **options)
+
+
+def _k_term(theta, k_over):
+    return np.power(k_over, theta[0])
+
+
+def fit_lr_k_term(k, ratio, reference: int = LR_K, **options) -> Fit:
+    """How ``k`` moves the best learning-rate multiple: ``ratio = (k / reference)^d``, where ``ratio`` is a
+    run size's best multiple at ``k`` over its best multiple at the sweep's own ``k = reference`` (same
+    steps, ``n`` and batch), so that ``d`` is measured with everything else held (``d = 0``: ``k`` does
+    not matter).
+
+    ``k``, ``ratio``: one point per (run size, ``k``), from two :func:`lr_grid_table` rows each.
+    """
+    x, y = np.asarray(k, float) / reference, np.asarray(ratio, float)
+    start = np.atleast_1d(np.sum(np.log(x) * np.log(y)) / np.sum(np.log(x) ** 2))
+    return _fit("lr k", ["d"], _k_term, [x], y, [start], **options)

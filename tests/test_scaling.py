@@ -127,12 +127,14 @@ def test_each_batch_size_of_a_run_size_gets_its_own_grid():
     from saelib.scaling import lr_grid_table
 
     grid = [2, 4, 8, 16, 32, 64]
-    rows = [dict(n_latents=1024, steps=100, batch_size=b, lr_multiplier=m,
+    rows = [dict(n_latents=1024, steps=100, batch_size=b, k=k, lr_multiplier=m,
                  val_nmse=0.2 + 0.01 * (np.log2(m) - np.log2(best)) ** 2)
-            for b, best in ((256, 5.0), (4096, 20.0)) for m in grid]
-    table = lr_grid_table(rows, lambda steps, n: 10.0)
-    assert [(t["batch_size"], round(t["multiple"], 3)) for t in table] == [(256, 5.0), (4096, 20.0)]
-    assert all(t["default_multiple"] == 10.0 and t["regret"] > 0 for t in table)
+            for b, k, best in ((256, 32, 5.0), (4096, 32, 20.0), (4096, 8, 40.0)) for m in grid]
+    table = lr_grid_table(rows, lambda steps, n, k: 10.0 * 32 / k)
+    assert [(t["batch_size"], t["k"], round(t["multiple"], 3)) for t in table] == [(256, 32, 5.0), (4096, 8, 40.0),
+                                                                                     (4096, 32, 20.0)]
+    assert [t["default_multiple"] for t in table] == [10.0, 40.0, 10.0]  # the rule is asked at each grid's k
+    assert table[1]["regret"] < min(table[0]["regret"], table[2]["regret"])  # the k 8 grid's default is near its best
 
 
 def test_the_lr_rule_is_recovered_and_the_default_follows_it():
@@ -150,3 +152,24 @@ def test_the_lr_rule_is_recovered_and_the_default_follows_it():
     resolved = config.TrainConfig(n_latents=4096, k=32, batch_size=1024, tokens=400 * 1024).resolved(576, None)
     assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096) * config.paper_lr(4096))
     assert config.TrainConfig(n_latents=4096, k=32, lr_multiplier=2).resolved(576, 10**6).lr == 2 * config.paper_lr(4096)
+
+
+def test_the_k_term_is_recovered_and_the_default_follows_it(monkeypatch):
+    from saelib import config
+    from saelib.scaling import fit_lr_k_term
+
+    k = np.array([8, 16, 64, 128, 8, 16, 64, 128])
+    ratio = (k / 32) ** -0.4 * np.exp(0.02 * np.sin(np.arange(8)))
+    fit = fit_lr_k_term(k, ratio, n_boot=50)
+    assert fit.params["d"] == pytest.approx(-0.4, abs=0.03) and fit.ci["d"][1] - fit.ci["d"][0] < 0.1
+    assert fit_lr_k_term(k / 4, ratio, reference=8, n_boot=20).params["d"] == pytest.approx(fit.params["d"])
+
+    monkeypatch.setitem(config.LR_RULE, "d", -0.4)
+    at_32 = config.lr_multiple(400, 4096, 32)
+    assert config.lr_multiple(400, 4096, None) == at_32  # a ReLU SAE (no k) counts as k 32
+    assert config.lr_multiple(400, 4096, 8) == pytest.approx(at_32 * 4**0.4)
+    low, high = config.LR_RULE_K
+    assert config.lr_multiple(400, 4096, low // 2) == config.lr_multiple(400, 4096, low)  # not extrapolated
+    assert config.lr_multiple(400, 4096, high * 2) == config.lr_multiple(400, 4096, high)
+    resolved = config.TrainConfig(n_latents=4096, k=8, batch_size=1024, tokens=400 * 1024).resolved(576, None)
+    assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096, 8) * config.paper_lr(4096))
