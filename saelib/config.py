@@ -91,9 +91,10 @@ class TrainConfig:
     lr: float | None = option(None, "learning rate (default: lr_multiplier x 2e-4 / sqrt(n / 2^14))",
                               bound="positive")
     # runs too short for the paper's rule want more: the default multiple depends on the run's
-    # length, n and k (lr_multiple, fitted to the sweeps of 09_learning_rate)
+    # length, n, k and batch size (lr_multiple, fitted to the sweeps of 09_learning_rate)
     lr_multiplier: float | None = option(None, "multiple of the paper's learning-rate rule (default: the best "
-                                         "multiple for the run's steps, n and k, config.lr_multiple); ignored "
+                                         "multiple for the run's steps, n, k and batch size, "
+                                         "config.lr_multiple); ignored "
                                          "when lr is given", bound="positive")
     warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of the steps, at most 1000)",
                                       bound="non-negative")
@@ -158,7 +159,7 @@ class TrainConfig:
         return replace(
             self,
             tokens=tokens,
-            lr=self.lr or (self.lr_multiplier or lr_multiple(steps, self.n_latents, self.k)) * paper_lr(self.n_latents),
+            lr=self.lr or (self.lr_multiplier or lr_multiple(steps, self.n_latents, self.k, B)) * paper_lr(self.n_latents),
             lr_multiplier=1.0,  # folded into lr
             warmup_steps=self.warmup_steps if self.warmup_steps is not None else min(1000, (steps or 20_000) // 20),
             k_aux=self.k_aux or max(1, min(512, d_in // 2)),
@@ -287,28 +288,32 @@ def paper_lr(n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
-# The best multiple of paper_lr for a run of `steps` steps, n latents and k active ones,
-# exp(a) * steps^b * (n / 2^14)^c * (k / 32)^d, fitted to sweeps of TopK SAEs on SmolLM2's residual stream
-# (notebook 09_learning_rate, figures/09_*): a, b, c (saelib.scaling.fit_lr_rule) on n 1024 to 16384,
-# 100 to 1600 steps of 1024 tokens, multiples 1 to 128, at k 32; d (saelib.scaling.fit_lr_k_term) on
-# two of those run sizes again at k 8 to 128.
-LR_RULE = {"a": 4.968, "b": -0.297, "c": 0.288, "d": 0.137}
+# The best multiple of paper_lr for a run of `steps` steps of `batch_size` tokens, n latents and k active
+# ones, exp(a) * steps^b * (n / 2^14)^c * (k / 32)^d * (batch_size / 1024)^e, fitted to sweeps of TopK SAEs
+# on SmolLM2's residual stream (notebook 09_learning_rate, figures/09_*): a, b, c
+# (saelib.scaling.fit_lr_rule) on n 1024 to 16384, 100 to 1600 steps of 1024 tokens, multiples 1 to 128,
+# at k 32; d and e (saelib.scaling.fit_lr_term) on some of those run sizes again at k 8 to 128 and at
+# batches of 256 and 4096.
+LR_RULE = {"a": 4.968, "b": -0.297, "c": 0.288, "d": 0.137, "e": 0.205}
 LR_RULE_STEPS = (100, 1600)  # the run lengths it was fitted on
 LR_RULE_K = (8, 128)  # the k it was fitted on
+LR_RULE_BATCH = (256, 4096)  # the batch sizes it was fitted on
 
 
-def lr_multiple(steps: int | None, n_latents: int, k: int | None = None) -> float:
-    """The default multiple of :func:`paper_lr` for a run of ``steps`` steps, ``n_latents`` latents and
-    ``k`` active ones (``LR_RULE``; ``k`` None, as for a ReLU SAE, counts as the sweeps' 32), never below
-    1 (the paper's rule is tuned on runs far longer than these); runs shorter than the sweeps' shortest
-    get its multiple, a ``k`` outside the swept range the nearest end's, and 1 where the length is not known."""
+def lr_multiple(steps: int | None, n_latents: int, k: int | None = None, batch_size: int | None = None) -> float:
+    """The default multiple of :func:`paper_lr` for a run of ``steps`` steps of ``batch_size`` tokens,
+    ``n_latents`` latents and ``k`` active ones (``LR_RULE``), never below 1 (the paper's rule is tuned
+    on runs far longer than these). ``k`` None (a ReLU SAE) counts as the sweeps' 32 and ``batch_size``
+    None as their 1024; runs shorter than the sweeps' shortest get its multiple, a ``k`` or batch size
+    outside the swept range the nearest end's, and a run of unknown length 1."""
     if not steps:
         return 1.0
     steps = max(steps, LR_RULE_STEPS[0])  # not extrapolated to shorter runs than the sweeps had
     k = min(max(k or 32, LR_RULE_K[0]), LR_RULE_K[1])
+    batch_size = min(max(batch_size or 1024, LR_RULE_BATCH[0]), LR_RULE_BATCH[1])
     from .scaling import lr_law
 
-    return max(1.0, float(lr_law(LR_RULE.values(), steps, n_latents, k)))
+    return max(1.0, float(lr_law(LR_RULE.values(), steps, n_latents, k, batch_size)))
 
 
 # ---- presets --------------------------------------------------------------------------------

@@ -710,19 +710,19 @@ def peers_quality(rows: list[dict], published: list[dict] | None = None) -> go.F
     return fig
 
 
-LR_BY = {"batch_size": ("batches of {:,}", "the batch size", "counts steps only"),
-         "k": ("k = {}", "k", "counts k too")}
+LR_BY = {"batch_size": ("batches of {:,}", "the batch size", "TopK, k {k}"),
+         "k": ("k = {}", "k", "TopK, batches of {batch_size:,}")}
 
 
 def lr_by(rows: list[dict], best: list[dict], rule, by: str = "batch_size") -> go.Figure:
     """Notebook 09: held-out NMSE against the learning rate (a multiple of the paper's rule) for one
     run size at several values of ``by`` (``"batch_size"`` or ``"k"``), one panel per
     (``n_latents``, ``steps``), one line per value with its best multiple starred, and the multiple
-    ``rule(steps, n, k)`` chooses as a dashed line of the same colour.
+    ``rule(steps, n, k, batch_size)`` chooses as a dashed line of the same colour.
 
     ``rows``: sweep rows with ``n_latents``, ``steps``, ``k``, ``batch_size``, ``lr_multiplier``, ``val_nmse``;
     ``best``: their :func:`saelib.scaling.lr_grid_table`."""
-    label, what, rule_knows = LR_BY[by]
+    label, what, fixed = LR_BY[by]
     sizes = sorted({(r["n_latents"], r["steps"]) for r in rows})
     values = sorted({r[by] for r in rows})
     fig = make_subplots(rows=1, cols=len(sizes), horizontal_spacing=0.08,
@@ -740,14 +740,14 @@ def lr_by(rows: list[dict], best: list[dict], rule, by: str = "batch_size") -> g
             star = next(t for t in best if (t["n_latents"], t["steps"], t[by]) == (n, s, v))
             fig.add_scatter(x=[star["multiple"]], y=[star["nmse"]], mode="markers", legendgroup=str(v),
                             marker=dict(symbol="star", size=13, color=color[v]), showlegend=False, row=1, col=col)
-            fig.add_vline(x=rule(s, n, line[0]["k"]), line=dict(dash="dash", color=color[v]), row=1, col=col)
+            fig.add_vline(x=rule(s, n, line[0]["k"], line[0]["batch_size"]), line=dict(dash="dash", color=color[v]),
+                          row=1, col=col)
         fig.update_xaxes(title_text="lr / paper's rule", row=1, col=col,  # ticks at the grid's whole multiples
                          **log_axis(sorted({r["lr_multiplier"] for r in rows if float(r["lr_multiplier"]).is_integer()})))
     fig.update_yaxes(title_text="normalised MSE (held-out)", row=1, col=1)
     fig.update_yaxes(**nice_log_axis([r["val_nmse"] for r in rows]))
-    fixed = f"TopK, k {rows[0]['k']}" if by != "k" else f"TopK, batches of {rows[0]['batch_size']:,}"
-    fig.update_layout(title=f"Does {what} move the best learning rate? ({fixed}; dashed: saelib's default, "
-                            f"which {rule_knows})",
+    fig.update_layout(title=f"Does {what} move the best learning rate? ({fixed.format(**rows[0])}; dashed: "
+                            "saelib's default for each)",
                       template="plotly_white", height=420, legend=dict(orientation="h", y=-0.25))
     return fig
 
@@ -755,7 +755,7 @@ def lr_by(rows: list[dict], best: list[dict], rule, by: str = "batch_size") -> g
 def lr_sweep(rows: list[dict], best: list[dict], rule, fitted=None, published_best: list[dict] | None = None) -> go.Figure:
     """Notebook 09: held-out NMSE against the learning rate (a multiple of the paper's rule), one line
     per run length, one panel per n, each line's best multiple marked; and the best multiples against
-    the run's steps, one shade per n, with ``rule`` (the library's default, ``(steps, n, k) -> multiple``)
+    the run's steps, one shade per n, with ``rule`` (the library's default, ``(steps, n, k, batch) -> multiple``)
     drawn through them and the fit to this sweep's points (``fitted``, a :class:`saelib.scaling.Fit`)
     dotted.
 
@@ -763,7 +763,7 @@ def lr_sweep(rows: list[dict], best: list[dict], rule, fitted=None, published_be
     dict per (``n_latents``, ``steps``) with ``multiple`` and ``nmse`` (:func:`saelib.scaling.lr_grid_table`);
     ``published_best``: the published demo sweep's, drawn beside in grey."""
     sizes, lengths = sorted({r["n_latents"] for r in rows}), sorted({r["steps"] for r in rows})
-    k = rows[0]["k"]
+    k, batch = rows[0]["k"], rows[0]["batch_size"]
     fig = make_subplots(rows=1, cols=len(sizes) + 1, horizontal_spacing=0.06,
                         subplot_titles=[f"n = {n:,}" for n in sizes] + ["best multiple against the run's length"])
     color = {s: f"hsl({200 + int(160 * i / max(1, len(lengths) - 1))}, 70%, 45%)" for i, s in enumerate(lengths)}
@@ -787,7 +787,7 @@ def lr_sweep(rows: list[dict], best: list[dict], rule, fitted=None, published_be
                         marker=dict(size=10, color=shade[n]), name=f"best multiple, n = {n:,}",
                         row=1, col=last)
         first = n == sizes[0]  # one legend entry for each kind of line
-        fig.add_scatter(x=span, y=[rule(s, n, k) for s in span], mode="lines", line=dict(color=shade[n]),
+        fig.add_scatter(x=span, y=[rule(s, n, k, batch) for s in span], mode="lines", line=dict(color=shade[n]),
                         name="saelib's default, per n", showlegend=first, row=1, col=last)
         if fitted is not None:
             fig.add_scatter(x=span, y=fitted.predict(span, np.full_like(span, n)), mode="lines",
@@ -808,8 +808,8 @@ def lr_sweep(rows: list[dict], best: list[dict], rule, fitted=None, published_be
     fig.update_xaxes(title_text="steps", row=1, col=last, **log_axis(lengths))
     fig.update_yaxes(title_text="best lr / paper's rule", row=1, col=last,
                      **nice_log_axis([b["multiple"] for b in best + (published_best or [])]
-                                     + [rule(s, n, k) for s in lengths for n in sizes]))
+                                     + [rule(s, n, k, batch) for s in lengths for n in sizes]))
     fig.update_layout(title=f"The learning rate a run of a given length wants (TopK, k {k}, batches of "
-                            f"{rows[0]['batch_size']:,} tokens)", template="plotly_white", height=460,
+                            f"{batch:,} tokens)", template="plotly_white", height=460,
                       legend=dict(orientation="h", y=-0.25))
     return fig

@@ -157,18 +157,26 @@ def lr_rule(data: dict) -> str:
     return _lr_grids(data["best"]) + note
 
 
+def _lr_term(data: dict, name: str, law: str) -> str:
+    """09: the fitted exponent of one more term of the learning-rate rule, against the library's."""
+    fit = data["fit"]
+    low, high = fit["ci"][name]
+    return (f"\n\nFit `{law}` to each best multiple over the same run size's best in the main sweep: "
+            f"{name} = {fit['params'][name]:+.3f} (95% interval {low:+.3f} to {high:+.3f}); the library's "
+            f"default uses {name} = {data['rule'][name]:+.3f}.")
+
+
 def lr_batches(data: dict) -> str:
-    """09: the best multiple of the same run sizes at other batch sizes, and what the default costs there."""
-    return _lr_grids(sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["batch_size"])), by="batch_size")
+    """09: the best multiple of the same run sizes at other batch sizes, the fitted batch term, and
+    what the default costs there."""
+    best = sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["batch_size"]))
+    return _lr_grids(best, by="batch_size") + _lr_term(data, "e", "(B / 1024)^e")
 
 
 def lr_ks(data: dict) -> str:
     """09: the best multiple of the same run sizes at other k, the fitted k term, and what the default costs."""
-    fit = data["fit"]
-    low, high = fit["ci"]["d"]
-    note = (f"\n\nFit `best multiple at k / best multiple at k 32 = (k / 32)^d`: d = {fit['params']['d']:+.3f} "
-            f"(95% interval {low:+.3f} to {high:+.3f}); the library's default uses d = {data['rule']['d']:+.3f}.")
-    return _lr_grids(sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["k"])), by="k") + note
+    best = sorted(data["best"], key=lambda b: (b["n_latents"], b["steps"], b["k"]))
+    return _lr_grids(best, by="k") + _lr_term(data, "d", "(k / 32)^d")
 
 
 # a bench row whose slowest timed step took more than this many times its fastest ran on an unsteady machine

@@ -19,7 +19,8 @@ Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active
 - :func:`fit_lr_rule` -- the best learning rate, as a multiple of the paper's rule, against the
   run's steps and ``n``: ``m = exp(a) * steps^b * (n / 2^14)^c``, each point the
   :func:`best_multiple` of a grid of runs (the default rule of :func:`saelib.config.lr_multiple`);
-  :func:`fit_lr_k_term` -- its factor ``(k / 32)^d`` for runs at other ``k`` than the sweep's 32.
+  :func:`fit_lr_term` -- its factors ``(k / 32)^d`` and ``(B / 1024)^e`` for runs at another ``k``
+  or batch size ``B`` than the sweep's.
 
 Every fit is a least-squares fit of ``log L`` (errors are relative, as on the paper's log-log
 plots), the best of several starting points. Goodness of fit: ``r2`` and ``rmse_log``, both of
@@ -403,44 +404,46 @@ def loss_at_multiple(multiples, loss, multiple: float) -> float:
     return float(np.interp(np.log2(multiple), m, y))
 
 
-def lr_grid_table(rows: list[dict], rule: Callable[[int, int, int], float]) -> list[dict]:
+def lr_grid_table(rows: list[dict], rule: Callable[[int, int, int, int], float]) -> list[dict]:
     """One row per run size of a learning-rate sweep: ``n_latents``, ``steps``, ``batch_size``, ``k``,
     the grid's best ``multiple`` and the ``nmse`` there (:func:`best_multiple`), ``best_run_nmse``, the
-    multiple that ``rule(steps, n_latents, k)`` chooses (``default_multiple``), the NMSE read there
+    multiple that ``rule(steps, n_latents, k, batch_size)`` chooses (``default_multiple``), the NMSE read there
     (``default_nmse``, :func:`loss_at_multiple`) and ``regret``, that NMSE over the best run's minus 1.
 
-    ``rows``: the sweep's runs, each with ``n_latents``, ``k``, ``steps``, ``lr_multiplier`` and
-    ``val_nmse`` (and ``batch_size``: runs of other batch sizes, or other ``k``, make grids of their own).
+    ``rows``: the sweep's runs, each with ``n_latents``, ``k``, ``batch_size``, ``steps``,
+    ``lr_multiplier`` and ``val_nmse`` (runs of another batch size or ``k`` make grids of their own).
     """
     table = []
-    for n, steps, batch, k in sorted({(r["n_latents"], r["steps"], r.get("batch_size") or 0, r["k"]) for r in rows}):
-        grid = [r for r in rows if (r["n_latents"], r["steps"], r.get("batch_size") or 0, r["k"]) == (n, steps, batch, k)]
+    for n, steps, batch, k in sorted({(r["n_latents"], r["steps"], r["batch_size"], r["k"]) for r in rows}):
+        grid = [r for r in rows if (r["n_latents"], r["steps"], r["batch_size"], r["k"]) == (n, steps, batch, k)]
         multiples, losses = [r["lr_multiplier"] for r in grid], [r["val_nmse"] for r in grid]
         multiple, nmse = best_multiple(multiples, losses)
-        default = rule(steps, n, k)
+        default = rule(steps, n, k, batch)
         at_default = loss_at_multiple(multiples, losses, default)
-        table.append(dict(n_latents=n, steps=steps, batch_size=batch or None, k=k, multiple=multiple, nmse=nmse,
+        table.append(dict(n_latents=n, steps=steps, batch_size=batch, k=k, multiple=multiple, nmse=nmse,
                           best_run_nmse=min(losses), default_multiple=default, default_nmse=at_default,
                           regret=at_default / min(losses) - 1))
     return table
 
 
-LR_K = 32  # the k of the learning-rate sweeps that fit_lr_rule is fitted to
+LR_K, LR_BATCH = 32, 1024  # the k and batch size of the learning-rate sweeps that fit_lr_rule is fitted to
 
 
-def lr_law(theta, steps, n_latents, k=LR_K):
-    """The law of the best learning-rate multiple, ``exp(a) * steps^b * (n / 2^14)^c * (k / 32)^d`` at
-    ``theta = (a, b, c, d)`` (or ``(a, b, c)``: no k term), on numbers or arrays: the library's default
-    with :data:`saelib.config.LR_RULE` (:func:`saelib.config.lr_multiple`), and the law
-    :func:`fit_lr_rule` and :func:`fit_lr_k_term` fit."""
-    a, b, c, *d = theta
-    k_term = d[0] * np.log(np.divide(k, LR_K)) if d else 0.0
-    return np.exp(a + b * np.log(steps) + c * np.log(np.divide(n_latents, 2**14)) + k_term)
+def lr_law(theta, steps, n_latents, k=LR_K, batch_size=LR_BATCH):
+    """The law of the best learning-rate multiple,
+    ``exp(a) * steps^b * (n / 2^14)^c * (k / 32)^d * (batch_size / 1024)^e`` at ``theta = (a, b, c, d, e)``
+    (or ``(a, b, c)``: no k or batch term), on numbers or arrays: the library's default with
+    :data:`saelib.config.LR_RULE` (:func:`saelib.config.lr_multiple`), and the law :func:`fit_lr_rule`
+    and :func:`fit_lr_term` fit."""
+    a, b, c, *rest = theta
+    d, e = (*rest, 0.0, 0.0)[:2]
+    return np.exp(a + b * np.log(steps) + c * np.log(np.divide(n_latents, 2**14))
+                  + d * np.log(np.divide(k, LR_K)) + e * np.log(np.divide(batch_size, LR_BATCH)))
 
 
 def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
-    """The best learning-rate multiple against the run's length and size, at the sweep's one ``k``:
-    ``multiple = exp(a) * steps^b * (n / 2^14)^c`` (``c = 0``: the paper's ``1 / sqrt(n)`` holds).
+    """The best learning-rate multiple against the run's length and size, at the sweep's one ``k`` and
+    batch size: ``multiple = exp(a) * steps^b * (n / 2^14)^c`` (``c = 0``: the paper's ``1 / sqrt(n)`` holds).
 
     ``steps``, ``n_latents``, ``multiple``: one point per run size, the last from :func:`best_multiple`.
     """
@@ -450,18 +453,19 @@ def fit_lr_rule(steps, n_latents, multiple, **options) -> Fit:
     return _fit("lr", ["a", "b", "c"], lr_law, [steps, n], y, [start], **options)
 
 
-def _k_term(theta, k_over):
-    return np.power(k_over, theta[0])
+def _lr_term(theta, relative):
+    return np.power(relative, theta[0])
 
 
-def fit_lr_k_term(k, ratio, reference: int = LR_K, **options) -> Fit:
-    """How ``k`` moves the best learning-rate multiple: ``ratio = (k / reference)^d``, where ``ratio`` is a
-    run size's best multiple at ``k`` over its best multiple at the sweep's own ``k = reference`` (same
-    steps, ``n`` and batch), so that ``d`` is measured with everything else held (``d = 0``: ``k`` does
-    not matter).
+def fit_lr_term(values, ratio, reference: float, name: str, **options) -> Fit:
+    """How one more quantity (``k``, the batch size) moves the best learning-rate multiple:
+    ``ratio = (value / reference)^name``, where ``ratio`` is a run size's best multiple at ``value`` over
+    its best multiple at the sweep's own ``reference`` (same steps and ``n``, everything else held), so
+    that the exponent is measured alone (0: the quantity does not matter). The library's rule calls the
+    exponent of ``k`` ``d`` and that of the batch size ``e``.
 
-    ``k``, ``ratio``: one point per (run size, ``k``), from two :func:`lr_grid_table` rows each.
+    ``values``, ``ratio``: one point per (run size, value), from two :func:`lr_grid_table` rows each.
     """
-    x, y = np.asarray(k, float) / reference, np.asarray(ratio, float)
+    x, y = np.asarray(values, float) / reference, np.asarray(ratio, float)
     start = np.atleast_1d(np.sum(np.log(x) * np.log(y)) / np.sum(np.log(x) ** 2))
-    return _fit("lr k", ["d"], _k_term, [x], y, [start], **options)
+    return _fit(f"lr {name}", [name], _lr_term, [x], y, [start], **options)

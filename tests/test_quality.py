@@ -70,7 +70,7 @@ def test_a_grid_run_again_into_its_file_trains_only_the_missing_cells(tmp_path):
     first = quality.run_quality("ci", (4,), libraries=("saelib",), eval_preset="ci", out=out, progress=False)
     rows = quality.run_quality("ci", (4, "default"), libraries=("saelib",), eval_preset="ci", out=out, progress=False)
     # the multiple saelib's fit would choose
-    default = config.lr_multiple(rows[0]["steps"], rows[0]["n_latents"], rows[0]["k"])
+    default = config.lr_multiple(rows[0]["steps"], rows[0]["n_latents"], rows[0]["k"], rows[0]["batch_size"])
     assert [(r["lr_multiplier"], r["status"]) for r in rows] == [(4, "ok"), (default, "ok")] and default != 4
     assert rows[0] == first[0]  # kept as it was, not trained again
     assert json.loads(out.read_text())["rows"] == rows

@@ -130,7 +130,7 @@ def test_each_batch_size_of_a_run_size_gets_its_own_grid():
     rows = [dict(n_latents=1024, steps=100, batch_size=b, k=k, lr_multiplier=m,
                  val_nmse=0.2 + 0.01 * (np.log2(m) - np.log2(best)) ** 2)
             for b, k, best in ((256, 32, 5.0), (4096, 32, 20.0), (4096, 8, 40.0)) for m in grid]
-    table = lr_grid_table(rows, lambda steps, n, k: 10.0 * 32 / k)
+    table = lr_grid_table(rows, lambda steps, n, k, batch: 10.0 * 32 / k)
     assert [(t["batch_size"], t["k"], round(t["multiple"], 3)) for t in table] == [(256, 32, 5.0), (4096, 8, 40.0),
                                                                                      (4096, 32, 20.0)]
     assert [t["default_multiple"] for t in table] == [10.0, 40.0, 10.0]  # the rule is asked at each grid's k
@@ -150,26 +150,28 @@ def test_the_lr_rule_is_recovered_and_the_default_follows_it():
     short = config.LR_RULE_STEPS[0]
     assert config.lr_multiple(short // 4, 4096) == config.lr_multiple(short, 4096)  # not extrapolated below the sweeps
     resolved = config.TrainConfig(n_latents=4096, k=32, batch_size=1024, tokens=400 * 1024).resolved(576, None)
-    assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096) * config.paper_lr(4096))
+    assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096, 32, 1024) * config.paper_lr(4096))
     assert config.TrainConfig(n_latents=4096, k=32, lr_multiplier=2).resolved(576, 10**6).lr == 2 * config.paper_lr(4096)
 
 
-def test_the_k_term_is_recovered_and_the_default_follows_it(monkeypatch):
+def test_the_k_and_batch_terms_are_recovered_and_the_default_follows_them(monkeypatch):
     from saelib import config
-    from saelib.scaling import fit_lr_k_term
+    from saelib.scaling import fit_lr_term
 
     k = np.array([8, 16, 64, 128, 8, 16, 64, 128])
     ratio = (k / 32) ** -0.4 * np.exp(0.02 * np.sin(np.arange(8)))
-    fit = fit_lr_k_term(k, ratio, n_boot=50)
+    fit = fit_lr_term(k, ratio, 32, "d", n_boot=50)
     assert fit.params["d"] == pytest.approx(-0.4, abs=0.03) and fit.ci["d"][1] - fit.ci["d"][0] < 0.1
-    assert fit_lr_k_term(k / 4, ratio, reference=8, n_boot=20).params["d"] == pytest.approx(fit.params["d"])
+    assert fit_lr_term(k * 32, ratio, 1024, "e", n_boot=20).params["e"] == pytest.approx(fit.params["d"])
 
     monkeypatch.setitem(config.LR_RULE, "d", -0.4)
-    at_32 = config.lr_multiple(400, 4096, 32)
-    assert config.lr_multiple(400, 4096, None) == at_32  # a ReLU SAE (no k) counts as k 32
-    assert config.lr_multiple(400, 4096, 8) == pytest.approx(at_32 * 4**0.4)
-    low, high = config.LR_RULE_K
-    assert config.lr_multiple(400, 4096, low // 2) == config.lr_multiple(400, 4096, low)  # not extrapolated
-    assert config.lr_multiple(400, 4096, high * 2) == config.lr_multiple(400, 4096, high)
-    resolved = config.TrainConfig(n_latents=4096, k=8, batch_size=1024, tokens=400 * 1024).resolved(576, None)
-    assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096, 8) * config.paper_lr(4096))
+    monkeypatch.setitem(config.LR_RULE, "e", 0.25)
+    at_32 = config.lr_multiple(400, 4096, 32, 1024)
+    assert config.lr_multiple(400, 4096, None) == at_32  # a ReLU SAE (no k), no batch size: the sweeps' 32 and 1024
+    assert config.lr_multiple(400, 4096, 8, 1024) == pytest.approx(at_32 * 4**0.4)
+    assert config.lr_multiple(400, 4096, 32, 4096) == pytest.approx(at_32 * 4**0.25)
+    for lo, hi, args in ((*config.LR_RULE_K, lambda k: (k, 1024)), (*config.LR_RULE_BATCH, lambda b: (32, b))):
+        assert config.lr_multiple(400, 4096, *args(lo // 2)) == config.lr_multiple(400, 4096, *args(lo))  # clamped
+        assert config.lr_multiple(400, 4096, *args(hi * 2)) == config.lr_multiple(400, 4096, *args(hi))
+    resolved = config.TrainConfig(n_latents=4096, k=8, batch_size=256, tokens=400 * 256).resolved(576, None)
+    assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096, 8, 256) * config.paper_lr(4096))

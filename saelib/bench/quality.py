@@ -169,7 +169,8 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
             for library in (library for library in libraries if i < len(grids[library])):
                 multiple = grids[library][i]
                 if multiple == "default":  # the library's default for this run: saelib's, on the paper's rule
-                    multiple = config.lr_multiple(steps, cfg.n_latents, cfg.k) if RULES[library] is config.paper_lr else 1
+                    on_rule = RULES[library] is config.paper_lr
+                    multiple = config.lr_multiple(steps, cfg.n_latents, cfg.k, cfg.batch_size) if on_rule else 1
                 if (library, float(multiple), seed) in done:
                     continue
                 lr = multiple * RULES[library](cfg.n_latents)
