@@ -261,11 +261,11 @@ def convergence(data: dict) -> str:
 
 def quality(data: dict) -> str:
     """``saelib bench --quality``: every cell (library x lr x seed), then each library's best."""
-    rows = [[r["library"], f"{r['lr_multiplier']:g}", r["seed"]]
+    rows = [[r["library"], f"{r['lr_multiplier']:.3g}", r["seed"]]
             + ([f"{r['nmse']:.4f}", f"{r['delta_ce']:.3f}", f"{r['loss_recovered']:.3f}", f"{r['dead_fraction']:.2%}",
                 f"{r['tokens_per_s']:,.0f}"] if r["status"] == "ok" else [r["reason"], "", "", "", ""])
             for r in data["rows"]]
-    best = [[b["library"], f"{b['lr_multiplier']:g}", b["seeds"], f"{b['nmse']:.4f}", f"{b['delta_ce']:.3f}",
+    best = [[b["library"], f"{b['lr_multiplier']:.3g}", b["seeds"], f"{b['nmse']:.4f}", f"{b['delta_ce']:.3f}",
              f"{b['loss_recovered']:.3f}", f"{b['dead_fraction']:.2%}"]
             for b in sorted(best_cells(data["rows"]).values(), key=lambda b: b["nmse"])]
     return (_table(["library", "lr (x its rule)", "seed", "NMSE", "Δ CE (nats)", "loss recovered", "dead", "tokens/s"], rows)
