@@ -308,11 +308,11 @@ def lr_multiple(steps: int | None, n_latents: int, k: int | None = None, batch_s
     outside the swept range the nearest end's, and a run of unknown length 1."""
     if not steps:
         return 1.0
-    steps = max(steps, LR_RULE_STEPS[0])  # not extrapolated to shorter runs than the sweeps had
-    k = min(max(k or 32, LR_RULE_K[0]), LR_RULE_K[1])
-    batch_size = min(max(batch_size or 1024, LR_RULE_BATCH[0]), LR_RULE_BATCH[1])
-    from .scaling import lr_law
+    from .scaling import LR_BATCH, LR_K, lr_law
 
+    steps = max(steps, LR_RULE_STEPS[0])  # not extrapolated to shorter runs than the sweeps had
+    k = min(max(k or LR_K, LR_RULE_K[0]), LR_RULE_K[1])
+    batch_size = min(max(batch_size or LR_BATCH, LR_RULE_BATCH[0]), LR_RULE_BATCH[1])
     return max(1.0, float(lr_law(LR_RULE.values(), steps, n_latents, k, batch_size)))
 
 
