@@ -313,43 +313,29 @@ def joint_law(n, k, loss, predicted, r2: float, rmse_log: float, published_fit: 
     return fig
 
 
-def compute_and_convergence(curves: list[dict], frontier: tuple, compute_fit, convergence: tuple, convergence_fit,
-                            title: str, published: dict | None = None) -> go.Figure:
-    """Notebook 03's two panels: smoothed training NMSE against training FLOPs (``curves``: ``{"n", "flops",
-    "nmse"}`` per run) with the compute-efficient ``frontier`` ``(flops, nmse)`` and its fit; and tokens
-    to convergence against n (``convergence``: ``(n, tokens)``) with its fit; the published demo run's
-    frontier and convergence points as faded open markers (``published``: its figure's JSON)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        f"L(C) = {compute_fit.params['c0']:.3g} + c1 C^-{compute_fit.params['p']:.3g}",
-        f"tokens to convergence ∝ n^{convergence_fit.params['b']:.2f}"))
+def compute_law(curves: list[dict], frontier: tuple, compute_fit, title: str, published: dict | None = None) -> go.Figure:
+    """Notebook 03's compute law: smoothed training NMSE against training FLOPs (``curves``: ``{"n",
+    "flops", "nmse"}`` per run) with the compute-efficient ``frontier`` ``(flops, nmse)`` and its fit
+    (``compute_fit``, in the title); the published demo run's frontier as faded open markers
+    (``published``: its figure's JSON)."""
+    fig = go.Figure()
     for r in curves:
-        fig.add_scatter(x=r["flops"], y=r["nmse"], mode="lines", name=f"n={r['n']}", opacity=0.5, row=1, col=1)
+        fig.add_scatter(x=r["flops"], y=r["nmse"], mode="lines", name=f"n={r['n']}", opacity=0.5)
     C_f, L_f = frontier
-    fig.add_scatter(x=C_f, y=L_f, mode="markers", name="frontier", marker_color="black", row=1, col=1)
+    fig.add_scatter(x=C_f, y=L_f, mode="markers", name="frontier", marker_color="black")
     fig.add_scatter(x=C_f, y=compute_fit.predict(C_f), mode="lines", name="fit of the frontier",
-                    line=dict(color="black", dash="dot"), row=1, col=1)
-    n_ref, T = convergence
-    fig.add_scatter(x=n_ref, y=T, mode="markers", name="tokens to convergence", marker_color="crimson", row=1, col=2)
-    fig.add_scatter(x=n_ref, y=convergence_fit.predict(n_ref), mode="lines", name="fit of tokens to convergence",
-                    line=dict(color="crimson", dash="dot"), row=1, col=2)
-    every_n, every_nmse, every_T = list(n_ref), [v for r in curves for v in r["nmse"]], list(T)
+                    line=dict(color="black", dash="dot"))
+    every_nmse = [v for r in curves for v in r["nmse"]]
     if published:
-        style = dict(mode="markers", opacity=PUBLISHED["opacity"])
-        fig.add_scatter(x=published["frontier"]["flops"], y=published["frontier"]["nmse"],
-                        name=f"frontier, {PUBLISHED['label']}", marker=dict(color="black", symbol="circle-open"),
-                        row=1, col=1, **style)
-        demo = published["tokens_to_convergence"]
-        fig.add_scatter(x=demo["n"], y=demo["tokens"], name=f"tokens to convergence, {PUBLISHED['label']}",
-                        marker=dict(color="crimson", symbol="circle-open", size=9), row=1, col=2, **style)
-        every_n += demo["n"]
+        fig.add_scatter(x=published["frontier"]["flops"], y=published["frontier"]["nmse"], mode="markers",
+                        opacity=PUBLISHED["opacity"], name=f"frontier, {PUBLISHED['label']}",
+                        marker=dict(color="black", symbol="circle-open"))
         every_nmse += published["frontier"]["nmse"]
-        every_T += demo["tokens"]
-    fig.update_xaxes(title_text="training FLOPs (6 d_in n tokens)", row=1, col=1, **decade_axis())
-    fig.update_xaxes(title_text="n (latents)", row=1, col=2, **log_axis(every_n))
-    fig.update_yaxes(title_text="training NMSE (smoothed)", row=1, col=1, **nice_log_axis(every_nmse))
-    # tokens to convergence often stay within one decade, where a per-decade axis labels nothing
-    fig.update_yaxes(title_text="tokens", row=1, col=2, **nice_log_axis(every_T))
-    fig.update_layout(template="plotly_white", title=title, legend=dict(font_size=10))
+    fig.update_xaxes(title_text="training FLOPs (6 d_in n tokens)", **decade_axis())
+    fig.update_yaxes(title_text="training NMSE (smoothed)", **nice_log_axis(every_nmse))
+    params = compute_fit.params
+    fig.update_layout(template="plotly_white", legend=dict(font_size=10),
+                      title=f"{title}: L(C) = {params['c0']:.3g} + c1 C^-{params['p']:.3g}")
     return fig
 
 

@@ -15,7 +15,7 @@ Laws (``L`` is the normalised MSE, ``n`` the number of latents, ``k`` the active
   (:func:`compute_frontier`: the lowest loss reached with at most ``C`` FLOPs over all runs).
 - :func:`fit_convergence` -- tokens to convergence ``T(n) = exp(a) * n^b`` (paper: ``b ~ 0.6``
   on GPT-2), with :func:`converged_at` (a fitted curve at a constant learning rate, with an
-  interval) or :func:`tokens_to_convergence` (read off a curve) giving each run's ``T``.
+  interval) giving each run's ``T``.
 - :func:`fit_lr_rule` -- the best learning rate, as a multiple of the paper's rule, against the
   run's steps and ``n``: ``m = exp(a) * steps^b * (n / 2^14)^c``, each point the
   :func:`best_multiple` of a grid of runs (the default rule of :func:`saelib.config.lr_multiple`);
@@ -270,19 +270,6 @@ def smooth(values, window: int = 5) -> np.ndarray:
     i = np.arange(1, len(v) + 1)
     lo = np.maximum(0, i - window)
     return (c[i] - c[lo]) / (i - lo)
-
-
-def tokens_to_convergence(tokens, loss, tol: float = 0.05, window: int = 5) -> float:
-    """Tokens after which the (smoothed) training loss stays within ``1 + tol`` of its final value.
-
-    ``tokens``/``loss``: a learning curve (``metrics.jsonl`` rows' ``tokens`` and ``nmse``). The
-    final value is the mean of the last ``window`` logged losses. With a decaying learning rate
-    the end of the curve bends down, so compare runs trained with one schedule.
-    """
-    t, s = np.asarray(tokens, float), smooth(loss, window)
-    final = s[-1]
-    above = np.nonzero(s > (1 + tol) * final)[0]
-    return float(t[0] if len(above) == 0 else t[min(above[-1] + 1, len(t) - 1)])
 
 
 def _within(theta, tol: float) -> float:

@@ -197,17 +197,15 @@ def test_joint_law_and_compute_figures_carry_the_demo_fit():
     joint = scaling.fit_joint_law(n, k, L, n_boot=2)
     fig = plots.joint_law(n, k, L, joint.predict(n, k), joint.r2, joint.rmse_log, demo("03_joint_law")["fit"])
     assert "published demo run: R² 0.994" in fig.layout.title.text
-    cc = demo("03_compute_and_convergence")
+    cc = demo("03_compute_law")
     C_f, L_f = np.array(cc["frontier"]["flops"]), np.array(cc["frontier"]["nmse"])
     compute = scaling.fit_compute_law(C_f, L_f, n_boot=2)
-    n_ref, T = np.array(cc["tokens_to_convergence"]["n"]), np.array(cc["tokens_to_convergence"]["tokens"])
-    conv = scaling.fit_convergence(n_ref, T, n_boot=2)
     curves = [dict(n=256, flops=[1e9, 1e10], nmse=[0.5, 0.3])]
-    fig = plots.compute_and_convergence(curves, (C_f, L_f), compute, (n_ref, T), conv, "c", published=cc)
-    assert fig.layout.xaxis2.type == "log" and list(fig.layout.xaxis2.ticktext)[0] == "256"
-    assert all(fig.layout[axis].minor.ticks == "" for axis in ("xaxis", "yaxis", "yaxis2"))  # no "2 3 4 5" labels
-    assert "tokens to convergence, published demo run" in legend_names(fig)
-    assert len(fig.layout.yaxis2.tickvals) >= 3  # labelled even when every run converges within one decade
+    fig = plots.compute_law(curves, (C_f, L_f), compute, "c", published=cc)
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert all(fig.layout[axis].minor.ticks == "" for axis in ("xaxis", "yaxis"))  # no "2 3 4 5" labels
+    assert "frontier, published demo run" in legend_names(fig)
+    assert f"L(C) = {compute.params['c0']:.3g}" in fig.layout.title.text
 
 
 def test_metrics_vs_size_legends_say_what_each_metric_is():
