@@ -355,11 +355,14 @@ def _balanced_split(pos: Tensor, neg: Tensor, max_per_class: int, min_per_class:
 
 @torch.no_grad()
 def probe_results(sae, lm, layer: int, site: str = "resid_post", ctx_len: int = 64, per_source: int = 64,
-                  max_per_class: int = 1000, min_per_class: int = 8, shortlist: int = 32, seed: int = 0,
+                  max_per_class: int = 1000, min_per_class: int = 32, shortlist: int = 32, seed: int = 0,
                   progress: bool = True, prepend_bos: bool | None = None) -> tuple[list[dict], dict[str, str]]:
     """Run every available task; return per-task rows and ``{skipped task: reason}``.
 
     ``prepend_bos``: as in :func:`probe_contexts`; ``None`` follows the model's convention.
+    ``min_per_class``: a task runs only with at least this many examples of each class (half of
+    them choose the latent, half score it); with fewer, the latent chosen on a handful of examples
+    does not hold up on the other half, and single tasks reach losses of several nats.
 
     Each row: ``task, kind, examples, probe_loss, latent, probe_loss_baseline, channel``.
     """
