@@ -161,6 +161,16 @@ def test_ablation_sparsity_in_unit_interval(sae, lm, held):
     assert m["ablation_latents"] == 2
 
 
+def test_probe_tasks_with_fewer_than_32_examples_of_a_class_are_skipped(sae, lm):
+    """A latent chosen on a handful of examples does not hold up on the other half: such tasks are left
+    out, with the reason. With 12 contexts per source every context task has 12 positives."""
+    rows, skipped = probes.probe_results(sae, lm, 12, per_source=12, progress=False)
+    assert rows and all(r["examples"] >= 2 * 32 for r in rows)
+    context_tasks = {t.name for t in probes.TASKS if t.kind == "context"}
+    assert context_tasks and context_tasks <= set(skipped)
+    assert all("fewer than 32 examples" in skipped[name] for name in context_tasks)
+
+
 def test_evaluate_reports_every_metric(sae, lm):
     report = evaluate(sae, lm, "ci", progress=False, eval_tokens=1024, downstream_contexts=2, probe_per_source=12,
                       n2g_latents=8, ablation_latents=2)
