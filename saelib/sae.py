@@ -290,11 +290,14 @@ class TopKSAE(nn.Module):
         large buffer afresh each step costs the page faults of a new mapping (about a tenth of a CPU
         training step for ``pre`` at n 18432). Valid until the next call with the same name; callers
         must not keep it. The SAE keeps them: ``pre`` (B, n_latents), the encoder weights with the
-        bias column (n_latents, d_in + 1) and the top-k's group maxima (B, n_latents / 8)."""
+        bias column (n_latents, d_in + 1) and the top-k's group maxima (B, n_latents / 8). Memory
+        allocated under ``torch.inference_mode`` cannot be written outside it, so such a buffer is
+        allocated again there."""
         numel = math.prod(shape)
         buffers = self.__dict__.setdefault("_workspaces", {})
         buffer = buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+        if (buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device
+                or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
             buffer = buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 

@@ -210,6 +210,19 @@ def test_preacts_reuse_one_buffer_across_calls_and_shapes():
     torch.testing.assert_close(large, (x3 - sae.b_pre) @ sae.W_enc.T + sae.b_enc)
 
 
+def test_encode_works_after_an_encode_under_inference_mode():
+    """The kept buffers allocated under torch.inference_mode (a splice into the LM) cannot be written
+    outside it; the next encode under no_grad, or while training, allocates them again."""
+    sae, x = make_sae(), torch.randn(40, 16)  # more tokens than d_in: the workspace path
+    with torch.inference_mode():
+        first = sae.encode(x)
+    with torch.no_grad():
+        again = sae.encode(x)
+    torch.testing.assert_close(again.values, first.values)
+    sae.train_forward(x).loss.backward()  # and a training step after it
+    assert sae.W_enc.grad is not None
+
+
 def test_row_gradients_reuse_their_memory_only_when_nothing_holds_it():
     sae = make_sae()
     with torch.no_grad():
