@@ -97,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         width = max(map(len, report))
         for key, value in report.items():  # a metric's 95% interval (key_ci, a half-width) beside it
             ci = f" ± {report[key + '_ci']:.2g}" if key + "_ci" in report else ""
-            if not key.endswith("_ci") and not isinstance(value, dict):  # per-task values: --json
+            if not key.endswith("_ci") and not isinstance(value, (dict, list)):  # per task or context: --json
                 print(f"{key:<{width}}  {value:.6g}{ci}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 

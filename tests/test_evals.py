@@ -12,7 +12,7 @@ os.environ.setdefault("SAELIB_HOME", str(Path(__file__).resolve().parents[1] / "
 from saelib.evals import evaluate  # noqa: E402
 from saelib.evals import probe_sources, probes  # noqa: E402
 from saelib.evals.ablation import ablation_sparsity  # noqa: E402
-from saelib.evals.downstream import downstream_loss, splice  # noqa: E402
+from saelib.evals.downstream import downstream_loss, scored_positions, splice  # noqa: E402
 from saelib.evals.heldout import encode, held_out, site_activations  # noqa: E402
 from saelib.evals.n2g import n2g  # noqa: E402
 from saelib.evals.reconstruction import density_histogram, latent_density, reconstruction_metrics  # noqa: E402
@@ -99,6 +99,13 @@ def test_zero_reconstruction_equals_zero_ablation(lm, held):
     assert m["loss_recovered"] == pytest.approx(0.0, abs=1e-3)
     assert m["ce_zero"] > m["ce_clean"] + 1
     assert m["kl"] > 0.5
+    # each context's delta CE per scored token; weighted by its scored tokens they give delta_ce
+    by_context = m["delta_ce_by_context"]
+    assert len(by_context) == 2 and all(d > 1 for d in by_context)
+    ids = held.ids[:2]
+    _, keep = splice(lm, ids, LAYER, "resid_post")
+    counts = scored_positions(ids, keep, lm.special_ids).sum(-1).tolist()
+    assert sum(d * c for d, c in zip(by_context, counts)) / sum(counts) == pytest.approx(m["delta_ce"], rel=1e-5)
 
 
 def test_probe_builders_give_20_tasks_with_both_labels(lm):

@@ -1,7 +1,8 @@
 """The evaluation suite of Gao et al. (2024), run on held-out text (the corpus's validation split).
 
-``evaluate(sae)`` returns one flat dict (what ``saelib eval RUN --json`` prints): numbers, and
-``probe_loss_by_task``, the probe loss of each task by name:
+``evaluate(sae)`` returns one flat dict (what ``saelib eval RUN --json`` prints): numbers,
+``probe_loss_by_task`` (the probe loss of each task by name) and ``delta_ce_by_context`` (the
+delta CE of each downstream context, in order):
 
 =============================  ==============================================================
 keys                           module
@@ -9,7 +10,8 @@ keys                           module
 nmse, explained_variance, l0,  :mod:`.reconstruction` (normalised scale; ``latent_density``
 dead_fraction, dense_fraction  gives the per-latent densities for a histogram)
 delta_ce, kl, loss_recovered,  :mod:`.downstream` (SAE spliced into the LM with nnsight)
-loss_recovered_mean, ce_*
+loss_recovered_mean, ce_*,
+delta_ce_by_context
 probe_loss,                    :mod:`.probes` (1-D logistic probes on latents / on residual
 probe_loss_baseline,           channels, tasks from offline sources: :mod:`.probe_sources`)
 probe_loss_by_task
@@ -23,7 +25,8 @@ The metrics averaged over a sample (probe tasks, N2G latents, ablated latents) c
 half-width of their mean's 95% interval under ``<metric>_ci`` (:func:`saelib.stats.mean_interval`):
 raise the preset's sample sizes where it is wider than the difference it should show. The probe
 tasks differ from one another more than SAEs do: compare two SAEs task by task
-(``probe_loss_by_task``), which narrows the interval of their difference.
+(``probe_loss_by_task``), which narrows the interval of their difference; the same holds for the
+downstream contexts (``delta_ce_by_context``).
 
 Presets change scale, never code paths: ``"ci"`` runs in well under a minute on 2 CPU cores,
 ``"demo"`` in minutes, ``"full"`` is for a GPU or a long CPU run.

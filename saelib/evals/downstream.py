@@ -76,9 +76,9 @@ def scored_positions(ids: Tensor, keep: Tensor, special_ids: list[int]) -> Tenso
 
 
 def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over ``mask (b, T-1)``."""
+    """``(b,)`` each context's summed next-token cross-entropy over ``mask (b, T-1)``."""
     logp = F.log_softmax(logits[:, :-1], -1)
-    return -logp.gather(-1, ids[:, 1:, None])[..., 0][mask].sum()
+    return -(logp.gather(-1, ids[:, 1:, None])[..., 0] * mask).sum(-1)
 
 
 @torch.inference_mode()
@@ -87,7 +87,10 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
     """Delta CE, KL and loss recovered for ``sae`` spliced at ``layer``/``site`` on ``ids (n_ctx, T)``.
 
     Returns ``ce_clean, ce_sae, ce_zero, ce_mean, delta_ce, kl, loss_recovered,
-    loss_recovered_mean`` (nats per scored token) and ``downstream_tokens``.
+    loss_recovered_mean`` (nats per scored token), ``downstream_tokens`` and
+    ``delta_ce_by_context`` (each context's delta CE per scored token; None for a context with none):
+    two SAEs scored on the same ``ids`` compare best context by context, since contexts differ far
+    more from one another than SAEs do.
 
     ``reference``: an earlier result on the same ``ids`` for an SAE with the same normaliser, whose
     zero- and mean-ablation losses are reused (two LM forwards per batch instead of four), as when
@@ -97,17 +100,20 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
     if reference is None:
         ablations |= {"zero": torch.zeros_like, "mean": lambda x: sae.normalizer.mean.to(x).expand_as(x)}
     totals = dict.fromkeys(["clean", *ablations, "kl"], 0.0)
-    n = 0
+    n, by_context = 0, []
     for start in tqdm(range(0, len(ids), batch_size), desc="downstream loss", disable=not progress, leave=False):
         batch = ids[start:start + batch_size]
         clean, keep = splice(lm, batch, layer, site)
         mask = scored_positions(batch, keep, lm.special_ids)
         n += int(mask.sum())
-        totals["clean"] += float(_ce(clean, batch, mask))
+        clean_ce = _ce(clean, batch, mask)
+        totals["clean"] += float(clean_ce.sum())
         for name, fn in ablations.items():
             logits, _ = splice(lm, batch, layer, site, fn, keep)
-            totals[name] += float(_ce(logits, batch, mask))
+            ce = _ce(logits, batch, mask)
+            totals[name] += float(ce.sum())
             if name == "sae":
+                by_context += [float(d) / c if c else None for d, c in zip(ce - clean_ce, mask.sum(-1).tolist())]
                 p = F.log_softmax(clean[:, :-1], -1)
                 q = F.log_softmax(logits[:, :-1], -1)
                 totals["kl"] += float((p.exp() * (p - q)).sum(-1)[mask].sum())
@@ -123,4 +129,5 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
         "loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
         "loss_recovered_mean": (ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"]),
         "downstream_tokens": n,
+        "delta_ce_by_context": by_context,
     }
