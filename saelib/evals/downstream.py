@@ -105,7 +105,8 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
         batch = ids[start:start + batch_size]
         clean, keep = splice(lm, batch, layer, site)
         mask = scored_positions(batch, keep, lm.special_ids)
-        n += int(mask.sum())
+        counts = mask.sum(-1).tolist()  # scored predictions per context
+        n += sum(counts)
         clean_ce = _ce(clean, batch, mask)
         totals["clean"] += float(clean_ce.sum())
         for name, fn in ablations.items():
@@ -113,7 +114,7 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
             ce = _ce(logits, batch, mask)
             totals[name] += float(ce.sum())
             if name == "sae":
-                by_context += [float(d) / c if c else None for d, c in zip(ce - clean_ce, mask.sum(-1).tolist())]
+                by_context += [float(d) / c if c else None for d, c in zip(ce - clean_ce, counts)]
                 p = F.log_softmax(clean[:, :-1], -1)
                 q = F.log_softmax(logits[:, :-1], -1)
                 totals["kl"] += float((p.exp() * (p - q)).sum(-1)[mask].sum())
