@@ -326,7 +326,10 @@ def _check_meta(path: Path, meta: CheckpointMeta, index: int, config: dict, n_sh
                                  f"{_short(copy.get(key) if isinstance(copy, dict) else copy)}; the file was edited or "
                                  f"damaged, {fix}.")
     # a key the run's record has and the checkpoint's lacks is a field newer than the checkpoint
-    checks = [(f"config.{key}", value, config.get(key)) for key, value in sorted(meta.config.items()) if key not in BOOKKEEPING]
+    # a run at a constant learning rate may be extended: its checkpoints from before count toward more tokens
+    extended = config.get("decay") == "none" and meta.config.get("decay") == "none" and meta.tokens <= (config.get("tokens") or 0)
+    checks = [(f"config.{key}", value, config.get(key)) for key, value in sorted(meta.config.items())
+              if key not in BOOKKEEPING and not (extended and key == "tokens")]
     checks += [("shard.index", meta.shard.index, index), ("shard.count", meta.shard.count, n_shards),
                ("shard.n_latents", meta.shard.n_latents, config["n_latents"]),
                ("tokens", meta.tokens, meta.step * config["batch_size"]),

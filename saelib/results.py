@@ -246,17 +246,19 @@ def best_cells(rows: list[dict]) -> dict[str, dict]:
 
 def convergence(data: dict) -> str:
     """10: each run's tokens to convergence with its interval, and the exponent of ``T(n)``."""
-    rows = [[f"{r['n_latents']:,}", f"{r['T'] / 1e6:.1f}M", f"[{r['T_low'] / 1e6:.1f}M, {r['T_high'] / 1e6:.1f}M]",
-             f"{r['T'] / r['trained']:.1f}x", f"{r['curve_fit']['c']:.4f}", f"{r['val_nmse']:.4f}"]
+    unique = data["unique_tokens"]
+    rows = [[f"{r['n_latents']:,}", f"{r['trained'] / 1e6:.1f}M ({r['trained'] / unique:.0f})", f"{r['T'] / 1e6:.1f}M",
+             f"[{r['T_low'] / 1e6:.1f}M, {r['T_high'] / 1e6:.1f}M]", f"{r['T'] / r['trained']:.2f}x",
+             f"{r['curve_fit']['c']:.4f}", f"{r['val_nmse']:.4f}"]
             for r in sorted(data["runs"], key=lambda r: r["n_latents"])]
     fit = data["fit"]
     low, high = fit["ci"]["b"]
-    trained = data["runs"][0]["trained"]
     note = (f"\n\nT(n) = exp({fit['params']['a']:.2f}) n^{fit['params']['b']:.2f}, 95% interval of the exponent "
-            f"[{low:.2f}, {high:.2f}] (the paper: n^0.6). Each run trained on {trained:,} tokens ({data['passes']:g} "
-            f"passes over {data['unique_tokens']:,}) at a constant learning rate; T is where its fitted curve comes "
-            f"within {data['tol']:.0%} of the asymptote, beyond the run where the ratio exceeds 1x.")
-    return _table(["n", "T (tokens)", "95% interval", "T / tokens trained", "asymptote (NMSE)", "held-out NMSE"], rows) + note
+            f"[{low:.2f}, {high:.2f}] (the paper: n^0.6). Each run trained at a constant learning rate on the passes "
+            f"over {unique:,} tokens shown; T is where its fitted curve comes within {data['tol']:.0%} of the "
+            f"asymptote, beyond the run where the ratio exceeds 1x.")
+    return _table(["n", "trained (passes)", "T (tokens)", "95% interval", "T / tokens trained", "asymptote (NMSE)",
+                   "held-out NMSE"], rows) + note
 
 
 def quality(data: dict) -> str:

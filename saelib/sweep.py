@@ -34,7 +34,7 @@ import torch
 from .activations import ActivationCache, CachedSource
 from .evals.reconstruction import reconstruction_metrics
 from .runs import read_metrics
-from .config import TRAINER_FIELDS
+from .config import TRAINER_FIELDS, TrainConfig
 from .sources import BatchSource
 from .stats import mean_interval
 from .train import fit
@@ -146,6 +146,55 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
     return table
 
 
+def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSource, root: str | Path, *, tokens: int,
+                        max_tokens: int, tol: float = 0.01, n_boot: int = 200,
+                        validation: ActivationCache | torch.Tensor | None = None, progress: bool = True,
+                        **common) -> list[dict]:
+    """Train each config at a constant learning rate until its learning curve has converged.
+
+    Each run starts with a budget of ``tokens`` and doubles it, training on from where it stopped
+    (:func:`saelib.train.fit` extends a run at a constant learning rate), until the tokens ``T`` at
+    which its fitted learning curve comes within ``tol`` of its asymptote
+    (:func:`saelib.scaling.converged_at` on the curve after its first 5%) lie inside the run, or its
+    budget reaches ``max_tokens`` (whole batches). Runs live in ``root/<run_name(config)>``, a name
+    without the budget, so a later call with a larger ``max_tokens`` trains on from there.
+
+    Returns :func:`run_sweep`'s rows, each with ``T`` and its bootstrap interval ``T_low``,
+    ``T_high`` (``n_boot`` resamples), ``curve_fit`` (the :class:`~saelib.scaling.Fit` of the curve)
+    and ``converged`` (``T`` inside the run).
+    """
+    from .scaling import converged_at
+
+    if common.get("decay") != "none":
+        raise ValueError(f"run_until_converged trains at a constant learning rate; pass decay='none', got "
+                         f"decay={common.get('decay')!r}.")
+    B = common.get("batch_size") or TrainConfig.batch_size
+    if not B <= tokens <= max_tokens:
+        raise ValueError(f"Need batch_size ({B:,}) <= tokens ({tokens:,}) <= max_tokens ({max_tokens:,}).")
+    source = CachedSource(cache) if isinstance(cache, ActivationCache) else cache
+    x_val = validation.all_rows() if isinstance(validation, ActivationCache) else validation
+    table = []
+    for i, cfg in enumerate(configs):
+        options = {**common, **cfg}
+        folder, budget = Path(root) / run_name(options), tokens // B * B
+        if (folder / "config.json").is_file():  # trained before: go on from the budget it reached
+            budget = max(budget, json.loads((folder / "config.json").read_text())["tokens"])
+        while True:
+            row = _run_one(source, {**options, "tokens": budget}, folder, x_val)
+            t, nmse = [p["tokens"] for p in row["curve"]], [p["nmse"] for p in row["curve"]]
+            T, (low, high), curve_fit = converged_at(t, nmse, tol=tol, after=0.05 * t[-1], n_boot=n_boot)
+            converged = T <= t[-1]
+            if progress:
+                print(f"[{i + 1}/{len(configs)}] {folder.name}: {t[-1]:,} tokens, T at {tol:.0%} {T:,.0f} "
+                      f"({'inside' if converged else 'beyond'} the run), {row['train_seconds'] / 60:.1f} min of training",
+                      flush=True)
+            if converged or budget >= max_tokens // B * B:
+                break
+            budget = min(2 * budget, max_tokens) // B * B
+        table.append(row | dict(T=T, T_low=low, T_high=high, curve_fit=curve_fit, converged=converged))
+    return table
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
@@ -155,15 +204,17 @@ def _run_one(source: BatchSource, options: dict, folder: Path, x_val: torch.Tens
     options = dict(options)
     n_latents, k = options.pop("n_latents"), options.pop("k", None)
     saved = folder / RESULT_FILE
+    before = json.loads(saved.read_text()) if saved.exists() else None
     start = time.perf_counter()
     sae = fit(source, n_latents, k, out=folder, normalizer=getattr(source, "normalizer", None), progress=False,
               **options)
     seconds = time.perf_counter() - start
-    if saved.exists():
-        seconds = json.loads(saved.read_text())["train_seconds"]
-    else:
-        saved.write_text(json.dumps({"train_seconds": seconds}))
     config = json.loads((folder / "config.json").read_text())
+    if before is not None and before.get("tokens", config["tokens"]) == config["tokens"]:
+        seconds = before["train_seconds"]
+    else:  # trained now, from the start or on from a shorter run
+        seconds += before["train_seconds"] if before is not None else 0.0
+        saved.write_text(json.dumps({"train_seconds": seconds, "tokens": config["tokens"]}))
     curve = read_metrics(folder)
     last = curve[-1]
     row = {"run": str(folder), **{key: config[key] for key in ("n_latents", "k", "arch", "seed", "auxk", "tied_init",

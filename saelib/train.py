@@ -52,7 +52,7 @@ from .checkpoint import (TrainState, finished, latest_checkpoint, load_checkpoin
                          save_checkpoint, write_shared_folder)
 # paper_lr and resolve_device are imported by their old path, saelib.train, in notebooks and user code
 from .config import BOOKKEEPING, TRAINER_FIELDS, TrainConfig, paper_lr, resolve_device  # noqa: F401
-from .files import atomic_write_text, describe, read_json
+from .files import atomic_write_text, describe, read_json, remove
 from .grid import Grid, RankSlice, all_reduce, init_grid, init_shard, sharded_forward, sync_and_clip
 from .normalize import Normalizer
 from .sae import ForwardOutput, TopKSAE
@@ -221,7 +221,7 @@ def fit(
     if run is None:
         return _train(source, sae, cfg, None, grid, progress, [])
     with _run_lock(run, grid), _deferred_signals() as stop:
-        done = _check_run_folder(run, cfg, source.d_in)
+        done, cfg = _check_run_folder(run, cfg, source.d_in, set(options))
         grid.barrier()  # every rank has read the run folder before rank 0 writes to it
         if not done:
             return _train(source, sae, cfg, run, grid, progress, stop)
@@ -425,25 +425,47 @@ class MetricsRow(BaseModel):
     step: NonNegativeInt
 
 
-def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int) -> bool:
-    """Raise if ``run`` holds a run with another config or d_in; True if it is finished."""
+# the fields whose defaults follow the budget: an extended run keeps the values it started with
+BUDGET_DEFAULTS = {"lr": {"lr", "lr_multiplier"}, "warmup_steps": {"warmup_steps"}, "dead_tokens": {"dead_tokens"}}
+
+
+def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, given: set[str]) -> tuple[bool, TrainConfig]:
+    """Raise if ``run`` holds a run with another config or d_in; return whether it is finished, and the config.
+
+    A run at a constant learning rate (``decay="none"``) asked for more ``tokens`` than it has is
+    extended: its schedule does not depend on its length, so training on from its last checkpoint
+    gives the run that the larger budget would have trained from the start. The fields whose
+    defaults follow the budget (``lr``, ``warmup_steps``, ``dead_tokens``) keep the run's values
+    unless ``given`` (the options passed) names them.
+    """
     path = run / "config.json"
     if not path.is_file():
-        return False
+        return False, cfg
     saved = read_json(path, RunConfig, f"use a new out folder, or delete {run} to start the run again").model_dump(mode="json")
-    current = _config_record(cfg, d_in)
     if saved["d_in"] != d_in:
         raise ValueError(f"{run} was trained on activations with d_in={saved['d_in']} but the data has d_in={d_in}; use a new out folder.")
-    changed = sorted(key for key in saved.keys() | current.keys() if key not in BOOKKEEPING and saved.get(key) != current.get(key))
+    constant = cfg.decay == "none" and saved["decay"] == "none" and (saved["tokens"] or 0) <= (cfg.tokens or 0)
+    extend = constant and (saved["tokens"] or 0) < (cfg.tokens or 0)
+    if constant:  # loading or extending a run that may have been extended before
+        cfg = replace(cfg, **{key: saved[key] for key, names in BUDGET_DEFAULTS.items() if not names & given})
+    current = _config_record(cfg, d_in)
+    changed = sorted(key for key in saved.keys() | current.keys()
+                     if key not in BOOKKEEPING and saved.get(key) != current.get(key) and not (extend and key == "tokens"))
     if changed:
         diff = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
-        raise ValueError(f"{run} holds a run with a different config ({diff}); use a new out folder or the same options.")
-    return finished(run)
+        hint = "."
+        if changed == ["tokens"]:
+            hint = (" (only a run at a constant learning rate, decay='none', can be extended to more tokens)."
+                    if (saved["tokens"] or 0) < (cfg.tokens or 0) else " (a run can be extended to more tokens, not cut to fewer).")
+        raise ValueError(f"{run} holds a run with a different config ({diff}); use a new out folder or the same options{hint}")
+    return not extend and finished(run), cfg
 
 
 def _start_run_folder(run: Path, record: dict, step: int) -> None:
-    """Write ``config.json`` and drop metrics logged after the checkpoint being resumed."""
+    """Write ``config.json``, drop metrics logged after the checkpoint being resumed and a final SAE
+    left by a shorter run being extended (its last checkpoint holds its state)."""
     run.mkdir(parents=True, exist_ok=True)
+    remove(run / "sae")
     atomic_write_text(run / "config.json", json.dumps(record, indent=2))
     metrics = run / "metrics.jsonl"
     if metrics.exists():

@@ -77,8 +77,8 @@ def test_the_convergence_block_states_each_T_against_its_run_and_the_exponent():
     run = dict(n_latents=1024, T=2.5e7, T_low=2e7, T_high=3.1e7, trained=4_000_000, curve_fit=dict(a=7, b=-0.7, c=0.19),
                val_nmse=0.2)
     fit = dict(params=dict(a=13.5, b=0.6), ci=dict(a=[11, 16], b=[0.28, 0.99]))
-    text = results.convergence(dict(runs=[run], fit=fit, tol=0.01, passes=4, unique_tokens=1_000_000))
-    assert "| 1,024 | 25.0M | [20.0M, 31.0M] | 6.2x | 0.1900 | 0.2000 |" in text
+    text = results.convergence(dict(runs=[run], fit=fit, tol=0.01, unique_tokens=1_000_000))
+    assert "| 1,024 | 4.0M (4) | 25.0M | [20.0M, 31.0M] | 6.25x | 0.1900 | 0.2000 |" in text
     assert "n^0.60, 95% interval of the exponent [0.28, 0.99]" in text and "within 1% of the asymptote" in text
 
 

@@ -109,3 +109,25 @@ def test_mean_interval_is_student_t_and_ignores_what_is_not_finite():
     mean, half = mean_interval([0.10, 0.12, float("nan"), 0.14])
     assert mean == pytest.approx(0.12) and half == pytest.approx(4.303 * 0.02 / 3**0.5, rel=1e-3)
     assert mean_interval([0.3]) == (0.3, 0.0) and all(v != v for v in mean_interval([]))
+
+
+def test_runs_double_their_tokens_until_their_curve_converges(tmp_path, data, capsys):
+    train, val = data
+    common = dict(batch_size=128, decay="none", warmup_steps=2, lr_multiplier=4, log_every=1, geometric_median_samples=256)
+    configs = [dict(n_latents=32, k=4), dict(n_latents=64, k=4)]
+    table = sweep.run_until_converged(configs, TensorSource(train), tmp_path, tokens=1024, max_tokens=16_384,
+                                      tol=0.05, n_boot=20, validation=val, **common)
+    lines = capsys.readouterr().out.splitlines()
+    for row, config in zip(table, configs):
+        steps = [line for line in lines if sweep.run_name({**common, **config}) in line]
+        budgets = [int(line.split(": ")[1].split(" tokens")[0].replace(",", "")) for line in steps]
+        assert budgets == [1024 * 2**i for i in range(len(budgets))]  # doubled until it converged or hit the cap
+        assert all("beyond the run" in line for line in steps[:-1])
+        assert row["curve"][-1]["tokens"] == budgets[-1] and row["tokens"] == budgets[-1]
+        assert row["converged"] == (row["T"] <= budgets[-1]) and (row["converged"] or budgets[-1] == 16_384)
+    assert len(lines) > len(configs)  # at least one run was extended
+    again = sweep.run_until_converged(configs, TensorSource(train), tmp_path, tokens=1024, max_tokens=16_384,
+                                      tol=0.05, n_boot=20, validation=val, progress=False, **common)
+    assert [r["val_nmse"] for r in again] == [r["val_nmse"] for r in table]  # the finished runs are loaded
+    with pytest.raises(ValueError, match="decay='none'"):
+        sweep.run_until_converged(configs, TensorSource(train), tmp_path, tokens=1024, max_tokens=4096)

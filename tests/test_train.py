@@ -227,6 +227,25 @@ def test_finished_run_is_loaded_and_a_changed_config_is_refused(tmp_path, capsys
         fit(x[:, :8], 64, 4, progress=False, **options)
 
 
+def test_a_constant_rate_run_extended_to_more_tokens_is_the_longer_run(tmp_path):
+    x, _ = toy_data(n=4096, d=16, n_features=64)
+    options = dict(batch_size=256, decay="none", warmup_steps=2, lr_multiplier=2, log_every=1)
+    fit(x, 64, 4, tokens=1024, out=tmp_path / "run", progress=False, **options)
+    longer = fit(x, 64, 4, tokens=3072, out=tmp_path / "run", progress=False, **options)  # on from the last checkpoint
+    scratch = fit(x, 64, 4, tokens=3072, out=tmp_path / "scratch", progress=False, dead_tokens=256, **options)
+    for (name, p), q in zip(longer.state_dict().items(), scratch.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True, msg=name)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["tokens"] == 3072 and config["dead_tokens"] == 256  # kept from the first budget's default
+    with pytest.raises(ValueError, match="tokens: 3072 -> 2048.*not cut to fewer"):  # a shorter budget is another run
+        fit(x, 64, 4, tokens=2048, out=tmp_path / "run", progress=False, **options)
+    fit(x, 64, 4, tokens=1024, out=tmp_path / "decaying", progress=False, batch_size=256)
+    with pytest.raises(ValueError, match="only a run at a constant learning rate"):
+        fit(x, 64, 4, tokens=2048, out=tmp_path / "decaying", progress=False, batch_size=256)
+
+
 @pytest.mark.parametrize("k, match", [(65, "k=65"), (0, "k must be a positive integer, got 0")])
 def test_bad_k_is_refused(k, match):
     with pytest.raises(ValueError, match=match):
