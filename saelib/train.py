@@ -19,7 +19,8 @@ A run folder (``out``) holds ``config.json`` (this ``TrainConfig``, resolved), `
 ``checkpoints/step_*/`` (:mod:`saelib.checkpoint`, written atomically) and the final ``sae/``.
 Calling ``fit`` again with the same ``out`` resumes from the last checkpoint (bit-identical on
 CPU on the same grid; on another grid, to float rounding) or, when the run is finished, loads and
-returns it.
+returns it. A run at a constant learning rate (``decay="none"``) given more ``tokens`` trains on from
+its last checkpoint: the longer run, bit for bit.
 
 Faults: while ``fit`` trains into a run folder, rank 0 holds a lock on ``out/.lock`` (a second
 trainer is refused; the OS drops the lock when the process dies, even by ``kill -9``); SIGINT or
