@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import BOOKKEEPING
+from .config import BOOKKEEPING, extends
 from .files import check_sha256, read_json, remove, replace, sha256_file, shorten, temp_path
 from .grid import LATENT_PARAMS, Grid
 from .sae import CONFIG_FILE, WEIGHTS_FILE, TopKSAE, load_folder
@@ -327,7 +327,7 @@ def _check_meta(path: Path, meta: CheckpointMeta, index: int, config: dict, n_sh
                                  f"damaged, {fix}.")
     # a key the run's record has and the checkpoint's lacks is a field newer than the checkpoint
     # a run at a constant learning rate may be extended: its checkpoints from before count toward more tokens
-    extended = config.get("decay") == "none" and meta.config.get("decay") == "none" and meta.tokens <= (config.get("tokens") or 0)
+    extended = extends(meta.config, config)
     checks = [(f"config.{key}", value, config.get(key)) for key, value in sorted(meta.config.items())
               if key not in BOOKKEEPING and not (extended and key == "tokens")]
     checks += [("shard.index", meta.shard.index, index), ("shard.count", meta.shard.count, n_shards),

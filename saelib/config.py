@@ -54,6 +54,13 @@ DIM_MAX = 2**31 - 1
 BOOKKEEPING = {"log_every", "checkpoint_every_tokens", "encoder_dtype", "device"}
 
 
+def extends(old: dict, new: dict) -> bool:
+    """Whether a run with config record ``new`` may train on from one with ``old``: both at a constant
+    learning rate (``decay="none"``, a schedule that does not depend on the budget) and ``new``'s
+    budget of ``tokens`` at least ``old``'s."""
+    return old.get("decay") == new.get("decay") == "none" and (old.get("tokens") or 0) <= (new.get("tokens") or 0)
+
+
 def option(default, help: str, group: str = "train", **check):
     """A field with its help text, its group and what ``__post_init__`` checks beyond its type:
     ``bound="positive"`` or ``"non-negative"`` for numbers, ``most=`` the largest integer (default

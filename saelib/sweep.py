@@ -182,7 +182,7 @@ def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSourc
         while True:
             row = _run_one(source, {**options, "tokens": budget}, folder, x_val)
             t, nmse = [p["tokens"] for p in row["curve"]], [p["nmse"] for p in row["curve"]]
-            T, (low, high), curve_fit = converged_at(t, nmse, tol=tol, after=0.05 * t[-1], n_boot=n_boot)
+            T = converged_at(t, nmse, tol=tol, after=0.05 * t[-1], n_boot=0)[0]  # the interval once, below
             converged = T <= t[-1]
             if progress:
                 print(f"[{i + 1}/{len(configs)}] {folder.name}: {t[-1]:,} tokens, T at {tol:.0%} {T:,.0f} "
@@ -191,6 +191,7 @@ def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSourc
             if converged or budget >= max_tokens // B * B:
                 break
             budget = min(2 * budget, max_tokens) // B * B
+        T, (low, high), curve_fit = converged_at(t, nmse, tol=tol, after=0.05 * t[-1], n_boot=n_boot)
         table.append(row | dict(T=T, T_low=low, T_high=high, curve_fit=curve_fit, converged=converged))
     return table
 

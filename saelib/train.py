@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (TrainState, finished, latest_checkpoint, load_checkpoint, merge_shards, read_sae_rows,
                          save_checkpoint, write_shared_folder)
 # paper_lr and resolve_device are imported by their old path, saelib.train, in notebooks and user code
-from .config import BOOKKEEPING, TRAINER_FIELDS, TrainConfig, paper_lr, resolve_device  # noqa: F401
+from .config import BOOKKEEPING, TRAINER_FIELDS, TrainConfig, extends, paper_lr, resolve_device  # noqa: F401
 from .files import atomic_write_text, describe, read_json, remove
 from .grid import Grid, RankSlice, all_reduce, init_grid, init_shard, sharded_forward, sync_and_clip
 from .normalize import Normalizer
@@ -445,7 +445,7 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, given: set[str]) -
     saved = read_json(path, RunConfig, f"use a new out folder, or delete {run} to start the run again").model_dump(mode="json")
     if saved["d_in"] != d_in:
         raise ValueError(f"{run} was trained on activations with d_in={saved['d_in']} but the data has d_in={d_in}; use a new out folder.")
-    constant = cfg.decay == "none" and saved["decay"] == "none" and (saved["tokens"] or 0) <= (cfg.tokens or 0)
+    constant = extends(saved, {"decay": cfg.decay, "tokens": cfg.tokens})
     extend = constant and (saved["tokens"] or 0) < (cfg.tokens or 0)
     if constant:  # loading or extending a run that may have been extended before
         cfg = replace(cfg, **{key: saved[key] for key, names in BUDGET_DEFAULTS.items() if not names & given})
