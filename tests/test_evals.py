@@ -13,7 +13,7 @@ from saelib.evals import evaluate  # noqa: E402
 from saelib.evals import probe_sources, probes  # noqa: E402
 from saelib.evals.ablation import ablation_sparsity  # noqa: E402
 from saelib.evals.downstream import downstream_loss, scored_positions, splice  # noqa: E402
-from saelib.evals.heldout import encode, held_out, site_activations  # noqa: E402
+from saelib.evals.heldout import cached_contexts, encode, held_out, site_activations  # noqa: E402
 from saelib.evals.n2g import n2g  # noqa: E402
 from saelib.evals.reconstruction import density_histogram, latent_density, reconstruction_metrics  # noqa: E402
 from saelib.normalize import Normalizer  # noqa: E402
@@ -57,6 +57,27 @@ def test_held_out_activations_are_extracted_once_in_float32_and_read_from_the_ca
     assert torch.equal(held.keep, direct.keep) and 0 < held.n_tokens < held.keep.numel()
     assert torch.equal(held.acts[held.keep], direct.acts[direct.keep])
     assert not held.acts[~held.keep].any()  # the excluded tokens are not cached
+
+
+def test_probe_contexts_are_extracted_once_into_the_activation_cache_and_read_from_it(lm, monkeypatch, tmp_path):
+    """Every SAE scored on the probe tasks shares one forward pass over their contexts."""
+    import saelib.activations
+
+    ids, _ = probes.probe_contexts(lm.tokenizer, 64, per_source=2)
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    first = cached_contexts(lm, ids, LAYER, "resid_post", "probe-tasks", progress=False)
+    direct = site_activations(lm, ids, LAYER, "resid_post", progress=False)
+    assert torch.equal(first.ids, ids) and torch.equal(first.keep, direct.keep)
+    assert torch.equal(first.acts[first.keep], direct.acts[direct.keep])
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the LM ran again")
+
+    monkeypatch.setattr(saelib.activations, "extract", no_forward)
+    again = cached_contexts(lm, ids, LAYER, "resid_post", "probe-tasks", progress=False)
+    assert torch.equal(again.acts, first.acts) and torch.equal(again.keep, first.keep)
+    with pytest.raises(AssertionError, match="the LM ran again"):  # other contexts: a cache of their own
+        cached_contexts(lm, ids.flip(0), LAYER, "resid_post", "probe-tasks", progress=False)
 
 
 def test_reconstruction_metrics(sae, held):

@@ -6,17 +6,18 @@ packed as training packed it (with the begin-of-sequence token in front or not:
 outliers; see :func:`saelib.activations.keep_mask`) are excluded from every metric here too.
 The split's activations are extracted once, in float32, into an activation cache
 (:func:`saelib.activations.cached_activations`), which every later evaluation, summary and
-notebook reads.
+notebook reads; so are the probe tasks' contexts (:func:`cached_contexts`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..activations import ActivationCache, cached_activations, extract, keep_mask
+from ..activations import ActivationCache, CacheKey, build_cache, cached_activations, extract, keep_mask
 from ..models import LM
 
 
@@ -88,6 +89,19 @@ def site_activations(lm: LM, ids: Tensor, layer: int, site: str, batch_size: int
         acts[start:start + len(a)] = a
         keep[start:start + len(a)] = keep_mask(ids[start:start + len(a)], a, lm.special_ids)[0]
     return HeldOut(ids, acts, keep, layer, site)
+
+
+def cached_contexts(lm: LM, ids: Tensor, layer: int, site: str, name: str, progress: bool = True) -> HeldOut:
+    """:func:`site_activations` of contexts that are no corpus split (the probe tasks'), through the
+    activation cache: extracted in float32 on first use, then read from the cache, so every SAE
+    evaluated on the same contexts shares one forward pass over them.
+
+    ``name`` labels the cache's folder; its key holds the SHA-256 of ``ids (n_ctx, T)``, so other
+    contexts get a cache of their own. Excluded tokens read as zero activations (see :class:`HeldOut`).
+    """
+    digest = hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    key = CacheKey(lm.name, layer, site, name, "contexts", ids.shape[1], None, corpus_sha256=digest)
+    return HeldOut.from_cache(build_cache(lm, ids, [layer], site, lambda _: key, progress=progress)[layer])
 
 
 def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipedia", ctx_len: int = 64,

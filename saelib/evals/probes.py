@@ -31,7 +31,7 @@ from torch import Tensor
 from ..data import bos_prefix
 from ..stats import mean_interval
 from . import probe_sources as S
-from .heldout import encode, site_activations
+from .heldout import cached_contexts, encode
 
 # "may" and "art" are left out: as a verb they outnumber the month and the archaic "thou art".
 MONTHS = {"january", "february", "march", "april", "june", "july", "august", "september", "october",
@@ -370,7 +370,7 @@ def probe_results(sae, lm, layer: int, site: str = "resid_post", ctx_len: int = 
 
     tasks, skipped = available_tasks()
     ids, tags = probe_contexts(lm.tokenizer, ctx_len, per_source, seed, prepend_bos)
-    held = site_activations(lm, ids, layer, site, progress=progress)
+    held = cached_contexts(lm, ids, layer, site, "probe-tasks", progress=progress)
     values, indices = encode(sae, held.acts)
     x = sae.normalizer.apply(held.acts)
     keep = held.keep
