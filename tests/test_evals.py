@@ -129,6 +129,31 @@ def test_zero_reconstruction_equals_zero_ablation(lm, held):
     assert sum(d * c for d, c in zip(by_context, counts)) / sum(counts) == pytest.approx(m["delta_ce"], rel=1e-5)
 
 
+def test_the_ablations_losses_are_computed_once_per_normaliser_and_contexts(sae, lm, held, monkeypatch, tmp_path):
+    """A second SAE with the same normaliser, scored on the same contexts, runs the LM twice per batch
+    (clean and spliced), not four times, and gets the zero- and mean-ablation losses of the first."""
+    import saelib.evals.downstream as downstream
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    forwards = []
+
+    def counted(*args, **kwargs):
+        forwards.append(1)
+        return splice(*args, **kwargs)
+
+    monkeypatch.setattr(downstream, "splice", counted)
+    ids = held.ids[:3]
+    first = downstream_loss(sae, lm, ids, LAYER, batch_size=2, progress=False)
+    assert len(forwards) == 2 * 4 and len(list((tmp_path / "downstream").iterdir())) == 1
+    forwards.clear()
+    again = downstream_loss(sae, lm, ids, LAYER, batch_size=2, progress=False)
+    assert len(forwards) == 2 * 2 and again == first
+    other = TopKSAE(lm.d_model, 16, 2, normalizer=Normalizer.fit(held.acts[held.keep][::2]))  # another mean
+    forwards.clear()
+    third = downstream_loss(other, lm, ids, LAYER, batch_size=2, progress=False)
+    assert len(forwards) == 2 * 4 and third["ce_mean"] != first["ce_mean"] and third["ce_zero"] == first["ce_zero"]
+
+
 def test_probe_builders_give_20_tasks_with_both_labels(lm):
     tasks, skipped = probes.available_tasks()
     assert len(tasks) >= 20, f"only {len(tasks)} probe tasks available; missing sources: {skipped}"

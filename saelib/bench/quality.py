@@ -157,7 +157,6 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
     held = held_out(lm, cfg.layer, cfg.site, cfg.corpus, cfg.ctx_len, sample["eval_tokens"], progress=progress,
                     prepend_bos=cache.manifest["key"].get("prepend_bos", False))
     ids = held.ids[:sample["downstream_contexts"]]
-    reference = None
     python = peers_python or sys.executable
     grid = {"budget": budget, "scale": scale, "steps": steps, "tokens": steps * cfg.batch_size,
             "n_latents": cfg.n_latents, "k": cfg.k, "batch_size": cfg.batch_size, "eval_tokens": held.n_tokens}
@@ -182,8 +181,7 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
                     rows.append({**row, "status": "failed", "reason": str(error)})
                     continue
                 scores = reconstruction_metrics(sae, held.acts[held.keep])
-                loss = downstream_loss(sae, lm, ids, cfg.layer, cfg.site, progress=progress, reference=reference)
-                reference = reference or loss
+                loss = downstream_loss(sae, lm, ids, cfg.layer, cfg.site, progress=progress)
                 rows.append({**row, "status": "ok", **speed, **scores, **loss})
                 if out is not None:
                     atomic_write_text(out, json.dumps({"rows": rows}, indent=1))

@@ -8,10 +8,17 @@ not a special token:
 - ``delta_ce = CE(SAE spliced) - CE(clean)`` and ``kl = E KL(p_clean || p_SAE)`` (nats/token);
 - ``loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)`` against zero-ablation of the
   site, and ``loss_recovered_mean`` against mean-ablation (the SAE's normaliser mean).
+
+The two ablations' losses depend on the LM, the contexts and the normaliser's mean, not on the
+SAE: they are computed once and kept under ``$SAELIB_HOME/downstream/``, so every later SAE with
+the same normaliser (every SAE trained on one activation cache) scored on the same contexts runs
+two forward passes per batch instead of four.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 
 import torch
@@ -20,7 +27,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations import keep_mask
+from ..files import atomic_write_text
 from ..models import LM
+from ..paths import cache_dir
 
 Reconstruct = Callable[[Tensor], Tensor]  # raw (b, T, d) -> raw (b, T, d)
 
@@ -81,9 +90,27 @@ def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     return -(logp.gather(-1, ids[:, 1:, None])[..., 0] * mask).sum(-1)
 
 
+def _ablations_file(lm: LM, ids: Tensor, layer: int, site: str, mean: Tensor, batch_size: int):
+    """Where the zero- and mean-ablation losses of these contexts are kept (named by a digest of all
+    they depend on)."""
+    digest = hashlib.sha256(json.dumps([lm.name, layer, site, batch_size]).encode())
+    for tensor in (ids.to(torch.int64), mean.float()):
+        digest.update(tensor.cpu().contiguous().numpy().tobytes())
+    return cache_dir("downstream") / f"{digest.hexdigest()[:32]}.json"
+
+
+def _read_ablations(path) -> dict | None:
+    """The kept ablation losses (summed CE and scored predictions), or None if absent or unreadable."""
+    try:
+        kept = json.loads(path.read_text())
+        return kept if all(isinstance(kept.get(key), (int, float)) for key in ("zero", "mean", "n")) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @torch.inference_mode()
 def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_post", batch_size: int = 8,
-                    progress: bool = True, reference: dict | None = None) -> dict:
+                    progress: bool = True) -> dict:
     """Delta CE, KL and loss recovered for ``sae`` spliced at ``layer``/``site`` on ``ids (n_ctx, T)``.
 
     Returns ``ce_clean, ce_sae, ce_zero, ce_mean, delta_ce, kl, loss_recovered,
@@ -91,14 +118,13 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
     ``delta_ce_by_context`` (each context's delta CE per scored token; None for a context with none):
     two SAEs scored on the same ``ids`` compare best context by context, since contexts differ far
     more from one another than SAEs do.
-
-    ``reference``: an earlier result on the same ``ids`` for an SAE with the same normaliser, whose
-    zero- and mean-ablation losses are reused (two LM forwards per batch instead of four), as when
-    scoring many SAEs trained on one activation cache.
     """
+    mean = sae.normalizer.mean
+    kept_file = _ablations_file(lm, ids, layer, site, mean, batch_size)
+    kept = _read_ablations(kept_file)
     ablations = {"sae": sae_reconstruct(sae)}
-    if reference is None:
-        ablations |= {"zero": torch.zeros_like, "mean": lambda x: sae.normalizer.mean.to(x).expand_as(x)}
+    if kept is None:
+        ablations |= {"zero": torch.zeros_like, "mean": lambda x: mean.to(x).expand_as(x)}
     totals = dict.fromkeys(["clean", *ablations, "kl"], 0.0)
     n, by_context = 0, []
     for start in tqdm(range(0, len(ids), batch_size), desc="downstream loss", disable=not progress, leave=False):
@@ -120,9 +146,14 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
                 totals["kl"] += float((p.exp() * (p - q)).sum(-1)[mask].sum())
     if n == 0:
         raise ValueError("No scored positions in the downstream-loss contexts; pass more (or longer) contexts.")
+    if kept is None:
+        atomic_write_text(kept_file, json.dumps({"zero": totals["zero"], "mean": totals["mean"], "n": n}))
+    elif kept["n"] != n:
+        raise ValueError(f"The ablation losses kept in {kept_file} count {kept['n']} predictions where these contexts "
+                         f"score {n}; delete that file and evaluate again.")
+    else:
+        totals["zero"], totals["mean"] = kept["zero"], kept["mean"]
     ce = {name: total / n for name, total in totals.items()}
-    if reference is not None:
-        ce["zero"], ce["mean"] = reference["ce_zero"], reference["ce_mean"]
     return {
         "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
         "delta_ce": ce["sae"] - ce["clean"],
