@@ -66,19 +66,26 @@ def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
     """``(d,)`` point minimising the sum of Euclidean distances to the rows of ``x (N, d)``.
 
     Weiszfeld's iterations with the Vardi-Zhang correction, so an estimate that lands on a
-    data point keeps moving when that point is not the median; computed in float64.
+    data point keeps moving when that point is not the median; computed in float64. Each
+    iteration reads ``x`` twice, as two matrix-vector products: the distances from
+    ``|x_i|^2 - 2 x_i.y + |y|^2``, exact again (a row difference) for the rows so near ``y``
+    that the expansion loses digits, and the weighted mean.
     """
     x = x.double()
+    sq = x.square().sum(1)  # (N,) |x_i|^2
     y = x.mean(0)
     for _ in range(iters):
-        dist = (x - y).norm(dim=1)
+        dist = (sq - 2 * (x @ y) + y @ y).clamp_min_(0).sqrt_()
+        near = dist < 1e-4 * sq.max().sqrt()  # the expansion's error is ~1e-8 of max |x_i|
+        if bool(near.any()):
+            dist[near] = (x[near] - y).norm(dim=1)
         away = dist > 1e-12
-        w = 1 / dist[away]
-        T = (w[:, None] * x[away]).sum(0) / w.sum()
+        w = torch.where(away, 1 / dist, 0)
+        T = (w @ x) / w.sum()
         if bool(away.all()):
             y_new = T
         else:  # y sits on a data point: step towards T only if the pull of the others exceeds 1
-            r = (w[:, None] * (x[away] - y)).sum(0).norm()
+            r = (w @ (x - y)).norm()
             coincident = float((~away).sum())
             y_new = y if r <= coincident else (1 - coincident / r) * T + (coincident / r) * y
         if (y_new - y).norm() <= tol * max(1.0, float(y.norm())):
