@@ -11,6 +11,7 @@ naming the file, the key and the value, never a traceback or a silent acceptance
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from functools import lru_cache
@@ -20,6 +21,7 @@ from typing import Callable
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+import torch
 from torch import Tensor
 
 
@@ -74,6 +76,18 @@ def file_digest(path: str | os.PathLike, new=hashlib.sha256) -> str:
     with open(path, "rb", buffering=0) as f:
         while size := f.readinto(buffer):
             h.update(view[:size])
+    return h.hexdigest()
+
+
+def digest(*parts, new=hashlib.sha256) -> str:
+    """Hex digest of ``parts`` in turn by the hash constructor ``new``: a tensor by its bytes, anything
+    else by its JSON. What names a file derived from tensors (a cache of their results)."""
+    h = new()
+    for part in parts:
+        if isinstance(part, Tensor):
+            h.update(part.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(json.dumps(part).encode())
     return h.hexdigest()
 
 

@@ -17,7 +17,6 @@ two forward passes per batch instead of four.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations import keep_mask
-from ..files import atomic_write_text
+from ..files import atomic_write_text, digest
 from ..models import LM
 from ..paths import cache_dir
 
@@ -93,10 +92,8 @@ def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 def _ablations_file(lm: LM, ids: Tensor, layer: int, site: str, mean: Tensor, batch_size: int):
     """Where the zero- and mean-ablation losses of these contexts are kept (named by a digest of all
     they depend on)."""
-    digest = hashlib.sha256(json.dumps([lm.name, layer, site, batch_size]).encode())
-    for tensor in (ids.to(torch.int64), mean.float()):
-        digest.update(tensor.cpu().contiguous().numpy().tobytes())
-    return cache_dir("downstream") / f"{digest.hexdigest()[:32]}.json"
+    name = digest([lm.name, layer, site, batch_size], ids.to(torch.int64), mean.float())
+    return cache_dir("downstream") / f"{name[:32]}.json"
 
 
 def _read_ablations(path) -> dict | None:

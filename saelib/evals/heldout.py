@@ -11,13 +11,13 @@ notebook reads; so are the probe tasks' contexts (:func:`cached_contexts`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..activations import ActivationCache, CacheKey, build_cache, cached_activations, extract, keep_mask
+from ..files import digest
 from ..models import LM
 
 
@@ -99,8 +99,8 @@ def cached_contexts(lm: LM, ids: Tensor, layer: int, site: str, name: str, progr
     ``name`` labels the cache's folder; its key holds the SHA-256 of ``ids (n_ctx, T)``, so other
     contexts get a cache of their own. Excluded tokens read as zero activations (see :class:`HeldOut`).
     """
-    digest = hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    key = CacheKey(lm.name, layer, site, name, "contexts", ids.shape[1], None, corpus_sha256=digest)
+    sha256 = digest(ids.to(torch.int64))
+    key = CacheKey(lm.name, layer, site, name, "contexts", ids.shape[1], None, corpus_sha256=sha256)
     return HeldOut.from_cache(build_cache(lm, ids, [layer], site, lambda _: key, progress=progress)[layer])
 
 

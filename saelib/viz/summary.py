@@ -46,7 +46,7 @@ from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
 from ..evals.heldout import encode, held_out, site_activations, trained_prepend_bos, trained_site
 from ..evals.n2g import explain, score
-from ..files import atomic_write
+from ..files import atomic_write, digest
 from ..loading import load
 
 FORMAT_VERSION = 2  # 2: byte tokens as <0x..>, quantile examples outside the top contexts
@@ -270,12 +270,8 @@ def _finite(x, digits: int = 4) -> float | None:
 
 def fingerprint(sae) -> str:
     """A hash of the SAE's weights: a cached summary is reused only for the same SAE."""
-    h = hashlib.blake2b(digest_size=12)
-    for name, tensor in sorted(sae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(repr(sae.normalizer.scale).encode())
-    return h.hexdigest()
+    weights = [part for name, tensor in sorted(sae.state_dict().items()) for part in (name, tensor)]
+    return digest(*weights, repr(sae.normalizer.scale), new=functools.partial(hashlib.blake2b, digest_size=12))
 
 
 def _as_sae(run_or_sae):
