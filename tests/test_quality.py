@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from saelib import config, results
+from saelib.activations import cached_activations
 from saelib.bench import quality
 from saelib.formats import import_sae
 
@@ -63,6 +64,26 @@ def test_every_library_trains_on_the_same_cache_and_gets_one_evaluation():
     assert set(best) == {"saelib", "sparsify", "sae-lens"} and all(b["seeds"] == 1 for b in best.values())
     table = results.quality({"rows": rows})
     assert table.count("\n| saelib |") == 2 and "at its best learning rate" in table
+
+
+@needs_peers
+def test_one_peer_interpreter_serves_every_cell_and_outlives_a_failed_one(tmp_path):
+    data_opts, _ = config.split(config.resolve("ci"))
+    cache = cached_activations(**data_opts, split="train", progress=False)
+    options = dict(cache=str(cache.folder), n_latents=64, k=4, batch_size=64, steps=2, warmup_steps=1, lr=1e-3, seed=0)
+    with quality.PeerWorker(str(PEERS)) as peers:
+        with pytest.raises(RuntimeError, match="saelib failed \\(ValueError: Unknown peer 'saelib'"):
+            peers.train(library="saelib", out=str(tmp_path / "saelib"), **options)
+        pid = peers.process.pid
+        for library in ("sparsify", "sae-lens"):
+            speed = peers.train(library=library, out=str(tmp_path / library), **options)
+            assert speed["tokens_per_s"] > 0 and import_sae(tmp_path / library).n_latents == 64
+        assert peers.process.pid == pid, "one interpreter for every cell"
+    assert peers.process is None
+    with pytest.raises(RuntimeError, match="sparsify failed \\(exit code 1; .*`make peers`"):
+        quality.PeerWorker("/bin/false").train(library="sparsify", out=str(tmp_path / "x"), **options)
+    with pytest.raises(RuntimeError, match="Cannot start /no/python .*`make peers`"):
+        quality.PeerWorker("/no/python").train(library="sparsify", out=str(tmp_path / "x"), **options)
 
 
 def test_a_grid_run_again_into_its_file_trains_only_the_missing_cells(tmp_path):

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -70,6 +71,7 @@ LIBRARIES = tuple(RULES)
 # more), sign SGD's own rule already sits near its best and diverges a few times above it
 GRIDS = {**dict.fromkeys(LIBRARIES, (1, 4, 16, 32)), "sparsify-signum": (0.25, 0.5, 1, 2)}
 SCHEDULE_FREE = ("sparsify-signum",)
+REPLY = "saelib-peer-reply: "  # marks serve()'s answers among whatever the peers print
 
 
 # ---- a peer's run, in the interpreter that has the peer -------------------------------------
@@ -157,35 +159,43 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
     held = held_out(lm, cfg.layer, cfg.site, cfg.corpus, cfg.ctx_len, sample["eval_tokens"], progress=progress,
                     prepend_bos=cache.manifest["key"].get("prepend_bos", False))
     ids = held.ids[:sample["downstream_contexts"]]
-    python = peers_python or sys.executable
     grid = {"budget": budget, "scale": scale, "steps": steps, "tokens": steps * cfg.batch_size,
             "n_latents": cfg.n_latents, "k": cfg.k, "batch_size": cfg.batch_size, "eval_tokens": held.n_tokens}
     rows = _finished_rows(out, grid)
     done = {(r["library"], float(r["lr_multiplier"]), r["seed"]) for r in rows}
+    with PeerWorker(peers_python or sys.executable) as peers:
+        for library, multiple, seed in _cells(libraries, lr_multipliers, seeds, steps, cfg):
+            if (library, float(multiple), seed) in done:
+                continue
+            lr = multiple * RULES[library](cfg.n_latents)
+            row = {"library": library, "lr_multiplier": multiple, "lr": lr, "seed": seed, **grid}
+            _say(progress, f"{library} at {multiple}x (lr {lr:.3g}), seed {seed}: {steps} steps")
+            try:
+                sae, speed = _train(library, source, cache.folder, cfg, train_opts, lr, seed, steps, peers)
+            except (RuntimeError, ValueError) as error:
+                rows.append({**row, "status": "failed", "reason": str(error)})
+                continue
+            scores = reconstruction_metrics(sae, held.acts[held.keep])
+            loss = downstream_loss(sae, lm, ids, cfg.layer, cfg.site, progress=progress)
+            rows.append({**row, "status": "ok", **speed, **scores, **loss})
+            if out is not None:
+                atomic_write_text(out, json.dumps({"rows": rows}, indent=1))
+    return rows
+
+
+def _cells(libraries, lr_multipliers, seeds, steps: int, cfg: config.TrainConfig):
+    """``(library, multiple, seed)`` in the order a grid trains them: by seed, then the libraries in
+    turn along their grids; "default" becomes the multiple saelib chooses for the run on the paper's
+    rule, and 1 (its own rule) for a library with another."""
     grids = {library: tuple(lr_multipliers or GRIDS[library]) for library in libraries}
     for seed in seeds:
         for i in range(max(map(len, grids.values()))):
             for library in (library for library in libraries if i < len(grids[library])):
                 multiple = grids[library][i]
-                if multiple == "default":  # the library's default for this run: saelib's, on the paper's rule
+                if multiple == "default":
                     on_rule = RULES[library] is config.paper_lr
                     multiple = config.lr_multiple(steps, cfg.n_latents, cfg.k, cfg.batch_size) if on_rule else 1
-                if (library, float(multiple), seed) in done:
-                    continue
-                lr = multiple * RULES[library](cfg.n_latents)
-                row = {"library": library, "lr_multiplier": multiple, "lr": lr, "seed": seed, **grid}
-                _say(progress, f"{library} at {multiple}x (lr {lr:.3g}), seed {seed}: {steps} steps")
-                try:
-                    sae, speed = _train(library, source, cache.folder, cfg, train_opts, lr, seed, steps, python)
-                except (RuntimeError, ValueError) as error:
-                    rows.append({**row, "status": "failed", "reason": str(error)})
-                    continue
-                scores = reconstruction_metrics(sae, held.acts[held.keep])
-                loss = downstream_loss(sae, lm, ids, cfg.layer, cfg.site, progress=progress)
-                rows.append({**row, "status": "ok", **speed, **scores, **loss})
-                if out is not None:
-                    atomic_write_text(out, json.dumps({"rows": rows}, indent=1))
-    return rows
+                yield library, multiple, seed
 
 
 def _finished_rows(out: str | Path | None, grid: dict) -> list[dict]:
@@ -207,7 +217,7 @@ def _finished_rows(out: str | Path | None, grid: dict) -> list[dict]:
 
 
 def _train(library: str, source: CachedSource, cache: Path, cfg: config.TrainConfig, train_opts: dict, lr: float,
-           seed: int, steps: int, python: str) -> tuple[TopKSAE, dict]:
+           seed: int, steps: int, peers: PeerWorker) -> tuple[TopKSAE, dict]:
     if library == "saelib":
         opts = {**train_opts, "lr": lr, "lr_multiplier": 1.0, "seed": seed, "tokens": steps * cfg.batch_size}
         start = time.perf_counter()
@@ -215,15 +225,53 @@ def _train(library: str, source: CachedSource, cache: Path, cfg: config.TrainCon
         seconds = time.perf_counter() - start  # with the geometric-median init, which the peers do not run
         return sae, {"seconds": seconds, "tokens_per_s": steps * cfg.batch_size / seconds}
     with tempfile.TemporaryDirectory() as folder:
-        cmd = [python, "-m", "saelib.bench.quality", "--peer", library, "--cache", str(cache), "--n-latents",
-               str(cfg.n_latents), "--k", str(cfg.k), "--batch-size", str(cfg.batch_size), "--steps", str(steps),
-               "--warmup-steps", str(cfg.warmup_steps), "--lr", repr(lr), "--seed", str(seed), "--out", folder]
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if result.returncode:
-            raise RuntimeError(f"{library} failed (exit code {result.returncode}; its error is above); "
-                               f"is it installed in {python}? `make peers` installs it in .venv-peers.")
-        speed = json.loads(result.stdout.splitlines()[-1])  # the last line: sparsify prints notices first
+        speed = peers.train(library=library, cache=str(cache), n_latents=cfg.n_latents, k=cfg.k,
+                            batch_size=cfg.batch_size, steps=steps, warmup_steps=cfg.warmup_steps, lr=lr, seed=seed,
+                            out=folder)
         return _with_normalizer(import_sae(folder), source.normalizer), speed
+
+
+class PeerWorker:
+    """The peers' interpreter (``python``), started at a grid's first peer cell and kept for the rest:
+    sparsify and SAELens are imported once per grid, not once per cell (about 8 s each on 2 cores).
+
+    It runs :func:`serve`: one line of :func:`train_peer`'s options in, one reply line out. What else
+    the peers print to stdout (sparsify's notices) is dropped; their errors reach this process's stderr.
+    """
+
+    def __init__(self, python: str):
+        self.python, self.process = python, None
+
+    def __enter__(self) -> PeerWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.stdin.close()  # serve() ends at the end of its input
+            self.process.wait()
+            self.process = None
+
+    def train(self, **options) -> dict:
+        """:func:`train_peer`'s result for ``options``; a RuntimeError if the peer failed or the interpreter died."""
+        if self.process is None:
+            try:
+                self.process = subprocess.Popen([self.python, "-m", "saelib.bench.quality", "--serve"],
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            except OSError as error:
+                raise RuntimeError(f"Cannot start {self.python} ({error}); `make peers` creates .venv-peers.") from None
+        try:
+            print(json.dumps(options), file=self.process.stdin, flush=True)
+            for line in self.process.stdout:
+                if line.startswith(REPLY):
+                    reply = json.loads(line[len(REPLY):])
+                    if "error" in reply:
+                        raise RuntimeError(f"{options['library']} failed ({reply['error']}; its traceback is above).")
+                    return reply
+        except BrokenPipeError:
+            pass
+        code, self.process = self.process.wait(), None
+        raise RuntimeError(f"{options['library']} failed (exit code {code}; its error is above); is it installed in "
+                           f"{self.python}? `make peers` installs it in .venv-peers.")
 
 
 def _say(progress: bool, message: str) -> None:
@@ -268,21 +316,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m saelib.bench.quality --peer LIBRARY ...``: one peer's run (what ``run_quality``
-    starts in the peers' interpreter); prints its speed as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m saelib.bench.quality", description=main.__doc__)
-    parser.add_argument("--peer", required=True, choices=LIBRARIES[1:])
-    for name in ("--n-latents", "--k", "--batch-size", "--steps", "--warmup-steps", "--seed"):
-        parser.add_argument(name, type=int, required=True)
-    parser.add_argument("--cache", required=True)
-    parser.add_argument("--lr", type=float, required=True)
-    parser.add_argument("--out", required=True)
-    a = parser.parse_args(argv)
-    speed = train_peer(a.peer, a.cache, a.n_latents, a.k, a.batch_size, a.steps, a.warmup_steps, a.lr, a.seed, a.out)
-    print(json.dumps(speed))
-    return 0
+def serve() -> None:
+    """Peer runs on request (what :class:`PeerWorker` starts in the peers' interpreter): each line of
+    stdin holds :func:`train_peer`'s options as JSON; each run answers one line, ``REPLY`` and its
+    speed (or its error) as JSON. Ends at the end of stdin."""
+    for line in sys.stdin:
+        try:
+            reply = train_peer(**json.loads(line))
+        except Exception as error:  # noqa: BLE001 - reported to the grid, which records the cell as failed
+            traceback.print_exc()
+            reply = {"error": f"{type(error).__name__}: {error}"}
+        print(REPLY + json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    if sys.argv[1:] != ["--serve"]:
+        raise SystemExit("usage: python -m saelib.bench.quality --serve (run_quality starts it in the peers' interpreter)")
+    serve()
