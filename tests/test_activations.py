@@ -225,6 +225,30 @@ def test_bad_model_and_corpus_errors(tmp_path):
         data.load_documents(str(tmp_path / "c.jsonl"))
 
 
+def test_converting_the_embedded_model_parses_its_gguf_once_and_leaves_gguf_as_it_was(tmp_path):
+    import gguf
+    import numpy as np
+
+    from saelib.models import _gguf_read_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.arange(8, dtype=np.float32).reshape(2, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_read_once():
+        reader = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is reader and reader.tensors[0].data.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is names
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path), "outside the block, each call parses the file"
+
+
 def test_the_offline_mix_holds_every_packaged_text_interleaved_in_a_fixed_order():
     from saelib.evals.probe_sources import TEXT_SOURCES
 
