@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 import torch
 from torch import Tensor
 
+from .paths import cache_dir
+
 
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp)`` with a temporary path beside ``target``, then rename it to ``target``.
@@ -89,6 +91,18 @@ def digest(*parts, new=hashlib.sha256) -> str:
         else:
             h.update(json.dumps(part).encode())
     return h.hexdigest()
+
+
+def kept_json(kind: str, *key) -> tuple[Path, object]:
+    """Results that depend on nothing but ``key`` (its parts as :func:`digest` takes them), kept as
+    JSON under ``$SAELIB_HOME/<kind>/``, so a later call with the same key reads them instead of
+    computing them again: the file's path (named by the digest), and what it holds (None if absent
+    or unreadable; the caller checks its shape and writes it with :func:`atomic_write_text`)."""
+    path = cache_dir(kind) / f"{digest(*key)[:32]}.json"
+    try:
+        return path, json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path, None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -154,6 +154,29 @@ def test_the_ablations_losses_are_computed_once_per_normaliser_and_contexts(sae,
     assert len(forwards) == 2 * 4 and third["ce_mean"] != first["ce_mean"] and third["ce_zero"] == first["ce_zero"]
 
 
+def test_the_channel_baseline_of_ablation_sparsity_is_computed_once_per_normaliser(sae, lm, held, monkeypatch, tmp_path):
+    """A second SAE with the same normaliser runs the LM for its own latents only, and gets the first's
+    baseline; another normaliser's mean sets other channels' values, so its baseline runs again."""
+    import saelib.evals.ablation as ablation
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    forwards = []
+
+    def counted(*args, **kwargs):
+        forwards.append(1)
+        return splice(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "splice", counted)
+    first = ablation_sparsity(sae, lm, held, sample=2, progress=False)
+    assert len(forwards) == 2 * 2 and len(list((tmp_path / "ablation").iterdir())) == 1
+    forwards.clear()
+    assert ablation_sparsity(sae, lm, held, sample=2, progress=False) == first and len(forwards) == 2
+    other = TopKSAE(lm.d_model, 16, 2, normalizer=Normalizer.fit(held.acts[held.keep][::2]))  # another mean
+    forwards.clear()
+    third = ablation_sparsity(other, lm, held, sample=2, progress=False)
+    assert len(forwards) == 2 * 2 and third["ablation_sparsity_baseline"] != first["ablation_sparsity_baseline"]
+
+
 def test_probe_builders_give_20_tasks_with_both_labels(lm):
     tasks, skipped = probes.available_tasks()
     assert len(tasks) >= 20, f"only {len(tasks)} probe tasks available; missing sources: {skipped}"

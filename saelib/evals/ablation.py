@@ -10,17 +10,21 @@ for SAE latents.
 
 Baseline (``ablation_sparsity_baseline``, about 60% in the paper): the same for a residual channel
 of the clean model, set to its mean (zero on the normalised scale) at every kept token of a
-random context.
+random context. It depends on the LM, the text and the normaliser's mean, not on the SAE: it is
+computed once and kept under ``$SAELIB_HOME/ablation/``, so a later SAE with the same normaliser
+(every SAE trained on one activation cache) runs the LM only for its own latents.
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..files import atomic_write_text, kept_json
 from ..stats import mean_interval
 from .downstream import sae_reconstruct, splice
 from .heldout import HeldOut, encode
@@ -87,8 +91,13 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     delta = torch.zeros(sample, T, d)
     for j, (c, ch) in enumerate(zip(contexts, channels)):
         delta[j, :, ch] = (held.acts[c, :, ch] - sae.normalizer.mean[ch]) * held.keep[c]
-    channel_sparsity = _sparsities(lm, held, contexts, delta, None, batch_size, "ablation sparsity (channels)",
-                                   progress)
+    ctx = torch.tensor(contexts)
+    kept_file, channel_sparsity = kept_json("ablation", [lm.name, held.layer, held.site, batch_size], held.ids[ctx],
+                                            held.keep[ctx], delta)
+    if not (isinstance(channel_sparsity, list) and len(channel_sparsity) == sample):
+        channel_sparsity = _sparsities(lm, held, contexts, delta, None, batch_size, "ablation sparsity (channels)",
+                                       progress)
+        atomic_write_text(kept_file, json.dumps(channel_sparsity))
     (latent_mean, latent_ci), (channel_mean, channel_ci) = mean_interval(latent_sparsity), mean_interval(channel_sparsity)
     return {"ablation_sparsity": latent_mean, "ablation_sparsity_ci": latent_ci,
             "ablation_sparsity_baseline": channel_mean, "ablation_sparsity_baseline_ci": channel_ci,

@@ -26,9 +26,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations import keep_mask
-from ..files import atomic_write_text, digest
+from ..files import atomic_write_text, kept_json
 from ..models import LM
-from ..paths import cache_dir
 
 Reconstruct = Callable[[Tensor], Tensor]  # raw (b, T, d) -> raw (b, T, d)
 
@@ -89,20 +88,12 @@ def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     return -(logp.gather(-1, ids[:, 1:, None])[..., 0] * mask).sum(-1)
 
 
-def _ablations_file(lm: LM, ids: Tensor, layer: int, site: str, mean: Tensor, batch_size: int):
-    """Where the zero- and mean-ablation losses of these contexts are kept (named by a digest of all
-    they depend on)."""
-    name = digest([lm.name, layer, site, batch_size], ids.to(torch.int64), mean.float())
-    return cache_dir("downstream") / f"{name[:32]}.json"
-
-
-def _read_ablations(path) -> dict | None:
-    """The kept ablation losses (summed CE and scored predictions), or None if absent or unreadable."""
-    try:
-        kept = json.loads(path.read_text())
-        return kept if all(isinstance(kept.get(key), (int, float)) for key in ("zero", "mean", "n")) else None
-    except (OSError, ValueError, AttributeError):
-        return None
+def _kept_ablations(lm: LM, ids: Tensor, layer: int, site: str, mean: Tensor, batch_size: int):
+    """Where the zero- and mean-ablation losses of these contexts are kept, and those losses (summed
+    CE and scored predictions) if they are there."""
+    path, kept = kept_json("downstream", [lm.name, layer, site, batch_size], ids.to(torch.int64), mean.float())
+    ok = isinstance(kept, dict) and all(isinstance(kept.get(key), (int, float)) for key in ("zero", "mean", "n"))
+    return path, kept if ok else None
 
 
 @torch.inference_mode()
@@ -117,8 +108,7 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
     more from one another than SAEs do.
     """
     mean = sae.normalizer.mean
-    kept_file = _ablations_file(lm, ids, layer, site, mean, batch_size)
-    kept = _read_ablations(kept_file)
+    kept_file, kept = _kept_ablations(lm, ids, layer, site, mean, batch_size)
     ablations = {"sae": sae_reconstruct(sae)}
     if kept is None:
         ablations |= {"zero": torch.zeros_like, "mean": lambda x: mean.to(x).expand_as(x)}
