@@ -73,10 +73,11 @@ def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
     """
     x = x.double()
     sq = x.square().sum(1)  # (N,) |x_i|^2
+    close = 1e-4 * float(sq.max().sqrt())  # the expansion's error is ~1e-8 of max |x_i|
     y = x.mean(0)
     for _ in range(iters):
         dist = (sq - 2 * (x @ y) + y @ y).clamp_min_(0).sqrt_()
-        near = dist < 1e-4 * sq.max().sqrt()  # the expansion's error is ~1e-8 of max |x_i|
+        near = dist < close
         if bool(near.any()):
             dist[near] = (x[near] - y).norm(dim=1)
         away = dist > 1e-12
