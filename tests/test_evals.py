@@ -129,19 +129,26 @@ def test_zero_reconstruction_equals_zero_ablation(lm, held):
     assert sum(d * c for d, c in zip(by_context, counts)) / sum(counts) == pytest.approx(m["delta_ce"], rel=1e-5)
 
 
-def test_the_ablations_losses_are_computed_once_per_normaliser_and_contexts(sae, lm, held, monkeypatch, tmp_path):
-    """A second SAE with the same normaliser, scored on the same contexts, runs the LM twice per batch
-    (clean and spliced), not four times, and gets the zero- and mean-ablation losses of the first."""
-    import saelib.evals.downstream as downstream
-
-    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+def counted_splices(monkeypatch, module) -> list:
+    """Count the LM forward passes ``module`` runs: its ``splice`` is wrapped, and the returned list
+    grows by one per call."""
     forwards = []
 
     def counted(*args, **kwargs):
         forwards.append(1)
         return splice(*args, **kwargs)
 
-    monkeypatch.setattr(downstream, "splice", counted)
+    monkeypatch.setattr(module, "splice", counted)
+    return forwards
+
+
+def test_the_ablations_losses_are_computed_once_per_normaliser_and_contexts(sae, lm, held, monkeypatch, tmp_path):
+    """A second SAE with the same normaliser, scored on the same contexts, runs the LM twice per batch
+    (clean and spliced), not four times, and gets the zero- and mean-ablation losses of the first."""
+    import saelib.evals.downstream as downstream
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    forwards = counted_splices(monkeypatch, downstream)
     ids = held.ids[:3]
     first = downstream_loss(sae, lm, ids, LAYER, batch_size=2, progress=False)
     assert len(forwards) == 2 * 4 and len(list((tmp_path / "downstream").iterdir())) == 1
@@ -160,13 +167,7 @@ def test_the_channel_baseline_of_ablation_sparsity_is_computed_once_per_normalis
     import saelib.evals.ablation as ablation
 
     monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
-    forwards = []
-
-    def counted(*args, **kwargs):
-        forwards.append(1)
-        return splice(*args, **kwargs)
-
-    monkeypatch.setattr(ablation, "splice", counted)
+    forwards = counted_splices(monkeypatch, ablation)
     first = ablation_sparsity(sae, lm, held, sample=2, progress=False)
     assert len(forwards) == 2 * 2 and len(list((tmp_path / "ablation").iterdir())) == 1
     forwards.clear()
