@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import data
-from .files import atomic_write, atomic_write_text, file_digest, read_json
+from .files import atomic_write, atomic_write_text, exclusive, file_digest, read_json
 from .kernels import fast_bf16
 from .models import LM, LM_DTYPES, SITES, load_lm, load_tokenizer
 from .normalize import Normalizer
@@ -424,11 +424,25 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
 
     Returns:
         ``{layer: ActivationCache}``, complete unless stopped early.
+
+    Processes that ask for the same cache at once (two notebooks, a notebook and ``saelib train``)
+    build it once: the first holds a lock on each of its folders (``.<folder>.lock`` beside it), and
+    the others wait for it, then find it complete.
     """
     for layer in layers:
         lm.site_module_path(layer, site)  # fails early, with the valid choices, on a bad layer or site
     if contexts.shape[-1] > lm.max_context:
         raise ValueError(f"Context length {contexts.shape[-1]} exceeds what {lm.name} allows ({lm.max_context} tokens).")
+    folders = [cache_dir("activations") / key_of(layer).folder_name() for layer in layers]
+    with exclusive([f.with_name(f".{f.name}.lock") for f in folders],
+                   f"Waiting for another process building the activation cache {folders[0].name}..."):
+        return _build_cache(lm, contexts, layers, site, key_of, rule, batch_size, shard_contexts, progress,
+                            stop_after_shards)
+
+
+def _build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, rule: Exclusion, batch_size: int,
+                 shard_contexts: int, progress: bool, stop_after_shards: int | None) -> dict[int, ActivationCache]:
+    """:func:`build_cache` inside its locks."""
     caches = {}
     for layer in layers:
         key = key_of(layer)
@@ -441,7 +455,7 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
     if len(done) != 1:  # layers got out of step (e.g. one was deleted): rebuild them separately
         for layer, c in caches.items():
             if not c.complete:
-                build_cache(lm, contexts, [layer], site, key_of, rule, batch_size, shard_contexts, progress)
+                _build_cache(lm, contexts, [layer], site, key_of, rule, batch_size, shard_contexts, progress, None)
         return {layer: ActivationCache(c.folder) for layer, c in caches.items()}
     first_shard = done.pop()
     layers = [layer for layer in layers if not caches[layer].complete]  # complete caches are left alone

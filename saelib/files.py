@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -55,6 +57,36 @@ def replace(tmp: Path, target: Path) -> None:
     if tmp.is_dir() and target.is_dir():
         remove(target)  # os.replace renames a folder only onto an empty one
     os.replace(tmp, target)
+
+
+@contextmanager
+def exclusive(paths: list[Path], waiting: str):
+    """Hold an exclusive lock on each of ``paths`` (lock files, made if missing) for the block, so
+    that what one process builds under them another does not build at the same time: a second
+    process waits, saying ``waiting`` once, until the first leaves the block or dies (the system
+    then releases its locks). Locks are taken in sorted order, so two processes never wait on
+    each other; where the system has no ``fcntl`` (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    files = []
+    try:
+        for path in sorted(set(paths)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.append(open(path, "a"))
+            try:
+                fcntl.flock(files[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    print(waiting, file=sys.stderr, flush=True)
+                    waiting = ""  # said once
+                fcntl.flock(files[-1], fcntl.LOCK_EX)
+        yield
+    finally:
+        for f in files:
+            f.close()  # closing the file releases its lock
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:

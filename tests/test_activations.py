@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -92,6 +93,33 @@ def test_cache_round_trip_and_interrupted_build_resumes(lm, val_contexts, tmp_pa
         keep, _ = A.keep_mask(ctx, acts[layer], lm.special_ids)
         torch.testing.assert_close(rows, acts[layer][keep], rtol=1e-5, atol=1e-4)
         assert torch.equal(index, keep.flatten().nonzero().squeeze(1))
+
+
+def test_a_cache_asked_for_twice_at_once_is_extracted_once(lm, val_contexts, tmp_path, monkeypatch, capsys):
+    """A second builder of a cache that is being built (another notebook, process or thread) waits for
+    the first, then finds it complete: the LM runs over each shard once, and both get the same rows."""
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    extracting, forwards, real = threading.Event(), [], A.extract
+
+    def extract(*args, **kwargs):
+        forwards.append(1)
+        if not extracting.is_set():
+            extracting.set()
+            time.sleep(0.2)  # the second builder arrives while the first holds the cache
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "extract", extract)
+    build = lambda: A.build_cache(lm, val_contexts[:8], [12], "resid_post", lambda L: _key("twice", L),  # noqa: E731
+                                  shard_contexts=4, batch_size=4, progress=False)[12]
+    built = {}
+    first = threading.Thread(target=lambda: built.setdefault("first", build()))
+    first.start()
+    assert extracting.wait(60)
+    second = build()
+    first.join()
+    assert len(forwards) == 2  # 8 contexts in shards of 4, extracted by the first builder alone
+    assert "Waiting for another process building the activation cache" in capsys.readouterr().err
+    assert second.complete and torch.equal(second.all_rows(), built["first"].all_rows())
 
 
 def test_cache_detects_key_mismatch_and_corruption(lm, val_contexts, tmp_path, monkeypatch):
