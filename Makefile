@@ -112,8 +112,9 @@ lesson: env
 release: env
 	$(BIN)/python -m saelib.released build
 
+# One test process per core (at most 4; a notebook's cells stay in one), one thread each (tests/conftest.py)
 test: env peers
-	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
 
 # JupyterLab refuses to start as root unless told; containers often run as root
 lab: env

@@ -11,7 +11,13 @@ os.environ.setdefault("SAELIB_HOME", str(Path(__file__).resolve().parents[1] / "
 # No hub here: without this, a name that is not found locally costs ~50 s of client retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several test processes: one thread each (and in the kernels and processes it starts),
+    # as OpenMP threads that outnumber the cores spin while they wait for one
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

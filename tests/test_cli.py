@@ -61,7 +61,8 @@ def test_unparseable_command_lines_get_one_sentence(capsys, argv):
     assert_one_sentence(err, "saelib: error:")
 
 
-def test_layer_out_of_range_names_the_valid_ones(capsys, tmp_path):
+def test_layer_out_of_range_names_the_valid_ones(lm, capsys, tmp_path):
+    # lm: the embedded model is converted before, so its progress bars are not part of the error output
     code, _, err = run(["train", "--preset", "ci", "--layer", "30", "--out", str(tmp_path / "r")], capsys)
     assert code == 2
     assert_one_sentence(err, "Layer 30", "30 layers", "0 to 29")
