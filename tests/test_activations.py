@@ -118,7 +118,7 @@ def test_a_cache_asked_for_twice_at_once_is_extracted_once(lm, val_contexts, tmp
     second = build()
     first.join()
     assert len(forwards) == 2  # 8 contexts in shards of 4, extracted by the first builder alone
-    assert "Waiting for another process building the activation cache" in capsys.readouterr().err
+    assert "Waiting for another process to finish building the activation cache" in capsys.readouterr().err
     assert second.complete and torch.equal(second.all_rows(), built["first"].all_rows())
 
 
