@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .files import remove, temp_path
+from .files import exclusive, remove, temp_path
 from .paths import cache_dir, packaged_file
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -141,21 +141,24 @@ def _embedded_folder(name: str) -> Path:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tqdm(total=2, desc=f"converting {name} from GGUF (once)", leave=False) as bar, _gguf_read_once():
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        bar.update()
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = temp_path(folder)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():  # a concurrent conversion finished first, and may be loading it: keep it
-            remove(tmp)
-        else:
-            tmp.rename(folder)
-        bar.update()
+    with exclusive([folder.with_name(f".{name}.lock")], f"Waiting for another process to finish converting {name}..."):
+        if (folder / "config.json").exists():  # converted by the process this one waited for
+            return folder
+        with tqdm(total=2, desc=f"converting {name} from GGUF (once)", leave=False) as bar, _gguf_read_once():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            bar.update()
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            tmp = temp_path(folder)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if folder.exists():  # converted meanwhile by a process that took no lock (no fcntl): keep it
+                remove(tmp)
+            else:
+                tmp.rename(folder)
+            bar.update()
     return folder
 
 
