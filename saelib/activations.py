@@ -434,8 +434,7 @@ def build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of, 
     if contexts.shape[-1] > lm.max_context:
         raise ValueError(f"Context length {contexts.shape[-1]} exceeds what {lm.name} allows ({lm.max_context} tokens).")
     folders = [cache_dir("activations") / key_of(layer).folder_name() for layer in layers]
-    with exclusive([f.with_name(f".{f.name}.lock") for f in folders],
-                   f"Waiting for another process to finish building the activation cache {folders[0].name}..."):
+    with exclusive(folders, f"Waiting for another process to finish building the activation cache {folders[0].name}..."):
         return _build_cache(lm, contexts, layers, site, key_of, rule, batch_size, shard_contexts, progress,
                             stop_after_shards)
 

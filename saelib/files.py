@@ -60,12 +60,12 @@ def replace(tmp: Path, target: Path) -> None:
 
 
 @contextmanager
-def exclusive(paths: list[Path], waiting: str):
-    """Hold an exclusive lock on each of ``paths`` (lock files, made if missing) for the block, so
-    that what one process builds under them another does not build at the same time: a second
-    process waits, saying ``waiting`` once, until the first leaves the block or dies (the system
-    then releases its locks). Locks are taken in sorted order, so two processes never wait on
-    each other; where the system has no ``fcntl`` (Windows) the block runs unlocked."""
+def exclusive(targets: list[Path], waiting: str):
+    """Hold an exclusive lock on each of ``targets`` (a lock file ``.<name>.lock`` beside it, made if
+    missing) for the block, so that what one process builds there another does not build at the
+    same time: a second process waits, saying ``waiting`` once, until the first leaves the block or
+    dies (the system then releases its locks). Locks are taken in sorted order, so two processes
+    never wait on each other; where the system has no ``fcntl`` (Windows) the block runs unlocked."""
     try:
         import fcntl
     except ImportError:
@@ -73,7 +73,7 @@ def exclusive(paths: list[Path], waiting: str):
         return
     files = []
     try:
-        for path in sorted(set(paths)):
+        for path in sorted({target.with_name(f".{target.name}.lock") for target in targets}):
             path.parent.mkdir(parents=True, exist_ok=True)
             files.append(open(path, "a"))
             try:

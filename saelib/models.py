@@ -141,7 +141,7 @@ def _embedded_folder(name: str) -> Path:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with exclusive([folder.with_name(f".{name}.lock")], f"Waiting for another process to finish converting {name}..."):
+    with exclusive([folder], f"Waiting for another process to finish converting {name}..."):
         if (folder / "config.json").exists():  # converted by the process this one waited for
             return folder
         with tqdm(total=2, desc=f"converting {name} from GGUF (once)", leave=False) as bar, _gguf_read_once():
