@@ -62,17 +62,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .activations import cached_activations
     from .distributed import launch, launched
-    from .runs import train_run
+    from .runs import train_activations, train_run
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg)))
         return 0
     if not launched():  # extract once, here, not by every rank
-        # on the device the SAE trains on, as train_run does (its default lm_dtype is part of the key)
-        cache = cached_activations(**cfg.group("data"), split="train", device=config.resolve_device(cfg.device))
+        cache = train_activations(cfg)
         amount = "all" if cfg.max_tokens is None else f"at most {cfg.max_tokens:,} tokens"
         print(f"saelib train: {cache.n_rows:,} tokens of activations ({amount} of {cfg.corpus}'s train split, "
               f"max_tokens={cfg.max_tokens}) in {cache.folder}.", file=sys.stderr)

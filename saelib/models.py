@@ -215,6 +215,17 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         raise _not_found(name, e) from e
 
 
+def d_model(name: str = DEFAULT_MODEL) -> int:
+    """The width of the model :func:`load_lm` would load (its residual stream, and every site's
+    activation), read from its config without its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_source(name)).get_text_config().hidden_size
+    except (OSError, ValueError) as e:
+        raise _not_found(name, e) from e
+
+
 def _source(name: str) -> str | Path:
     """What ``from_pretrained`` reads for ``name``: the converted folder of an embedded model, else the name."""
     return _embedded_folder(name) if name in EMBEDDED else name

@@ -12,21 +12,32 @@ import json
 from pathlib import Path
 
 from . import config
-from .activations import CachedSource, cached_activations
+from .activations import ActivationCache, CachedSource, cached_activations
 from .distributed import launched
 from .loading import load
-from .sae import TopKSAE
+from .models import d_model
+from .sae import TopKSAE, check_fits
 from .train import fit
 
 # A run folder opens with saelib.load, which also takes SAE folders, shards and released names
 load_run = load
 
 
+def train_activations(cfg: config.TrainConfig, progress: bool = True) -> ActivationCache:
+    """The train split's activations of a run configuration, extracted on first use by the LM on the
+    device the SAE trains on (in bf16 where that is fast: :func:`saelib.activations.extraction_dtype`).
+
+    An SAE too large for this machine's memory is refused first, not after the extraction; a rank of
+    a launched run checks only the part of the SAE it builds, as it builds it."""
+    if not launched():
+        check_fits(d_model(cfg.model), cfg.n_latents)
+    return cached_activations(**cfg.group("data"), split="train", progress=progress, device=config.resolve_device(cfg.device))
+
+
 def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -> TopKSAE:
     """Train the SAE a run configuration (:func:`saelib.config.resolve`) describes; return it."""
     data_opts, train_opts = config.split(cfg)
-    # the LM runs where the SAE trains (in bf16 where that is fast: activations.extraction_dtype)
-    cache = cached_activations(**data_opts, split="train", progress=progress, device=config.resolve_device(cfg.device))
+    cache = train_activations(cfg, progress)
     source = CachedSource(cache)
     if train_opts.get("tokens") is None:
         tokens = cfg.epochs * source.n_tokens

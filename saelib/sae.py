@@ -137,7 +137,7 @@ def _check_size(name: str, value, hint: str) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}.")
 
 
-def _check_fits(d_in: int, n_latents: int) -> None:
+def check_fits(d_in: int, n_latents: int) -> None:
     """Refuse, before allocating them, parameters larger than the memory available (the SAE is built
     on the CPU; a failed allocation of terabytes would be a traceback or the kernel's OOM killer)."""
     needed = 4 * (2 * n_latents * d_in + n_latents + 2 * d_in + 1)  # float32 W_enc, W_dec, b_enc, b_pre, mean
@@ -204,7 +204,7 @@ class TopKSAE(nn.Module):
             raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {encoder_dtype!r}.")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"metadata must be a dict (saved in {CONFIG_FILE}), got {type(metadata).__name__} {metadata!r}.")
-        _check_fits(d_in, n_latents)
+        check_fits(d_in, n_latents)
         self.d_in, self.n_latents, self.k, self.arch = d_in, n_latents, k, arch
         self.encoder_dtype = encoder_dtype
         self.metadata = dict(metadata or {})

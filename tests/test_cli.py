@@ -296,12 +296,12 @@ def test_max_tokens_null_in_a_file_means_all_of_the_split_and_train_says_so(caps
     argv = ["--preset", "ci", "--config", str(tmp_path / "cfg.yaml")]
     assert train_config(argv).max_tokens is None  # over the preset's 16,384
     cache = mock.Mock(n_rows=123_456, folder=tmp_path / "cache")
-    with mock.patch("saelib.activations.cached_activations", return_value=cache), \
+    with mock.patch("saelib.runs.train_activations", return_value=cache), \
             mock.patch("saelib.runs.train_run") as train_run:
         code, _, err = run(["train", *argv, "--out", str(tmp_path / "r")], capsys)
     assert code == 0 and train_run.call_args[0][0].max_tokens is None
     assert "123,456 tokens of activations (all of wikipedia's train split, max_tokens=None)" in err
-    with mock.patch("saelib.activations.cached_activations", return_value=cache), mock.patch("saelib.runs.train_run"):
+    with mock.patch("saelib.runs.train_activations", return_value=cache), mock.patch("saelib.runs.train_run"):
         code, _, err = run(["train", "--preset", "ci", "--out", str(tmp_path / "r")], capsys)
     assert code == 0 and "(at most 16,384 tokens of wikipedia's train split, max_tokens=16384)" in err
 

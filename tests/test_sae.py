@@ -652,12 +652,18 @@ def test_parameters_that_cannot_fit_are_refused_before_allocating():
     assert "of memory are available; choose a smaller n_latents." in message and message.count(". ") == 0
 
 
-def test_the_cli_refuses_an_sae_that_cannot_fit_in_one_sentence(tmp_path, capsys):
-    from saelib import cli
+def test_the_cli_refuses_an_sae_that_cannot_fit_in_one_sentence(lm, tmp_path, monkeypatch, capsys):
+    from saelib import cli, paths
 
+    # a fresh cache root that shares only the converted model: the refusal comes before any extraction
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(paths.cache_dir("models"))
+    monkeypatch.setenv("SAELIB_HOME", str(home))
     # the largest n_latents the config takes (a tensor dimension): the SAE's memory check refuses it
     assert cli.main(["train", "--preset", "ci", "--n-latents", "2147483647", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "n_latents=2147483647 and d_in=576 needs 9,904,194,584,576 bytes" in err and "Traceback" not in err
+    assert not (home / "activations").exists() and not (tmp_path / "run").exists()
     assert cli.main(["train", "--preset", "ci", "--n-latents", "2147483648", "--out", str(tmp_path / "run")]) == 2
     assert "n_latents must be at most 2147483647" in capsys.readouterr().err  # refused by the config, before extraction
