@@ -10,6 +10,7 @@ command that installs it. :mod:`saelib.data` mixes them into training corpora; t
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import tarfile
@@ -18,6 +19,7 @@ import zlib
 from functools import lru_cache
 from pathlib import Path
 
+from .files import atomic_write_text, file_digest, kept_json
 from .paths import cache_dir
 
 AUSTEN_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
@@ -53,16 +55,30 @@ def _paragraphs(text: str, min_chars: int = 400) -> list[str]:
 
 @lru_cache(maxsize=1)
 def austen() -> list[tuple[str, dict]]:
-    """Austen's six novels, one document per group of paragraphs, tagged with ``book``."""
+    """Austen's six novels, one document per group of paragraphs, tagged with ``book``.
+
+    Reading the R data takes seconds; its documents are kept as JSON under ``$SAELIB_HOME/texts/``,
+    named by the digests of the files read, so later processes read them in milliseconds."""
     rdx, rdb = AUSTEN_DIR / "Rdata.rdx", AUSTEN_DIR / "Rdata.rdb"
     if not rdx.exists():
         raise SourceUnavailable("Austen's novels need `apt-get install r-cran-janeaustenr`.")
+    path, kept = kept_json("texts", "austen", file_digest(rdx), file_digest(rdb))
+    if not (isinstance(kept, list) and all(isinstance(d, list) and len(d) == 2 and all(isinstance(s, str) for s in d)
+                                           for d in kept)):
+        kept = _read_austen(rdx, rdb)
+        atomic_write_text(path, json.dumps(kept))
+    return [(chunk, {"source": "austen", "book": book}) for chunk, book in kept]
+
+
+def _read_austen(rdx: Path, rdb: Path) -> list[list[str]]:
+    """``[[chunk, book], ...]`` from janeaustenr's R lazy-load database: the .rdx index (gzip) maps
+    names to (offset, length) of zlib-compressed serialised objects (4-byte length header) in the
+    .rdb file."""
     try:
         import rdata
     except ImportError:
         raise SourceUnavailable("Reading janeaustenr's R data needs `pip install rdata`.") from None
-    # An R lazy-load database: the .rdx index (gzip) maps names to (offset, length) of
-    # zlib-compressed serialised objects (4-byte length header) in the .rdb file.
+
     def parse(raw: bytes):
         with warnings.catch_warnings():  # the objects are headerless: rdata warns that it assumes RDS
             warnings.simplefilter("ignore")
@@ -73,7 +89,7 @@ def austen() -> list[tuple[str, dict]]:
     docs = []
     for book, (offset, length) in sorted(index["variables"].items()):
         lines = parse(zlib.decompress(blob[int(offset) + 4:int(offset) + int(length)]))
-        docs += [(chunk, {"source": "austen", "book": str(book)}) for chunk in _paragraphs("\n".join(map(str, lines)))]
+        docs += [[chunk, str(book)] for chunk in _paragraphs("\n".join(map(str, lines)))]
     return docs
 
 

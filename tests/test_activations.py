@@ -282,7 +282,8 @@ def test_the_offline_mix_holds_every_packaged_text_interleaved_in_a_fixed_order(
 
     docs = data.load_documents("mix")
     wiki = data.load_documents("wikipedia")
-    assert [d for d in docs if d in set(wiki)] == wiki  # every Wikipedia lead, in its own order
+    in_wiki = set(wiki)
+    assert [d for d in docs if d in in_wiki] == wiki  # every Wikipedia lead, in its own order
     assert sum(map(len, docs)) > 3 * sum(map(len, wiki))  # about 4M tokens against 1M
     # interleaved: the first tenth of the text holds every part at about its share of the whole
     total, head, chars = sum(map(len, docs)), set(), 0

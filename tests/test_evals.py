@@ -1,5 +1,6 @@
 """The evaluation suite on real SmolLM2 activations at tiny scale (a quickly trained TopK SAE)."""
 
+import json
 import math
 import os
 from pathlib import Path
@@ -196,6 +197,30 @@ def test_missing_source_skips_its_tasks(monkeypatch):
     tasks, skipped = probes.available_tasks()
     assert "wikipedia_vs_austen" in skipped and skipped["wikipedia_vs_austen"] == "install it"
     assert "digit" in {t.name for t in tasks}
+
+
+def test_austens_novels_are_parsed_once_then_read_from_the_kept_json(tmp_path, monkeypatch):
+    import sys
+
+    from saelib import texts
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    texts.austen.cache_clear()
+    parsed = texts.austen()
+    kept, = (tmp_path / "texts").glob("*.json")
+    assert {tags["book"] for _, tags in parsed} == {"emma", "mansfieldpark", "northangerabbey", "persuasion",
+                                                    "prideprejudice", "sensesensibility"}
+    texts.austen.cache_clear()
+    monkeypatch.setitem(sys.modules, "rdata", None)  # the R data can no longer be parsed: only the JSON serves
+    assert texts.austen() == parsed
+    kept.write_text('[["a chunk", "emma"], 3]')  # not the documents' shape: parsed again, when rdata is there
+    texts.austen.cache_clear()
+    with pytest.raises(probe_sources.SourceUnavailable, match="pip install rdata"):
+        texts.austen()
+    monkeypatch.delitem(sys.modules, "rdata")
+    texts.austen.cache_clear()
+    assert texts.austen() == parsed and json.loads(kept.read_text())[0] == [parsed[0][0], parsed[0][1]["book"]]
+    texts.austen.cache_clear()
 
 
 def test_best_single_feature_finds_the_informative_column():
