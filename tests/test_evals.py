@@ -85,6 +85,13 @@ def test_reconstruction_metrics(sae, held):
     x = held.acts[held.keep]
     m = reconstruction_metrics(sae, x)
     assert 0 < m["nmse"] < 0.9, m
+    # against the definition, also for a ReLU code whose width varies by batch (padded with zeros)
+    relu = TopKSAE(x.shape[1], 256, None, arch="relu", normalizer=sae.normalizer, generator=torch.Generator().manual_seed(0))
+    for model in (sae, relu):
+        with torch.no_grad():
+            x_n, x_hat = model.normalizer.apply(x), model.normalizer.apply(model(x).x_hat)
+        nmse = (x_n - x_hat).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()
+        assert reconstruction_metrics(model, x, batch_size=37)["nmse"] == pytest.approx(float(nmse), rel=1e-5)
     assert m["explained_variance"] == pytest.approx(1 - m["nmse"], abs=0.05)
     assert 0 < m["l0"] <= sae.k
     density = latent_density(sae, x)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..sae import Latents
 from .heldout import encode
 
 DENSE_THRESHOLD = 0.1
@@ -43,7 +44,7 @@ def reconstruction_metrics(sae, x_raw: Tensor, batch_size: int = 4096) -> dict:
     """NMSE, explained variance, L0, dead and dense fractions of ``sae`` on raw activations ``(N, d)``."""
     x = sae.normalizer.apply(x_raw)  # the metrics' scale (the SAE itself takes raw activations)
     values, indices = encode(sae, x_raw, batch_size)
-    x_hat = sae.normalizer.apply(torch.cat([sae.decode(sae.encode(x_raw[s:s + batch_size]))
+    x_hat = sae.normalizer.apply(torch.cat([sae.decode(Latents(values[s:s + batch_size], indices[s:s + batch_size]))
                                             for s in range(0, len(x_raw), batch_size)]))
     err = x - x_hat
     total = (x - x.mean(0)).pow(2).sum()
