@@ -63,6 +63,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import launch, launched
+    from .grid import rank_device
     from .runs import train_activations, train_run
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
@@ -70,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(cfg)))
         return 0
     if not launched():  # extract once, here, not by every rank
+        rank_device(config.resolve_device(cfg.device), args.nproc - 1)  # a GPU for each rank, before the extraction
         cache = train_activations(cfg)
         amount = "all" if cfg.max_tokens is None else f"at most {cfg.max_tokens:,} tokens"
         print(f"saelib train: {cache.n_rows:,} tokens of activations ({amount} of {cfg.corpus}'s train split, "

@@ -136,8 +136,8 @@ class TrainConfig:
     # not saved with the SAE; NMSE parity in docs/performance.md
     encoder_dtype: str = option("float32", "dtype of the encoder GEMM; bfloat16 is fast where kernels.fast_bf16() "
                                 "(AMX CPUs, GPUs)", choices=ENCODER_DTYPES)
-    # Not part of the run's identity: a run started on one device resumes on another. (Runs under
-    # torch.distributed put each rank on its own GPU, or the CPU, and ignore it.)
+    # Not part of the run's identity: a run started on one device resumes on another. (Under
+    # torch.distributed only its type counts: cuda puts each rank on its own GPU, cpu every rank on the CPU.)
     device: str | None = option(None, "where the SAE trains: cpu, cuda or cuda:N (default: cuda if available, "
                                 "else cpu)")
 

@@ -14,11 +14,13 @@ See ``docs/distributed.md`` for the layout of a run of the paper's size.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 from typing import Iterable
 
+import torch
 from torch import Tensor
 
 from .checkpoint import merge_shards  # noqa: F401  (documented here: loads what fit_distributed writes)
@@ -71,7 +73,10 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``saelib *argv`` on ``nproc`` local ranks (torchrun, a free port); its exit status.
 
-    Each rank gets ``OMP_NUM_THREADS = cores // nproc`` unless the caller set it.
+    Each rank gets ``OMP_NUM_THREADS = cores // nproc`` unless the caller set it. What this process
+    holds on a GPU (an extraction's cached memory) is freed first: rank 0 shares that GPU.
     """
+    gc.collect()
+    torch.cuda.empty_cache()  # nothing to do where CUDA was never used
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
     return subprocess.call(torchrun_command(nproc, argv), env=env)

@@ -113,14 +113,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_grid(latent_parallel: int = 1) -> Grid:
+def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
+    """Where the rank ``local_rank`` of this machine trains when the run asks for ``device``: its own
+    GPU, ``cuda:local_rank``, for a CUDA device; the CPU otherwise. Refused in one sentence where the
+    machine has fewer GPUs than that."""
+    if torch.device(device).type != "cuda":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"{local_rank + 1} processes on this machine need {local_rank + 1} GPUs, one each, but it has "
+                         f"{count}; launch at most {count} (--nproc {count}) or train on the CPU (device='cpu').")
+    return torch.device("cuda", local_rank)
+
+
+def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> Grid:
     """Join (or start) the process group and split it into data and latent groups.
 
     Under torchrun the group comes from the environment; a plain process starts a world of one.
-    NCCL with one GPU per rank when CUDA is available, gloo on CPU otherwise.
+    A group started here follows ``device``: NCCL with one GPU per rank (:func:`rank_device`) for
+    a CUDA device, gloo on the CPU otherwise; a group the caller started keeps its backend, and the
+    ranks of an NCCL group take their GPUs.
     """
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        device = rank_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:
@@ -135,11 +151,9 @@ def init_grid(latent_parallel: int = 1) -> Grid:
     latent_groups = [dist.new_group(list(range(d * L, (d + 1) * L))) for d in range(D)] if L > 1 else None
     data_groups = [dist.new_group(list(range(l, world, L))) for l in range(L)] if D > 1 else None
     d, l = divmod(rank, L)
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     return Grid(rank, d, D, l, L, data_groups[l] if data_groups else None, latent_groups[d] if latent_groups else None, device)
 
 
@@ -311,7 +325,9 @@ class RankSlice:
         rows = batch_size // self.grid.data_size
         for index, x in enumerate(self.source.batches(batch_size, seed=seed, epoch=epoch, start=start), start):
             check_batch(x, self.d_in, epoch, index)
-            yield x[self.grid.data_rank * rows : (self.grid.data_rank + 1) * rows].to(self.grid.device, non_blocking=True)
+            x = x[self.grid.data_rank * rows : (self.grid.data_rank + 1) * rows]
+            # asynchronous only from the CPU: a copy off a GPU would be read before it lands
+            yield x.to(self.grid.device, non_blocking=x.device.type == "cpu")
 
 
 # ---- init -----------------------------------------------------------------------------------

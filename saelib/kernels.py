@@ -170,6 +170,11 @@ def _row_grad_memory(W: Tensor, dtype: torch.dtype) -> Tensor:
     return memory.view(W.shape)  # a tensor of its own, which autograd can make the .grad without a copy
 
 
+def release_row_gradients(W: Tensor) -> None:
+    """Forget the row-gradient memories kept for ``W``: freed once nothing else holds them."""
+    _ROW_GRAD_MEMORY.pop(id(W), None)
+
+
 # the weights' latest aliases while chained_row_gradients() is open (by id of the weight), per thread
 _CHAIN = threading.local()
 
@@ -480,13 +485,14 @@ def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
 
 
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
-    """Whether bf16 matmuls run much faster than fp32 on ``device``: a CUDA GPU with bf16, or a
+    """Whether bf16 matmuls run much faster than fp32 on ``device``: a CUDA GPU with bf16 tensor
+    cores (compute capability 8.0 or later: Ampere, Hopper...; older cards emulate bf16), or a
     CPU with AMX (``amx_bf16`` in ``/proc/cpuinfo``; measured about 4-6x the fp32 GEMM here) or
     AVX512_BF16 (``avx512_bf16``: a bf16 dot product per fp32 lane, twice fp32's multiply-adds).
     An AVX2 CPU converts bf16 in software: about 8x slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     return bool({"amx_bf16", "avx512_bf16"} & set(cpu_info().get("flags", "").split()))
 
 

@@ -224,7 +224,7 @@ def fit(
     if isinstance(source, IterableSource) and "batch_size" not in options:
         cfg = replace(cfg, batch_size=source.batch_size)  # the iterable's batches set the step size
     cfg = cfg.resolved(source.d_in, source.n_tokens)
-    grid = Grid.single(torch.device(cfg.device)) if latent_parallel is None else init_grid(latent_parallel)
+    grid = Grid.single(torch.device(cfg.device)) if latent_parallel is None else init_grid(latent_parallel, cfg.device)
     sae = _make_sae(source.d_in, cfg, grid, normalizer, metadata)
     run = Path(out) if out is not None else None
     if run is None:
@@ -342,6 +342,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
         sae.fold_decoder_norms()
     if run is not None:
         write_shared_folder(run / "sae", grid, sae.save)
+    sae.release_buffers()
     return sae.cpu().eval()
 
 

@@ -175,7 +175,7 @@ def test_train_nproc_launches_torchrun_and_merges_latent_shards(capsys, tmp_path
 
     out = tmp_path / "run"
     argv = ["train", "--preset", "ci", "--max-tokens", "4096", "--n-latents", "256", "--k", "8", "--batch-size", "512",
-            "--nproc", "2", "--latent-parallel", "2", "--out", str(out)]
+            "--nproc", "2", "--latent-parallel", "2", "--device", "cpu", "--out", str(out)]
     code, _, err = run(argv, capsys)
     assert code == 0, err
     assert sorted(p.name for p in (out / "sae").iterdir()) == ["shard_000_of_002", "shard_001_of_002"]

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from saelib.distributed import fit_distributed, merge_shards
-from saelib.grid import RankSlice, init_shard
+from saelib.grid import RankSlice, init_shard, rank_device
 from saelib import load
 from saelib.sae import TopKSAE
 from saelib.train import TensorSource, fit, latest_checkpoint
@@ -25,7 +25,8 @@ from saelib.train import TensorSource, fit, latest_checkpoint
 D_IN, N_LATENTS, K, BATCH, STEPS = 8, 32, 4, 64, 8
 # dead after one batch without firing, so AuxK is on from the second step; checkpoints every 2 steps
 OPTIONS = dict(batch_size=BATCH, tokens=STEPS * BATCH, lr=1e-2, warmup_steps=2, dead_tokens=BATCH,
-               checkpoint_every_tokens=2 * BATCH, log_every=1, seed=3, geometric_median_samples=4 * BATCH)
+               checkpoint_every_tokens=2 * BATCH, log_every=1, seed=3, geometric_median_samples=4 * BATCH,
+               device="cpu")  # gloo on the CPU, on a machine with GPUs too
 INTERRUPT_AT = 5  # batch index at which the interrupted run stops (its last checkpoint: step 4)
 
 
@@ -209,3 +210,16 @@ def test_rank_slices_make_the_global_batch():
         slices.append(list(RankSlice(source, grid).batches(BATCH, seed=1, epoch=0, start=2)))
     for step, batch in enumerate(source.batches(BATCH, seed=1, epoch=0, start=2)):
         assert torch.equal(torch.cat([s[step] for s in slices]), batch)
+
+
+def test_every_rank_of_a_cpu_run_trains_on_the_cpu():
+    assert [rank_device(device, r) for device, r in [("cpu", 0), ("cpu", 7), (torch.device("cpu"), 3)]] == [torch.device("cpu")] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_each_cuda_rank_takes_its_own_gpu_and_a_machine_short_of_gpus_is_refused():
+    count = torch.cuda.device_count()
+    assert [rank_device("cuda", r) for r in range(count)] == [torch.device("cuda", r) for r in range(count)]
+    with pytest.raises(ValueError, match=f"{count + 1} processes on this machine need {count + 1} GPUs, one each, but it "
+                                         f"has {count}; launch at most {count}"):
+        rank_device("cuda:0", count)

@@ -294,3 +294,12 @@ def test_evaluate_reports_every_metric(sae, lm):
     assert report["eval_preset"] == "ci" and report["downstream_contexts"] == 2 and report["probe_per_source"] == 12
     with pytest.raises(ValueError, match="Unknown eval option"):
         evaluate(sae, lm, "ci", eval_token=5)
+
+
+def test_an_sae_off_the_cpu_is_refused_before_any_metric(sae, lm):
+    import copy
+
+    elsewhere = copy.deepcopy(sae).to("meta")  # a device other than the CPU, as a GPU would be
+    with pytest.raises(ValueError, match=r"on the CPU to evaluate an SAE, but the SAE is on meta; pass an LM loaded on "
+                                         r"the CPU \(load_lm\(name\), its default\) and sae.cpu\(\)\.$"):
+        evaluate(elsewhere, lm, "ci", progress=False)

@@ -52,7 +52,7 @@ TRAINER = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1024, 16, generator=g) @ torch.randn(16, 16, generator=g)
     fit(Source(x), 64, 4, out=out, tokens=%d * %d, batch_size=%d, ema=0.9, checkpoint_every_tokens=4 * %d,
-        log_every=1, seed=3, geometric_median_samples=%d, progress=False)
+        log_every=1, seed=3, geometric_median_samples=%d, progress=False, device="cpu")
     """ % (STEPS, BATCH, BATCH, BATCH, BATCH)
 )
 

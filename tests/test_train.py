@@ -146,6 +146,17 @@ def test_fit_on_iterable_of_batches_and_ema():
     assert sae.normalizer.scale == 1.0  # non-tensor data is used as given
 
 
+def test_a_trained_sae_is_returned_without_the_memory_its_steps_kept():
+    from saelib import kernels
+
+    x, _ = toy_data(n=2048, d=16, n_features=64)
+    sae = fit(x, 64, 4, tokens=8 * 256, batch_size=256, progress=False)
+    assert "_workspaces" not in sae.__dict__  # pre (B, n), the encoder with its bias column, the top-k's maxima
+    assert all(p.grad is None and id(p) not in kernels._ROW_GRAD_MEMORY for p in sae.parameters())
+    with torch.no_grad():
+        assert sae(x[:8]).x_hat.shape == (8, 16)  # the next encode allocates what it needs
+
+
 def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path):
     class Slow(TensorSource):  # a supply far slower than the trainer: it waits most of the time
         def batches(self, *args, **kwargs):
@@ -176,7 +187,7 @@ RUN_SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 32, generator=g) @ torch.randn(32, 32, generator=g)
     fit(Slow(x), 128, 8, out=sys.argv[1], tokens=60 * 128, batch_size=128, ema=0.99,
-        checkpoint_every_tokens=5 * 128, log_every=2, seed=7)
+        checkpoint_every_tokens=5 * 128, log_every=2, seed=7, device="cpu")  # bit-identical: CPU arithmetic
     """
 )
 

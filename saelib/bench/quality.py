@@ -18,7 +18,8 @@ and keeps its own defaults otherwise:
   zero ``b_dec``, Adam betas (0.9, 0.999), gradient clipping at 1).
 
 The Adam libraries run at multiples of the paper's rule ``2e-4 / sqrt(n / 2**14)`` under the
-budget's schedule (linear warm-up, then linear decay to 0). The peers train in the interpreter that
+budget's schedule (linear warm-up, then linear decay to 0). Every library trains on the CPU, on a
+GPU machine too, so their speeds are comparable. The peers train in the interpreter that
 has them (``make peers``: ``.venv-peers/bin/python``) and save in their own format, which saelib
 imports (:func:`saelib.formats.import_sae`) with the cache's normaliser attached. Every SAE is then
 scored here: NMSE, L0 and the fraction of latents that never fire on the held-out tokens, and
@@ -219,7 +220,9 @@ def _finished_rows(out: str | Path | None, grid: dict) -> list[dict]:
 def _train(library: str, source: CachedSource, cache: Path, cfg: config.TrainConfig, train_opts: dict, lr: float,
            seed: int, steps: int, peers: PeerWorker) -> tuple[TopKSAE, dict]:
     if library == "saelib":
-        opts = {**train_opts, "lr": lr, "lr_multiplier": 1.0, "seed": seed, "tokens": steps * cfg.batch_size}
+        # on the CPU, where the peers' steps run (train_peer): one device for every library's speed
+        opts = {**train_opts, "lr": lr, "lr_multiplier": 1.0, "seed": seed, "tokens": steps * cfg.batch_size,
+                "device": "cpu"}
         start = time.perf_counter()
         sae = fit(source, normalizer=source.normalizer, progress=False, **opts)
         seconds = time.perf_counter() - start  # with the geometric-median init, which the peers do not run

@@ -23,7 +23,8 @@ from ..models import LM
 
 def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
     """``(lm, layer, site, ctx_len)`` the SAE was trained on, from ``sae.metadata``; the LM is
-    loaded from ``metadata["model"]`` when ``lm`` is None."""
+    loaded from ``metadata["model"]`` when ``lm`` is None. The metrics run on the CPU, where the
+    held-out activations are read: an LM or SAE elsewhere is refused in one sentence."""
     meta = dict(getattr(sae, "metadata", {}) or {})
     if "layer" not in meta:
         raise ValueError(f"sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to {purpose} it.")
@@ -31,6 +32,11 @@ def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
         from ..models import DEFAULT_MODEL, load_lm
 
         lm = load_lm(meta.get("model", DEFAULT_MODEL))
+    devices = {"the LM": lm.model.device, "the SAE": next(sae.parameters()).device}
+    elsewhere = [f"{what} is on {device}" for what, device in devices.items() if device.type != "cpu"]
+    if elsewhere:
+        raise ValueError(f"saelib runs the LM and the SAE on the CPU to {purpose} an SAE, but {' and '.join(elsewhere)}; "
+                         f"pass an LM loaded on the CPU (load_lm(name), its default) and sae.cpu().")
     return lm, int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
 
 
