@@ -29,8 +29,9 @@ tasks differ from one another more than SAEs do: compare two SAEs task by task
 downstream contexts (``delta_ce_by_context``).
 
 Presets change scale, never code paths: ``"ci"`` runs in well under a minute on 2 CPU cores,
-``"demo"`` in minutes, ``"full"`` reads 16 times ``"demo"``'s held-out tokens and contexts. The suite runs on the CPU, the LM and the SAE included
-(``saelib.fit`` returns its SAE there); an LM or SAE on another device is refused.
+``"demo"`` in minutes, ``"full"`` reads 16 times ``"demo"``'s held-out tokens and contexts. The
+suite runs on the CPU, the LM and the SAE included (``saelib.fit`` returns its SAE there); an LM
+or SAE on another device is refused.
 """
 
 from __future__ import annotations
