@@ -80,6 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and args.argv[i - 1] != "--nproc"]
             return launch(args.nproc, argv)
     train_run(cfg, args.out, progress=os.environ.get("RANK", "0") == "0")
+    if launched():  # the rank's process group, which fit joined; NCCL warns at exit about one left open
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
     return 0
