@@ -1,12 +1,12 @@
 """The ``saelib`` command line (also ``python -m saelib``).
 
     saelib extract [--preset P] [--model M --corpus C --layer L --site S ...]
-    saelib train   [--config FILE] [--preset ci|demo|full] [--model M --corpus C --layer L --site S
+    saelib train   [--config FILE] [--preset ci|lesson|demo|full] [--model M --corpus C --layer L --site S
                     --n-latents N --k K --tokens T --seed S ...] --out RUN [--dry-run]
-    saelib eval    RUN [--preset ci|demo|full] [--json]
-    saelib view    RUN --out DIR [--preset ci|demo|full]
+    saelib eval    RUN [--preset ci|lesson|demo|full] [--json]
+    saelib view    RUN --out DIR [--preset ci|lesson|demo|full]
     saelib export  RUN --format saelens|sparsify|openai --out DIR
-    saelib bench   [--preset quick|default|full] [--pipeline] [--json]
+    saelib bench   [--preset quick|default|full] [--pipeline | --quality] [--json]
 
 Every expected failure (bad input, a missing or damaged file, a locked run folder, a failed write)
 ends with one sentence on standard error and exit status 2; anything else with one line naming

@@ -19,6 +19,7 @@ scale, never code paths; each holds a section per consumer: ``train`` (fields of
 (the :data:`BENCH_GRIDS` grid that notebook 08 times):
 
 - ``ci``: seconds on 2 CPU cores (what the tests run),
+- ``lesson``: minutes, each notebook's default (sized for class time),
 - ``demo``: the quickstart's reference run, about 0.93M training tokens x 2 epochs, n 4608, k 32,
 - ``full``: a GPU-sized run on the same data.
 """

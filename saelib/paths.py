@@ -1,6 +1,7 @@
 """Where saelib keeps its caches: one folder, set by the environment variable ``SAELIB_HOME``.
 
-Converted language models, activation caches and (by default) training runs live under it.
+Converted models, corpora, activation caches, kept evaluation baselines, compiled kernels and
+the tracebacks of unexpected errors live under it (training runs go where ``out`` says).
 It defaults to ``~/.cache/saelib``; the project's Makefile points it at ``.cache/`` inside the
 checkout, which git ignores.
 """

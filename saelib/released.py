@@ -1,10 +1,11 @@
 """SAEs released with saelib, loadable by name: ``saelib.load("smollm2-135m/resid_12/n4608_k32")``.
 
-Each lives in the package as ``saelib/saes/<model>/<site>_<layer>/n<n_latents>_k<k>/`` (an
-ordinary SAE folder: ``config.json`` + ``sae.safetensors``, the weights in float16; ``load``
-gives float32 parameters). ``config.json`` holds the provenance under ``metadata``: model, layer,
-site, corpus, tokens trained, the recipe and the held-out evaluation; ``saes/README.md`` is the
-model card, generated from those numbers.
+Each lives in the package as ``saelib/saes/<model>/<site>_<layer>/n<n_latents>_k<k>/``
+(``<site>``: the site's first word, as in ``resid_12``): an ordinary SAE folder, ``config.json``
+and ``sae.safetensors``, the weights in float16 (``load`` gives float32 parameters).
+``config.json`` holds the provenance under ``metadata``: model, layer, site, corpus, tokens
+trained, the recipe and the held-out evaluation; ``saes/README.md`` is the model card, generated
+from those numbers.
 
 Re-create every released SAE, its evaluation and the card with one command (``make release``)::
 

@@ -29,9 +29,9 @@ tasks differ from one another more than SAEs do: compare two SAEs task by task
 downstream contexts (``delta_ce_by_context``).
 
 Presets change scale, never code paths: ``"ci"`` runs in well under a minute on 2 CPU cores,
-``"demo"`` in minutes, ``"full"`` reads 16 times ``"demo"``'s held-out tokens and contexts. The
-suite runs on the CPU, the LM and the SAE included (``saelib.fit`` returns its SAE there); an LM
-or SAE on another device is refused.
+``"demo"`` in minutes, ``"full"`` reads 8 to 16 times ``"demo"``'s samples. The suite runs on the
+CPU, the LM and the SAE included (``saelib.fit`` returns its SAE there); an LM or SAE on another
+device is refused.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
         sae: a trained SAE (or the folder of one, or a run folder holding ``sae/``) whose ``metadata`` names ``model``, ``layer``, ``site`` (default
             ``resid_post``), ``ctx_len`` (default 64) and ``corpus`` (default ``wikipedia``).
         lm: the loaded LM (:func:`saelib.models.load_lm`); loaded from ``sae.metadata["model"]`` if None.
-        preset: ``"ci"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`).
+        preset: ``"ci"``, ``"lesson"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`).
         corpus: held-out corpus, default the SAE's training corpus (its validation split).
         overrides: any key of a preset, e.g. ``eval_tokens=8192``.
     """
