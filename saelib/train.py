@@ -211,8 +211,9 @@ def fit(
         latent_parallel: ``None`` trains in this process alone; an integer ``L`` joins (or starts)
             the ``torch.distributed`` world and trains on its ``D x L`` grid
             (see :func:`saelib.distributed.fit_distributed`).
-        **options: any ``TrainConfig`` field (``tokens``, ``batch_size``, ``seed``, ``auxk``,
-            ``device``...). Batches move to ``device`` one at a time; the data stays where it is.
+        **options: any trainer field of ``TrainConfig`` (``config.TRAINER_FIELDS``: ``tokens``,
+            ``batch_size``, ``seed``, ``auxk``, ``device``...; not the data fields nor ``epochs``).
+            Batches move to ``device`` one at a time; the data stays where it is.
     """
     unknown = sorted(set(options) - set(TRAINER_FIELDS))
     if unknown:
