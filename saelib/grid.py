@@ -134,13 +134,16 @@ def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> G
     a CUDA device, gloo on the CPU otherwise; a group the caller started keeps its backend, and the
     ranks of an NCCL group take their GPUs.
     """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
-        device = rank_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+        device = rank_device(device, local_rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    else:
+        device = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu", local_rank)
     world, rank = dist.get_world_size(), dist.get_rank()
     L = latent_parallel
     if isinstance(L, bool) or not isinstance(L, int) or L < 1 or world % L:
@@ -151,7 +154,6 @@ def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> G
     latent_groups = [dist.new_group(list(range(d * L, (d + 1) * L))) for d in range(D)] if L > 1 else None
     data_groups = [dist.new_group(list(range(l, world, L))) for l in range(L)] if D > 1 else None
     d, l = divmod(rank, L)
-    device = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Grid(rank, d, D, l, L, data_groups[l] if data_groups else None, latent_groups[d] if latent_groups else None, device)
