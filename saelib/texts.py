@@ -63,8 +63,9 @@ def austen() -> list[tuple[str, dict]]:
     if not rdx.exists():
         raise SourceUnavailable("Austen's novels need `apt-get install r-cran-janeaustenr`.")
     path, kept = kept_json("texts", "austen", file_digest(rdx), file_digest(rdb))
-    if not (isinstance(kept, list) and all(isinstance(d, list) and len(d) == 2 and all(isinstance(s, str) for s in d)
-                                           for d in kept)):
+    ok = isinstance(kept, list) and all(isinstance(d, list) and len(d) == 2 and all(isinstance(s, str) for s in d)
+                                        for d in kept)
+    if not ok:
         kept = _read_austen(rdx, rdb)
         atomic_write_text(path, json.dumps(kept))
     return [(chunk, {"source": "austen", "book": book}) for chunk, book in kept]
