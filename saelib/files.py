@@ -46,6 +46,18 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
     return target
 
 
+def writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a folder to write into, refused in one sentence if it is blank or if it, or a
+    folder above it, is a file. ``what`` names the argument in the message."""
+    if not str(path).strip():
+        raise ValueError(f"{what} must name a folder, got {str(path)!r}.")
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise ValueError(f"{what} {str(path)!r} cannot be a folder: {part} is a file; name a folder.")
+    return path
+
+
 def temp_path(target: Path, tag: str | None = None) -> Path:
     """The temporary name under which ``target`` is built: ``.<name>.tmp-<tag>`` beside it, the tag
     being the process id unless several processes build it together."""

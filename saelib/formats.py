@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .files import check_schema, load_safetensors, read_json, sha256_file
+from .files import check_schema, load_safetensors, read_json, sha256_file, writable_folder
 from .normalize import Normalizer
 from .sae import (CONFIG_FILE, HEADER_CONFIG, WEIGHTS_FILE, SAEConfig, Sha256, TopKSAE, check_recorded, check_tensors,
                   header_record, load_folder)
@@ -119,7 +119,7 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
         rule = f"a {sae.arch} SAE" + (" with an inference threshold" if thresholded else "")
         raise ValueError(f"The {fmt} format cannot hold {rule}; it takes {', '.join(supported)} SAEs without a threshold"
                          + (" (SAELens also takes thresholded ones, as jumprelu)." if fmt != "saelens" else "."))
-    out_dir = Path(out_dir)
+    out_dir = writable_folder(out_dir, "out_dir")
     raw = raw_scale_tensors(sae)
     layer, site = sae.metadata.get("layer"), sae.metadata.get("site", "resid_post")
     if fmt == "saelens":

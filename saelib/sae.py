@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .files import (atomic_write, atomic_write_text, available_memory, check_schema, load_safetensors, read_json,
-                    sha256_file, shorten)
+                    sha256_file, shorten, writable_folder)
 from .kernels import (LatentPattern, chained_row_gradients, dense_rows_decode, gather_preacts, release_row_gradients,
                       sparse_decode, sparse_rows_decode, topk_indices)
 from .normalize import Normalizer
@@ -95,6 +95,11 @@ class Latents:
     n_latents: int | None = None
     # the indices grouped by latent, shared by the encoder's and the decoder's row gradients
     pattern: LatentPattern | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.values.shape != self.indices.shape:
+            raise ValueError(f"Latents values {tuple(self.values.shape)} and indices {tuple(self.indices.shape)} "
+                             "must have the same shape.")
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.values, self.indices))
@@ -212,6 +217,9 @@ class TopKSAE(nn.Module):
         if normalizer.mean.shape != (d_in,):
             raise ValueError(f"normalizer.mean has shape {tuple(normalizer.mean.shape)}, expected ({d_in},) for d_in={d_in}.")
         self.normalizer_scale = float(normalizer.scale)
+        if not (math.isfinite(self.normalizer_scale) and self.normalizer_scale > 0):
+            raise ValueError(f"normalizer.scale must be a positive finite number, got {normalizer.scale!r}; "
+                             "fit one with Normalizer.fit(x).")
 
         W_dec = torch.randn(n_latents, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -234,13 +242,22 @@ class TopKSAE(nn.Module):
     # ---- encoding -------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.ndim == 0:
+            raise ValueError(f"Input must be a (..., d_in={self.d_in}) tensor of activations, got "
+                             f"{type(x).__name__}{' of shape ()' if isinstance(x, Tensor) else ''}.")
         if x.shape[-1] != self.d_in:
             raise ValueError(f"Input has last dimension {x.shape[-1]} but this SAE has d_in={self.d_in}.")
 
     def _normalised(self, x: Tensor) -> Tensor:
         """Raw ``x (..., d_in)`` on the SAE's scale; ``x`` itself under an identity normaliser (no
-        batch-sized copy), so the shape is checked here, before the normaliser broadcasts."""
+        batch-sized copy), so the input is checked here, before the normaliser broadcasts: its shape,
+        a floating-point dtype and finite values (the public entry points; training checks its
+        batches as it reads them)."""
         self._check_input(x)
+        if not x.is_floating_point():
+            raise ValueError(f"Input has dtype {x.dtype}; the SAE takes floating-point activations (x.float()).")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("Input contains NaN or Inf; clean the activations.")
         normalizer = self.normalizer
         return x if normalizer.is_identity() else normalizer.apply(x)
 
@@ -390,6 +407,14 @@ class TopKSAE(nn.Module):
     def decode(self, z: Latents | Tensor) -> Tensor:
         """``Latents`` (sparse decode, sparse backward) or dense ``(..., n_latents)`` -> raw
         activations ``(..., d_in)``: ``normalizer.invert`` of ``W_dec^T z + b_pre``."""
+        if isinstance(z, Latents) and z.indices.numel() and (
+                z.indices.is_floating_point() or not 0 <= int(z.indices.min()) <= int(z.indices.max()) < self.n_latents):
+            raise ValueError(f"Latents indices must be integers in [0, {self.n_latents}) for this SAE, got "
+                             f"{z.indices.dtype} in [{z.indices.min().item()}, {z.indices.max().item()}].")
+        if isinstance(z, Tensor):
+            if not z.is_floating_point():
+                raise ValueError(f"A dense code must be floating point, got {z.dtype} (z.float()).")
+            z = z.to(self.W_dec.dtype)
         return self._raw(self._decode(z))
 
     def _decode(self, z: Latents | Tensor) -> Tensor:
@@ -560,7 +585,7 @@ class TopKSAE(nn.Module):
         the weights file's SHA-256, so the SHA-256 covers the config as well: ``load_folder`` refuses
         a ``config.json`` that differs from the config the weights were saved with.
         """
-        path = Path(path)
+        path = writable_folder(path, "path")
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         config = self.config()

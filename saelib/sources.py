@@ -43,8 +43,8 @@ class TensorSource:
     """A ``(N, d_in)`` tensor as a ``BatchSource``: a fresh random permutation each epoch."""
 
     def __init__(self, x: Tensor):
-        if x.ndim != 2:
-            raise ValueError(f"Activations must be a (N, d_in) tensor, got shape {tuple(x.shape)}.")
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f"Activations must be a non-empty (N, d_in) tensor, got shape {tuple(x.shape)}.")
         self.x, self.d_in, self.n_tokens = x, x.shape[1], x.shape[0]
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
@@ -75,6 +75,7 @@ class IterableSource:
                 break
         if not self._head:
             raise ValueError("The iterable of activation batches is empty.")
+        _check_dtype(self._head[0], "The first batch has")
         self.d_in, self.batch_size = self._head[0].shape[-1], len(self._head[0])
         if not self._one_shot and hasattr(iterable, "__len__"):
             self.n_tokens = len(iterable) * self.batch_size
@@ -90,6 +91,8 @@ class IterableSource:
 def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_rows: int) -> tuple[BatchSource, Normalizer]:
     """The data as a ``BatchSource`` on the normalised scale, and the normaliser it carries."""
     if isinstance(data, Tensor):
+        _check_dtype(data, "The activations have")
+        data = data.detach()  # activations hooked with autograd on: train on their values
         if normalizer is None and normalize is not False:
             normalizer = Normalizer.fit(data)
             data = normalizer.apply(data)
@@ -108,9 +111,15 @@ def check_batch(x: Tensor, d_in: int, epoch: int, index: int) -> Tensor:
     """``x`` if it is a finite ``(B, d_in)`` batch, else a ValueError naming the batch."""
     if x.ndim != 2 or x.shape[1] != d_in:
         raise ValueError(f"Batch {index} of epoch {epoch} has shape {tuple(x.shape)}; expected (B, {d_in}).")
+    _check_dtype(x, f"Batch {index} of epoch {epoch} has")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"Batch {index} of epoch {epoch} contains NaN or Inf; clean the activations (checkpoints written so far are intact).")
-    return x
+    return x.detach()
+
+
+def _check_dtype(x: Tensor, what: str) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{what} dtype {x.dtype}; train on floating-point activations (x.float()).")
 
 
 def stream(source: BatchSource, batch_size: int, seed: int, epochs_known: bool, epoch: int, start: int) -> Iterator[tuple[int, int, Tensor]]:

@@ -53,7 +53,7 @@ from .checkpoint import (TrainState, finished, latest_checkpoint, load_checkpoin
                          save_checkpoint, write_shared_folder)
 # paper_lr and resolve_device are imported by their old path, saelib.train, in notebooks and user code
 from .config import BOOKKEEPING, TRAINER_FIELDS, TrainConfig, extends, paper_lr, resolve_device  # noqa: F401
-from .files import atomic_write_text, describe, read_json, remove
+from .files import atomic_write_text, describe, read_json, remove, writable_folder
 from .grid import Grid, RankSlice, all_reduce, init_grid, init_shard, sharded_forward, sync_and_clip
 from .normalize import Normalizer
 from .sae import ForwardOutput, TopKSAE
@@ -220,6 +220,8 @@ def fit(
         raise ValueError(f"fit() got unknown option(s) {unknown}; options are TrainConfig's trainer fields: {list(TRAINER_FIELDS)}.")
     if out is not None and not str(out).strip():
         raise ValueError(f"out must name a run folder, got {str(out)!r}; pass a folder such as 'runs/my-sae', or None to keep no files.")
+    if out is not None:
+        writable_folder(out, "out")
     cfg = TrainConfig(n_latents=n_latents, k=k, **options)
     source, normalizer = as_source(data, normalizer, normalize, cfg.geometric_median_samples)
     if isinstance(source, IterableSource) and "batch_size" not in options:

@@ -278,6 +278,27 @@ def test_bad_arch_and_input_width():
         make_sae().encode(torch.randn(3, 16), k=100)
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda sae: sae.encode(torch.randint(-3, 4, (4, 16))), r"Input has dtype torch.int64; the SAE takes floating-point"),
+    (lambda sae: sae(torch.full((2, 16), float("nan"))), r"Input contains NaN or Inf; clean the activations\.$"),
+    (lambda sae: sae.encode(torch.tensor(1.0)), r"\(\.\.\., d_in=16\) tensor of activations, got Tensor of shape \(\)\.$"),
+    (lambda sae: sae.encode([0.5] * 16), r"tensor of activations, got list\.$"),
+    (lambda sae: Latents(torch.rand(1, 4), torch.tensor([[0, 1, 2]])), r"values \(1, 4\) and indices \(1, 3\) must have the same shape"),
+    (lambda sae: sae.decode(Latents(torch.rand(1, 3), torch.tensor([[0, 1, 64]]))), r"integers in \[0, 64\) for this SAE, got torch.int64 in \[0, 64\]"),
+    (lambda sae: sae.decode(Latents(torch.rand(1, 2), torch.tensor([[-1.0, 2.0]]))), r"integers in \[0, 64\) for this SAE, got torch.float32"),
+    (lambda sae: sae.decode(torch.ones(2, 64, dtype=torch.int64)), r"A dense code must be floating point, got torch.int64"),
+    (lambda sae: TopKSAE(16, 64, 4, normalizer=Normalizer(torch.zeros(16), 0.0)), r"normalizer.scale must be a positive finite number, got 0.0"),
+])
+def test_inputs_that_are_not_activations_or_codes_are_refused_in_one_sentence(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(make_sae())
+
+
+def test_a_dense_code_of_another_float_dtype_decodes_as_float32():
+    sae, z = make_sae(), torch.rand(2, 64)
+    torch.testing.assert_close(sae.decode(z.double()), sae.decode(z))
+
+
 def test_decoder_grad_projection_and_renormalisation():
     sae = make_sae()
     x = torch.randn(32, 16)

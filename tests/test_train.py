@@ -415,6 +415,34 @@ def test_the_ema_is_bias_corrected():
         torch.testing.assert_close(p.detach(), target[name])
 
 
+@pytest.mark.parametrize("data, match", [
+    (torch.randint(0, 5, (512, 16)), r"The activations have dtype torch.int64; train on floating-point activations"),
+    (torch.ones(512, 16, dtype=torch.bool), r"The activations have dtype torch.bool"),
+    ([torch.randint(0, 5, (128, 16))] * 4, r"The first batch has dtype torch.int64"),
+    (torch.empty(0, 16), r"Activations must be a non-empty \(N, d_in\) tensor, got shape \(0, 16\)"),
+])
+def test_activations_that_are_not_floating_point_or_empty_are_refused(data, match):
+    with pytest.raises(ValueError, match=match):
+        fit(data, 64, 4, tokens=256, batch_size=128, normalize=False, progress=False)
+
+
+def test_activations_hooked_with_autograd_on_train_on_their_values():
+    x = torch.randn(512, 16)
+    hooked = x * torch.ones(16, requires_grad=True)  # what a forward outside no_grad hands over
+    trained = fit(hooked, 64, 4, tokens=1024, batch_size=128, progress=False)
+    torch.testing.assert_close(trained.state_dict(), fit(x, 64, 4, tokens=1024, batch_size=128, progress=False).state_dict(),
+                               equal_nan=True)
+
+
+def test_a_file_where_the_run_folder_goes_is_refused_naming_it(tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "run"):
+        with pytest.raises(ValueError, match=rf"out '{out}' cannot be a folder: {taken} is a file; name a folder\.$"):
+            fit(torch.randn(512, 16), 64, 4, out=out, tokens=256, batch_size=128, progress=False)
+    assert taken.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("out", ["", "  "])
 def test_an_empty_run_folder_name_is_refused(out, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty name would otherwise train into the current folder
