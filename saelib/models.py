@@ -97,11 +97,7 @@ class LM:
         raise AssertionError("unreachable: the layer is a sub-module of the model")
 
     def check_layer(self, layer: int) -> None:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(
-                f"Layer {layer!r} does not exist in {self.name}: it has {self.n_layers} layers, "
-                f"so choose 0 to {self.n_layers - 1}."
-            )
+        check_layer(self.name, layer, self.n_layers)
 
     def site_module_path(self, layer: int, site: str) -> str:
         """The dotted path of the module whose output is ``site`` at ``layer``."""
@@ -215,15 +211,23 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         raise _not_found(name, e) from e
 
 
-def d_model(name: str = DEFAULT_MODEL) -> int:
-    """The width of the model :func:`load_lm` would load (its residual stream, and every site's
-    activation), read from its config without its weights."""
+def text_config(name: str = DEFAULT_MODEL):
+    """The config of the model :func:`load_lm` would load (its text part: ``hidden_size``, the width
+    of its residual stream and of every site's activation, ``num_hidden_layers``...), read without
+    its weights."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(_source(name)).get_text_config().hidden_size
+        return AutoConfig.from_pretrained(_source(name)).get_text_config()
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from e
+
+
+def check_layer(name: str, layer: int, n_layers: int) -> None:
+    """Refuse a ``layer`` that the model ``name``, of ``n_layers`` decoder layers, does not have, in
+    one sentence naming the valid ones."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ValueError(f"Layer {layer!r} does not exist in {name}: it has {n_layers} layers, so choose 0 to {n_layers - 1}.")
 
 
 def _source(name: str) -> str | Path:

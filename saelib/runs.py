@@ -15,7 +15,7 @@ from . import config
 from .activations import ActivationCache, CachedSource, cached_activations
 from .distributed import launched
 from .loading import load
-from .models import d_model
+from .models import check_layer, text_config
 from .sae import TopKSAE, check_fits
 from .train import fit
 
@@ -27,10 +27,13 @@ def train_activations(cfg: config.TrainConfig, progress: bool = True) -> Activat
     """The train split's activations of a run configuration, extracted on first use by the LM on the
     device the SAE trains on (in bf16 where that is fast: :func:`saelib.activations.extraction_dtype`).
 
-    An SAE too large for this machine's memory is refused first, not after the extraction; a rank of
-    a launched run checks only the part of the SAE it builds, as it builds it."""
+    A layer the model does not have, or an SAE too large for this machine's memory, is refused first,
+    from the model's config, not after the extraction; a rank of a launched run checks only the part
+    of the SAE it builds, as it builds it."""
     if not launched():
-        check_fits(d_model(cfg.model), cfg.n_latents)
+        lm_config = text_config(cfg.model)
+        check_layer(cfg.model, cfg.layer, lm_config.num_hidden_layers)
+        check_fits(lm_config.hidden_size, cfg.n_latents)
     return cached_activations(**cfg.group("data"), split="train", progress=progress, device=config.resolve_device(cfg.device))
 
 

@@ -61,11 +61,19 @@ def test_unparseable_command_lines_get_one_sentence(capsys, argv):
     assert_one_sentence(err, "saelib: error:")
 
 
-def test_layer_out_of_range_names_the_valid_ones(lm, capsys, tmp_path):
-    # lm: the embedded model is converted before, so its progress bars are not part of the error output
+def test_layer_out_of_range_names_the_valid_ones(lm, capsys, tmp_path, monkeypatch):
+    from saelib import paths
+
+    # lm: the embedded model is converted before, so its progress bars are not part of the error output;
+    # a fresh cache root that shares only the converted model: the refusal comes before any extraction
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(paths.cache_dir("models"))
+    monkeypatch.setenv("SAELIB_HOME", str(home))
     code, _, err = run(["train", "--preset", "ci", "--layer", "30", "--out", str(tmp_path / "r")], capsys)
     assert code == 2
     assert_one_sentence(err, "Layer 30", "30 layers", "0 to 29")
+    assert not (home / "activations").exists() and not (tmp_path / "r").exists()
 
 
 def test_unknown_model_and_corpus_and_config_key(capsys, tmp_path):
