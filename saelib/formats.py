@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -377,9 +378,14 @@ def _read_openai(path: Path) -> tuple[dict[str, Tensor], str, int | None, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise ValueError(f"Refusing to load {path}: it holds more than tensors and plain values, and loading it would run code "
-                         f"(torch.load with weights_only=True said: {reason}).") from None
+        # the weights-only unpickler names a blocked callable ("Unsupported global: GLOBAL posix.system ...")
+        # or, for bytes that are no pickle at all, an unknown opcode ("Unsupported operand 103")
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:
+            raise ValueError(f"Refusing to load {path}: it holds more than tensors and plain values (it calls "
+                             f"{blocked[1]}), and loading it would run code.") from None
+        raise ValueError(f"{path} cannot be read as a torch file (not a pickle of tensors); the file is truncated or "
+                         f"corrupt, {fix}.") from None
     except Exception as error:  # a damaged zip or pickle fails in many ways (RuntimeError, EOFError, UnicodeDecodeError...)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"{path} cannot be read as a torch file ({type(error).__name__}: {reason}); the file is truncated "

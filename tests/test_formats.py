@@ -355,9 +355,12 @@ def test_openai_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
     state = {"encoder.weight": torch.zeros(N_LATENTS, D_IN), "payload": RunsCode()}
     with open(tmp_path / "8.pt", "wb") as f:
         torch.save(state, f)
-    with pytest.raises(ValueError, match=r"Refusing to load .*8.pt.*would run code"):
+    with pytest.raises(ValueError, match=r"Refusing to load .*8.pt: it holds more than tensors and plain values \(it calls getattr\), and loading it would run code\.$"):
         formats.import_sae(tmp_path / "8.pt")
     assert not marker.exists()
+    (tmp_path / "8.pt").write_bytes(b"not a pickle at all " * 8)  # garbage is called corrupt, not dangerous
+    with pytest.raises(ValueError, match=r"8.pt cannot be read as a torch file \(not a pickle of tensors\); the file is truncated"):
+        formats.import_sae(tmp_path / "8.pt")
 
 
 def test_truncated_exports_name_the_file(tmp_path):
