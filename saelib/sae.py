@@ -205,6 +205,8 @@ class TopKSAE(nn.Module):
                 raise ValueError(f"k={k} is larger than n_latents={n_latents}; choose k <= n_latents.")
         if arch == "multitopk" and 4 * k > n_latents:
             raise ValueError(f"multitopk trains with 4k={4 * k} latents but n_latents={n_latents}; choose k <= n_latents / 4.")
+        if not isinstance(tied_init, bool):
+            raise ValueError(f"tied_init must be True or False, got {tied_init!r}.")
         if encoder_dtype not in ENCODER_DTYPES:
             raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {encoder_dtype!r}.")
         if metadata is not None and not isinstance(metadata, dict):

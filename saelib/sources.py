@@ -90,6 +90,13 @@ class IterableSource:
 
 def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_rows: int) -> tuple[BatchSource, Normalizer]:
     """The data as a ``BatchSource`` on the normalised scale, and the normaliser it carries."""
+    if normalize not in (None, True, False):
+        raise ValueError(f"normalize must be True, False or None, got {normalize!r}.")
+    if not isinstance(data, (Tensor, ActivationCache, BatchSource, Iterable)) or isinstance(data, (str, bytes)) \
+            or type(data).__module__ == "numpy":
+        hint = "; pass torch.from_numpy(x)" if type(data).__module__ == "numpy" else ""
+        raise ValueError(f"The activations must be a (N, d_in) tensor, an activation cache or an iterable of (B, d_in) "
+                         f"tensors, got {type(data).__name__}{hint}.")
     if isinstance(data, Tensor):
         _check_dtype(data, "The activations have")
         data = data.detach()  # activations hooked with autograd on: train on their values

@@ -288,6 +288,7 @@ def test_bad_arch_and_input_width():
     (lambda sae: sae.decode(Latents(torch.rand(1, 2), torch.tensor([[-1.0, 2.0]]))), r"integers in \[0, 64\) for this SAE, got torch.float32"),
     (lambda sae: sae.decode(torch.ones(2, 64, dtype=torch.int64)), r"A dense code must be floating point, got torch.int64"),
     (lambda sae: TopKSAE(16, 64, 4, normalizer=Normalizer(torch.zeros(16), 0.0)), r"normalizer.scale must be a positive finite number, got 0.0"),
+    (lambda sae: TopKSAE(16, 64, 4, tied_init="no"), r"tied_init must be True or False, got 'no'\.$"),
 ])
 def test_inputs_that_are_not_activations_or_codes_are_refused_in_one_sentence(call, match):
     with pytest.raises(ValueError, match=match):

@@ -420,10 +420,17 @@ def test_the_ema_is_bias_corrected():
     (torch.ones(512, 16, dtype=torch.bool), r"The activations have dtype torch.bool"),
     ([torch.randint(0, 5, (128, 16))] * 4, r"The first batch has dtype torch.int64"),
     (torch.empty(0, 16), r"Activations must be a non-empty \(N, d_in\) tensor, got shape \(0, 16\)"),
+    (torch.randn(512, 16).numpy(), r"an iterable of \(B, d_in\) tensors, got ndarray; pass torch.from_numpy\(x\)\.$"),
+    (None, r"The activations must be a \(N, d_in\) tensor, an activation cache or an iterable .*, got NoneType\.$"),
 ])
 def test_activations_that_are_not_floating_point_or_empty_are_refused(data, match):
     with pytest.raises(ValueError, match=match):
         fit(data, 64, 4, tokens=256, batch_size=128, normalize=False, progress=False)
+
+
+def test_normalize_is_a_flag():
+    with pytest.raises(ValueError, match=r"normalize must be True, False or None, got 'no'\.$"):
+        fit(torch.randn(512, 16), 64, 4, tokens=256, batch_size=128, normalize="no", progress=False)
 
 
 def test_activations_hooked_with_autograd_on_train_on_their_values():
