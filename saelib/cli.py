@@ -7,6 +7,7 @@
     saelib view    RUN --out DIR [--preset ci|lesson|demo|full]
     saelib export  RUN --format saelens|sparsify|openai --out DIR
     saelib bench   [--preset quick|default|full] [--pipeline | --quality] [--json]
+    saelib --version
 
 Every expected failure (bad input, a missing or damaged file, a locked run folder, a failed write)
 ends with one sentence on standard error and exit status 2; anything else with one line naming
@@ -26,6 +27,7 @@ import traceback
 
 from . import config
 from .paths import cache_dir
+from .version import __version__
 
 def add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
     """A flag for every ``TrainConfig`` field of ``groups`` (``n_latents`` -> ``--n-latents``), with its
@@ -157,6 +159,7 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="saelib", description="TopK sparse autoencoders on language-model activations.")
+    parser.add_argument("--version", action="version", version=f"saelib {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="extract and cache activations of a model's layer on a corpus")
@@ -209,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = "saelib"
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # named by the subcommand they were given to, not by the top-level parser
+            raise UsageError(f"saelib {args.command}", f"unrecognized arguments: {' '.join(unknown)}")
         args.argv, command = argv, f"saelib {args.command}"
         return args.func(args)
     except UsageError as e:

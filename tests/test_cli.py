@@ -289,12 +289,21 @@ def test_a_blank_out_or_an_existing_file_is_refused(capsys, tmp_path, command, m
     (["bench", "--preset", "quick", "--memory-gb", "nan"], "--memory-gb positive, got 0 and nan"),
     (["bench", "--preset", "quick", "--device", "bogus"], "device must be a torch device such as 'cpu'"),
     (["bench", "--preset", "quick", "--out", ""], "--out must name a file to write the rows to, got ''"),
+    (["train", "--bogus-flag", "3", "--out", "x"], "saelib train: error: unrecognized arguments: --bogus-flag 3; see `saelib train --help`."),
 ])
 def test_bad_flags_of_every_command_are_one_sentence(capsys, tmp_path, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
     code, _, err = run(argv, capsys)
     assert code == 2
     assert_one_sentence(err, needle)
+
+
+def test_version_is_printed(capsys):
+    from saelib import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"saelib {__version__}\n"
 
 
 def test_max_tokens_null_in_a_file_means_all_of_the_split_and_train_says_so(capsys, tmp_path):
