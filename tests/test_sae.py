@@ -1,6 +1,7 @@
 """The SAE models: sparse kernels, encode/decode, loss terms, decoder constraint, files."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -524,6 +525,25 @@ def _check_fast_path(n_latents, k, n_dead, k_aux, ties, device="cpu"):
 @pytest.mark.parametrize("ties", [False, True])
 def test_every_fast_path_has_the_naive_dense_gradients(n_latents, k, n_dead, k_aux, ties):
     _check_fast_path(n_latents, k, n_dead, k_aux, ties)
+
+
+def test_csr_patterns_with_sorted_columns_keep_the_gradients(monkeypatch):
+    """The CUDA layout (each CSR row's columns increasing, as cuSPARSE assumes) run on the CPU, with
+    PyTorch's check of every CSR matrix built: the CPU's own layout fails that check."""
+    from saelib import kernels
+
+    def checked(crow, cols, values, shape):
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=True)
+
+    monkeypatch.setattr(kernels, "_csr", checked)
+    with pytest.raises(RuntimeError, match="sorted"):
+        _check_fast_path(4096, 4, 2048, 128, False)
+    monkeypatch.setattr(kernels, "_sorts_columns", lambda indices: True)
+    for n_latents, k, n_dead, k_aux in FAST_PATHS:
+        for ties in (False, True):
+            _check_fast_path(n_latents, k, n_dead, k_aux, ties)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
