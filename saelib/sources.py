@@ -7,6 +7,7 @@ iterable of batches; :class:`saelib.activations.CachedSource` streams an on-disk
 
 from __future__ import annotations
 
+import hashlib
 import time
 from itertools import chain, islice
 from typing import Iterable, Iterator, Protocol, runtime_checkable
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .activations import ActivationCache, CachedSource
+from .activations import ActivationCache, CachedSource, manifest_digest
 from .normalize import Normalizer
 
 
@@ -46,6 +47,7 @@ class TensorSource:
         if x.ndim != 2 or len(x) == 0:
             raise ValueError(f"Activations must be a non-empty (N, d_in) tensor, got shape {tuple(x.shape)}.")
         self.x, self.d_in, self.n_tokens = x, x.shape[1], x.shape[0]
+        self.fingerprint = f"tensor {self.n_tokens} x {self.d_in}, {rows_digest(x)}"
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
         order = torch.randperm(self.n_tokens, generator=epoch_generator(seed, epoch))
@@ -77,6 +79,8 @@ class IterableSource:
             raise ValueError("The iterable of activation batches is empty.")
         _check_dtype(self._head[0], "The first batch has")
         self.d_in, self.batch_size = self._head[0].shape[-1], len(self._head[0])
+        head = torch.cat([h.reshape(-1, self.d_in) for h in self._head])
+        self.fingerprint = f"batches starting with {len(head)} rows, {rows_digest(head)}"
         if not self._one_shot and hasattr(iterable, "__len__"):
             self.n_tokens = len(iterable) * self.batch_size
 
@@ -86,6 +90,23 @@ class IterableSource:
         else:
             stream = iter(self._iterable)
         return (x.to(torch.float32) for x in islice(stream, start, None))
+
+
+def fingerprint(source: BatchSource) -> str | None:
+    """What a run records of its data, to refuse resuming it on other data: a digest of a tensor's
+    rows, of an iterable's first batches or of a cache's manifest; None for a ``BatchSource`` of the
+    caller's own (unchecked)."""
+    if isinstance(source, CachedSource):
+        key = source.cache.manifest["key"]
+        return (f"activation cache of {key['model']} layer {key['layer']} {key['site']} on {key['corpus']} {key['split']}, "
+                f"manifest sha256 {manifest_digest(source.cache.manifest)[:16]}")
+    return getattr(source, "fingerprint", None)
+
+
+def rows_digest(x: Tensor, rows: int = 64) -> str:
+    """The SHA-256 (16 hex digits) of ``rows`` rows of ``x (N, d)`` spread evenly over it (all if fewer)."""
+    picked = x[torch.linspace(0, len(x) - 1, min(rows, len(x))).round().long().to(x.device)]
+    return "sha256 " + hashlib.sha256(picked.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_rows: int) -> tuple[BatchSource, Normalizer]:

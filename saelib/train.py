@@ -19,7 +19,8 @@ A run folder (``out``) holds ``config.json`` (this ``TrainConfig``, resolved), `
 ``checkpoints/step_*/`` (:mod:`saelib.checkpoint`, written atomically) and the final ``sae/``.
 Calling ``fit`` again with the same ``out`` resumes from the last checkpoint (bit-identical on
 CPU on the same grid; on another grid, to float rounding) or, when the run is finished, loads and
-returns it. A run at a constant learning rate (``decay="none"``) given more ``tokens`` trains on from
+returns it. The folder records a fingerprint of its data (``sources.fingerprint``), so other
+activations of the same shape are refused rather than resumed or loaded. A run at a constant learning rate (``decay="none"``) given more ``tokens`` trains on from
 its last checkpoint: the longer run, bit for bit.
 
 Faults: while ``fit`` trains into a run folder, rank 0 holds a lock on ``out/.lock`` (a second
@@ -57,7 +58,8 @@ from .files import atomic_write_text, describe, read_json, remove, writable_fold
 from .grid import Grid, RankSlice, all_reduce, init_grid, init_shard, sharded_forward, sync_and_clip
 from .normalize import Normalizer
 from .sae import ForwardOutput, TopKSAE
-from .sources import BatchSource, InputClock, IterableSource, TensorSource, as_source, check_batch, stream  # noqa: F401
+from .sources import (BatchSource, InputClock, IterableSource, TensorSource, as_source, check_batch,  # noqa: F401
+                      fingerprint, stream)
 
 # ---- init and schedule ----------------------------------------------------------------------
 
@@ -233,7 +235,7 @@ def fit(
     if run is None:
         return _train(source, sae, cfg, None, grid, progress, [])
     with _run_lock(run, grid), _deferred_signals() as stop:
-        done, cfg = _check_run_folder(run, cfg, source.d_in, set(options))
+        done, cfg = _check_run_folder(run, cfg, source.d_in, fingerprint(source), set(options))
         grid.barrier()  # every rank has read the run folder before rank 0 writes to it
         if not done:
             return _train(source, sae, cfg, run, grid, progress, stop)
@@ -287,7 +289,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             sae.W_enc.mul_(cfg.encoder_init_scale)
         state.ema = ema_start(sae) if cfg.ema else None
     if run is not None and main:
-        _start_run_folder(run, record, state.step)
+        _start_run_folder(run, {**record, "data": fingerprint(source)}, state.step)
     grid.barrier()
 
     B = cfg.batch_size
@@ -422,11 +424,12 @@ def _config_record(cfg: TrainConfig, d_in: int) -> dict:
 
 
 # config.json of a run: the train fields of TrainConfig (their types; values are compared with the
-# run's options) and d_in; a field added to TrainConfig after the run was written counts as its
+# run's options), d_in and what it knows of the data (``sources.fingerprint``; None: nothing, as in
+# runs written before it); a field added to TrainConfig after the run was written counts as its
 # default, which keeps the old behaviour
 _HINTS = typing.get_type_hints(TrainConfig)
 RunConfig = create_model("RunConfig", __config__=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False),
-                         d_in=(PositiveInt, ...),
+                         d_in=(PositiveInt, ...), data=(str | None, None),
                          **{f.name: (_HINTS[f.name], f.default) for f in fields(TrainConfig) if f.name in TRAINER_FIELDS})
 
 
@@ -442,8 +445,9 @@ class MetricsRow(BaseModel):
 BUDGET_DEFAULTS = {"lr": {"lr", "lr_multiplier"}, "warmup_steps": {"warmup_steps"}, "dead_tokens": {"dead_tokens"}}
 
 
-def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, given: set[str]) -> tuple[bool, TrainConfig]:
-    """Raise if ``run`` holds a run with another config or d_in; return whether it is finished, and the config.
+def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None, given: set[str]) -> tuple[bool, TrainConfig]:
+    """Raise if ``run`` holds a run with another config, d_in or ``data`` (its fingerprint, where
+    both know it); return whether it is finished, and the config.
 
     A run at a constant learning rate (``decay="none"``) asked for more ``tokens`` than it has is
     extended: its schedule does not depend on its length, so training on from its last checkpoint
@@ -457,6 +461,10 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, given: set[str]) -
     saved = read_json(path, RunConfig, f"use a new out folder, or delete {run} to start the run again").model_dump(mode="json")
     if saved["d_in"] != d_in:
         raise ValueError(f"{run} was trained on activations with d_in={saved['d_in']} but the data has d_in={d_in}; use a new out folder.")
+    trained_on = saved.pop("data")
+    if None not in (trained_on, data) and trained_on != data:
+        raise ValueError(f"{run} was trained on other activations ({trained_on}; given: {data}); use a new out folder, "
+                         "or give the run the data it was trained on.")
     constant = extends(saved, {"decay": cfg.decay, "tokens": cfg.tokens})
     extend = constant and (saved["tokens"] or 0) < (cfg.tokens or 0)
     if constant:  # loading or extending a run that may have been extended before

@@ -238,6 +238,30 @@ def test_finished_run_is_loaded_and_a_changed_config_is_refused(tmp_path, capsys
         fit(x[:, :8], 64, 4, progress=False, **options)
 
 
+def test_a_run_is_refused_other_activations_of_the_same_shape(tmp_path):
+    x, _ = toy_data(n=2048, d=16, n_features=64)
+    other, _ = toy_data(n=2048, d=16, n_features=64, seed=1)
+    options = dict(n_latents=64, k=4, tokens=1024, batch_size=256, progress=False)
+    first = fit(x, out=tmp_path / "run", **options)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert recorded.startswith("tensor 2048 x 16, sha256 ")
+    with pytest.raises(ValueError, match=r"run was trained on other activations \(tensor 2048 x 16, sha256 \w{16}; given: "
+                                         r"tensor 2048 x 16, sha256 \w{16}\); use a new out folder"):
+        fit(other, out=tmp_path / "run", **options)
+    assert torch.equal(fit(x.clone(), out=tmp_path / "run", **options).W_dec, first.W_dec)  # the same values: loaded
+
+    batches = list(x.split(256))
+    fit(batches, out=tmp_path / "iterable", **options)
+    with pytest.raises(ValueError, match=r"other activations \(batches starting with 2048 rows"):
+        fit(list(other.split(256)), out=tmp_path / "iterable", **options)
+    fit(iter(batches), out=tmp_path / "iterable", **options)  # a one-shot iterator of the same batches
+
+    # a run folder written before runs recorded their data, or a source of the caller's own: not checked
+    config = tmp_path / "run" / "config.json"
+    config.write_text(json.dumps({key: value for key, value in json.loads(config.read_text()).items() if key != "data"}))
+    assert torch.equal(fit(other, out=tmp_path / "run", **options).W_dec, first.W_dec)
+
+
 def test_a_constant_rate_run_extended_to_more_tokens_is_the_longer_run(tmp_path):
     x, _ = toy_data(n=4096, d=16, n_features=64)
     options = dict(batch_size=256, decay="none", warmup_steps=2, lr_multiplier=2, log_every=1)
