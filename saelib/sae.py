@@ -433,6 +433,13 @@ class TopKSAE(nn.Module):
         """Reconstruct raw activations ``x (B, d_in)``: ``train_forward`` on ``normalizer.apply(x)``,
         with ``x_hat`` mapped back to raw activations; latents and losses stay on the normalised
         scale. ``dead_mask`` and ``loss_options`` are those of ``train_forward``."""
+        if dead_mask is not None and not (isinstance(dead_mask, Tensor) and dead_mask.dtype == torch.bool
+                                          and dead_mask.shape == (self.n_latents,)):
+            got = f"{dead_mask.dtype} of shape {tuple(dead_mask.shape)}" if isinstance(dead_mask, Tensor) else type(dead_mask).__name__
+            raise ValueError(f"dead_mask must be a ({self.n_latents},) bool tensor, True for each dead latent, got {got}.")
+        k_aux = loss_options.get("k_aux")
+        if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1):
+            raise ValueError(f"k_aux must be a positive integer (or None for min(512, d_in // 2)), got {k_aux!r}.")
         out = self.train_forward(self._normalised(x), dead_mask, **loss_options)
         return out._replace(x_hat=self._raw(out.x_hat))
 

@@ -290,6 +290,10 @@ def test_bad_arch_and_input_width():
     (lambda sae: sae.decode(torch.ones(2, 64, dtype=torch.int64)), r"A dense code must be floating point, got torch.int64"),
     (lambda sae: TopKSAE(16, 64, 4, normalizer=Normalizer(torch.zeros(16), 0.0)), r"normalizer.scale must be a positive finite number, got 0.0"),
     (lambda sae: TopKSAE(16, 64, 4, tied_init="no"), r"tied_init must be True or False, got 'no'\.$"),
+    (lambda sae: sae(torch.randn(2, 16), torch.zeros(64)), r"dead_mask must be a \(64,\) bool tensor, True for each dead latent, got torch.float32 of shape \(64,\)\.$"),
+    (lambda sae: sae(torch.randn(2, 16), torch.zeros(63, dtype=torch.bool)), r"got torch.bool of shape \(63,\)\.$"),
+    (lambda sae: sae(torch.randn(2, 16), [True] * 64), r"dead_mask must be .* got list\.$"),
+    (lambda sae: sae(torch.randn(2, 16), torch.ones(64, dtype=torch.bool), k_aux=-1), r"k_aux must be a positive integer .* got -1\.$"),
 ])
 def test_inputs_that_are_not_activations_or_codes_are_refused_in_one_sentence(call, match):
     with pytest.raises(ValueError, match=match):
