@@ -2,8 +2,9 @@
 numbers behind them (JSON).
 
 PNG export goes through kaleido, which drives a local Chromium (the project's set-up installs
-Debian's); one Chromium serves every PNG of a process. HTML files share one ``plotly.min.js`` next to
-them, so they open offline.
+Debian's) or Chrome; one browser serves every PNG of a process. Where kaleido finds none, figures are
+written without their PNG, with one warning. HTML files share one ``plotly.min.js`` next to them, so
+they open offline.
 """
 
 from __future__ import annotations
@@ -46,32 +47,46 @@ def log_axis(values) -> dict:
                 minor=dict(ticks="", showgrid=False))
 
 
-_png_server_started = False
+# None until the first PNG; then whether this process writes PNGs (through its kept browser)
+_png_server_started: bool | None = None
 
 
-def _start_png_server() -> None:
-    """Keep one Chromium for this process's PNGs (stopped at exit): on its own, kaleido starts one
-    per ``write_image``, 3 s each against 0.25 s through the kept one (2 cores)."""
+def _start_png_server() -> bool:
+    """Keep one browser for this process's PNGs (stopped at exit): on its own, kaleido starts one
+    per ``write_image``, 3 s each against 0.25 s through the kept one (2 cores). False, with one
+    warning, where kaleido finds no browser: its kept server would then wait for ever."""
     global _png_server_started
-    if not _png_server_started:
+    if _png_server_started is None:
         import kaleido
+        from kaleido.errors import ChromeNotFoundError
 
-        kaleido.start_sync_server(silence_warnings=True)
-        atexit.register(kaleido.stop_sync_server, silence_warnings=True)
-        _png_server_started = True
+        try:
+            kaleido.Kaleido()  # looks for the browser as the server would, without starting it
+        except ChromeNotFoundError:
+            warnings.warn("No Chrome or Chromium found for the PNG figures, so figures are written as HTML and JSON "
+                          "only; install Debian's chromium (apt-get install chromium) or Chrome, or run "
+                          "kaleido_get_chrome.", RuntimeWarning, stacklevel=3)
+            _png_server_started = False
+        else:
+            kaleido.start_sync_server(silence_warnings=True)
+            atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+            _png_server_started = True
+    return _png_server_started
 
 
-def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None = None) -> Path:
-    """Write ``name.png``, ``name.html`` and, with ``data``, ``name.json`` into ``folder``; return the PNG."""
+def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None = None) -> Path | None:
+    """Write ``name.png``, ``name.html`` and, with ``data``, ``name.json`` into ``folder``; return the
+    PNG (None where no browser could draw it: see ``_start_png_server``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
-    _start_png_server()
+    if data is not None:
+        (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
+    if not _start_png_server():
+        return None
     with warnings.catch_warnings():  # plotly: "The kopts argument is ignored if using a server"
         warnings.filterwarnings("ignore", message="The kopts argument is ignored")
         fig.write_image(folder / f"{name}.png", width=900, height=fig.layout.height or 500, scale=1)
-    if data is not None:
-        (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
     return folder / f"{name}.png"
 
 

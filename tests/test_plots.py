@@ -2,7 +2,11 @@
 
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,27 @@ def test_save_figure_writes_png_html_and_json_through_one_kept_chromium(tmp_path
         assert "plotly" in (tmp_path / "figs" / f"fig{i}.html").read_text()
         assert json.loads((tmp_path / "figs" / f"fig{i}.json").read_text()) == {"points": 3}
     assert plots._png_server_started  # the second PNG went through the Chromium the first one started
+
+
+def test_without_a_browser_figures_are_html_and_json_with_one_warning(tmp_path):
+    """Where kaleido finds no browser (here: BROWSER_PATH, its override, names none), kaleido's kept
+    server dies and a PNG would wait for ever; save_figure writes the rest and says so once."""
+    script = textwrap.dedent(f"""
+        import warnings
+        import plotly.graph_objects as go
+        from saelib import plots
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pngs = [plots.save_figure(go.Figure(), {str(tmp_path)!r}, name, data={{"n": 1}}) for name in ("a", "b")]
+        assert pngs == [None, None], pngs
+        assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+            "No Chrome or Chromium found for the PNG figures, so figures are written as HTML and JSON only; install "
+            "Debian's chromium (apt-get install chromium) or Chrome, or run kaleido_get_chrome."], caught
+    """)
+    env = {**os.environ, "BROWSER_PATH": str(tmp_path / "no-browser")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "a.json", "b.html", "b.json", "plotly.min.js"]
 
 
 def test_figures_go_to_the_published_folder_only_at_published_presets(tmp_path):
