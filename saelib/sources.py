@@ -79,8 +79,6 @@ class IterableSource:
             raise ValueError("The iterable of activation batches is empty.")
         _check_dtype(self._head[0], "The first batch has")
         self.d_in, self.batch_size = self._head[0].shape[-1], len(self._head[0])
-        head = torch.cat([h.reshape(-1, self.d_in) for h in self._head])
-        self.fingerprint = f"batches starting with {len(head)} rows, {rows_digest(head)}"
         if not self._one_shot and hasattr(iterable, "__len__"):
             self.n_tokens = len(iterable) * self.batch_size
 
@@ -94,8 +92,8 @@ class IterableSource:
 
 def fingerprint(source: BatchSource) -> str | None:
     """What a run records of its data, to refuse resuming it on other data: a digest of a tensor's
-    rows, of an iterable's first batches or of a cache's manifest; None for a ``BatchSource`` of the
-    caller's own (unchecked)."""
+    rows or of a cache's manifest; None (unchecked) for an iterable or a ``BatchSource`` of the
+    caller's own, whose batches may differ from one pass to the next (a shuffling DataLoader)."""
     if isinstance(source, CachedSource):
         key = source.cache.manifest["key"]
         return (f"activation cache of {key['model']} layer {key['layer']} {key['site']} on {key['corpus']} {key['split']}, "

@@ -19,8 +19,9 @@ A run folder (``out``) holds ``config.json`` (this ``TrainConfig``, resolved), `
 ``checkpoints/step_*/`` (:mod:`saelib.checkpoint`, written atomically) and the final ``sae/``.
 Calling ``fit`` again with the same ``out`` resumes from the last checkpoint (bit-identical on
 CPU on the same grid; on another grid, to float rounding) or, when the run is finished, loads and
-returns it. The folder records a fingerprint of its data (``sources.fingerprint``), so other
-activations of the same shape are refused rather than resumed or loaded. A run at a constant learning rate (``decay="none"``) given more ``tokens`` trains on from
+returns it. The folder records a fingerprint of a tensor's or a cache's data
+(``sources.fingerprint``), so other activations of the same shape are refused, not resumed or
+loaded. A run at a constant learning rate (``decay="none"``) given more ``tokens`` trains on from
 its last checkpoint: the longer run, bit for bit.
 
 Faults: while ``fit`` trains into a run folder, rank 0 holds a lock on ``out/.lock`` (a second

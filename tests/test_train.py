@@ -250,13 +250,7 @@ def test_a_run_is_refused_other_activations_of_the_same_shape(tmp_path):
         fit(other, out=tmp_path / "run", **options)
     assert torch.equal(fit(x.clone(), out=tmp_path / "run", **options).W_dec, first.W_dec)  # the same values: loaded
 
-    batches = list(x.split(256))
-    fit(batches, out=tmp_path / "iterable", **options)
-    with pytest.raises(ValueError, match=r"other activations \(batches starting with 2048 rows"):
-        fit(list(other.split(256)), out=tmp_path / "iterable", **options)
-    fit(iter(batches), out=tmp_path / "iterable", **options)  # a one-shot iterator of the same batches
-
-    # a run folder written before runs recorded their data, or a source of the caller's own: not checked
+    # a run folder written before runs recorded their data: not checked (nor is an iterable of batches)
     config = tmp_path / "run" / "config.json"
     config.write_text(json.dumps({key: value for key, value in json.loads(config.read_text()).items() if key != "data"}))
     assert torch.equal(fit(other, out=tmp_path / "run", **options).W_dec, first.W_dec)
