@@ -185,9 +185,11 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LM
     from transformers.utils import logging as transformers_logging
 
     tokenizer = load_tokenizer(name)
-    transformers_logging.disable_progress_bar()  # one bar per shard read is noise in notebooks
+    source, bars = _source(name), transformers_logging.is_progress_bar_enabled()
+    if Path(source).is_dir():  # a bar per shard read from disk is noise in notebooks; a download keeps its bars
+        transformers_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(_source(name), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
         raise ValueError(f"Refusing to load model {name!r}: its weights are a pickle that would run code when loaded, "
                          f"which torch.load(weights_only=True) refused; use a copy saved as safetensors.") from None
@@ -197,6 +199,9 @@ def load_lm(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> LM
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"Cannot load model {name!r}: its weights cannot be read ({type(e).__name__}: {reason}); "
                          f"download or copy the model again.") from None
+    finally:
+        if bars:  # the caller's setting, for later downloads in this process
+            transformers_logging.enable_progress_bar()
     model.to(device).eval().requires_grad_(False)
     return LM(name=name, model=model, tokenizer=tokenizer)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -49,12 +51,14 @@ def log_axis(values) -> dict:
 
 # None until the first PNG; then whether this process writes PNGs (through its kept browser)
 _png_server_started: bool | None = None
+# seconds one PNG may take (0.25 s through a working browser) before PNGs are given up for the process
+PNG_TIMEOUT_S = 120
 
 
 def _start_png_server() -> bool:
     """Keep one browser for this process's PNGs (stopped at exit): on its own, kaleido starts one
     per ``write_image``, 3 s each against 0.25 s through the kept one (2 cores). False, with one
-    warning, where kaleido finds no browser: its kept server would then wait for ever."""
+    warning, where kaleido finds no browser."""
     global _png_server_started
     if _png_server_started is None:
         import kaleido
@@ -63,10 +67,7 @@ def _start_png_server() -> bool:
         try:
             kaleido.Kaleido()  # looks for the browser as the server would, without starting it
         except ChromeNotFoundError:
-            warnings.warn("No Chrome or Chromium found for the PNG figures, so figures are written as HTML and JSON "
-                          "only; install Debian's chromium (apt-get install chromium) or Chrome, or run "
-                          "kaleido_get_chrome.", RuntimeWarning, stacklevel=3)
-            _png_server_started = False
+            _no_png("No Chrome or Chromium found for the PNG figures")
         else:
             kaleido.start_sync_server(silence_warnings=True)
             atexit.register(kaleido.stop_sync_server, silence_warnings=True)
@@ -74,19 +75,53 @@ def _start_png_server() -> bool:
     return _png_server_started
 
 
+def _no_png(reason: str) -> None:
+    global _png_server_started
+    _png_server_started = False
+    warnings.warn(f"{reason}, so figures are written as HTML and JSON only; install Debian's chromium (apt-get "
+                  "install chromium) or Chrome, or run kaleido_get_chrome.", RuntimeWarning, stacklevel=4)
+
+
+def _write_png(fig: go.Figure, path: Path) -> bool:
+    """``fig.write_image(path)`` through the kept browser; False (PNGs given up, one warning) where
+    the browser failed: kaleido's server thread then dies and ``write_image`` would wait for ever,
+    so the write runs in a thread of its own, watched."""
+    import kaleido
+
+    server = getattr(getattr(kaleido, "_global_server", None), "_thread", None)  # kaleido's server thread
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            fig.write_image(path, width=900, height=fig.layout.height or 500, scale=1)
+        except BaseException as e:  # re-raised in the caller's thread
+            failed.append(e)
+
+    writer = threading.Thread(target=write, name="saelib-png", daemon=True)
+    deadline = time.monotonic() + PNG_TIMEOUT_S
+    with warnings.catch_warnings():  # plotly: "The kopts argument is ignored if using a server"
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+        writer.start()
+        while writer.is_alive():
+            writer.join(0.1)
+            if writer.is_alive() and ((server is not None and not server.is_alive()) or time.monotonic() > deadline):
+                _no_png("The browser drawing the PNG figures failed to start or stopped")
+                return False
+    if failed:
+        raise failed[0]
+    return True
+
+
 def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None = None) -> Path | None:
     """Write ``name.png``, ``name.html`` and, with ``data``, ``name.json`` into ``folder``; return the
-    PNG (None where no browser could draw it: see ``_start_png_server``)."""
+    PNG (None where no browser could draw it: see ``_start_png_server`` and ``_write_png``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
     if data is not None:
         (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
-    if not _start_png_server():
+    if not (_start_png_server() and _write_png(fig, folder / f"{name}.png")):
         return None
-    with warnings.catch_warnings():  # plotly: "The kopts argument is ignored if using a server"
-        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-        fig.write_image(folder / f"{name}.png", width=900, height=fig.layout.height or 500, scale=1)
     return folder / f"{name}.png"
 
 

@@ -239,6 +239,16 @@ def test_bad_input_errors(lm, val_contexts):
             w.copy_(saved)
 
 
+def test_a_local_model_loads_without_shard_bars_and_leaves_download_bars_on():
+    from transformers.utils import logging as transformers_logging
+
+    from saelib.models import load_lm
+
+    transformers_logging.enable_progress_bar()
+    assert load_lm("smollm2-135m").n_layers == 30
+    assert transformers_logging.is_progress_bar_enabled()  # a hub model loaded next shows its download
+
+
 def test_bad_model_and_corpus_errors(tmp_path):
     from saelib.models import load_lm
 

