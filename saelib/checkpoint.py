@@ -205,10 +205,7 @@ def write_shared_folder(target: Path, grid: Grid, write: Callable[[Path], object
     global rank 0 makes the temporary folder and renames it into place once all have written.
     """
     tmp = temp_path(target, "shared")  # one name for every rank
-    if grid.rank == 0:
-        remove(tmp)
-        tmp.mkdir(parents=True)
-    grid.barrier()
+    grid.together(lambda: _fresh_folder(tmp) if grid.rank == 0 else None, f"make {tmp}")
     failure = None
     if grid.data_rank == 0:
         try:
@@ -219,9 +216,12 @@ def write_shared_folder(target: Path, grid: Grid, write: Callable[[Path], object
         if grid.rank == 0:
             remove(tmp)
         raise OSError(f"Could not write {target} ({failure or 'on another rank'})") from failure
-    if grid.rank == 0:
-        replace(tmp, target)
-    grid.barrier()
+    grid.together(lambda: replace(tmp, target) if grid.rank == 0 else None, f"move {tmp} to {target}")
+
+
+def _fresh_folder(path: Path) -> None:
+    remove(path)
+    path.mkdir(parents=True)
 
 
 def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState, config: dict,
@@ -258,9 +258,11 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         raise OSError(f"Could not write the checkpoint of step {state.step} to {final} ({error.__cause__ or error}); "
                       f"{kept}. Free disk space and run again to resume.") from error
-    if grid.rank == 0:
+    def remove_older() -> None:
         for old in [*sorted(root.glob("step_*"))[:-1], *root.glob(".*.tmp-*")]:  # older and half-written ones
             remove(old)
+
+    grid.together(remove_older if grid.rank == 0 else lambda: None, f"remove the checkpoints older than {final}")
     return final
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -87,6 +87,20 @@ class Grid:
         t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def together(self, action: Callable[[], object], what: str) -> None:
+        """``action()`` on this rank (a rank with nothing to do passes one that does nothing); if it
+        raises on any rank, every rank raises, the others naming ``what``, so that none is left
+        waiting at the next collective. Every rank returns only when all have run theirs."""
+        failure = None
+        try:
+            action()
+        except Exception as error:
+            failure = error
+        if self.any(failure is not None):
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"Another rank failed to {what}; its log has the error.")
 
     def from_main(self, compute, like: Tensor) -> Tensor:
         """``compute()`` on rank 0, sent to every rank; if it raises there, every rank raises."""

@@ -278,7 +278,8 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
     record = _config_record(cfg, source.d_in)
     checkpoint = latest_checkpoint(run) if run is not None else None
     if checkpoint is not None:
-        load_checkpoint(checkpoint, sae, opt, state, record, grid)
+        # each rank reads its own rows: a damaged shard fails some ranks only, and every rank must stop
+        grid.together(lambda: load_checkpoint(checkpoint, sae, opt, state, record, grid), f"load {checkpoint}")
         _say(progress and main, f"Resuming {run} from step {state.step} ({state.tokens} tokens)"
                                 + (f" on a {grid.data_size} x {grid.latent_size} grid (data x latent)." if grid.world_size > 1 else "."))
     else:
@@ -289,9 +290,9 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             sae.b_pre.copy_(b_pre)
             sae.W_enc.mul_(cfg.encoder_init_scale)
         state.ema = ema_start(sae) if cfg.ema else None
-    if run is not None and main:
-        _start_run_folder(run, {**record, "data": fingerprint(source)}, state.step)
-    grid.barrier()
+    if run is not None:
+        grid.together(lambda: _start_run_folder(run, {**record, "data": fingerprint(source)}, state.step) if main else None,
+                      f"start the run folder {run}")
 
     B = cfg.batch_size
     total_steps = cfg.tokens // B if cfg.tokens else None
@@ -323,10 +324,10 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
         if state.step % cfg.log_every == 0 or state.step == total_steps:
             n_dead = int(all_reduce((state.since_fired >= cfg.dead_tokens).sum(), grid.latent_group))
             seconds, waited = batches.window()
-            if main:
-                _log(run, bar, step=state.step, tokens=state.tokens, nmse=result.nmse.item(), l0=result.l0.item(),
-                     dead_fraction=n_dead / cfg.n_latents, auxk_loss=result.auxk_loss.item(), lr=lr,
-                     tokens_per_s=(state.tokens - window_start) / seconds, input_wait=waited)
+            row = dict(step=state.step, tokens=state.tokens, nmse=result.nmse.item(), l0=result.l0.item(),
+                       dead_fraction=n_dead / cfg.n_latents, auxk_loss=result.auxk_loss.item(), lr=lr,
+                       tokens_per_s=(state.tokens - window_start) / seconds, input_wait=waited)
+            grid.together(lambda: _log(run, bar, **row) if main else None, f"log step {state.step}")
             window_start = state.tokens
         every = cfg.checkpoint_every_tokens
         if run is not None and state.tokens // every != (state.tokens - B) // every:

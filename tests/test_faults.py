@@ -172,6 +172,17 @@ def test_distributed_run_survives_kill_9_and_sigterm(tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_a_failure_on_rank_0_alone_stops_every_rank_in_one_sentence(tmp_path):
+    """Rank 0 alone writes the run folder: a damaged metrics.jsonl fails it there, and the other rank,
+    waiting at the next collective, stops too, naming what failed, instead of waiting for a timeout."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("not json}\n")
+    errs = [proc.communicate(timeout=120)[1] for proc in start_ranks(run)]
+    assert re.search(r"metrics.jsonl line 1 is not valid JSON .*; delete that line or the file", errs[0]), errs[0]
+    assert f"RuntimeError: Another rank failed to start the run folder {run}; its log has the error." in errs[1], errs[1]
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = start(run, full_disk_at=6)  # checkpoint of step 4 written, that of step 8 hits the full disk
