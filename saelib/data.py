@@ -102,16 +102,20 @@ def _load_dataset(corpus: str):
     """A local ``.txt``/``.jsonl``/``.json`` file or a ``datasets`` name, as a ``datasets.Dataset``."""
     import datasets
 
-    datasets.disable_progress_bars()
     path = local_corpus(corpus)
     if path is not None:
         if not path.read_text(encoding="utf-8", errors="replace").strip():
             raise ValueError(f"Corpus file {path} is empty; give it some text.")
         builder, extra = ("text", {"sample_by": "paragraph"}) if path.suffix == ".txt" else ("json", {})
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a local file reads in seconds; a hub corpus keeps its download bars
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
         except Exception as e:  # malformed JSON and the like
             raise ValueError(f"Cannot read corpus file {path} as {builder}: {e}") from e
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     name, _, config = corpus.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split="train")

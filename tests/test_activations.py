@@ -249,6 +249,15 @@ def test_a_local_model_loads_without_shard_bars_and_leaves_download_bars_on():
     assert transformers_logging.is_progress_bar_enabled()  # a hub model loaded next shows its download
 
 
+def test_a_local_corpus_file_leaves_the_download_bars_of_hub_corpora_on(tmp_path):
+    import datasets
+
+    datasets.enable_progress_bars()
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    assert data.load_documents(str(tmp_path / "c.jsonl")) == ["hello there"]
+    assert datasets.is_progress_bar_enabled()
+
+
 def test_bad_model_and_corpus_errors(tmp_path):
     from saelib.models import load_lm
 
