@@ -8,6 +8,7 @@ iterable of batches; :class:`saelib.activations.CachedSource` streams an on-disk
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from itertools import chain, islice
 from typing import Iterable, Iterator, Protocol, runtime_checkable
@@ -90,15 +91,19 @@ class IterableSource:
         return (x.to(torch.float32) for x in islice(stream, start, None))
 
 
-def fingerprint(source: BatchSource) -> str | None:
+def fingerprint(source: BatchSource, normalizer: Normalizer) -> str | None:
     """What a run records of its data, to refuse resuming it on other data: a digest of a tensor's
-    rows or of a cache's manifest; None (unchecked) for an iterable or a ``BatchSource`` of the
-    caller's own, whose batches may differ from one pass to the next (a shuffling DataLoader)."""
+    rows or of a cache's manifest, and of the ``normalizer`` that maps raw activations onto them
+    (``x`` and ``2 * x`` normalise alike); None (unchecked) for an iterable or a ``BatchSource`` of
+    the caller's own, whose batches may differ from one pass to the next (a shuffling DataLoader)."""
     if isinstance(source, CachedSource):
         key = source.cache.manifest["key"]
-        return (f"activation cache of {key['model']} layer {key['layer']} {key['site']} on {key['corpus']} {key['split']}, "
+        data = (f"activation cache of {key['model']} layer {key['layer']} {key['site']} on {key['corpus']} {key['split']}, "
                 f"manifest sha256 {manifest_digest(source.cache.manifest)[:16]}")
-    return getattr(source, "fingerprint", None)
+    else:
+        data = getattr(source, "fingerprint", None)
+    stats = hashlib.sha256(json.dumps(normalizer.to_dict()).encode()).hexdigest()[:16]
+    return None if data is None else f"{data}, normaliser sha256 {stats}"
 
 
 def rows_digest(x: Tensor, rows: int = 64) -> str:

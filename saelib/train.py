@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import sys
@@ -236,13 +237,17 @@ def fit(
     if run is None:
         return _train(source, sae, cfg, None, grid, progress, [])
     with _run_lock(run, grid), _deferred_signals() as stop:
-        done, cfg = _check_run_folder(run, cfg, source.d_in, fingerprint(source), set(options))
+        done, cfg, recorded = _check_run_folder(run, cfg, source.d_in, fingerprint(source, normalizer), set(options))
         grid.barrier()  # every rank has read the run folder before rank 0 writes to it
         if not done:
             return _train(source, sae, cfg, run, grid, progress, stop)
         _say(progress and grid.rank == 0, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")
         if grid.latent_size == 1:
-            return merge_shards(run / "sae")
+            trained = merge_shards(run / "sae")
+            if recorded is None and not _same_normalizer(trained.normalizer, normalizer):  # a run that recorded no fingerprint
+                raise ValueError(f"{run} was trained on other activations (its SAE's normaliser is not this data's); use a "
+                                 "new out folder, or give the run the data it was trained on.")
+            return trained
         start = grid.latent_rank * sae.n_latents
         sae.load_state_dict(read_sae_rows(run / "sae", start, start + sae.n_latents))
         return sae.eval()
@@ -291,8 +296,8 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             sae.W_enc.mul_(cfg.encoder_init_scale)
         state.ema = ema_start(sae) if cfg.ema else None
     if run is not None:
-        grid.together(lambda: _start_run_folder(run, {**record, "data": fingerprint(source)}, state.step) if main else None,
-                      f"start the run folder {run}")
+        recorded = {**record, "data": fingerprint(source, sae.normalizer)}
+        grid.together(lambda: _start_run_folder(run, recorded, state.step) if main else None, f"start the run folder {run}")
 
     B = cfg.batch_size
     total_steps = cfg.tokens // B if cfg.tokens else None
@@ -447,9 +452,10 @@ class MetricsRow(BaseModel):
 BUDGET_DEFAULTS = {"lr": {"lr", "lr_multiplier"}, "warmup_steps": {"warmup_steps"}, "dead_tokens": {"dead_tokens"}}
 
 
-def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None, given: set[str]) -> tuple[bool, TrainConfig]:
+def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None,
+                      given: set[str]) -> tuple[bool, TrainConfig, str | None]:
     """Raise if ``run`` holds a run with another config, d_in or ``data`` (its fingerprint, where
-    both know it); return whether it is finished, and the config.
+    both know it); return whether it is finished, the config and the fingerprint it recorded.
 
     A run at a constant learning rate (``decay="none"``) asked for more ``tokens`` than it has is
     extended: its schedule does not depend on its length, so training on from its last checkpoint
@@ -459,7 +465,7 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None, 
     """
     path = run / "config.json"
     if not path.is_file():
-        return False, cfg
+        return False, cfg, None
     saved = read_json(path, RunConfig, f"use a new out folder, or delete {run} to start the run again").model_dump(mode="json")
     if saved["d_in"] != d_in:
         raise ValueError(f"{run} was trained on activations with d_in={saved['d_in']} but the data has d_in={d_in}; use a new out folder.")
@@ -481,7 +487,11 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None, 
             hint = (" (only a run at a constant learning rate, decay='none', can be extended to more tokens)."
                     if (saved["tokens"] or 0) < (cfg.tokens or 0) else " (a run can be extended to more tokens, not cut to fewer).")
         raise ValueError(f"{run} holds a run with a different config ({diff}); use a new out folder or the same options{hint}")
-    return not extend and finished(run), cfg
+    return not extend and finished(run), cfg, trained_on
+
+
+def _same_normalizer(a: Normalizer, b: Normalizer) -> bool:
+    return math.isclose(a.scale, b.scale, rel_tol=1e-6) and torch.allclose(a.mean, b.mean, rtol=1e-6, atol=1e-6 * b.scale)
 
 
 def _start_run_folder(run: Path, record: dict, step: int) -> None:

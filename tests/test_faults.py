@@ -341,7 +341,7 @@ def test_a_run_on_one_activation_cache_is_refused_another(tmp_path):
     one, other = small_cache(tmp_path / "one"), small_cache(tmp_path / "other", n_shards=4)
     options = dict(n_latents=16, k=2, tokens=64, batch_size=16, progress=False, out=tmp_path / "run")
     first = fit(one, **options)
-    cache = r"activation cache of test layer 0 resid_post on test train, manifest sha256 \w{16}"
+    cache = r"activation cache of test layer 0 resid_post on test train, manifest sha256 \w{16}, normaliser sha256 \w{16}"
     with pytest.raises(ValueError, match=rf"run was trained on other activations \({cache}; given: {cache}\)"):
         fit(other, **options)
     assert torch.equal(fit(ActivationCache(tmp_path / "one"), **options).W_dec, first.W_dec)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -244,16 +245,20 @@ def test_a_run_is_refused_other_activations_of_the_same_shape(tmp_path):
     options = dict(n_latents=64, k=4, tokens=1024, batch_size=256, progress=False)
     first = fit(x, out=tmp_path / "run", **options)
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
-    assert recorded.startswith("tensor 2048 x 16, sha256 ")
-    with pytest.raises(ValueError, match=r"run was trained on other activations \(tensor 2048 x 16, sha256 \w{16}; given: "
-                                         r"tensor 2048 x 16, sha256 \w{16}\); use a new out folder"):
+    assert re.fullmatch(r"tensor 2048 x 16, sha256 \w{16}, normaliser sha256 \w{16}", recorded), recorded
+    data = r"tensor 2048 x 16, sha256 \w{16}, normaliser sha256 \w{16}"
+    with pytest.raises(ValueError, match=rf"run was trained on other activations \({data}; given: {data}\); use a new out folder"):
         fit(other, out=tmp_path / "run", **options)
+    with pytest.raises(ValueError, match="run was trained on other activations"):  # normalised alike, raw twice as large
+        fit(2 * x, out=tmp_path / "run", **options)
     assert torch.equal(fit(x.clone(), out=tmp_path / "run", **options).W_dec, first.W_dec)  # the same values: loaded
 
-    # a run folder written before runs recorded their data: not checked (nor is an iterable of batches)
+    # a finished run written before runs recorded their data: its SAE's normaliser must be the data's
     config = tmp_path / "run" / "config.json"
     config.write_text(json.dumps({key: value for key, value in json.loads(config.read_text()).items() if key != "data"}))
-    assert torch.equal(fit(other, out=tmp_path / "run", **options).W_dec, first.W_dec)
+    assert torch.equal(fit(x, out=tmp_path / "run", **options).W_dec, first.W_dec)
+    with pytest.raises(ValueError, match=r"run was trained on other activations \(its SAE's normaliser is not this data's\)"):
+        fit(other, out=tmp_path / "run", **options)
 
 
 def test_a_constant_rate_run_extended_to_more_tokens_is_the_longer_run(tmp_path):
