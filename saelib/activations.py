@@ -460,8 +460,11 @@ def _build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of,
     layers = [layer for layer in layers if not caches[layer].complete]  # complete caches are left alone
     for c in todo:
         c.folder.mkdir(parents=True, exist_ok=True)
-        if not (c.folder / "contexts.safetensors").exists():
+        if not first_shard or not (c.folder / "contexts.safetensors").exists():
             atomic_write(c.folder / "contexts.safetensors", lambda tmp: save_file({"contexts": contexts.contiguous()}, tmp))
+        elif not torch.equal(c.contexts(), contexts):  # its shards index contexts that this build would not extract
+            raise ValueError(f"The unfinished activation cache at {c.folder} was begun on other contexts (the tokenizer "
+                             f"or the corpus changed since); delete {c.folder} and extract again.")
     written = 0
     n_shards = -(-len(contexts) // shard_contexts)
     for s in tqdm(range(first_shard, n_shards), desc="caching activations", unit="shard", disable=not progress,

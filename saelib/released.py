@@ -31,7 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 from . import config
 from .activations import cached_activations
 from .config import TrainConfig, paper_lr
-from .evals import downstream_loss, held_out, reconstruction_metrics
+from .evals import downstream_loss, held_out, reconstruction_metrics, trained_val_fraction
 from .loading import RELEASED as ROOT
 from .loading import find, load, resolve  # noqa: F401  (saelib.released.find / resolve)
 from .loading import released_names as names
@@ -165,8 +165,9 @@ def build_one(release: Release, run: Path, lm, progress: bool = True) -> dict:
     else:
         sae.save(folder)
         shipped = load(folder)  # evaluate exactly what ships
-        held = held_out(lm, release.layer, release.site, shipped.metadata["corpus"], shipped.metadata["ctx_len"],
-                        EVAL_TOKENS, progress=progress)
+        corpus = shipped.metadata["corpus"]
+        held = held_out(lm, release.layer, release.site, corpus, shipped.metadata["ctx_len"], EVAL_TOKENS, progress=progress,
+                        val_fraction=trained_val_fraction(shipped, corpus))
         scores = reconstruction_metrics(shipped, held.acts[held.keep])
         scores |= downstream_loss(shipped, lm, held.ids[:DOWNSTREAM_CONTEXTS], release.layer, release.site, progress=progress)
         scores["eval_tokens"] = held.n_tokens

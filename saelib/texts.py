@@ -10,6 +10,7 @@ command that installs it. :mod:`saelib.data` mixes them into training corpora; t
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import os
 import re
@@ -58,17 +59,27 @@ def austen() -> list[tuple[str, dict]]:
     """Austen's six novels, one document per group of paragraphs, tagged with ``book``.
 
     Reading the R data takes seconds; its documents are kept as JSON under ``$SAELIB_HOME/texts/``,
-    named by the digests of the files read, so later processes read them in milliseconds."""
+    named by the digests of the files read and of the code that reads and chunks them, so later
+    processes read them in milliseconds and a changed chunking is not served stale."""
     rdx, rdb = AUSTEN_DIR / "Rdata.rdx", AUSTEN_DIR / "Rdata.rdb"
     if not rdx.exists():
         raise SourceUnavailable("Austen's novels need `apt-get install r-cran-janeaustenr`.")
-    path, kept = kept_json("texts", "austen", file_digest(rdx), file_digest(rdb))
+    code = "".join(_source_of(f) for f in (_read_austen, _paragraphs))
+    path, kept = kept_json("texts", "austen", file_digest(rdx), file_digest(rdb), code)
     ok = isinstance(kept, list) and all(isinstance(d, list) and len(d) == 2 and all(isinstance(s, str) for s in d)
                                         for d in kept)
     if not ok:
         kept = _read_austen(rdx, rdb)
         atomic_write_text(path, json.dumps(kept))
     return [(chunk, {"source": "austen", "book": book}) for chunk, book in kept]
+
+
+def _source_of(function) -> str:
+    """A function's source (its bytecode where the source is not shipped)."""
+    try:
+        return inspect.getsource(function)
+    except OSError:
+        return function.__code__.co_code.hex()
 
 
 def _read_austen(rdx: Path, rdb: Path) -> list[list[str]]:

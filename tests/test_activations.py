@@ -82,6 +82,11 @@ def test_cache_round_trip_and_interrupted_build_resumes(lm, val_contexts, tmp_pa
     resumed = A.build_cache(lm, ctx, [6, 12], "resid_post", key_of, shard_contexts=4, batch_size=4, progress=False)
     fresh = A.build_cache(lm, ctx, [6, 12], "resid_post", lambda L: _key("fresh", L), shard_contexts=4,
                           batch_size=4, progress=False)
+    other = A.build_cache(lm, ctx[:8], [12], "resid_post", lambda L: _key("other", L), shard_contexts=4, batch_size=4,
+                          stop_after_shards=1, progress=False)[12]
+    with pytest.raises(ValueError, match=rf"The unfinished activation cache at {other.folder} was begun on other contexts"):
+        A.build_cache(lm, ctx[4:12], [12], "resid_post", lambda L: _key("other", L), shard_contexts=4, batch_size=4,
+                      progress=False)
     for layer in (6, 12):
         assert resumed[layer].complete
         rows = resumed[layer].all_rows()

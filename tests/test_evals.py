@@ -60,6 +60,30 @@ def test_held_out_activations_are_extracted_once_in_float32_and_read_from_the_ca
     assert not held.acts[~held.keep].any()  # the excluded tokens are not cached
 
 
+def test_an_sae_is_evaluated_on_the_share_of_its_corpus_it_trained_without(lm, monkeypatch):
+    from saelib import evals
+    from saelib.data import contexts
+    from saelib.evals.heldout import trained_val_fraction
+
+    sae = TopKSAE(576, 64, 4, metadata={**META, "corpus": "wikipedia", "val_fraction": 0.3})
+    assert trained_val_fraction(sae, "wikipedia") == 0.3 and trained_val_fraction(sae, "mix") == 0.1
+    assert trained_val_fraction(TopKSAE(576, 64, 4, metadata=META), "wikipedia") == 0.1  # not recorded: the default
+    held = held_out(lm, LAYER, max_tokens=4 * 64, progress=False, val_fraction=0.3)
+    assert torch.equal(held.ids, contexts("wikipedia", lm.tokenizer, "validation", max_tokens=4 * 64, val_fraction=0.3))
+    assert not torch.equal(held.ids, contexts("wikipedia", lm.tokenizer, "validation", max_tokens=4 * 64))
+
+    asked = {}
+
+    def stop(*args, **kwargs):  # evaluate's first step: what it asks for is all this test reads
+        asked.update(kwargs)
+        raise InterruptedError
+
+    monkeypatch.setattr(evals, "held_out", stop)
+    with pytest.raises(InterruptedError):
+        evaluate(sae, lm, progress=False)
+    assert asked["val_fraction"] == 0.3
+
+
 def test_probe_contexts_are_extracted_once_into_the_activation_cache_and_read_from_it(lm, monkeypatch, tmp_path):
     """Every SAE scored on the probe tasks shares one forward pass over their contexts."""
     import saelib.activations

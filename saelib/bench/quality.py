@@ -158,7 +158,7 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
     sample = config.PRESETS[eval_preset or budget]["eval"]
     lm = load_lm(cfg.model)
     held = held_out(lm, cfg.layer, cfg.site, cfg.corpus, cfg.ctx_len, sample["eval_tokens"], progress=progress,
-                    prepend_bos=cache.manifest["key"].get("prepend_bos", False))
+                    prepend_bos=cache.manifest["key"].get("prepend_bos", False), val_fraction=cfg.val_fraction)
     ids = held.ids[:sample["downstream_contexts"]]
     grid = {"budget": budget, "scale": scale, "steps": steps, "tokens": steps * cfg.batch_size,
             "n_latents": cfg.n_latents, "k": cfg.k, "batch_size": cfg.batch_size, "eval_tokens": held.n_tokens}

@@ -43,7 +43,7 @@ from .. import config
 from ..loading import load
 from .ablation import ablation_sparsity
 from .downstream import downstream_loss, splice
-from .heldout import HeldOut, encode, held_out, trained_prepend_bos, trained_site
+from .heldout import HeldOut, encode, held_out, trained_prepend_bos, trained_site, trained_val_fraction
 from .n2g import n2g
 from .probes import TASKS, probe_loss, probe_results
 from .reconstruction import density_histogram, latent_density, reconstruction_metrics
@@ -89,7 +89,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
         return result
 
     held = timed("activations", held_out, lm, layer, site, corpus, ctx_len, cfg["eval_tokens"], progress=progress,
-                 prepend_bos=prepend_bos)
+                 prepend_bos=prepend_bos, val_fraction=trained_val_fraction(sae, corpus))
     # the preset and the sample sizes travel with the numbers they produced
     report = {"eval_preset": preset, **{key: value for key, value in cfg.items() if key != "eval_tokens"},
               "eval_tokens": held.n_tokens}

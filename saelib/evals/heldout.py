@@ -40,6 +40,14 @@ def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
     return lm, int(meta["layer"]), meta.get("site", "resid_post"), int(meta.get("ctx_len", 64))
 
 
+def trained_val_fraction(sae, corpus: str) -> float:
+    """The share of ``corpus`` that was held out when the SAE trained on it (``metadata["val_fraction"]``),
+    so that its validation split holds no training document; the default 0.1 for another corpus or an
+    SAE that does not record it."""
+    meta = getattr(sae, "metadata", {}) or {}
+    return float(meta.get("val_fraction", 0.1)) if corpus == meta.get("corpus", "wikipedia") else 0.1
+
+
 def trained_prepend_bos(sae) -> bool:
     """Whether the SAE's training contexts started with the begin-of-sequence token
     (``metadata["prepend_bos"]``; False for SAEs that do not record it)."""
@@ -111,16 +119,18 @@ def cached_contexts(lm: LM, ids: Tensor, layer: int, site: str, name: str, progr
 
 
 def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipedia", ctx_len: int = 64,
-             max_tokens: int | None = 4096, progress: bool = True, prepend_bos: bool | None = None) -> HeldOut:
-    """The validation split of ``corpus``, packed into contexts, with activations at ``layer``/``site``:
-    extracted in float32 on first use, then read from the activation cache.
+             max_tokens: int | None = 4096, progress: bool = True, prepend_bos: bool | None = None,
+             val_fraction: float = 0.1) -> HeldOut:
+    """The validation split of ``corpus`` (its ``val_fraction`` of documents), packed into contexts,
+    with activations at ``layer``/``site``: extracted in float32 on first use, then read from the
+    activation cache. An SAE's evaluation passes :func:`trained_val_fraction`.
 
     ``prepend_bos``: start contexts with the begin-of-sequence token (:func:`saelib.data.pack`);
     ``None`` follows the model's convention, an SAE's evaluation passes :func:`trained_prepend_bos`.
     """
     # float32 even where training extracts in bf16: metrics compare with the activations that splicing
     # replaces in the float32 model
-    cache = cached_activations(lm.name, layer, site, corpus, "validation", ctx_len, max_tokens, lm=lm,
+    cache = cached_activations(lm.name, layer, site, corpus, "validation", ctx_len, max_tokens, val_fraction=val_fraction, lm=lm,
                                progress=progress, lm_dtype="float32", prepend_bos=prepend_bos)
     return HeldOut.from_cache(cache)
 

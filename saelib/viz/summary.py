@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .. import config
 from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
-from ..evals.heldout import encode, held_out, site_activations, trained_prepend_bos, trained_site
+from ..evals.heldout import encode, held_out, site_activations, trained_prepend_bos, trained_site, trained_val_fraction
 from ..evals.n2g import explain, score
 from ..files import atomic_write, digest
 from ..loading import load
@@ -337,8 +337,9 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     sae.eval()
     steps = tqdm(total=6, desc="visualizer summary", disable=not progress)
     if texts is None:
-        held = held_out(lm, layer, site, meta.get("corpus", "wikipedia"), ctx_len, opts["eval_tokens"], progress=progress,
-                        prepend_bos=trained_prepend_bos(sae))
+        corpus = meta.get("corpus", "wikipedia")
+        held = held_out(lm, layer, site, corpus, ctx_len, opts["eval_tokens"], progress=progress,
+                        prepend_bos=trained_prepend_bos(sae), val_fraction=trained_val_fraction(sae, corpus))
     else:
         ids = pack(list(texts), lm.tokenizer, ctx_len, max_contexts=max(1, opts["eval_tokens"] // ctx_len),
                    prepend_bos=trained_prepend_bos(sae))
