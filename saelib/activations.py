@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import data
 from .files import atomic_write, atomic_write_text, exclusive, file_digest, read_json
 from .kernels import fast_bf16
-from .models import LM, LM_DTYPES, SITES, load_lm, load_tokenizer
+from .models import LM, LM_DTYPES, SITES, load_lm, load_tokenizer, model_digest
 from .normalize import Normalizer
 from .paths import cache_dir
 
@@ -187,16 +187,19 @@ class CacheKey:
     format: int = CACHE_FORMAT
     prepend_bos: bool = False  # contexts start with the begin-of-sequence token (see saelib.data.pack)
     lm_dtype: str = "float32"  # of the LM's forward (see extract)
+    model_digest: str | None = None  # of a local model folder's files (see saelib.models.model_digest)
 
     def to_dict(self) -> dict:
         """The key as the manifest records it and :meth:`digest` hashes it; ``prepend_bos`` only when
-        True and ``lm_dtype`` only when not float32, so that a recorded key without them reads as the
-        default and the caches made before them keep their folders."""
+        True, ``lm_dtype`` only when not float32 and ``model_digest`` only when set, so that a recorded
+        key without them reads as the default and the caches made before them keep their folders."""
         key = asdict(self)
         if not self.prepend_bos:
             del key["prepend_bos"]
         if self.lm_dtype == "float32":
             del key["lm_dtype"]
+        if self.model_digest is None:
+            del key["model_digest"]
         return key
 
     def digest(self) -> str:
@@ -658,9 +661,11 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
         prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
     dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else device) if lm_dtype is None else lm_dtype)
 
+    weights = model_digest(model)
+
     def key_of(L: int) -> CacheKey:
         return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256,
-                        prepend_bos=prepend_bos, lm_dtype=dtype)
+                        prepend_bos=prepend_bos, lm_dtype=dtype, model_digest=weights)
 
     caches = {L: ActivationCache(cache_dir("activations") / key_of(L).folder_name(), key_of(L)) for L in layers}
     if not all(c.complete for c in caches.values()):

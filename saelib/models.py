@@ -8,6 +8,8 @@ The result wraps the model for nnsight and knows where its decoder layers and si
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -233,6 +235,23 @@ def check_layer(name: str, layer: int, n_layers: int) -> None:
     one sentence naming the valid ones."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
         raise ValueError(f"Layer {layer!r} does not exist in {name}: it has {n_layers} layers, so choose 0 to {n_layers - 1}.")
+
+
+def model_digest(name: str) -> str | None:
+    """What a local model folder's name does not say: a digest (16 hex digits) of each of its files'
+    name, size and modification time, so that a model saved again into the same folder (a further
+    fine-tune) gets caches of its own; None for the embedded models and hub names, named by their names."""
+    folder = Path(name)
+    if name in EMBEDDED or not folder.is_dir():
+        return None
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def model_id(name: str) -> str:
+    """``name``, with :func:`model_digest` where it has one: what keys results computed with the model."""
+    digest = model_digest(name)
+    return name if digest is None else f"{name}@{digest}"
 
 
 def _source(name: str) -> str | Path:

@@ -80,8 +80,9 @@ def test_clean_loss_is_that_of_a_plain_forward_of_the_text(bos_lm):
 def test_cache_keys_with_and_without_bos_never_mix(bos_lm, tmp_path, monkeypatch):
     key = CacheKey("smollm2-135m", 12, "resid_post", "wikipedia", "train", 64, None)
     with_bos = replace(key, prepend_bos=True)
-    # without BOS (and with the float32 forward), the key is recorded and hashed as when it had no such fields
-    assert key.to_dict() == {k: v for k, v in asdict(key).items() if k not in ("prepend_bos", "lm_dtype")}
+    # without BOS (with the float32 forward, of a model named by its name), the key is recorded and hashed
+    # as when it had no such fields
+    assert key.to_dict() == {k: v for k, v in asdict(key).items() if k not in ("prepend_bos", "lm_dtype", "model_digest")}
     assert with_bos.to_dict() == {**key.to_dict(), "prepend_bos": True} and with_bos.folder_name() != key.folder_name()
 
     monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
@@ -92,6 +93,30 @@ def test_cache_keys_with_and_without_bos_never_mix(bos_lm, tmp_path, monkeypatch
     assert (cache.contexts()[:, 0] == bos_lm.tokenizer.bos_token_id).all()
     with pytest.raises(ValueError, match="prepend_bos"):
         ActivationCache(cache.folder, replace(CacheKey(**cache.manifest["key"]), prepend_bos=False))
+
+
+def test_a_model_saved_again_into_its_folder_gets_caches_of_its_own(bos_lm, tmp_path, monkeypatch):
+    """A local model folder is keyed by its files too: a further fine-tune saved over it is not
+    served the activations (nor the evaluation's kept losses) of the model it replaced."""
+    import shutil
+
+    from saelib.models import model_digest, model_id
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "home"))
+    folder = str(shutil.copytree(bos_lm.name, tmp_path / "model"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(DOCS * 8))
+    options = dict(corpus=str(corpus), split="all", ctx_len=16, progress=False)
+    lm = load_lm(folder)
+    before = cached_activations(folder, 1, lm=lm, **options)
+    assert before.manifest["key"]["model_digest"] == model_digest(folder) and model_id(folder) == f"{folder}@{model_digest(folder)}"
+    assert cached_activations(folder, 1, lm=lm, **options).folder == before.folder  # unchanged: the same cache
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.up_proj.weight.mul_(2)
+    lm.model.save_pretrained(folder)  # a further fine-tune, saved over the first
+    after = cached_activations(folder, 1, lm=load_lm(folder), **options)
+    assert after.folder != before.folder and not torch.equal(after.all_rows(), before.all_rows())
+    assert model_digest("smollm2-135m") is None and model_id("smollm2-135m") == "smollm2-135m"
 
 
 def test_a_run_records_bos_for_its_evaluation(bos_lm, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..files import atomic_write_text, kept_json
+from ..models import model_id
 from ..stats import mean_interval
 from .downstream import sae_reconstruct, splice
 from .heldout import HeldOut, encode
@@ -92,7 +93,7 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     for j, (c, ch) in enumerate(zip(contexts, channels)):
         delta[j, :, ch] = (held.acts[c, :, ch] - sae.normalizer.mean[ch]) * held.keep[c]
     ctx = torch.tensor(contexts)
-    kept_file, channel_sparsity = kept_json("ablation", [lm.name, held.layer, held.site, batch_size], held.ids[ctx],
+    kept_file, channel_sparsity = kept_json("ablation", [model_id(lm.name), held.layer, held.site, batch_size], held.ids[ctx],
                                             held.keep[ctx], delta)
     if not (isinstance(channel_sparsity, list) and len(channel_sparsity) == sample):
         channel_sparsity = _sparsities(lm, held, contexts, delta, None, batch_size, "ablation sparsity (channels)",

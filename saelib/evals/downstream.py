@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..activations import keep_mask
 from ..files import atomic_write_text, kept_json
-from ..models import LM
+from ..models import LM, model_id
 
 Reconstruct = Callable[[Tensor], Tensor]  # raw (b, T, d) -> raw (b, T, d)
 
@@ -91,7 +91,7 @@ def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 def _kept_ablations(lm: LM, ids: Tensor, layer: int, site: str, mean: Tensor, batch_size: int):
     """Where the zero- and mean-ablation losses of these contexts are kept, and those losses (summed
     CE and scored predictions) if they are there."""
-    path, kept = kept_json("downstream", [lm.name, layer, site, batch_size], ids.to(torch.int64), mean.float())
+    path, kept = kept_json("downstream", [model_id(lm.name), layer, site, batch_size], ids.to(torch.int64), mean.float())
     ok = isinstance(kept, dict) and all(isinstance(kept.get(key), (int, float)) for key in ("zero", "mean", "n"))
     return path, kept if ok else None
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..activations import ActivationCache, CacheKey, build_cache, cached_activations, extract, keep_mask
 from ..files import digest
-from ..models import LM
+from ..models import LM, model_digest
 
 
 def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
@@ -114,7 +114,8 @@ def cached_contexts(lm: LM, ids: Tensor, layer: int, site: str, name: str, progr
     contexts get a cache of their own. Excluded tokens read as zero activations (see :class:`HeldOut`).
     """
     sha256 = digest(ids.to(torch.int64))
-    key = CacheKey(lm.name, layer, site, name, "contexts", ids.shape[1], None, corpus_sha256=sha256)
+    key = CacheKey(lm.name, layer, site, name, "contexts", ids.shape[1], None, corpus_sha256=sha256,
+                   model_digest=model_digest(lm.name))
     return HeldOut.from_cache(build_cache(lm, ids, [layer], site, lambda _: key, progress=progress)[layer])
 
 
