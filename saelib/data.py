@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -116,14 +117,31 @@ def _load_dataset(corpus: str):
         finally:
             if bars:
                 datasets.enable_progress_bars()
+    return _hub_dataset(corpus)
+
+
+def _hub_dataset(corpus: str, streaming: bool = False):
+    """A ``datasets`` name's (``"name"`` or ``"name:config"``) train split, whole or streamed."""
+    import datasets
+
     name, _, config = corpus.partition(":")
     try:
-        return datasets.load_dataset(name, config or None, split="train")
+        return datasets.load_dataset(name, config or None, split="train", streaming=streaming)
     except Exception as e:  # datasets raises many types for "not found / offline"
         raise ValueError(
             f"Cannot load corpus {corpus!r}: it is not an embedded corpus ({', '.join([*EMBEDDED, *MIXES])}), "
             f"an existing .txt/.jsonl/.json file, or a datasets name reachable from here ({type(e).__name__})."
         ) from e
+
+
+def _streamed_documents(corpus: str, text_field: str = "text") -> Iterator[str]:
+    """A ``datasets`` name's documents in order, read as they are needed: a bounded ``max_tokens``
+    downloads what it packs, not the whole split (terabytes for a web corpus)."""
+    for row in _hub_dataset(corpus, streaming=True):
+        if text_field not in row:
+            raise ValueError(f"Corpus {corpus!r} has no {text_field!r} field; its fields are {', '.join(row)}.")
+        if row[text_field] and row[text_field].strip():
+            yield row[text_field].strip()
 
 
 def local_corpus(corpus: str) -> Path | None:
@@ -146,16 +164,17 @@ def split_documents(docs: list[str], split: str, val_fraction: float = 0.1) -> l
     A document always lands in the same split, whatever else is in the corpus, so evaluations
     run on text the SAE never saw.
     """
+    return list(_in_split(docs, split, val_fraction))
+
+
+def _in_split(docs: Iterable[str], split: str, val_fraction: float) -> Iterator[str]:
+    """The documents of ``docs`` that fall in ``split``, as they come (see :func:`split_documents`)."""
     if split not in ("train", "validation", "all"):
         raise ValueError(f"Unknown split {split!r}; choose train, validation or all.")
-    if split == "all":
-        return docs
-
-    def in_validation(doc: str) -> bool:
+    for doc in docs:
         h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "big")
-        return h / 2**64 < val_fraction
-
-    return [d for d in docs if in_validation(d) == (split == "validation")]
+        if split == "all" or (h / 2**64 < val_fraction) == (split == "validation"):
+            yield doc
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -221,9 +240,15 @@ def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None
 
 def contexts(corpus: str, tokenizer, split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
              val_fraction: float = 0.1, prepend_bos: bool | None = None) -> Tensor:
-    """``(n_contexts, ctx_len)`` packed token ids of one split of a corpus (the whole pipeline above)."""
+    """``(n_contexts, ctx_len)`` packed token ids of one split of a corpus (the whole pipeline above).
+
+    A ``datasets`` name with ``max_tokens`` is streamed: its documents are read until the contexts
+    are filled (the same contexts a whole download gives)."""
+    max_contexts = None if max_tokens is None else max(1, max_tokens // ctx_len)
+    if max_tokens is not None and corpus not in EMBEDDED and corpus not in MIXES and local_corpus(corpus) is None:
+        return pack(_in_split(_streamed_documents(corpus), split, val_fraction), tokenizer, ctx_len,
+                    max_contexts=max_contexts, prepend_bos=prepend_bos)
     docs = split_documents(load_documents(corpus), split, val_fraction)
     if not docs:
         raise ValueError(f"The {split} split of corpus {corpus!r} is empty; use a larger corpus or another val_fraction.")
-    max_contexts = None if max_tokens is None else max(1, max_tokens // ctx_len)
     return pack(docs, tokenizer, ctx_len, max_contexts=max_contexts, prepend_bos=prepend_bos)

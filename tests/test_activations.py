@@ -1,6 +1,7 @@
 """The activation pipeline on the real SmolLM2: hooks, early stop, exclusion, cache, shuffling."""
 
 import json
+import re
 import threading
 import time
 
@@ -261,6 +262,24 @@ def test_a_local_corpus_file_leaves_the_download_bars_of_hub_corpora_on(tmp_path
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
     assert data.load_documents(str(tmp_path / "c.jsonl")) == ["hello there"]
     assert datasets.is_progress_bar_enabled()
+
+
+def test_a_datasets_corpus_is_streamed_until_its_contexts_are_filled(tmp_path):
+    """A datasets name (here a local dataset folder, read as a hub dataset is) with max_tokens reads
+    its documents only until the contexts are filled: the second file, which a whole download reads,
+    is damaged, and the streamed contexts never reach it."""
+    from saelib.models import load_tokenizer
+
+    docs = [f"Note {i}: the river {i % 7} rises in hill {i % 5} and meets the sea." for i in range(300)]
+    (tmp_path / "dataset" / "data").mkdir(parents=True)
+    (tmp_path / "dataset" / "data" / "train-00000-of-00002.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "dataset" / "data" / "train-00001-of-00002.jsonl").write_text("{damaged\n")
+    tok, name = load_tokenizer("smollm2-135m"), str(tmp_path / "dataset")
+    for split in ("train", "validation"):
+        streamed = data.contexts(name, tok, split, ctx_len=16, max_tokens=16 * 20)
+        assert torch.equal(streamed, data.pack(data.split_documents(docs, split), tok, 16, max_contexts=20))
+    with pytest.raises(ValueError, match=rf"Cannot load corpus '{re.escape(name)}'"):
+        data.contexts(name, tok, "train", ctx_len=16)  # all of it: the whole split, damaged file included
 
 
 def test_bad_model_and_corpus_errors(tmp_path):
