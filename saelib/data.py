@@ -134,10 +134,9 @@ def _hub_dataset(corpus: str, streaming: bool = False):
         ) from e
 
 
-def _streamed_documents(corpus: str, text_field: str = "text") -> Iterator[str]:
-    """A ``datasets`` name's documents in order, read as they are needed: a bounded ``max_tokens``
-    downloads what it packs, not the whole split (terabytes for a web corpus)."""
-    for row in _hub_dataset(corpus, streaming=True):
+def _streamed_documents(corpus: str, rows, text_field: str = "text") -> Iterator[str]:
+    """The documents of a streamed ``datasets`` split ``rows``, in order, read as they are needed."""
+    for row in rows:
         if text_field not in row:
             raise ValueError(f"Corpus {corpus!r} has no {text_field!r} field; its fields are {', '.join(row)}.")
         if row[text_field] and row[text_field].strip():
@@ -243,11 +242,18 @@ def contexts(corpus: str, tokenizer, split: str = "train", ctx_len: int = 64, ma
     """``(n_contexts, ctx_len)`` packed token ids of one split of a corpus (the whole pipeline above).
 
     A ``datasets`` name with ``max_tokens`` is streamed: its documents are read until the contexts
-    are filled (the same contexts a whole download gives)."""
+    are filled, so a bounded run downloads what it packs, not the whole split (terabytes for a web
+    corpus); the contexts are those of the whole split of the same revision. Where it cannot be
+    streamed (offline), the whole split is read, from ``datasets``' own cache where it has one."""
     max_contexts = None if max_tokens is None else max(1, max_tokens // ctx_len)
     if max_tokens is not None and corpus not in EMBEDDED and corpus not in MIXES and local_corpus(corpus) is None:
-        return pack(_in_split(_streamed_documents(corpus), split, val_fraction), tokenizer, ctx_len,
-                    max_contexts=max_contexts, prepend_bos=prepend_bos)
+        try:
+            rows = _hub_dataset(corpus, streaming=True)
+        except ValueError:
+            rows = None
+        if rows is not None:
+            return pack(_in_split(_streamed_documents(corpus, rows), split, val_fraction), tokenizer, ctx_len,
+                        max_contexts=max_contexts, prepend_bos=prepend_bos)
     docs = split_documents(load_documents(corpus), split, val_fraction)
     if not docs:
         raise ValueError(f"The {split} split of corpus {corpus!r} is empty; use a larger corpus or another val_fraction.")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,7 @@ LATENT_PARAMS = ("W_enc", "b_enc", "W_dec")  # split by rows over the latent gro
 # rows of the random init drawn per call; a multiple of 16 keeps the CPU normal stream identical
 # to one big draw, so every grid starts from TopKSAE's own init
 INIT_CHUNK_ROWS = 4096
+T = TypeVar("T")
 
 
 # ---- process grid ---------------------------------------------------------------------------
@@ -88,19 +89,20 @@ class Grid:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def together(self, action: Callable[[], object], what: str) -> None:
-        """``action()`` on this rank (a rank with nothing to do passes one that does nothing); if it
-        raises on any rank, every rank raises, the others naming ``what``, so that none is left
-        waiting at the next collective. Every rank returns only when all have run theirs."""
-        failure = None
+    def together(self, action: Callable[[], T], what: str) -> T:
+        """``action()`` on this rank (a rank with nothing to do passes one that does nothing), and what
+        it returns; if it raises on any rank, every rank raises, the others naming ``what``, so that
+        none is left waiting at the next collective. Every rank returns only when all have run theirs."""
+        result, failure = None, None
         try:
-            action()
+            result = action()
         except Exception as error:
             failure = error
         if self.any(failure is not None):
             if failure is not None:
                 raise failure
             raise RuntimeError(f"Another rank failed to {what}; its log has the error.")
+        return result
 
     def from_main(self, compute, like: Tensor) -> Tensor:
         """``compute()`` on rank 0, sent to every rank; if it raises there, every rank raises."""

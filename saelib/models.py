@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .files import exclusive, remove, temp_path
+from .files import atomic_write_text, exclusive, kept_json, remove, sha256_file, temp_path
 from .paths import cache_dir, packaged_file
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -238,14 +238,26 @@ def check_layer(name: str, layer: int, n_layers: int) -> None:
 
 
 def model_digest(name: str) -> str | None:
-    """What a local model folder's name does not say: a digest (16 hex digits) of each of its files'
-    name, size and modification time, so that a model saved again into the same folder (a further
-    fine-tune) gets caches of its own; None for the embedded models and hub names, named by their names."""
+    """What a local model folder's name does not say: a digest (16 hex digits) of its files' names
+    and contents, so that a model saved again into the same folder (a further fine-tune) gets caches
+    of its own, and a copy of it shares them; None for the embedded models and hub names, named by
+    their names."""
     folder = Path(name)
     if name in EMBEDDED or not folder.is_dir():
         return None
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    files = [(p.name, _content_digest(p)) for p in sorted(folder.iterdir()) if p.is_file()]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def _content_digest(path: Path) -> str:
+    """The SHA-256 of a file, read once per path, size and modification time (kept under
+    ``$SAELIB_HOME/digests/``): a model's weights take a second or two per GB to hash."""
+    stat = path.stat()
+    kept_at, kept = kept_json("digests", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if not isinstance(kept, str):
+        kept = sha256_file(path)
+        atomic_write_text(kept_at, json.dumps(kept))
+    return kept
 
 
 def model_id(name: str) -> str:

@@ -58,15 +58,15 @@ PNG_TIMEOUT_S = 120
 def _start_png_server() -> bool:
     """Keep one browser for this process's PNGs (stopped at exit): on its own, kaleido starts one
     per ``write_image``, 3 s each against 0.25 s through the kept one (2 cores). False, with one
-    warning, where kaleido finds no browser."""
+    warning, where kaleido finds no browser (its search: ``BROWSER_PATH``, ``PATH``, the usual
+    places, its own download)."""
     global _png_server_started
     if _png_server_started is None:
         import kaleido
-        from kaleido.errors import ChromeNotFoundError
+        from choreographer.browsers.chromium import Chromium
 
-        try:
-            kaleido.Kaleido()  # looks for the browser as the server would, without starting it
-        except ChromeNotFoundError:
+        browser = Chromium.find_browser(skip_local=False)
+        if not (browser and Path(browser).is_file()):
             _no_png("No Chrome or Chromium found for the PNG figures")
         else:
             kaleido.start_sync_server(silence_warnings=True)
@@ -83,32 +83,35 @@ def _no_png(reason: str) -> None:
 
 
 def _write_png(fig: go.Figure, path: Path) -> bool:
-    """``fig.write_image(path)`` through the kept browser; False (PNGs given up, one warning) where
-    the browser failed: kaleido's server thread then dies and ``write_image`` would wait for ever,
-    so the write runs in a thread of its own, watched."""
+    """``fig`` as a PNG at ``path`` through the kept browser; False (PNGs given up, one warning)
+    where the browser failed: kaleido's server thread then dies, or waits on the browser, and a
+    call into it would wait for ever, so the call runs in a thread of its own, watched."""
     import kaleido
 
-    server = getattr(getattr(kaleido, "_global_server", None), "_thread", None)  # kaleido's server thread
-    failed: list[BaseException] = []
+    server = getattr(kaleido, "_global_server", None)  # kaleido's kept server and its thread
+    thread = getattr(server, "_thread", None)
+    opts = dict(format="png", width=900, height=fig.layout.height or 500, scale=1)
+    result: list = []
 
-    def write() -> None:
+    def draw() -> None:
         try:
-            fig.write_image(path, width=900, height=fig.layout.height or 500, scale=1)
+            result.append(kaleido.calc_fig_sync(fig.to_dict(), opts=opts))
         except BaseException as e:  # re-raised in the caller's thread
-            failed.append(e)
+            result.append(e)
 
-    writer = threading.Thread(target=write, name="saelib-png", daemon=True)
+    drawer = threading.Thread(target=draw, name="saelib-png", daemon=True)
+    drawer.start()
     deadline = time.monotonic() + PNG_TIMEOUT_S
-    with warnings.catch_warnings():  # plotly: "The kopts argument is ignored if using a server"
-        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-        writer.start()
-        while writer.is_alive():
-            writer.join(0.1)
-            if writer.is_alive() and ((server is not None and not server.is_alive()) or time.monotonic() > deadline):
-                _no_png("The browser drawing the PNG figures failed to start or stopped")
-                return False
-    if failed:
-        raise failed[0]
+    while drawer.is_alive():
+        drawer.join(0.1)
+        if drawer.is_alive() and ((thread is not None and not thread.is_alive()) or time.monotonic() > deadline):
+            if thread is not None and thread.is_alive():  # a hung browser: kaleido's close at exit would wait on it
+                server._initialized = False
+            _no_png("The browser drawing the PNG figures failed to start or stopped")
+            return False
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    path.write_bytes(result[0])
     return True
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -435,10 +436,11 @@ class TopKSAE(nn.Module):
         scale. ``dead_mask`` and ``loss_options`` are those of ``train_forward``."""
         if dead_mask is not None and not (isinstance(dead_mask, Tensor) and dead_mask.dtype == torch.bool
                                           and dead_mask.shape == (self.n_latents,)):
-            got = f"{dead_mask.dtype} of shape {tuple(dead_mask.shape)}" if isinstance(dead_mask, Tensor) else type(dead_mask).__name__
+            got = (f"{dead_mask.dtype} of shape {tuple(dead_mask.shape)}" if isinstance(dead_mask, Tensor)
+                   else type(dead_mask).__name__)
             raise ValueError(f"dead_mask must be a ({self.n_latents},) bool tensor, True for each dead latent, got {got}.")
         k_aux = loss_options.get("k_aux")
-        if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, int) or k_aux < 1):
+        if k_aux is not None and (isinstance(k_aux, bool) or not isinstance(k_aux, numbers.Integral) or k_aux < 1):
             raise ValueError(f"k_aux must be a positive integer (or None for min(512, d_in // 2)), got {k_aux!r}.")
         out = self.train_forward(self._normalised(x), dead_mask, **loss_options)
         return out._replace(x_hat=self._raw(out.x_hat))

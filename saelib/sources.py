@@ -91,25 +91,30 @@ class IterableSource:
         return (x.to(torch.float32) for x in islice(stream, start, None))
 
 
-def fingerprint(source: BatchSource, normalizer: Normalizer) -> str | None:
-    """What a run records of its data, to refuse resuming it on other data: a digest of a tensor's
-    rows or of a cache's manifest, and of the ``normalizer`` that maps raw activations onto them
-    (``x`` and ``2 * x`` normalise alike); None (unchecked) for an iterable or a ``BatchSource`` of
-    the caller's own, whose batches may differ from one pass to the next (a shuffling DataLoader)."""
+def fingerprint(source: BatchSource) -> str | None:
+    """What a run records of its data, to refuse resuming it on other data: a digest of a raw
+    tensor's rows (:func:`as_source` sets it, before normalising: ``x`` and ``2 * x`` normalise
+    alike) or of a cache's manifest, and of the normaliser where it is given rather than fit to
+    them; None (unchecked) for an iterable or a ``BatchSource`` of the caller's own, whose batches
+    may differ from one pass to the next (a shuffling DataLoader)."""
     if isinstance(source, CachedSource):
         key = source.cache.manifest["key"]
-        data = (f"activation cache of {key['model']} layer {key['layer']} {key['site']} on {key['corpus']} {key['split']}, "
-                f"manifest sha256 {manifest_digest(source.cache.manifest)[:16]}")
-    else:
-        data = getattr(source, "fingerprint", None)
-    stats = hashlib.sha256(json.dumps(normalizer.to_dict()).encode()).hexdigest()[:16]
-    return None if data is None else f"{data}, normaliser sha256 {stats}"
+        return (f"activation cache of {key['model']} layer {key['layer']} {key['site']} on {key['corpus']} "
+                f"{key['split']}, manifest sha256 {manifest_digest(source.cache.manifest)[:16]}, "
+                f"{normaliser_digest(source.normalizer)}")
+    return getattr(source, "fingerprint", None)
+
+
+def normaliser_digest(normalizer: Normalizer) -> str:
+    """The SHA-256 (16 hex digits) of a normaliser's mean and scale, as its JSON gives them."""
+    return "normaliser sha256 " + hashlib.sha256(json.dumps(normalizer.to_dict()).encode()).hexdigest()[:16]
 
 
 def rows_digest(x: Tensor, rows: int = 64) -> str:
     """The SHA-256 (16 hex digits) of ``rows`` rows of ``x (N, d)`` spread evenly over it (all if fewer)."""
     picked = x[torch.linspace(0, len(x) - 1, min(rows, len(x))).round().long().to(x.device)]
-    return "sha256 " + hashlib.sha256(picked.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+    data = picked.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return "sha256 " + hashlib.sha256(data).hexdigest()[:16]
 
 
 def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_rows: int) -> tuple[BatchSource, Normalizer]:
@@ -123,11 +128,15 @@ def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_
                          f"tensors, got {type(data).__name__}{hint}.")
     if isinstance(data, Tensor):
         _check_dtype(data, "The activations have")
-        data = data.detach()  # activations hooked with autograd on: train on their values
+        raw = data.detach()  # activations hooked with autograd on: train on their values
+        given = "" if normalizer is None else f", {normaliser_digest(normalizer)}"
         if normalizer is None and normalize is not False:
-            normalizer = Normalizer.fit(data)
-            data = normalizer.apply(data)
+            normalizer = Normalizer.fit(raw)
+            data = normalizer.apply(raw)
+        else:
+            data = raw
         source = TensorSource(data)
+        source.fingerprint = f"tensor {len(raw)} x {raw.shape[-1]}, {rows_digest(raw)}{given}"
     elif isinstance(data, ActivationCache):  # shuffled batches on the cache's normalised scale
         source = CachedSource(data, normalizer)
         normalizer = source.normalizer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import marshal
 import os
 import re
 import tarfile
@@ -75,11 +76,11 @@ def austen() -> list[tuple[str, dict]]:
 
 
 def _source_of(function) -> str:
-    """A function's source (its bytecode where the source is not shipped)."""
+    """A function's source (its code object and defaults where the source is not shipped)."""
     try:
         return inspect.getsource(function)
     except OSError:
-        return function.__code__.co_code.hex()
+        return marshal.dumps(function.__code__).hex() + repr(function.__defaults__)
 
 
 def _read_austen(rdx: Path, rdb: Path) -> list[list[str]]:

@@ -237,14 +237,16 @@ def fit(
     if run is None:
         return _train(source, sae, cfg, None, grid, progress, [])
     with _run_lock(run, grid), _deferred_signals() as stop:
-        done, cfg, recorded = _check_run_folder(run, cfg, source.d_in, fingerprint(source, normalizer), set(options))
-        grid.barrier()  # every rank has read the run folder before rank 0 writes to it
+        # every rank has read the run folder before rank 0 writes to it, and a refusal stops every rank
+        done, cfg, recorded = grid.together(lambda: _check_run_folder(run, cfg, source.d_in, fingerprint(source),
+                                                                      set(options)), f"check the run folder {run}")
         if not done:
             return _train(source, sae, cfg, run, grid, progress, stop)
         _say(progress and grid.rank == 0, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")
         if grid.latent_size == 1:
             trained = merge_shards(run / "sae")
-            if recorded is None and not _same_normalizer(trained.normalizer, normalizer):  # a run that recorded no fingerprint
+            # a run written before runs recorded their data: its SAE's normaliser must be this data's
+            if recorded is None and not _same_normalizer(trained.normalizer, normalizer):
                 raise ValueError(f"{run} was trained on other activations (its SAE's normaliser is not this data's); use a "
                                  "new out folder, or give the run the data it was trained on.")
             return trained
@@ -296,7 +298,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
             sae.W_enc.mul_(cfg.encoder_init_scale)
         state.ema = ema_start(sae) if cfg.ema else None
     if run is not None:
-        recorded = {**record, "data": fingerprint(source, sae.normalizer)}
+        recorded = {**record, "data": fingerprint(source)}
         grid.together(lambda: _start_run_folder(run, recorded, state.step) if main else None, f"start the run folder {run}")
 
     B = cfg.batch_size
@@ -491,7 +493,9 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None,
 
 
 def _same_normalizer(a: Normalizer, b: Normalizer) -> bool:
-    return math.isclose(a.scale, b.scale, rel_tol=1e-6) and torch.allclose(a.mean, b.mean, rtol=1e-6, atol=1e-6 * b.scale)
+    """Whether two normalisers agree to float rounding (one fit again to the same data, on any device)."""
+    return math.isclose(a.scale, b.scale, rel_tol=1e-6) and torch.allclose(a.mean, b.mean.to(a.mean.device), rtol=1e-6,
+                                                                           atol=1e-6 * b.scale)
 
 
 def _start_run_folder(run: Path, record: dict, step: int) -> None:
@@ -499,6 +503,8 @@ def _start_run_folder(run: Path, record: dict, step: int) -> None:
     left by a shorter run being extended (its last checkpoint holds its state)."""
     run.mkdir(parents=True, exist_ok=True)
     remove(run / "sae")
+    if record.get("data") is None and (run / "config.json").is_file():  # data it cannot check now keeps what was recorded
+        record = {**record, "data": json.loads((run / "config.json").read_text()).get("data")}
     atomic_write_text(run / "config.json", json.dumps(record, indent=2))
     metrics = run / "metrics.jsonl"
     if metrics.exists():

@@ -280,6 +280,9 @@ def test_a_datasets_corpus_is_streamed_until_its_contexts_are_filled(tmp_path):
         assert torch.equal(streamed, data.pack(data.split_documents(docs, split), tok, 16, max_contexts=20))
     with pytest.raises(ValueError, match=rf"Cannot load corpus '{re.escape(name)}'"):
         data.contexts(name, tok, "train", ctx_len=16)  # all of it: the whole split, damaged file included
+    # offline (as here) a hub name cannot be streamed: the whole split is asked of datasets' cache
+    with pytest.raises(ValueError, match=r"Cannot load corpus 'no-such/corpus-xyz': it is not an embedded corpus"):
+        data.contexts("no-such/corpus-xyz", tok, "train", ctx_len=16, max_tokens=16 * 20)
 
 
 def test_bad_model_and_corpus_errors(tmp_path):

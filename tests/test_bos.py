@@ -116,6 +116,8 @@ def test_a_model_saved_again_into_its_folder_gets_caches_of_its_own(bos_lm, tmp_
     lm.model.save_pretrained(folder)  # a further fine-tune, saved over the first
     after = cached_activations(folder, 1, lm=load_lm(folder), **options)
     assert after.folder != before.folder and not torch.equal(after.all_rows(), before.all_rows())
+    copy = str(shutil.copytree(folder, tmp_path / "copy", copy_function=shutil.copyfile))  # new modification times
+    assert model_digest(copy) == model_digest(folder)  # the same files: the same caches
     assert model_digest("smollm2-135m") is None and model_id("smollm2-135m") == "smollm2-135m"
 
 

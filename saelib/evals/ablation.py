@@ -93,8 +93,8 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     for j, (c, ch) in enumerate(zip(contexts, channels)):
         delta[j, :, ch] = (held.acts[c, :, ch] - sae.normalizer.mean[ch]) * held.keep[c]
     ctx = torch.tensor(contexts)
-    kept_file, channel_sparsity = kept_json("ablation", [model_id(lm.name), held.layer, held.site, batch_size], held.ids[ctx],
-                                            held.keep[ctx], delta)
+    kept_file, channel_sparsity = kept_json("ablation", [model_id(lm.name), held.layer, held.site, batch_size],
+                                            held.ids[ctx], held.keep[ctx], delta)
     if not (isinstance(channel_sparsity, list) and len(channel_sparsity) == sample):
         channel_sparsity = _sparsities(lm, held, contexts, delta, None, batch_size, "ablation sparsity (channels)",
                                        progress)

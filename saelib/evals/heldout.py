@@ -131,8 +131,8 @@ def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipe
     """
     # float32 even where training extracts in bf16: metrics compare with the activations that splicing
     # replaces in the float32 model
-    cache = cached_activations(lm.name, layer, site, corpus, "validation", ctx_len, max_tokens, val_fraction=val_fraction, lm=lm,
-                               progress=progress, lm_dtype="float32", prepend_bos=prepend_bos)
+    cache = cached_activations(lm.name, layer, site, corpus, "validation", ctx_len, max_tokens, val_fraction=val_fraction,
+                               lm=lm, progress=progress, lm_dtype="float32", prepend_bos=prepend_bos)
     return HeldOut.from_cache(cache)
 
 

@@ -49,7 +49,9 @@ from ..evals.n2g import explain, score
 from ..files import atomic_write, digest
 from ..loading import load
 
-FORMAT_VERSION = 2  # 2: byte tokens as <0x..>, quantile examples outside the top contexts
+# 2: byte tokens as <0x..>, quantile examples outside the top contexts; 3: held-out text is the share of the
+# corpus the SAE trained without (its val_fraction)
+FORMAT_VERSION = 3
 SUMMARY_DIR = "viz_summary"
 DENSE_THRESHOLD = 0.1  # the paper's (and saelib.evals') "dense latent": fires on more than 10% of tokens
 # What each number means, for the tooltips and legends of both front ends: the overview's columns,
