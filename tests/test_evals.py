@@ -251,6 +251,14 @@ def test_austens_novels_are_parsed_once_then_read_from_the_kept_json(tmp_path, m
     monkeypatch.delitem(sys.modules, "rdata")
     texts.austen.cache_clear()
     assert texts.austen() == parsed and json.loads(kept.read_text())[0] == [parsed[0][0], parsed[0][1]["book"]]
+    chunk = texts._paragraphs
+
+    def longer_chunks(text, min_chars=1600):  # another chunking: the texts kept for the old one are not served
+        return chunk(text, min_chars)
+
+    monkeypatch.setattr(texts, "_paragraphs", longer_chunks)
+    texts.austen.cache_clear()
+    assert len(texts.austen()) < len(parsed) and len(list((tmp_path / "texts").glob("*.json"))) == 2
     texts.austen.cache_clear()
 
 
