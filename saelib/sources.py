@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import xxhash
 from torch import Tensor
 
 from .activations import ActivationCache, CachedSource, manifest_digest
@@ -111,10 +112,15 @@ def normaliser_digest(normalizer: Normalizer) -> str:
 
 
 def rows_digest(x: Tensor, rows: int = 64) -> str:
-    """The SHA-256 (16 hex digits) of ``rows`` rows of ``x (N, d)`` spread evenly over it (all if fewer)."""
+    """A digest (16 hex digits) of ``x (N, d)``: of all its bytes on the CPU (xxh3, 0.13 s for the
+    demo's 2.2 GB on 2 cores), of ``rows`` rows spread evenly over it elsewhere (copying all of a
+    GPU tensor to the CPU would cost more than the check is worth)."""
+    if x.device.type == "cpu":
+        data = x.detach().contiguous()
+        return f"{data.dtype} xxh3 " + xxhash.xxh3_128(data.view(-1).view(torch.uint8).numpy()).hexdigest()[:16]
     picked = x[torch.linspace(0, len(x) - 1, min(rows, len(x))).round().long().to(x.device)]
     data = picked.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return "sha256 " + hashlib.sha256(data).hexdigest()[:16]
+    return f"sha256 of {min(rows, len(x))} rows " + hashlib.sha256(data).hexdigest()[:16]
 
 
 def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_rows: int) -> tuple[BatchSource, Normalizer]:

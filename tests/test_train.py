@@ -245,12 +245,16 @@ def test_a_run_is_refused_other_activations_of_the_same_shape(tmp_path):
     options = dict(n_latents=64, k=4, tokens=1024, batch_size=256, progress=False)
     first = fit(x, out=tmp_path / "run", **options)
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
-    assert re.fullmatch(r"tensor 2048 x 16, sha256 \w{16}", recorded), recorded
-    data = r"tensor 2048 x 16, sha256 \w{16}"
+    assert re.fullmatch(r"tensor 2048 x 16, torch.float32 xxh3 \w{16}", recorded), recorded
+    data = r"tensor 2048 x 16, torch.float32 xxh3 \w{16}"
     with pytest.raises(ValueError, match=rf"run was trained on other activations \({data}; given: {data}\); use a new out folder"):
         fit(other, out=tmp_path / "run", **options)
     with pytest.raises(ValueError, match="run was trained on other activations"):  # normalised alike, raw twice as large
         fit(2 * x, out=tmp_path / "run", **options)
+    one_row = x.clone()
+    one_row[1000] += 1e-3  # every row counts, not a sample of them
+    with pytest.raises(ValueError, match="run was trained on other activations"):
+        fit(one_row, out=tmp_path / "run", **options)
     assert torch.equal(fit(x.clone(), out=tmp_path / "run", **options).W_dec, first.W_dec)  # the same values: loaded
     # extended on batches, which it cannot check, a constant-rate run keeps the fingerprint it recorded
     fit(x, out=tmp_path / "longer", **{**options, "decay": "none"})
