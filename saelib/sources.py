@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import cached_property
 from itertools import chain, islice
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
@@ -43,13 +44,21 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class TensorSource:
-    """A ``(N, d_in)`` tensor as a ``BatchSource``: a fresh random permutation each epoch."""
+    """A ``(N, d_in)`` tensor as a ``BatchSource``: a fresh random permutation each epoch.
 
-    def __init__(self, x: Tensor):
+    ``raw``: the tensor ``x`` was normalised from, and ``normaliser``, a note on the normaliser
+    given for it, which its :attr:`fingerprint` names instead of ``x`` (see :func:`as_source`)."""
+
+    def __init__(self, x: Tensor, raw: Tensor | None = None, normaliser: str = ""):
         if x.ndim != 2 or len(x) == 0:
             raise ValueError(f"Activations must be a non-empty (N, d_in) tensor, got shape {tuple(x.shape)}.")
         self.x, self.d_in, self.n_tokens = x, x.shape[1], x.shape[0]
-        self.fingerprint = f"tensor {self.n_tokens} x {self.d_in}, {rows_digest(x)}"
+        self._raw, self._normaliser = x if raw is None else raw, normaliser
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What a run records of this data (:func:`fingerprint`), hashed when first asked for."""
+        return f"tensor {self.n_tokens} x {self.d_in}, {rows_digest(self._raw)}{self._normaliser}"
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
         order = torch.randperm(self.n_tokens, generator=epoch_generator(seed, epoch))
@@ -141,8 +150,7 @@ def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_
             data = normalizer.apply(raw)
         else:
             data = raw
-        source = TensorSource(data)
-        source.fingerprint = f"tensor {len(raw)} x {raw.shape[-1]}, {rows_digest(raw)}{given}"
+        source = TensorSource(data, raw, given)
     elif isinstance(data, ActivationCache):  # shuffled batches on the cache's normalised scale
         source = CachedSource(data, normalizer)
         normalizer = source.normalizer
