@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from saelib.viz import Summary, browser, screenshot, summarize, write_site
+from saelib.runs import load_run
 from saelib.viz.static import CHROMIUM_FLAGS, chromium
 
 LAYER = 3  # an early layer keeps the stopped-early forwards cheap
@@ -70,7 +71,6 @@ def shown(tokens):
 
 def test_summary_numbers_match_the_sparse_code(summary, run, lm):
     from saelib.evals.heldout import encode, site_activations
-    from saelib.runs import load_run
 
     t, n = summary.tensors, summary.n_latents
     assert t["density"].shape == (n,) and t["hist"].shape[0] == n
@@ -115,16 +115,24 @@ def test_summary_is_cached_next_to_the_run_without_pickle(summary, run, lm, text
         summarize(run, lm, "ci", eval_token=3)
 
 
-def test_without_a_preset_the_largest_cached_summary_is_used(summary, run, tmp_path):
-    """A run that has a bigger summary already (here the ci one, stored under the name demo) is shown
-    with it instead of a new ci summary being computed (no LM is given: none could be built)."""
+def test_without_a_preset_the_largest_current_summary_is_used(run, lm, tmp_path, monkeypatch):
+    """A run that has a demo summary is shown with it when no preset is named (no LM is given: none
+    could be built). Once the demo preset's values change, that summary is no longer current: it is
+    rebuilt with the new values, and is not offered in place of a preset."""
+    from saelib.viz import summary as S
+
     copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    (cached,) = (copy / "viz_summary").iterdir()
-    cached.rename(copy / "viz_summary" / "demo")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("viz_summary"))
+    monkeypatch.setitem(S.PRESETS, "demo", {**S.PRESETS["ci"], **OPTIONS})  # a demo preset as cheap as the tests'
+    demo = summarize(copy, lm, "demo", progress=False)
     again = summarize(copy, None, progress=False)
-    assert again.info == json.loads(json.dumps(summary.info))
+    assert again.info == json.loads(json.dumps(demo.info)) and again.info["options"]["preset"] == "demo"
     assert sorted(p.name for p in (copy / "viz_summary").iterdir()) == ["demo"]
+    monkeypatch.setitem(S.PRESETS, "demo", {**S.PRESETS["demo"], "ablation_latents": 1})
+    assert S._cached_preset(copy, load_run(copy)) is None
+    rebuilt = summarize(copy, lm, "demo", progress=False)
+    assert rebuilt.info["options"]["ablation_latents"] == 1 and len(rebuilt.tensors["ablation_latents"]) == 1
+    assert summarize(copy, None, "demo", progress=False).info == json.loads(json.dumps(rebuilt.info))
 
 
 def test_search_finds_latents_that_fire_on_a_token(summary):

@@ -239,16 +239,23 @@ class Summary:
 
 
 def _cached_preset(folder: Path, sae) -> str | None:
-    """The largest preset whose summary of this SAE ``folder`` already holds (written by this version)."""
+    """The largest preset whose current summary of this SAE ``folder`` already holds (:func:`_current`)."""
     for name in reversed(PRESETS):
         info = folder / SUMMARY_DIR / name / "summary.json"
         try:
             cached = json.loads(info.read_text())
         except (OSError, ValueError):
             continue  # none, or unreadable: it would be rebuilt anyway
-        if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint(sae) and cached.get("version") == FORMAT_VERSION:
+        if _current(cached, sae, resolve_options(name, {})):
             return name
     return None
+
+
+def _current(info, sae, opts: dict) -> bool:
+    """Whether a cached summary's ``info`` is of this SAE, written by this version, with these
+    resolved options (a preset whose values have changed since is rebuilt)."""
+    return (isinstance(info, dict) and info.get("fingerprint") == fingerprint(sae) and info.get("version") == FORMAT_VERSION
+            and info.get("options") == json.loads(json.dumps(opts)))
 
 
 def normalise_query(text: str) -> str:
@@ -310,7 +317,8 @@ def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str
             a run folder already has a summary of for this SAE, else ``"ci"``.
         texts: summarise these documents instead of the corpus's validation split (packed into
             contexts of the SAE's ``ctx_len``; the incomplete tail is dropped).
-        cache: for a folder, read/write ``RUN/viz_summary/<preset>[-<hash of options>]/``.
+        cache: for a folder, read/write ``RUN/viz_summary/<preset>[-<hash of options>]/`` (rebuilt
+            when the SAE, the summary format or the preset's resolved values have changed).
         overrides: any key of a preset, e.g. ``eval_tokens=8192``.
     """
     sae, folder = _as_sae(run_or_sae)
@@ -323,7 +331,7 @@ def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str
         cache_folder = folder / SUMMARY_DIR / f"{preset}{suffix}"
         if (cache_folder / "summary.json").exists():
             cached = Summary.load(cache_folder)
-            if cached.info.get("fingerprint") == fingerprint(sae) and cached.info.get("version") == FORMAT_VERSION:
+            if _current(cached.info, sae, opts):
                 return cached
     summary = build_summary(sae, lm, opts, texts=texts, progress=progress)
     if cache_folder is not None:
