@@ -487,16 +487,9 @@ def _build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of,
 
 
 def _streaming_normalizer(cache: ActivationCache) -> Normalizer:
-    """Mean and scale over all rows of a cache, one shard at a time, in float64."""
-    total, sumsq, n = None, 0.0, 0
-    for i in range(len(cache.manifest["shards"])):
-        a = cache.shard(i)["acts"].double()
-        total = a.sum(0) if total is None else total + a.sum(0)
-        sumsq += a.pow(2).sum().item()
-        n += len(a)
-    mean = total / n
-    scale = (sumsq / n - mean.pow(2).sum().item()) ** 0.5
-    return Normalizer(mean.float(), float(scale))
+    """Mean and scale over all rows of a cache, one shard at a time."""
+    return Normalizer.fit_chunks(rows for i in range(len(cache.manifest["shards"]))
+                                 for rows in cache.shard(i)["acts"].split(1024))
 
 
 class CachedSource:

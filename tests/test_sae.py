@@ -464,6 +464,23 @@ def test_identity_normalizer_passes_activations_through_unchanged():
     assert torch.equal(sae(x).x_hat, sae.train_forward(x).x_hat)
 
 
+def test_normalizer_fit_matches_the_two_pass_float64_statistics_and_refuses_constant_data():
+    """``fit`` sums chunk by chunk in one pass; its mean and scale are the exact two-pass ones to
+    float32 precision, a large offset included, and its chunks add up as one tensor's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 24, generator=g) * torch.rand(24, generator=g) * 3 + 40 * torch.randn(24, generator=g)
+    fitted = Normalizer.fit(x)
+    ref = x.double()
+    scale = (ref - ref.mean(0)).pow(2).sum(-1).mean().sqrt().item()
+    torch.testing.assert_close(fitted.mean, ref.mean(0).float(), rtol=1e-6, atol=1e-5)
+    assert abs(fitted.scale - scale) < 1e-6 * scale
+    chunked = Normalizer.fit_chunks([x[:7], x[7:3000], x[3000:]])
+    assert torch.allclose(chunked.mean, fitted.mean, rtol=1e-6, atol=1e-5) and abs(chunked.scale - fitted.scale) < 1e-6 * scale
+    for bad in (torch.full((3000, 8), 7.3), torch.zeros(2, 4), torch.full((4, 4), float("nan"))):
+        with pytest.raises(ValueError, match="zero \\(or non-finite\\) spread"):
+            Normalizer.fit(bad)
+
+
 def test_load_errors_name_the_file_and_value(tmp_path):
     folder = make_sae().save(tmp_path / "sae")
     tensors = load_file(str(folder / "sae.safetensors"))
