@@ -66,10 +66,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import launch, launched
     from .grid import rank_device
-    from .runs import train_activations, train_run
+    from .runs import check_model, train_activations, train_run
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
     if args.dry_run:
+        if not check_model(cfg, local_only=True):
+            print(f"saelib train: {cfg.model}'s config is not on this machine, so the layer and the SAE's size are "
+                  "checked once it is downloaded.", file=sys.stderr)
         print(json.dumps(dataclasses.asdict(cfg)))
         return 0
     if not launched():  # extract once, here, not by every rank
@@ -175,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=out_folder, help="run folder: sae/, metrics.jsonl, checkpoints/")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes on this machine (torch.distributed, gloo/NCCL)")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the settings, print them as one JSON object and stop before extracting or training")
+                   help="check the settings (and the layer, from the model's config where it is on this machine), print them "
+                        "as one JSON object and stop before extracting or training")
     add_config_flags(p, config.GROUPS)
     p.set_defaults(func=cmd_train)
 

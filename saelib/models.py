@@ -218,15 +218,18 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         raise _not_found(name, e) from e
 
 
-def text_config(name: str = DEFAULT_MODEL):
+def text_config(name: str = DEFAULT_MODEL, local_only: bool = False):
     """The config of the model :func:`load_lm` would load (its text part: ``hidden_size``, the width
     of its residual stream and of every site's activation, ``num_hidden_layers``...), read without
-    its weights."""
+    its weights; with ``local_only``, None for a hub model whose config is not on this machine
+    (instead of downloading it)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(_source(name)).get_text_config()
+        return AutoConfig.from_pretrained(_source(name), local_files_only=local_only).get_text_config()
     except (OSError, ValueError) as e:
+        if local_only and name not in EMBEDDED and not Path(name).exists():
+            return None
         raise _not_found(name, e) from e
 
 

@@ -31,10 +31,20 @@ def train_activations(cfg: config.TrainConfig, progress: bool = True) -> Activat
     from the model's config, not after the extraction; a rank of a launched run checks only the part
     of the SAE it builds, as it builds it."""
     if not launched():
-        lm_config = text_config(cfg.model)
-        check_layer(cfg.model, cfg.layer, lm_config.num_hidden_layers)
-        check_fits(lm_config.hidden_size, cfg.n_latents)
+        check_model(cfg)
     return cached_activations(**cfg.group("data"), split="train", progress=progress, device=config.resolve_device(cfg.device))
+
+
+def check_model(cfg: config.TrainConfig, local_only: bool = False) -> bool:
+    """Refuse a layer the model does not have, or an SAE too large for this machine's memory, from
+    the model's config. With ``local_only`` (``saelib train --dry-run``), a hub model whose config is
+    not on this machine is not looked up: False, unchecked; else True."""
+    lm_config = text_config(cfg.model, local_only)
+    if lm_config is None:
+        return False
+    check_layer(cfg.model, cfg.layer, lm_config.num_hidden_layers)
+    check_fits(lm_config.hidden_size, cfg.n_latents)
+    return True
 
 
 def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -> TopKSAE:

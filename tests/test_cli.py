@@ -70,10 +70,17 @@ def test_layer_out_of_range_names_the_valid_ones(lm, capsys, tmp_path, monkeypat
     home.mkdir()
     (home / "models").symlink_to(paths.cache_dir("models"))
     monkeypatch.setenv("SAELIB_HOME", str(home))
-    code, _, err = run(["train", "--preset", "ci", "--layer", "30", "--out", str(tmp_path / "r")], capsys)
-    assert code == 2
-    assert_one_sentence(err, "Layer 30", "30 layers", "0 to 29")
+    for dry in ([], ["--dry-run"]):
+        code, out, err = run(["train", "--preset", "ci", "--layer", "30", "--out", str(tmp_path / "r"), *dry], capsys)
+        assert code == 2 and not out
+        assert_one_sentence(err, "Layer 30", "30 layers", "0 to 29")
     assert not (home / "activations").exists() and not (tmp_path / "r").exists()
+    # a hub model whose config is not on this machine: the dry run does not download it, and says so
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, out, err = run(["train", "--preset", "ci", "--model", "no-such-org/no-such-model", "--layer", "99",
+                          "--out", str(tmp_path / "r"), "--dry-run"], capsys)
+    assert code == 0 and json.loads(out)["layer"] == 99
+    assert_one_sentence(err, "no-such-org/no-such-model's config is not on this machine")
 
 
 def test_unknown_model_and_corpus_and_config_key(capsys, tmp_path):

@@ -155,6 +155,6 @@ def test_any_train_command_line_is_a_valid_config_or_one_sentence(folder, preset
         assert code == 2, (argv, stderr.getvalue())
         message = stderr.getvalue()
         assert_one_line(message, "saelib")
-        assert re.search(r"--[a-z]|unrecognized arguments|\b(" + "|".join(FIELDS) + r")\b", message), message
+        assert re.search(r"--[a-z]|unrecognized arguments|\b(" + "|".join(FIELDS) + r")\b", message, re.I), message
         event("clear error")
     assert not (folder / "run").exists()
