@@ -187,7 +187,7 @@ class CacheKey:
     format: int = CACHE_FORMAT
     prepend_bos: bool = False  # contexts start with the begin-of-sequence token (see saelib.data.pack)
     lm_dtype: str = "float32"  # of the LM's forward (see extract)
-    model_digest: str | None = None  # of a local model folder's files (see saelib.models.model_digest)
+    model_digest: str | None = None  # a local folder's files or a hub commit (saelib.models.model_digest)
 
     def to_dict(self) -> dict:
         """The key as the manifest records it and :meth:`digest` hashes it; ``prepend_bos`` only when

@@ -241,15 +241,29 @@ def check_layer(name: str, layer: int, n_layers: int) -> None:
 
 
 def model_digest(name: str) -> str | None:
-    """What a local model folder's name does not say: a digest (16 hex digits) of its files' names
-    and contents, so that a model saved again into the same folder (a further fine-tune) gets caches
-    of its own, and a copy of it shares them; None for the embedded models and hub names, named by
-    their names."""
+    """What a model's name does not say, so that results computed with one version of a model are not
+    served for another: for a local folder, a digest (16 hex digits) of its files' names and contents
+    (a model saved again into the folder, a further fine-tune, gets caches of its own, and a copy of it
+    shares them); for a hub name, the first 16 hex digits of the commit ``from_pretrained`` resolves it
+    to (the hub's newest where it answers, else this machine's copy; None where neither is at hand);
+    None for the embedded models, named by their names."""
     folder = Path(name)
-    if name in EMBEDDED or not folder.is_dir():
+    if name in EMBEDDED:
         return None
+    if not folder.is_dir():
+        return _hub_commit(name)
     files = [(p.name, _content_digest(p)) for p in sorted(folder.iterdir()) if p.is_file()]
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def _hub_commit(name: str) -> str | None:
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        commit = extract_commit_hash(cached_file(name, "config.json"), None)
+    except (OSError, ValueError):  # not on the hub nor on this machine: loading it will say so
+        return None
+    return commit[:16] if commit else None
 
 
 def _content_digest(path: Path) -> str:

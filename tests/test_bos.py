@@ -121,6 +121,45 @@ def test_a_model_saved_again_into_its_folder_gets_caches_of_its_own(bos_lm, tmp_
     assert model_digest("smollm2-135m") is None and model_id("smollm2-135m") == "smollm2-135m"
 
 
+def test_a_hub_model_is_keyed_by_the_commit_it_resolves_to(bos_lm, tmp_path, monkeypatch):
+    """A hub name's caches are keyed by the commit ``from_pretrained`` resolves it to: here read from
+    a hub cache (offline, as in every test) whose main branch moves on to a commit with other weights,
+    which gets activations of its own."""
+    import shutil
+
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    from saelib.models import model_digest, model_id
+
+    name, repo = "saelib-test/tiny-llama", tmp_path / "hub" / "models--saelib-test--tiny-llama"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "home"))
+
+    def publish(commit: str, scale: float) -> None:
+        snapshot = shutil.copytree(bos_lm.name, repo / "snapshots" / commit)
+        model = AutoModelForCausalLM.from_pretrained(snapshot)
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight.mul_(scale)
+        model.save_pretrained(snapshot)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    first, second = "0123456789abcdef" * 2 + "01234567", "fedcba9876543210" * 2 + "76543210"
+    publish(first, 1.0)
+    assert model_digest(name) == first[:16] and model_id(name) == f"{name}@{first[:16]}"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(DOCS * 8))
+    options = dict(corpus=str(corpus), split="all", ctx_len=16, progress=False)
+    before = cached_activations(name, 1, **options)
+    assert before.manifest["key"]["model_digest"] == first[:16]
+    publish(second, 2.0)  # a new revision on the hub's main branch
+    after = cached_activations(name, 1, **options)
+    assert after.manifest["key"]["model_digest"] == second[:16] and after.folder != before.folder
+    assert not torch.equal(after.all_rows(), before.all_rows())
+    assert model_digest("saelib-test/no-such-model") is None  # neither on the hub (offline) nor here
+
+
 def test_a_run_records_bos_for_its_evaluation(bos_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
     corpus = tmp_path / "corpus.txt"
