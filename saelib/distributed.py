@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -75,8 +78,54 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     Each rank gets ``OMP_NUM_THREADS = cores // nproc`` unless the caller set it. What this process
     holds on a GPU (an extraction's cached memory) is freed first: rank 0 shares that GPU.
+
+    torchrun and the ranks run in a session of their own, and a Ctrl-C, SIGTERM or SIGHUP to this
+    process is passed on to the ranks once (SIGINT as itself, the others as SIGTERM): each finishes
+    its step, writes a checkpoint and stops, and torchrun ends with them. A terminal's Ctrl-C would
+    otherwise reach each rank twice, from the terminal and from torchrun, and a second SIGINT stops a
+    rank at once. A second signal kills them all. After a Ctrl-C this raises KeyboardInterrupt once
+    they have stopped; after another signal it returns ``128 + signal``.
     """
     gc.collect()
     torch.cuda.empty_cache()  # nothing to do where CUDA was never used
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
-    return subprocess.call(torchrun_command(nproc, argv), env=env)
+    process = subprocess.Popen(torchrun_command(nproc, argv), env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if process.poll() is not None:
+            return
+        if len(received) > 1:
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+        print("Waiting for the ranks to write their checkpoint and stop (Ctrl-C again to kill them).", file=sys.stderr)
+        sent = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+        ranks = _children(process.pid)
+        for rank in ranks:
+            try:
+                os.kill(rank, sent)
+            except ProcessLookupError:
+                pass
+        if not ranks:  # not started yet, or no /proc here: torchrun passes it on
+            process.send_signal(sent)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = {sig: signal.signal(sig, forward) for sig in signals} if main else {}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received and received[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    return 128 + received[0] if received else code
+
+
+def _children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (Linux's /proc; none elsewhere)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []

@@ -172,6 +172,31 @@ def test_distributed_run_survives_kill_9_and_sigterm(tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
+@pytest.mark.parametrize("sent, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_train_nproc_stops_its_ranks_with_a_checkpoint_before_it_exits(tmp_path, sent, to_group):
+    """`saelib train --nproc 2` stopped by a terminal's Ctrl-C (SIGINT to its process group) or by a
+    scheduler's SIGTERM to the command alone: the ranks get the signal once, finish the step, write a
+    checkpoint and have stopped (the run's lock free) when the command exits, with 130 or 143."""
+    import fcntl
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "saelib", "train", "--preset", "ci", "--nproc", "2", "--tokens",
+                             str(10**8), "--device", "cpu", "--out", str(run)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, sent) if to_group else proc.send_signal(sent)
+    _, err = proc.communicate(timeout=120)
+    with open(run / ".lock") as f:  # held by rank 0 until it has stopped
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert proc.returncode == 128 + sent, err
+    assert err.count(f"Stopped by {sent.name} after step") == 1 and "Traceback" not in err, err
+    step = int(err.split("after step ")[1].split()[0])
+    assert latest_checkpoint(run).name == f"step_{step:09d}"
+
+
 def test_a_failure_on_rank_0_alone_stops_every_rank_in_one_sentence(tmp_path):
     """Rank 0 alone writes the run folder: a damaged metrics.jsonl fails it there, and the other rank,
     waiting at the next collective, stops too, naming what failed, instead of waiting for a timeout."""
