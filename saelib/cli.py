@@ -11,7 +11,8 @@
 
 Every expected failure (bad input, a missing or damaged file, a locked run folder, a failed write)
 ends with one sentence on standard error and exit status 2; anything else with one line naming
-the traceback saved under ``$SAELIB_HOME/errors/`` and exit status 1; Ctrl-C with status 130.
+the traceback saved under ``$SAELIB_HOME/errors/`` and exit status 1; Ctrl-C with status 130 (a
+training run first finishes its step and writes a checkpoint; after SIGTERM it exits with 143).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -230,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a run stopped by a signal, with a checkpoint (train.Stopped), which said so
+        from .distributed import launched
+
+        if launched() or getattr(e, "signal", None) is None:  # a rank: status 0, as torchrun expects
+            raise
+        return 128 + signal.Signals[e.signal]
     except Exception as e:
         print(f"{command}: unexpected error ({type(e).__name__}: {_one_line(e)[:200]}); {_save_traceback(command, argv)}",
               file=sys.stderr)

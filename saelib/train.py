@@ -26,7 +26,7 @@ its last checkpoint: the longer run, bit for bit.
 
 Faults: while ``fit`` trains into a run folder, rank 0 holds a lock on ``out/.lock`` (a second
 trainer is refused; the OS drops the lock when the process dies, even by ``kill -9``); SIGINT or
-SIGTERM on any rank finish the current step, write a checkpoint and exit with status 0;
+SIGTERM on any rank finish the current step, write a checkpoint and exit with status 0 (:class:`Stopped`);
 checkpoints carry the SHA-256 of their tensors, so a damaged one is an error naming the file,
 never a silent load; a failed checkpoint write (disk full) removes the partial folder and leaves
 the previous one.
@@ -346,7 +346,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
                 print(f"Stopped by {stop[0] if stop else 'a signal to another rank'} after step {state.step} ({state.tokens} tokens); "
                       f"checkpoint written to {folder}. Run the same command again (or fit with out={str(run)!r}) to resume.",
                       file=sys.stderr)
-            raise SystemExit(0)
+            raise Stopped(stop[0] if stop else None)
     bar.close()
 
     if run is not None:
@@ -399,6 +399,16 @@ def _run_lock(run: Path, grid: Grid) -> Iterator[None]:
         finally:
             if grid.rank == 0:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Stopped(SystemExit):
+    """What ``fit`` raises once a signal has stopped it with a checkpoint: exit status 0, as a
+    scheduler and torchrun expect of a rank; ``signal`` names the signal (None where it reached
+    another rank). ``saelib train`` exits with 128 + its number instead, as a shell expects."""
+
+    def __init__(self, signal_name: str | None):
+        super().__init__(0)
+        self.signal = signal_name
 
 
 @contextmanager

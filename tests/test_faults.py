@@ -172,15 +172,16 @@ def test_distributed_run_survives_kill_9_and_sigterm(tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
-@pytest.mark.parametrize("sent, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
-def test_train_nproc_stops_its_ranks_with_a_checkpoint_before_it_exits(tmp_path, sent, to_group):
-    """`saelib train --nproc 2` stopped by a terminal's Ctrl-C (SIGINT to its process group) or by a
-    scheduler's SIGTERM to the command alone: the ranks get the signal once, finish the step, write a
-    checkpoint and have stopped (the run's lock free) when the command exits, with 130 or 143."""
+@pytest.mark.parametrize("nproc, sent, to_group", [(2, signal.SIGINT, True), (2, signal.SIGTERM, False),
+                                                    (1, signal.SIGINT, True)])
+def test_train_stops_with_a_checkpoint_before_it_exits(tmp_path, nproc, sent, to_group):
+    """`saelib train` stopped by a terminal's Ctrl-C (SIGINT to its process group) or by a scheduler's
+    SIGTERM to the command alone: each rank gets the signal once, finishes the step, writes a
+    checkpoint and has stopped (the run's lock free) when the command exits, with 130 or 143."""
     import fcntl
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "saelib", "train", "--preset", "ci", "--nproc", "2", "--tokens",
+    proc = subprocess.Popen([sys.executable, "-m", "saelib", "train", "--preset", "ci", "--nproc", str(nproc), "--tokens",
                              str(10**8), "--device", "cpu", "--out", str(run)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
