@@ -302,6 +302,45 @@ def test_ablation_sparsity_in_unit_interval(sae, lm, held):
     assert m["ablation_latents"] == 2
 
 
+def test_effect_sparsity_subtracts_each_positions_median_change():
+    """A shift of every logit at a position moves no probability: it is no effect, and it does not
+    make a sparse effect look dense (without the median it would score 0.79 here)."""
+    from saelib.evals.ablation import effect_sparsity
+
+    T, V = 8, 1000
+    base = torch.randint(-8, 8, (T, V), generator=torch.Generator().manual_seed(0)).float()  # exact sums below
+    spike = torch.zeros(T, V)
+    spike[2, :5] = 3.0
+    shift = 0.25 * torch.arange(1, T + 1)[:, None]  # another constant at each position
+    assert math.isnan(effect_sparsity(base, base + shift))
+    assert effect_sparsity(base, base + spike + shift) == pytest.approx(effect_sparsity(base, base + spike), rel=1e-9)
+    assert effect_sparsity(base, base + spike) == pytest.approx(5 / (T * V), rel=1e-9)
+
+
+def test_ablation_removes_a_latent_at_its_most_active_token_alone(sae, lm, held, monkeypatch, tmp_path):
+    """As in the paper, each latent is ablated at one token (where it is most active) and each channel at
+    one random kept token; the effect is scored from that token on."""
+    import saelib.evals.ablation as ablation
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    ablated, minus = [], ablation._minus
+    monkeypatch.setattr(ablation, "_minus", lambda reconstruct, delta: ablated.append((reconstruct, delta)) or minus(reconstruct, delta))
+    ablation_sparsity(sae, lm, held, sample=3, progress=False)
+    (_, latents), (none, channels) = ablated
+    values, indices = encode(sae, held.acts)
+    values = values * held.keep[..., None]
+    for delta in latents:
+        (t,) = delta.any(-1).nonzero().flatten().tolist()  # one position
+        direction = torch.nn.functional.normalize(delta[t], dim=0)
+        latent = int((sae.W_dec.detach() @ direction).argmax())
+        act = (values * (indices == latent)).sum(-1)  # (n, T)
+        assert int(act.argmax()) % held.ids.shape[1] == t
+        assert float(delta[t].norm()) == pytest.approx(float(act.max()) * sae.normalizer.scale, rel=1e-5)
+    assert none is None
+    for delta in channels:
+        assert int((delta != 0).sum()) == 1  # one channel at one token
+
+
 def test_probe_tasks_with_fewer_than_32_examples_of_a_class_are_skipped(sae, lm):
     """A latent chosen on a handful of examples does not hold up on the other half: such tasks are left
     out, with the reason. With 12 contexts per source every context task has 12 positives."""

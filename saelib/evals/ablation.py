@@ -1,15 +1,16 @@
 """Ablation sparsity: how sparse is one latent's effect on the next-token logits?
 
-For a sampled latent, take the held-out context where it is most active; run the LM with the
-SAE's reconstruction spliced in (at kept tokens), once as is and once with that latent's
-contribution ``z_i W_dec[i]`` removed at every token of the context where it fires. The effect is
-the change in logits from the first ablated position to the end of the context, a vector of
-``V * T'`` numbers (vocabulary times positions); its sparsity is ``(L1 / L2)^2 / (V * T')``: 1 for a
-uniform change, ``1 / (V T')`` for a single logit. Lower is sparser. The paper reports about 10-14%
-for SAE latents.
+As in the paper: for a sampled latent, take the held-out token where it is most active; run the LM
+with the SAE's reconstruction spliced in (at kept tokens), once as is and once with that latent's
+contribution ``z_i W_dec[i]`` removed at that token alone. The effect is the change in logits at
+that token and every later one of its context. A constant change of every logit leaves the
+probabilities as they are, so each position's median change over the vocabulary is subtracted; the
+result is a vector of ``V * T'`` numbers (vocabulary times positions), whose sparsity is
+``(L1 / L2)^2 / (V * T')``: 1 for a uniform change, ``1 / (V T')`` for a single logit. Lower is
+sparser. The paper reports about 10-14% for SAE latents.
 
 Baseline (``ablation_sparsity_baseline``, about 60% in the paper): the same for a residual channel
-of the clean model, set to its mean (zero on the normalised scale) at every kept token of a
+of the clean model, set to its mean (zero on the normalised scale) at a random kept token of a
 random context. It depends on the LM, the text and the normaliser's mean, not on the SAE: it is
 computed once and kept under ``$SAELIB_HOME/ablation/``, so a later SAE with the same normaliser
 (every SAE trained on one activation cache) runs the LM only for its own latents.
@@ -31,9 +32,16 @@ from .downstream import sae_reconstruct, splice
 from .heldout import HeldOut, encode
 
 
+# names the protocol in the key of the kept channel baselines
+METHOD = "one token ablated, median change over the vocabulary subtracted"
+
+
 def effect_sparsity(base: Tensor, ablated: Tensor) -> float:
-    """``(L1/L2)^2 / numel`` of ``ablated - base`` (any shape); NaN if they are equal."""
-    d = (ablated - base).double().flatten()
+    """``(L1/L2)^2 / numel`` of the change ``ablated - base`` in logits ``(..., V)``, less each
+    position's median change over the vocabulary (a shift of every logit moves no probability);
+    NaN where nothing is left."""
+    d = (ablated - base).double()
+    d = (d - d.median(-1, keepdim=True).values).flatten()
     l2 = d.norm()
     return float((d.abs().sum() / l2) ** 2 / d.numel()) if l2 > 0 else float("nan")
 
@@ -56,7 +64,7 @@ def _sparsities(lm, held: HeldOut, contexts: list[int], delta: Tensor, reconstru
         ids, keep = held.ids[ctx], held.keep[ctx]
         base, _ = splice(lm, ids, held.layer, held.site, reconstruct, keep)
         ablated, _ = splice(lm, ids, held.layer, held.site, _minus(reconstruct, d), keep)
-        first = (d != 0).any(-1).int().argmax(-1).tolist()  # first ablated position of each row
+        first = (d != 0).any(-1).int().argmax(-1).tolist()  # the ablated position of each row
         out += [effect_sparsity(base[r, p:], ablated[r, p:]) for r, p in enumerate(first)]
     return out
 
@@ -79,21 +87,23 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     contexts, delta = [], torch.zeros(len(latents), T, d)
     for j, latent in enumerate(latents):
         act = (values * (indices == latent)).sum(-1)  # (n, T)
-        c = int(act.max(-1).values.argmax())
+        c, t = divmod(int(act.argmax()), T)  # its most active token
         contexts.append(c)
         # removing z_i W_dec[i] on the normalised scale is removing scale * z_i W_dec[i] on the raw one
-        delta[j] = act[c, :, None] * sae.W_dec.detach()[latent] * sae.normalizer.scale
+        delta[j, t] = act[c, t] * sae.W_dec.detach()[latent] * sae.normalizer.scale
     latent_sparsity = _sparsities(lm, held, contexts, delta, sae_reconstruct(sae), batch_size,
                                   "ablation sparsity (latents)", progress)
 
     rng = random.Random(seed)  # its own draws: the channel baseline is the same for every SAE on this text
-    contexts = [rng.randrange(n) for _ in range(sample)]
+    kept = held.keep.nonzero().tolist()  # (context, position) of every kept token
+    tokens = [kept[rng.randrange(len(kept))] for _ in range(sample)]
+    contexts = [c for c, _ in tokens]
     channels = [rng.randrange(d) for _ in range(sample)]
     delta = torch.zeros(sample, T, d)
-    for j, (c, ch) in enumerate(zip(contexts, channels)):
-        delta[j, :, ch] = (held.acts[c, :, ch] - sae.normalizer.mean[ch]) * held.keep[c]
+    for j, ((c, t), ch) in enumerate(zip(tokens, channels)):
+        delta[j, t, ch] = held.acts[c, t, ch] - sae.normalizer.mean[ch]
     ctx = torch.tensor(contexts)
-    kept_file, channel_sparsity = kept_json("ablation", [model_id(lm.name), held.layer, held.site, batch_size],
+    kept_file, channel_sparsity = kept_json("ablation", [model_id(lm.name), held.layer, held.site, batch_size, METHOD],
                                             held.ids[ctx], held.keep[ctx], delta)
     if not (isinstance(channel_sparsity, list) and len(channel_sparsity) == sample):
         channel_sparsity = _sparsities(lm, held, contexts, delta, None, batch_size, "ablation sparsity (channels)",
