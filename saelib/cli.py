@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="the paper's metrics of a trained SAE on held-out text")
     p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
     p.add_argument("--preset", default="demo", choices=sorted(config.PRESETS),
-                   help="evaluation scale: ci (seconds; too few tokens for stable numbers), demo (the default: 65,536 "
-                        "held-out tokens, minutes on 2 cores) or full; the JSON records it with the sample sizes")
+                   help="evaluation scale: ci (seconds; too few tokens for stable numbers), lesson (16,384 held-out "
+                        "tokens), demo (the default: 65,536 held-out tokens, minutes on 2 cores) or full; the JSON "
+                        "records it with the sample sizes")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress still goes to stderr)")
     p.set_defaults(func=cmd_eval)
 

@@ -84,7 +84,8 @@ class TrainConfig:
                                     "file: all of it)", group="data", bound="positive")
     val_fraction: float = option(0.1, "share of the corpus's documents held out as the validation split", group="data")
     lm_dtype: str | None = option(None, "dtype of the LM's forward that extracts the activations (default: bfloat16 "
-                                  "where the device multiplies it fast, AMX CPUs and GPUs, else float32)", group="data",
+                                  "where the device multiplies it fast: kernels.fast_bf16(), CPUs with AMX or AVX512_BF16 and CUDA "
+                                  "GPUs of compute capability 8 or later; else float32)", group="data",
                                   choices=LM_DTYPES)
 
     n_latents: int = option(2**14, "number of latents n", bound="positive", most=DIM_MAX)
@@ -136,7 +137,7 @@ class TrainConfig:
                                        bound="positive")
     # not saved with the SAE; NMSE parity in docs/performance.md
     encoder_dtype: str = option("float32", "dtype of the encoder GEMM; bfloat16 is fast where kernels.fast_bf16() "
-                                "(AMX CPUs, GPUs)", choices=ENCODER_DTYPES)
+                                "(CPUs with AMX or AVX512_BF16, CUDA GPUs of compute capability 8 or later)", choices=ENCODER_DTYPES)
     # Not part of the run's identity: a run started on one device resumes on another. (Under
     # torch.distributed only its type counts: cuda puts each rank on its own GPU, cpu every rank on the CPU.)
     device: str | None = option(None, "where the SAE trains: cpu, cuda or cuda:N (default: cuda if available, "

@@ -99,11 +99,10 @@ class Release:
 
 
 # One size per layer; n 3072 at layers 4 and 8 keeps the three under 30 MB in float16
-# (2 x n x 576 x 2 bytes: 7.1 MB at n 3072, 10.6 MB at n 4608). Layers 4 and 8 were built on a
-# shared 2-core machine where extracting the whole split at both could not finish in the time
-# given, so they train on its first 196,608 tokens (one forward pass stopped after layer 8),
-# with the warmup scaled to the shorter run (~11%, as 50 of the demo's 454 steps); drop
-# max_tokens and warmup_steps for the full recipe (about 30 more minutes on an idle machine).
+# (2 x n x 576 x 2 bytes: 7.1 MB at n 3072, 10.6 MB at n 4608). Layers 4 and 8 train on the
+# split's first 196,608 tokens (one forward pass stopped after layer 8, minutes on 2 cores where
+# the whole split at both layers takes about 30 more), with the warmup scaled to the shorter run
+# (~11%, as 50 of the demo's 454 steps); drop max_tokens and warmup_steps for the full recipe.
 RELEASES = (
     Release(layer=4, n_latents=3072, k=32, max_tokens=196_608, warmup_steps=10),
     Release(layer=8, n_latents=3072, k=32, max_tokens=196_608, warmup_steps=10),

@@ -13,7 +13,8 @@ latents are marked dead), backward, optimiser step (Adam) and decoder renormalis
 
 - ``saelib``: ``saelib.train.train_step`` (the step ``fit`` runs).
 - ``saelib-bf16``: the same with ``encoder_dtype="bfloat16"`` (the encoder GEMM in bf16); only
-  where ``kernels.fast_bf16()`` (a CPU with AMX, a GPU), else its row says why.
+  where ``kernels.fast_bf16()`` (a CPU with AMX or AVX512_BF16, a CUDA GPU of compute capability 8
+  or later), else its row says why.
 - ``sparsify``: EleutherAI's ``SparseCoder`` as its trainer steps it (AuxK weight 1/32 when
   latents are dead; its default is AuxK off).
 - ``sae-lens``: SAELens' ``TopKTrainingSAE`` with its default config, as its trainer steps it

@@ -49,7 +49,7 @@ def write_site(sae_or_run, out_dir: str | Path, lm=None, preset: str | None = No
         sae_or_run: a run folder, an SAE folder or a loaded SAE (see :func:`saelib.viz.summarize`).
         out_dir: where to write; existing visualizer files in it are replaced.
         lm: the loaded LM; loaded from the SAE's metadata when a summary must be computed.
-        preset: ``"ci"``, ``"demo"`` or ``"full"``: how many held-out tokens and examples (``None``: the
+        preset: ``"ci"``, ``"lesson"``, ``"demo"`` or ``"full"``: how many held-out tokens and examples (``None``: the
             largest the run already has a summary of, else ``"ci"``).
         summary: a summary already computed (then ``sae_or_run``, ``lm``, ``preset`` are unused).
         texts, overrides: passed to :func:`saelib.viz.summarize`.

@@ -313,7 +313,7 @@ def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str
         run_or_sae: a run folder (``saelib train --out RUN``), an SAE folder, or a loaded SAE whose
             ``metadata`` names ``model``, ``layer``, ``site``, ``ctx_len`` and ``corpus``.
         lm: the loaded LM (:func:`saelib.models.load_lm`); loaded from the SAE's metadata if None.
-        preset: ``"ci"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`); ``None``: the largest one
+        preset: ``"ci"``, ``"lesson"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`); ``None``: the largest one
             a run folder already has a summary of for this SAE, else ``"ci"``.
         texts: summarise these documents instead of the corpus's validation split (packed into
             contexts of the SAE's ``ctx_len``; the incomplete tail is dropped).
