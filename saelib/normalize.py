@@ -1,8 +1,11 @@
-"""The paper's input normalisation: subtract the dataset mean, scale to unit mean-squared norm.
+"""The input normalisation: subtract the dataset mean, scale to unit mean-squared norm.
 
 ``x_norm = (x - mean) / scale`` with ``scale = sqrt(E ||x - mean||^2)``, so that
 ``E ||x_norm||^2 = 1`` per token. Metrics are reported on this scale; the statistics travel
 with the SAE, which applies them to its raw inputs and inverts them on its reconstructions.
+One affine map for every token keeps each token's direction and relative norm, which NMSE
+weighs; the paper's code instead layer-normalises each token (its own mean over ``d_model``
+subtracted, then unit norm), which an imported OpenAI SAE records as ``input_norm``.
 """
 
 from __future__ import annotations
