@@ -60,6 +60,19 @@ def test_held_out_activations_are_extracted_once_in_float32_and_read_from_the_ca
     assert not held.acts[~held.keep].any()  # the excluded tokens are not cached
 
 
+def test_an_sae_that_expects_layer_normed_tokens_is_refused_not_scored_on_raw_ones(lm, tmp_path):
+    """An imported SAE whose peer layer-normalised each token (OpenAI's TopK files, SAELens'
+    layer_norm) would get silently wrong metrics on raw activations: evaluation and the visualizer
+    refuse it in one sentence."""
+    from saelib import evals
+    from saelib.viz import summarize
+
+    sae = TopKSAE(576, 64, 4, metadata={**META, "input_norm": "layer_norm"})
+    for call in (lambda: evals.evaluate(sae, lm), lambda: summarize(sae, lm, "ci", progress=False)):
+        with pytest.raises(ValueError, match=r"normalised token by token \(metadata\['input_norm'\] is 'layer_norm'\)"):
+            call()
+
+
 def test_an_sae_is_evaluated_on_the_share_of_its_corpus_it_trained_without(lm, monkeypatch):
     from saelib import evals
     from saelib.data import contexts

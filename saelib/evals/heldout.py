@@ -28,6 +28,10 @@ def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
     meta = dict(getattr(sae, "metadata", {}) or {})
     if "layer" not in meta:
         raise ValueError(f"sae.metadata has no 'layer'; set sae.metadata['layer'] (and 'model', 'site') to {purpose} it.")
+    if meta.get("input_norm", "none") != "none":  # an import whose peer normalised each token
+        raise ValueError(f"This SAE expects its inputs normalised token by token (metadata['input_norm'] is "
+                         f"{meta['input_norm']!r}), which saelib's metrics and visualizer do not apply, so they cannot "
+                         f"{purpose} it; apply saelib.formats.layer_norm to its inputs yourself (docs/interop.md).")
     if lm is None:
         from ..models import DEFAULT_MODEL, load_lm
 
