@@ -544,7 +544,10 @@ class TopKSAE(nn.Module):
         """Make decoder rows unit norm without changing ReLU/threshold reconstructions.
 
         Latent ``i`` with row norm ``s`` becomes ``s * z_i`` against the row ``W_dec[i] / s``
-        (encoder row and bias scaled by ``s``). Used on EMA weights, whose rows drift from 1.
+        (encoder row and bias scaled by ``s``). Used on EMA weights, whose rows drift from 1. A
+        TopK code ranks the scaled pre-activations, so where two latents' pre-activations lie
+        within that drift of each other the kept set can change: the EMA-averaged rows stay within
+        a small fraction of unit norm, and the reconstruction error barely moves.
         """
         s = self.W_dec.norm(dim=-1).clamp_min(1e-12)
         self.W_dec /= s[:, None]
