@@ -354,6 +354,28 @@ def test_ablation_removes_a_latent_at_its_most_active_token_alone(sae, lm, held,
         assert int((delta != 0).sum()) == 1  # one channel at one token
 
 
+def test_token_probes_choose_and_score_on_disjoint_contexts():
+    """A token task's halves come from disjoint contexts, each balanced; a context task's from one
+    pool of contexts; too few examples (or none of a class in one half) skip the task."""
+    from saelib.evals.probes import _balanced_split
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(40, 16, generator=g) < 0.2
+    neg = ~pos
+    train, y_tr, val, y_va = _balanced_split(pos, neg, 1000, 32, g)
+    assert not set((train // 16).tolist()) & set((val // 16).tolist())
+    for idx, y in ((train, y_tr), (val, y_va)):
+        assert torch.equal(pos.flatten()[idx], y.bool()) and y.sum() == len(y) / 2
+    capped = _balanced_split(pos, neg, 20, 8, g)
+    assert len(capped[1]) == len(capped[3]) == 20  # 10 of each class per half
+    one_context = (torch.arange(40) == 0)[:, None].expand(40, 16)  # 16 positives, all in context 0
+    assert _balanced_split(one_context, ~one_context, 1000, 2, g) is None  # none in the scoring half
+    contexts = torch.arange(100) % 3 == 0
+    train, y_tr, val, y_va = _balanced_split(contexts, ~contexts, 1000, 32, g)
+    assert len(y_tr) == len(y_va) == 2 * 17 and not set(train.tolist()) & set(val.tolist())  # 34 positives
+    assert _balanced_split(contexts, ~contexts, 1000, 40, g) is None
+
+
 def test_probe_tasks_with_fewer_than_32_examples_of_a_class_are_skipped(sae, lm):
     """A latent chosen on a handful of examples does not hold up on the other half: such tasks are left
     out, with the reason. With 12 contexts per source every context task has 12 positives."""

@@ -338,18 +338,27 @@ def best_single_feature(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: 
 
 def _balanced_split(pos: Tensor, neg: Tensor, max_per_class: int, min_per_class: int,
                     generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """Flat indices and labels for train and validation halves, equal class sizes; None if too few."""
-    p, n = pos.flatten().nonzero()[:, 0], neg.flatten().nonzero()[:, 0]
-    m = min(len(p), len(n), max_per_class)
-    if m < min_per_class:
+    """Flat indices and labels for train and validation halves, each with equal class sizes; None if
+    too few. Masks ``(n,)`` of contexts are split example by example; masks ``(n, T)`` of tokens by
+    context, so that no context has tokens on both sides (a latent chosen on some tokens of a
+    passage would be scored on its other tokens)."""
+    def shuffled(mask: Tensor) -> Tensor:
+        flat = mask.flatten().nonzero()[:, 0]
+        return flat[torch.randperm(len(flat), generator=generator)]
+
+    if pos.ndim == 1:  # contexts: one pool, whose first half trains and the rest scores
+        p, n = shuffled(pos), shuffled(neg)
+        m = min(len(p), len(n), max_per_class)
+        pools = [(p[:m // 2], n[:m // 2]), (p[m // 2:m], n[m // 2:m])]
+    else:  # tokens: half of the contexts train, the other half scores
+        first = torch.zeros(len(pos), dtype=torch.bool)
+        first[torch.randperm(len(pos), generator=generator)[:len(pos) // 2]] = True
+        pools = [(shuffled(pos & half[:, None]), shuffled(neg & half[:, None])) for half in (first, ~first)]
+    sizes = [min(len(p), len(n), max_per_class // 2) for p, n in pools]
+    if sum(sizes) < min_per_class or 0 in sizes:
         return None
-    p = p[torch.randperm(len(p), generator=generator)[:m]]
-    n = n[torch.randperm(len(n), generator=generator)[:m]]
-    h = m // 2
-    train = torch.cat([p[:h], n[:h]])
-    val = torch.cat([p[h:], n[h:]])
-    y_tr = torch.cat([torch.ones(h), torch.zeros(h)])
-    y_va = torch.cat([torch.ones(m - h), torch.zeros(m - h)])
+    (train, y_tr), (val, y_va) = [(torch.cat([p[:m], n[:m]]), torch.cat([torch.ones(m), torch.zeros(m)]))
+                                  for (p, n), m in zip(pools, sizes)]
     return train, y_tr, val, y_va
 
 
@@ -388,8 +397,8 @@ def probe_results(sae, lm, layer: int, site: str = "resid_post", ctx_len: int = 
         pos, neg = task_labels(task, tags, tokens, keep)
         split = _balanced_split(pos, neg, max_per_class, min_per_class, g)
         if split is None:
-            skipped[task.name] = (f"fewer than {min_per_class} examples of a class "
-                                  f"({int(pos.sum())} positive, {int(neg.sum())} negative); use a larger preset")
+            skipped[task.name] = (f"fewer than {min_per_class} examples of a class, or none in one half of the "
+                                  f"contexts ({int(pos.sum())} positive, {int(neg.sum())} negative); use a larger preset")
             continue
         train, y_tr, val, y_va = split
         if task.kind == "context":
