@@ -546,8 +546,7 @@ class TopKSAE(nn.Module):
         Latent ``i`` with row norm ``s`` becomes ``s * z_i`` against the row ``W_dec[i] / s``
         (encoder row and bias scaled by ``s``). Used on EMA weights, whose rows drift from 1. A
         TopK code ranks the scaled pre-activations, so where two latents' pre-activations lie
-        within that drift of each other the kept set can change: the EMA-averaged rows stay within
-        a small fraction of unit norm, and the reconstruction error barely moves.
+        within that drift of each other the kept set can change.
         """
         s = self.W_dec.norm(dim=-1).clamp_min(1e-12)
         self.W_dec /= s[:, None]
