@@ -330,28 +330,30 @@ def test_effect_sparsity_subtracts_each_positions_median_change():
     assert effect_sparsity(base, base + spike) == pytest.approx(5 / (T * V), rel=1e-9)
 
 
-def test_ablation_removes_a_latent_at_its_most_active_token_alone(sae, lm, held, monkeypatch, tmp_path):
-    """As in the paper, each latent is ablated at one token (where it is most active) and each channel at
-    one random kept token; the effect is scored from that token on."""
+def test_ablation_removes_one_active_latent_at_one_token(sae, lm, held, monkeypatch, tmp_path):
+    """As in the paper, each ablation removes one latent at one token where it is active (its
+    activation times its decoder row, on the raw scale), and each baseline sets one channel to its
+    mean at one kept token; the effect is scored from that token on."""
     import saelib.evals.ablation as ablation
 
     monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
-    ablated, minus = [], ablation._minus
-    monkeypatch.setattr(ablation, "_minus", lambda reconstruct, delta: ablated.append((reconstruct, delta)) or minus(reconstruct, delta))
-    ablation_sparsity(sae, lm, held, sample=3, progress=False)
-    (_, latents), (none, channels) = ablated
+    calls, sparsities = [], ablation._sparsities
+    monkeypatch.setattr(ablation, "_sparsities", lambda *args: calls.append(args[2:4]) or sparsities(*args))
+    m = ablation_sparsity(sae, lm, held, sample=3, progress=False)
+    (contexts, latents), (channel_contexts, channels) = calls
+    assert m["ablation_latents"] == len(contexts) == 3
     values, indices = encode(sae, held.acts)
-    values = values * held.keep[..., None]
-    for delta in latents:
+    for c, delta in zip(contexts, latents):
         (t,) = delta.any(-1).nonzero().flatten().tolist()  # one position
+        assert held.keep[c, t]
         direction = torch.nn.functional.normalize(delta[t], dim=0)
         latent = int((sae.W_dec.detach() @ direction).argmax())
-        act = (values * (indices == latent)).sum(-1)  # (n, T)
-        assert int(act.argmax()) % held.ids.shape[1] == t
-        assert float(delta[t].norm()) == pytest.approx(float(act.max()) * sae.normalizer.scale, rel=1e-5)
-    assert none is None
-    for delta in channels:
-        assert int((delta != 0).sum()) == 1  # one channel at one token
+        (slot,) = (indices[c, t] == latent).nonzero().flatten().tolist()  # active there
+        assert float(delta[t].norm()) == pytest.approx(float(values[c, t, slot]) * sae.normalizer.scale, rel=1e-5)
+    for c, delta in zip(channel_contexts, channels):
+        (t, ch) = (delta != 0).nonzero().flatten().tolist()  # one channel at one token
+        assert held.keep[c, t] and float(delta[t, ch]) == pytest.approx(float(held.acts[c, t, ch] - sae.normalizer.mean[ch]))
+
 
 
 def test_token_probes_choose_and_score_on_disjoint_contexts():

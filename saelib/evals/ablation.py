@@ -1,8 +1,9 @@
 """Ablation sparsity: how sparse is one latent's effect on the next-token logits?
 
-As in the paper: for a sampled latent, take the held-out token where it is most active; run the LM
-with the SAE's reconstruction spliced in (at kept tokens), once as is and once with that latent's
-contribution ``z_i W_dec[i]`` removed at that token alone. The effect is the change in logits at
+As in the paper: at a random held-out token, take one of the latents active there (every firing
+equally likely, as when each latent active at a token is ablated in turn); run the LM with the SAE's
+reconstruction spliced in (at kept tokens), once as is and once with that latent's contribution
+``z_i W_dec[i]`` removed at that token alone. The effect is the change in logits at
 that token and every later one of its context. A constant change of every logit leaves the
 probabilities as they are, so each position's median change over the vocabulary is subtracted; the
 result is a vector of ``V * T'`` numbers (vocabulary times positions), whose sparsity is
@@ -71,7 +72,8 @@ def _sparsities(lm, held: HeldOut, contexts: list[int], delta: Tensor, reconstru
 
 def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, batch_size: int = 8,
                       progress: bool = True) -> dict:
-    """Mean ablation sparsity of ``sample`` random latents and of ``sample`` random residual channels.
+    """Mean ablation sparsity of ``sample`` random firings (a latent at a token where it is active)
+    and of ``sample`` random residual channels.
 
     Args:
         held: held-out contexts and activations at the SAE's site (:func:`~saelib.evals.heldout.held_out`).
@@ -82,15 +84,14 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     n, T, d = held.acts.shape
     values, indices = encode(sae, held.acts)
     values = values * held.keep[..., None]
-    fired = indices[values > 0].unique().tolist()
-    latents = rng.sample(fired, min(sample, len(fired)))
-    contexts, delta = [], torch.zeros(len(latents), T, d)
-    for j, latent in enumerate(latents):
-        act = (values * (indices == latent)).sum(-1)  # (n, T)
-        c, t = divmod(int(act.argmax()), T)  # its most active token
+    firings = (values > 0).flatten().nonzero()[:, 0]  # every (context, position, slot) where a latent fires
+    picked = [int(firings[rng.randrange(len(firings))]) for _ in range(min(sample, len(firings)))]
+    contexts, delta = [], torch.zeros(len(picked), T, d)
+    for j, flat in enumerate(picked):
+        c, t, s = flat // (T * values.shape[-1]), flat // values.shape[-1] % T, flat % values.shape[-1]
         contexts.append(c)
         # removing z_i W_dec[i] on the normalised scale is removing scale * z_i W_dec[i] on the raw one
-        delta[j, t] = act[c, t] * sae.W_dec.detach()[latent] * sae.normalizer.scale
+        delta[j, t] = values[c, t, s] * sae.W_dec.detach()[indices[c, t, s]] * sae.normalizer.scale
     latent_sparsity = _sparsities(lm, held, contexts, delta, sae_reconstruct(sae), batch_size,
                                   "ablation sparsity (latents)", progress)
 
@@ -112,4 +113,4 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     (latent_mean, latent_ci), (channel_mean, channel_ci) = mean_interval(latent_sparsity), mean_interval(channel_sparsity)
     return {"ablation_sparsity": latent_mean, "ablation_sparsity_ci": latent_ci,
             "ablation_sparsity_baseline": channel_mean, "ablation_sparsity_baseline_ci": channel_ci,
-            "ablation_latents": len(latents)}
+            "ablation_latents": len(picked)}
