@@ -8,9 +8,10 @@ one-shard case. Either is read back by any grid whose ``L`` divides ``n_latents`
     RUN/sae/[shard_<l>_of_<L>/]config.json + sae.safetensors
 
 ``state.safetensors`` holds the model (``model.*``), Adam's moments (``optim.<i>.*``), the EMA
-(``ema.*``), the dead-latent counters (``since_fired``) and the torch RNG state;
-``state.json`` the step, the data position, Adam's settings, the Python RNG state, the run's
-config, the shard and the SHA-256 of the tensors. A checkpoint folder is built under a
+(``ema.*``) and the dead-latent counters (``since_fired``); ``state.json`` the step, the data
+position, Adam's settings, the run's config, the shard and the SHA-256 of the tensors. Training
+draws only from its own seeded generators, so no global RNG state is kept, and resuming leaves
+the caller's alone. A checkpoint folder is built under a
 temporary name and renamed into place (by rank 0 once every shard has written), so a run
 killed at any moment leaves its previous checkpoint whole.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
@@ -86,9 +86,10 @@ class CheckpointMeta(BaseModel):
     normalizer_scale: Annotated[float, Field(gt=0)]
     has_ema: bool
     param_groups: Annotated[list[ParamGroup], Field(min_length=1)]
-    # random.getstate(): version 3, 624 words of Mersenne Twister state and its position, the cached gauss
+    # random.getstate() of the writing process, in checkpoints that recorded it; not restored: training
+    # draws from its own seeded generators, and a resumed fit leaves the caller's global RNGs alone
     python_rng: tuple[Literal[3], Annotated[list[Annotated[int, Field(ge=0, lt=2**32)]], Field(min_length=625, max_length=625)],
-                      float | None]
+                      float | None] | None = None
     config: dict[str, Any]  # the run's config.json record, checked against the run
     shard: ShardInfo
     sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
@@ -242,10 +243,10 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
         tensors = {f"model.{name}": t for name, t in sae.state_dict().items()}
         tensors |= {f"optim.{i}.{name}": t for i, s in optim["state"].items() for name, t in s.items()}
         tensors |= {f"ema.{name}": t for name, t in (state.ema or {}).items()}
-        tensors |= {"since_fired": state.since_fired, "torch_rng": torch.get_rng_state()}
+        tensors |= {"since_fired": state.since_fired}
         meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "tokens": state.tokens,
                 "normalizer_scale": sae.normalizer_scale, "has_ema": state.ema is not None,
-                "param_groups": optim["param_groups"], "python_rng": random.getstate(), "config": config,
+                "param_groups": optim["param_groups"], "config": config,
                 "shard": {"index": grid.latent_rank, "count": grid.latent_size, "n_latents": config["n_latents"]}}
         save_file({key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}, str(folder / TENSORS),
                   metadata={META: json.dumps(meta)})
@@ -306,9 +307,6 @@ def load_checkpoint(folder: Path, sae: TopKSAE, opt: torch.optim.Optimizer, stat
     state.ema = {key[len("ema."):]: t for key, t in tensors.items() if key.startswith("ema.")} if meta.has_ema else None
     state.since_fired = tensors["since_fired"]
     state.step, state.epoch, state.batch, state.tokens = meta.step, meta.epoch, meta.batch, meta.tokens
-    torch.set_rng_state(tensors["torch_rng"].cpu())
-    version, internal, gauss = meta.python_rng
-    random.setstate((version, tuple(internal), gauss))
 
 
 def _check_meta(path: Path, meta: CheckpointMeta, index: int, config: dict, n_shards: int, fix: str) -> None:

@@ -22,7 +22,9 @@ CPU on the same grid; on another grid, to float rounding) or, when the run is fi
 returns it. The folder records a fingerprint of a tensor's or a cache's data
 (``sources.fingerprint``), so other activations of the same shape are refused, not resumed or
 loaded. A run at a constant learning rate (``decay="none"``) given more ``tokens`` trains on from
-its last checkpoint: the longer run, bit for bit.
+its last checkpoint: bit for bit the longer run with the same ``lr``, ``warmup_steps`` and
+``dead_tokens``, which keep the values they had (their defaults follow the budget, so a run given
+the larger budget from the start with defaults would differ).
 
 Faults: while ``fit`` trains into a run folder, rank 0 holds a lock on ``out/.lock`` (a second
 trainer is refused; the OS drops the lock when the process dies, even by ``kill -9``); SIGINT or
@@ -471,9 +473,9 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None,
 
     A run at a constant learning rate (``decay="none"``) asked for more ``tokens`` than it has is
     extended: its schedule does not depend on its length, so training on from its last checkpoint
-    gives the run that the larger budget would have trained from the start. The fields whose
-    defaults follow the budget (``lr``, ``warmup_steps``, ``dead_tokens``) keep the run's values
-    unless ``given`` (the options passed) names them.
+    gives the run that the larger budget would have trained from the start with the same ``lr``,
+    ``warmup_steps`` and ``dead_tokens``. Those fields, whose defaults follow the budget, keep the
+    run's values unless ``given`` (the options passed) names them.
     """
     path = run / "config.json"
     if not path.is_file():

@@ -232,6 +232,19 @@ def interrupted_run(run):
     return batches
 
 
+def test_resuming_leaves_the_callers_global_rngs_alone(tmp_path):
+    """Training draws from its own seeded generators: a resumed fit neither reads nor resets the
+    caller's torch and Python RNGs (a checkpoint holds no global RNG state)."""
+    import random
+
+    batches = interrupted_run(tmp_path)
+    torch.manual_seed(123)
+    random.seed(7)
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    resume(tmp_path, batches)
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+
+
 def flip_byte(path, offset_from_end=16):
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0xFF
