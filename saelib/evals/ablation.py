@@ -84,11 +84,10 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     n, T, d = held.acts.shape
     values, indices = encode(sae, held.acts)
     values = values * held.keep[..., None]
-    firings = (values > 0).flatten().nonzero()[:, 0]  # every (context, position, slot) where a latent fires
-    picked = [int(firings[rng.randrange(len(firings))]) for _ in range(min(sample, len(firings)))]
+    firings = (values > 0).nonzero()  # (context, position, slot) of every firing
+    picked = [firings[rng.randrange(len(firings))].tolist() for _ in range(min(sample, len(firings)))]
     contexts, delta = [], torch.zeros(len(picked), T, d)
-    for j, flat in enumerate(picked):
-        c, t, s = flat // (T * values.shape[-1]), flat // values.shape[-1] % T, flat % values.shape[-1]
+    for j, (c, t, s) in enumerate(picked):
         contexts.append(c)
         # removing z_i W_dec[i] on the normalised scale is removing scale * z_i W_dec[i] on the raw one
         delta[j, t] = values[c, t, s] * sae.W_dec.detach()[indices[c, t, s]] * sae.normalizer.scale
