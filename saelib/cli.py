@@ -69,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import launch, launched
     from .grid import rank_device
     from .runs import check_model, train_activations, train_run
+    from .train import Stopped
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
     if args.dry_run:
@@ -86,7 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.nproc > 1:
             argv = [a for i, a in enumerate(args.argv) if a != "--nproc" and args.argv[i - 1] != "--nproc"]
             return launch(args.nproc, argv)
-    train_run(cfg, args.out, progress=os.environ.get("RANK", "0") == "0")
+    try:
+        train_run(cfg, args.out, progress=os.environ.get("RANK", "0") == "0")
+    except Stopped as stopped:  # a signal stopped the run after a checkpoint, which it said
+        if launched() or stopped.signal is None:
+            raise  # a rank: status 0, as torchrun expects
+        return 128 + signal.Signals[stopped.signal]
     if launched():  # the rank's process group, which fit joined; NCCL warns at exit about one left open
         import torch.distributed
 
@@ -233,12 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
-    except SystemExit as e:  # a run stopped by a signal, with a checkpoint (train.Stopped), which said so
-        from .distributed import launched
-
-        if launched() or getattr(e, "signal", None) is None:  # a rank: status 0, as torchrun expects
-            raise
-        return 128 + signal.Signals[e.signal]
     except Exception as e:
         print(f"{command}: unexpected error ({type(e).__name__}: {_one_line(e)[:200]}); {_save_traceback(command, argv)}",
               file=sys.stderr)
