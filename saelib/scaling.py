@@ -158,7 +158,7 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
             boots.append(t)
     q = [(1 - level) / 2, (1 + level) / 2]
     # no interval without resamples (n_boot=0) or when most refits failed
-    if not boots or len(boots) < n_boot / 2:
+    if not boots or len(boots) <= n_boot / 2:
         ci = {name: (float("nan"), float("nan")) for name in names}
     else:
         boots = np.array(boots)
@@ -251,9 +251,13 @@ def fit_compute_law(flops, loss, **options) -> Fit:
 def compute_frontier(flops, loss, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """The compute-efficient frontier: for ``bins`` log-spaced budgets ``C``, the lowest loss any point
     reached with at most ``C`` FLOPs. ``flops``/``loss`` are all points of all runs (e.g. every
-    logged step of every learning curve). Returns ``(C, L)`` with strictly falling ``L``.
+    logged step of every learning curve); points at no compute (``C <= 0``) are left out, as a
+    log-spaced axis has no place for them. Returns ``(C, L)`` with strictly falling ``L``.
     """
     C, L = np.asarray(flops, float), np.asarray(loss, float)
+    C, L = C[C > 0], L[C > 0]
+    if len(C) == 0:
+        raise ValueError("compute_frontier needs points with positive FLOPs; every point given has none.")
     order = np.argsort(C)
     C, L = C[order], np.minimum.accumulate(L[order])
     edges = np.geomspace(C[0], C[-1], bins)
@@ -325,7 +329,8 @@ def convergence_exponent(n, curve_fits: list[Fit], tol: float = 0.01, level: flo
     x = np.log(n)
     resid = np.log(T) - np.log(point.predict(n))
     resamples = min((0 if f.samples is None else len(f.samples)) for f in curve_fits)
-    draws = np.array([[_within(theta, tol) for theta in f.samples[:resamples]] for f in curve_fits]).reshape(len(n), -1)
+    draws = np.array([[_within(theta, tol) for theta in (f.samples[:resamples] if resamples else [])]
+                      for f in curve_fits]).reshape(len(n), -1)
     rng = np.random.default_rng(seed)
     inflate = math.sqrt(len(n) / max(1, len(n) - 2))
     boots, failures = [], 0
@@ -364,18 +369,20 @@ def comparison_table(fits: dict[str, Fit]) -> list[dict]:
 # ---- the learning rate against the run's length -------------------------------------------------
 
 
-def best_multiple(multiples, loss) -> tuple[float, float]:
+def best_multiple(multiples, loss, vertex: bool = True) -> tuple[float, float]:
     """The loss-minimising learning-rate multiple of one run size, from a grid of runs.
 
     ``multiples``: the runs' learning rates as multiples of :func:`saelib.config.paper_lr`; ``loss``:
-    their validation NMSE. The vertex of the parabola in ``log2(multiple)`` through the lowest run
-    and its two neighbours; the lowest run itself where it lies at an end of the grid. Returns
+    their validation NMSE, NaN or infinite for a run that diverged (worse than any). The vertex of the
+    parabola in ``log2(multiple)`` through the lowest run and its two neighbours; the lowest run itself
+    where it lies at an end of the grid or beside a run that diverged (or ``vertex=False``). Returns
     ``(multiple, loss at it)``.
     """
-    order = np.argsort(multiples)
-    m, y = np.log2(np.asarray(multiples, float)[order]), np.asarray(loss, float)[order]
+    m, y = _lr_grid(multiples, loss)
+    if not np.isfinite(y).any():
+        raise ValueError(f"Every run of the learning-rate grid {sorted(multiples)} diverged; try lower multiples.")
     i = int(np.argmin(y))
-    if i in (0, len(y) - 1):
+    if not vertex or i in (0, len(y) - 1) or not np.isfinite(y[i - 1:i + 2]).all():
         return float(2 ** m[i]), float(y[i])
     a, b, c = np.polyfit(m[i - 1:i + 2], y[i - 1:i + 2], 2)  # a > 0: the middle point is the lowest
     vertex = -b / (2 * a)
@@ -385,10 +392,20 @@ def best_multiple(multiples, loss) -> tuple[float, float]:
 def loss_at_multiple(multiples, loss, multiple: float) -> float:
     """The loss of one run size at ``multiple``, read off its grid by linear interpolation in
     ``log2(multiple)`` (above the convex curve between two runs, so a regret read this way is not
-    understated); outside the grid, its nearest end."""
+    understated); outside the grid, its nearest end; infinite at or next to a run that diverged (NaN
+    or infinite ``loss``), which the multiple may reach."""
+    m, y = _lr_grid(multiples, loss)
+    x = np.log2(multiple)
+    j = int(np.clip(np.searchsorted(m, x), 0, len(m) - 1))  # the first run at or above the multiple
+    near = [j] if x <= m[0] or x >= m[-1] or x == m[j] else [j - 1, j]
+    return float(np.interp(x, m, y)) if np.isfinite(y[near]).all() else math.inf
+
+
+def _lr_grid(multiples, loss) -> tuple[np.ndarray, np.ndarray]:
+    """``(log2(multiples), loss)`` sorted by multiple, a diverged run's NaN loss as infinite."""
     order = np.argsort(multiples)
-    m, y = np.log2(np.asarray(multiples, float)[order]), np.asarray(loss, float)[order]
-    return float(np.interp(np.log2(multiple), m, y))
+    y = np.asarray(loss, float)[order]
+    return np.log2(np.asarray(multiples, float)[order]), np.where(np.isnan(y), np.inf, y)
 
 
 def lr_grid_table(rows: list[dict], rule: Callable[[int, int, int, int], float]) -> list[dict]:
@@ -398,7 +415,8 @@ def lr_grid_table(rows: list[dict], rule: Callable[[int, int, int, int], float])
     (``default_nmse``, :func:`loss_at_multiple`) and ``regret``, that NMSE over the best run's minus 1.
 
     ``rows``: the sweep's runs, each with ``n_latents``, ``k``, ``batch_size``, ``steps``,
-    ``lr_multiplier`` and ``val_nmse`` (runs of another batch size or ``k`` make grids of their own).
+    ``lr_multiplier`` and ``val_nmse`` (NaN for a run that diverged; runs of another batch size or ``k``
+    make grids of their own).
     """
     table = []
     for n, steps, batch, k in sorted({(r["n_latents"], r["steps"], r["batch_size"], r["k"]) for r in rows}):
@@ -406,10 +424,10 @@ def lr_grid_table(rows: list[dict], rule: Callable[[int, int, int, int], float])
         multiples, losses = [r["lr_multiplier"] for r in grid], [r["val_nmse"] for r in grid]
         multiple, nmse = best_multiple(multiples, losses)
         default = rule(steps, n, k, batch)
-        at_default = loss_at_multiple(multiples, losses, default)
+        at_default, best_run = loss_at_multiple(multiples, losses, default), best_multiple(multiples, losses, vertex=False)[1]
         table.append(dict(n_latents=n, steps=steps, batch_size=batch, k=k, multiple=multiple, nmse=nmse,
-                          best_run_nmse=min(losses), default_multiple=default, default_nmse=at_default,
-                          regret=at_default / min(losses) - 1))
+                          best_run_nmse=best_run, default_multiple=default, default_nmse=at_default,
+                          regret=at_default / best_run - 1))
     return table
 
 

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .activations import ActivationCache, CachedSource
-from .evals.reconstruction import reconstruction_metrics
+from .evals.reconstruction import RECONSTRUCTION_KEYS, reconstruction_metrics
+from .files import atomic_write_text
 from .runs import read_metrics
 from .config import TRAINER_FIELDS, TrainConfig
 from .sources import BatchSource
@@ -141,7 +144,8 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
             eta = (f"; about {_duration(sum(left) * trained_seconds / trained_flops)} left"
                    if trained_flops and left and len(left) == len(runs) - i - 1 else "")
             print(f"[{i + 1}/{len(configs)}] {folder.name}: "
-                  + ", ".join(f"{key} {value:.4g}" for key, value in shown.items())
+                  + (f"diverged ({row['diverged']})" if "diverged" in row else
+                     ", ".join(f"{key} {value:.4g}" for key, value in shown.items()))
                   + f" ({row['train_seconds']:.1f} s{eta})", flush=True)
     return table
 
@@ -161,7 +165,7 @@ def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSourc
 
     Returns :func:`run_sweep`'s rows, each with ``T`` and its bootstrap interval ``T_low``,
     ``T_high`` (``n_boot`` resamples), ``curve_fit`` (the :class:`~saelib.scaling.Fit` of the curve)
-    and ``converged`` (``T`` inside the run).
+    and ``converged`` (``T`` inside the run); a run that diverged has NaN ``T`` and no ``curve_fit``.
     """
     from .scaling import converged_at
 
@@ -181,6 +185,8 @@ def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSourc
             budget = max(budget, json.loads((folder / "config.json").read_text())["tokens"])
         while True:
             row = _run_one(source, {**options, "tokens": budget}, folder, x_val)
+            if "diverged" in row:
+                break
             t, nmse = [p["tokens"] for p in row["curve"]], [p["nmse"] for p in row["curve"]]
             T = converged_at(t, nmse, tol=tol, after=0.05 * t[-1], n_boot=0)[0]  # the interval once, below
             converged = T <= t[-1]
@@ -191,6 +197,9 @@ def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSourc
             if converged or budget >= max_tokens // B * B:
                 break
             budget = min(2 * budget, max_tokens) // B * B
+        if "diverged" in row:
+            table.append(row | dict(T=math.nan, T_low=math.nan, T_high=math.nan, curve_fit=None, converged=False))
+            continue
         T, (low, high), curve_fit = converged_at(t, nmse, tol=tol, after=0.05 * t[-1], n_boot=n_boot)
         table.append(row | dict(T=T, T_low=low, T_high=high, curve_fit=curve_fit, converged=converged))
     return table
@@ -201,40 +210,68 @@ def _duration(seconds: float) -> str:
 
 
 def _run_one(source: BatchSource, options: dict, folder: Path, x_val: torch.Tensor | None) -> dict:
-    """Train (or load) one run and measure it; the training time is kept in ``folder/sweep_result.json``."""
+    """Train (or load) one run and measure it; the training time is kept in ``folder/sweep_result.json``.
+
+    A run whose loss is not finite (a learning rate too high) is a row with ``diverged`` (the error)
+    and NaN metrics, kept in the same file so that a later call does not train it again.
+    """
     options = dict(options)
     n_latents, k = options.pop("n_latents"), options.pop("k", None)
     saved = folder / RESULT_FILE
     before = json.loads(saved.read_text()) if saved.exists() else None
+    if before is not None and "diverged" in before and before["tokens"] == options.get("tokens"):
+        return _diverged_row(folder, before, x_val)
     start = time.perf_counter()
-    sae = fit(source, n_latents, k, out=folder, normalizer=getattr(source, "normalizer", None), progress=False,
-              **options)
+    try:
+        sae = fit(source, n_latents, k, out=folder, normalizer=getattr(source, "normalizer", None), progress=False,
+                  **options)
+    except FloatingPointError as error:
+        if not (folder / "config.json").is_file():  # not from a training step
+            raise
+        result = {"diverged": str(error), "tokens": options.get("tokens"), "train_seconds": time.perf_counter() - start}
+        atomic_write_text(saved, json.dumps(result))
+        return _diverged_row(folder, result, x_val)
     seconds = time.perf_counter() - start
     config = json.loads((folder / "config.json").read_text())
-    if before is not None and before.get("tokens", config["tokens"]) == config["tokens"]:
+    if before is not None and "diverged" not in before and before.get("tokens", config["tokens"]) == config["tokens"]:
         seconds = before["train_seconds"]
     else:  # trained now, from the start or on from a shorter run
         seconds += before["train_seconds"] if before is not None else 0.0
-        saved.write_text(json.dumps({"train_seconds": seconds, "tokens": config["tokens"]}))
-    curve = read_metrics(folder)
-    last = curve[-1]
-    row = {"run": str(folder), **{key: config[key] for key in ("n_latents", "k", "arch", "seed", "auxk", "tied_init",
-                                                                 "l1_coef", "tokens", "batch_size", "lr")},
-           "d_in": config["d_in"], "flops": training_flops(config["d_in"], n_latents, config["tokens"]),
-           "train_nmse": last["nmse"], "train_l0": last["l0"], "dead_fraction": last["dead_fraction"],
-           "dead_tokens": config["dead_tokens"], "train_seconds": seconds, "curve": curve}
+        atomic_write_text(saved, json.dumps({"train_seconds": seconds, "tokens": config["tokens"]}))
+    row = _row(folder, seconds)
+    last = row["curve"][-1]
+    row |= {"train_nmse": last["nmse"], "train_l0": last["l0"], "dead_fraction": last["dead_fraction"]}
     if x_val is not None:
         row |= {f"val_{key}": value for key, value in reconstruction_metrics(sae, x_val).items()}
     return row
+
+
+def _diverged_row(folder: Path, result: dict, x_val: torch.Tensor | None) -> dict:
+    """The row of a run that diverged: its configuration, ``diverged`` (the error) and NaN metrics."""
+    row = _row(folder, result["train_seconds"]) | dict.fromkeys(("train_nmse", "train_l0", "dead_fraction"), math.nan)
+    if x_val is not None:
+        row |= {f"val_{key}": math.nan for key in RECONSTRUCTION_KEYS}
+    return row | {"diverged": result["diverged"]}
+
+
+def _row(folder: Path, seconds: float) -> dict:
+    """A run's configuration, training compute, time and learning curve, from its folder."""
+    config = json.loads((folder / "config.json").read_text())
+    return {"run": str(folder), **{key: config[key] for key in ("n_latents", "k", "arch", "seed", "auxk", "tied_init",
+                                                                  "l1_coef", "tokens", "batch_size", "lr")},
+            "d_in": config["d_in"], "flops": training_flops(config["d_in"], config["n_latents"], config["tokens"]),
+            "dead_tokens": config["dead_tokens"], "train_seconds": seconds,
+            "curve": read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []}  # none: diverged before a log
 
 
 def summarize(table: list[dict], by: list[str], metrics: list[str]) -> list[dict]:
     """Mean, standard deviation and 95% interval of ``metrics`` over rows that share the values of
     ``by`` (seeds).
 
-    Returns one dict per group: the ``by`` values, ``runs`` (the group size), and for each
-    metric ``m``: ``m`` (mean), ``m_std`` (sample standard deviation, 0 for one run) and ``m_ci``
-    (half-width of the mean's 95% interval, :func:`saelib.stats.mean_interval`; 0 for one run).
+    Returns one dict per group: the ``by`` values, ``runs`` (the group size), ``diverged`` (how many of
+    them diverged) and for each metric ``m``, over its finite values: ``m`` (mean), ``m_std`` (sample
+    standard deviation, 0 for one value), ``m_ci`` (half-width of the mean's 95% interval,
+    :func:`saelib.stats.mean_interval`; 0 for one value) and ``m_runs`` (how many values were finite).
     """
 
     groups: dict[tuple, list[dict]] = {}
@@ -242,18 +279,25 @@ def summarize(table: list[dict], by: list[str], metrics: list[str]) -> list[dict
         groups.setdefault(tuple(row[key] for key in by), []).append(row)
     out = []
     for values, rows in groups.items():
-        summary = dict(zip(by, values), runs=len(rows))
+        summary = dict(zip(by, values), runs=len(rows), diverged=sum("diverged" in r for r in rows))
         for m in metrics:
-            x = torch.tensor([float(r[m]) for r in rows], dtype=torch.float64)
-            summary[m], summary[f"{m}_ci"] = mean_interval(x.tolist())
-            summary[f"{m}_std"] = float(x.std()) if len(x) > 1 else 0.0
+            x = np.array([float(r[m]) for r in rows])
+            x = x[np.isfinite(x)]
+            summary[m], summary[f"{m}_ci"] = mean_interval(x)
+            summary[f"{m}_std"] = float(x.std(ddof=1)) if len(x) > 1 else 0.0 if len(x) else math.nan
+            summary[f"{m}_runs"] = len(x)
         out.append(summary)
     return out
 
 
 def mean_curve(rows: list[dict], metrics: list[str]) -> list[dict]:
     """The learning curves of several runs (seeds of one config, logged at the same steps) averaged
-    point by point: one dict per logged step with its ``tokens`` and the mean of each of ``metrics``."""
+    point by point: one dict per logged step with its ``tokens`` and the mean of each of ``metrics``.
+    Curves logged at other tokens (another length or ``log_every``) are a ValueError."""
+    tokens = [[p["tokens"] for p in row["curve"]] for row in rows]
+    if any(t != tokens[0] for t in tokens):
+        raise ValueError("mean_curve averages curves logged at the same tokens; these runs' curves differ "
+                         f"(lengths {sorted({len(t) for t in tokens})}); average runs of one config and length.")
     steps = zip(*(row["curve"] for row in rows))
     return [{"tokens": points[0]["tokens"], **{m: sum(p[m] for p in points) / len(points) for m in metrics}}
             for points in steps]

@@ -119,6 +119,34 @@ def test_the_best_multiple_is_the_vertex_of_the_grid_in_log_multiple():
     assert min(loss) <= between <= max(loss[3], loss[4])  # read between 8x and 16x, never below the curve's min
 
 
+def test_a_run_that_diverged_counts_as_worse_than_any_in_the_lr_grid():
+    from saelib.scaling import best_multiple, loss_at_multiple, lr_grid_table
+
+    grid, nan = [1, 2, 4, 8, 16], float("nan")
+    loss = [0.30, 0.22, 0.20, nan, 0.25]
+    assert best_multiple(grid, loss) == (4.0, 0.20)  # no parabola through the diverged neighbour
+    assert best_multiple([1, 2, 4, 8, 16], [0.30, 0.22, 0.20, 0.21, 0.25])[0] != 4.0  # with it: the vertex
+    assert loss_at_multiple(grid, loss, 3.0) == pytest.approx(0.2083, abs=1e-4)
+    assert loss_at_multiple(grid, loss, 6.0) == loss_at_multiple(grid, loss, 8.0) == float("inf")
+    assert loss_at_multiple(grid, loss, 16.0) == 0.25
+    rows = [dict(n_latents=1024, steps=100, batch_size=256, k=32, lr_multiplier=m, val_nmse=v) for m, v in zip(grid, loss)]
+    (row,) = lr_grid_table(rows, lambda steps, n, k, batch: 8.0)
+    assert row["best_run_nmse"] == 0.20 and row["regret"] == float("inf")  # the rule chose a rate that diverged
+    with pytest.raises(ValueError, match=r"Every run of the learning-rate grid \[1, 2\] diverged"):
+        best_multiple([2, 1], [nan, float("inf")])
+
+
+def test_compute_frontier_and_convergence_exponent_take_edge_inputs():
+    C, L = scaling.compute_frontier([0, 1e3, 1e4, 1e5], [1.0, 0.5, 0.4, 0.3], bins=4)  # the untrained start is left out
+    assert C.tolist() == [1e3, 1e4, 1e5] and L.tolist() == [0.5, 0.4, 0.3]
+    with pytest.raises(ValueError, match="positive FLOPs"):
+        scaling.compute_frontier([0.0], [1.0])
+    t = np.geomspace(1e4, 1e6, 60)
+    fits = [scaling.converged_at(t, 0.3 * (t / 1e4) ** -0.5 + c, n_boot=0)[2] for c in (0.2, 0.15, 0.1)]
+    fit = scaling.convergence_exponent([128, 256, 512], fits)  # curves fitted without a bootstrap
+    assert np.isfinite(fit.params["b"]) and all(np.isnan(v).all() for v in fit.ci.values())
+
+
 def test_each_batch_size_of_a_run_size_gets_its_own_grid():
     from saelib.scaling import lr_grid_table
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,29 @@ def test_summarize_gives_the_means_student_t_interval():
     # t(0.975, 2) = 4.303; sd 0.02; half-width 4.303 * 0.02 / sqrt(3)
     assert a["x"] == pytest.approx(0.12) and a["x_ci"] == pytest.approx(4.303 * 0.02 / 3**0.5, rel=1e-3)
     assert b["runs"] == 1 and b["x_ci"] == 0.0
+    # a seed that diverged: counted apart, left out of the mean, the sd and the interval alike
+    (c,) = sweep.summarize([dict(cell="c", x=0.20), dict(cell="c", x=0.22), dict(cell="c", x=float("nan"), diverged="Loss is nan")],
+                           ["cell"], ["x"])
+    assert (c["runs"], c["diverged"], c["x_runs"]) == (3, 1, 2)
+    assert c["x"] == pytest.approx(0.21) and c["x_std"] == pytest.approx(0.02**0.5 / 10) and c["x_ci"] > 0
+
+
+def test_a_run_that_diverges_is_a_row_and_the_sweep_goes_on(tmp_path, data):
+    train, val = data
+    source, common = TensorSource(train), dict(tokens=512, batch_size=128, geometric_median_samples=256)
+    configs = [dict(n_latents=32, k=4, lr=1e30), dict(n_latents=32, k=4, lr=1e-3)]
+    table = sweep.run_sweep(configs, source, tmp_path, validation=val, progress=False, **common)
+    bad, good = table
+    assert "Loss is" in bad["diverged"] and bad["lr"] == 1e30 and np.isnan(bad["val_nmse"]) and np.isnan(bad["train_nmse"])
+    assert "diverged" not in good and 0 < good["val_nmse"] < 1
+    folder = tmp_path / sweep.run_name({**common, **configs[0]})
+    assert "diverged" in json.loads((folder / sweep.RESULT_FILE).read_text())
+    (folder / "config.json").touch()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    again = sweep.run_sweep(configs, source, tmp_path, validation=val, progress=False, **common)
+    assert again[0]["diverged"] == bad["diverged"] and (folder / "config.json").stat().st_mtime_ns == stamp  # not retrained
+    with pytest.raises(ValueError, match="logged at the same tokens"):
+        sweep.mean_curve(table, ["nmse"])  # the diverged run's curve stops early
 
 
 def test_shards_split_a_sweep_and_a_call_without_shard_collects_it(tmp_path, data):

@@ -173,7 +173,7 @@ def run_quality(budget: str = "demo", lr_multipliers=None, seeds=(0,), libraries
             _say(progress, f"{library} at {multiple}x (lr {lr:.3g}), seed {seed}: {steps} steps")
             try:
                 sae, speed = _train(library, source, cache.folder, cfg, train_opts, lr, seed, steps, peers)
-            except (RuntimeError, ValueError) as error:
+            except (RuntimeError, ValueError, FloatingPointError) as error:  # FloatingPointError: saelib diverged
                 rows.append({**row, "status": "failed", "reason": str(error)})
                 continue
             scores = reconstruction_metrics(sae, held.acts[held.keep])

@@ -39,9 +39,13 @@ def density_histogram(density: Tensor, bins: int = 50) -> tuple[Tensor, Tensor]:
     return torch.histogram(alive, bins=bins, range=(lo, 0.0))
 
 
+RECONSTRUCTION_KEYS = ("nmse", "explained_variance", "l0", "dead_fraction", "dense_fraction")
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae, x_raw: Tensor, batch_size: int = 4096) -> dict:
-    """NMSE, explained variance, L0, dead and dense fractions of ``sae`` on raw activations ``(N, d)``."""
+    """NMSE, explained variance, L0, dead and dense fractions of ``sae`` on raw activations ``(N, d)``
+    (the keys of :data:`RECONSTRUCTION_KEYS`)."""
     x = sae.normalizer.apply(x_raw)  # the metrics' scale (the SAE itself takes raw activations)
     values, indices = encode(sae, x_raw, batch_size)
     x_hat = sae.normalizer.apply(torch.cat([sae.decode(Latents(values[s:s + batch_size], indices[s:s + batch_size]))
