@@ -423,6 +423,7 @@ class _SparseRowsDecode(torch.autograd.Function):
                 pre_rows: Tensor, k: int, lib, chained: bool):
         B, r = pre_rows.shape
         n_threads, T = torch.get_num_threads(), NATIVE_BLOCK_TOKENS
+        ctx.block_tokens = T  # the backward groups tokens as the forward did
         n_blocks = -(-B // T)
         chosen, values = x.new_empty(B, k, dtype=torch.long), x.new_empty(B, k)  # fp32 like x
         lib.saelib_select(pre_rows.data_ptr(), pre_rows.dtype == torch.bfloat16, B, pre_rows.stride(0), r, k,
@@ -441,6 +442,7 @@ class _SparseRowsDecode(torch.autograd.Function):
         return (out, chosen, W_enc, W_dec) if chained else (out, chosen)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients have no graph of their own
     def backward(ctx, grad_out: Tensor | None, _chosen=None, later_enc: Tensor | None = None,
                  later_dec: Tensor | None = None):
         x, W_enc, W_dec, b_pre, rows, values, *group = ctx.saved_tensors
@@ -454,11 +456,11 @@ class _SparseRowsDecode(torch.autograd.Function):
         G_enc = _rows_target(later_enc, W_enc, ctx.needs_input_grad[1])
         G_dec = _rows_target(later_dec, W_dec, ctx.needs_input_grad[3])
         ctx.lib.saelib_backward(values.data_ptr(), W_dec.data_ptr(), g.data_ptr(), x_c.data_ptr(), rows.data_ptr(), B, k,
-                                len(rows), NATIVE_BLOCK_TOKENS, d, *(t.data_ptr() for t in group), dz.data_ptr(),
+                                len(rows), ctx.block_tokens, d, *(t.data_ptr() for t in group), dz.data_ptr(),
                                 G_dec.data_ptr(), G_enc.data_ptr(), gb.data_ptr(), n_threads)
         if ctx.needs_input_grad[0]:  # the input gradient: dz decoded through the encoder rows
             grads[0] = x.new_empty(B, d)
-            ctx.lib.saelib_decode(dz.data_ptr(), W_enc.data_ptr(), rows.data_ptr(), B, k, len(rows), NATIVE_BLOCK_TOKENS,
+            ctx.lib.saelib_decode(dz.data_ptr(), W_enc.data_ptr(), rows.data_ptr(), B, k, len(rows), ctx.block_tokens,
                                   d, *(t.data_ptr() for t in group), grads[0].data_ptr(), n_threads)
         grads[1] = G_enc if ctx.needs_input_grad[1] else later_enc
         grads[2] = gb if ctx.needs_input_grad[2] else None
@@ -485,8 +487,10 @@ def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
     Returns ``(out, chosen)``: ``out (B, d) = sum_j ReLU(pre_rows[b, chosen[b, j]]) W_dec[rows[chosen[b, j]]]``
     and ``chosen (B, k)``, the kept columns of ``pre_rows`` (increasing; among equal values any).
     Arguments as in ``dense_rows_decode``, with ``pre_rows (B, r)`` a column slice of a row-major
-    matrix. The backward is one pass over the kept entries (value, decoder and encoder gradients);
-    the row gradients add into kept memory like the other ops' (``chained_row_gradients``).
+    matrix and ``rows (r,)`` distinct int64 ids. The backward is one pass over the kept entries
+    (value, decoder and encoder gradients; not differentiable again); the row gradients add into kept
+    memory like the other ops' (``chained_row_gradients``). Shapes that do not fit one another are a
+    ValueError, as the kernels read through raw pointers.
     """
     from . import native
 
@@ -494,6 +498,7 @@ def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
     if x.device.type != "cpu" or not fp32 or pre_rows.dtype not in (torch.float32, torch.bfloat16) \
             or not 1 <= k <= pre_rows.shape[-1]:  # a bad k: the torch ops name it
         return None
+    _check_rows_shapes(x, W_enc, b_enc, W_dec, b_pre, rows, pre_rows)
     lib = native.library()
     if lib is None:
         native.warn_fallback()
@@ -504,6 +509,21 @@ def sparse_rows_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
     out, chosen = _apply_chained(_SparseRowsDecode, [x, W_enc, b_enc, W_dec, b_pre, rows, pre_rows, k, lib], (1, 3),
                                  n_out=2)
     return out, chosen
+
+
+def _check_rows_shapes(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_pre: Tensor, rows: Tensor,
+                       pre_rows: Tensor) -> None:
+    (n, d), (B, r) = W_dec.shape, pre_rows.shape
+    wanted = {"x": (x.shape, (B, d)), "W_enc": (W_enc.shape, (n, d)), "b_enc": (b_enc.shape, (n,)),
+              "b_pre": (b_pre.shape, (d,)), "rows": (rows.shape, (r,))}
+    for name, (shape, want) in wanted.items():
+        if tuple(shape) != want:
+            raise ValueError(f"sparse_rows_decode: {name} has shape {tuple(shape)}, but W_dec {(n, d)} and pre_rows "
+                             f"{(B, r)} need {want}.")
+    if rows.dtype != torch.int64:
+        raise ValueError(f"sparse_rows_decode: rows must be int64 latent ids, got {rows.dtype}; pass rows.long().")
+    if r and (int(rows.min()) < 0 or int(rows.max()) >= n):  # distinctness is the caller's (a sort per step)
+        raise ValueError(f"sparse_rows_decode: rows must be latent ids in [0, {n}), got {int(rows.min())} to {int(rows.max())}.")
 
 
 def fast_bf16(device: str | torch.device = "cpu") -> bool:
@@ -529,7 +549,7 @@ def topk_indices(pre: Tensor, k: int, sorted: bool = True, workspace=None) -> Te
     """``(..., k)`` int64 ids of the ``k`` largest entries of each row of ``pre (..., n)``.
 
     Through group maxima: column ``j`` is in group ``j mod (n / g)`` (``g``: the first of
-    ``TOPK_GROUPS`` that divides ``n`` into at least ``2 k`` groups), so the maxima of all groups
+    ``TOPK_GROUPS`` that divides ``n`` into at least ``TOPK_MIN_GROUPS_PER_K * k`` groups), so the maxima of all groups
     are one vectorised pass over ``pre``; the top-k of a row lie in its ``k`` groups with the
     largest maxima (found the same way, recursively), and a top-k over those ``k * g`` candidates
     finds them. The kept values are exactly ``torch.topk``'s (among equal values the ids may

@@ -14,13 +14,14 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import threading
 import warnings
 from pathlib import Path
 
-from .files import atomic_write, cpu_info
+from .files import atomic_write, cpu_info, exclusive
 from .paths import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "auxk.c"
@@ -49,50 +50,59 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library, from the cache or built now (written to a temporary name, then renamed).
+def _build(compiler: list[str]) -> Path:
+    """The compiled library, from the cache or built now: by one process at a time (the others wait
+    for it), under a temporary name, loaded once there to check it and flushed to disk before it is
+    renamed into place, so that a cached build is always a whole one.
 
     Named ``auxk-<machine>-<source>.so``: ``<machine>`` digests the compiler, its flags and the CPU,
-    ``<source>`` the C file. A new build removes the same machine's builds of other sources (an
-    older saelib's); other machines' builds in a shared ``$SAELIB_HOME`` stay.
+    ``<source>`` the C file. Builds of other sources (other saelib versions sharing ``$SAELIB_HOME``)
+    are left alone: a process of that version may be about to load its own.
     """
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     machine = _digest(" ".join(FLAGS), version, _cpu_id())
     target = cache_dir("native") / f"auxk-{machine}-{_digest(SOURCE.read_text())}.so"
-    if not target.exists():
-        def compile_to(tmp: str) -> None:
-            run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                 timeout=300)
-            if run.returncode:
-                raise RuntimeError(f"`{compiler} {SOURCE.name}` failed: {run.stderr.strip()[-500:]}")
+    if target.exists():
+        return target
+    with exclusive([target], "Waiting for another process to build saelib's CPU kernels"):
+        if not target.exists():  # not built while this one waited
+            def compile_to(tmp: str) -> None:
+                run = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                     text=True, timeout=300)
+                if run.returncode:
+                    raise RuntimeError(f"`{' '.join(compiler)} {SOURCE.name}` failed: {run.stderr.strip()[-500:]}")
+                _bind(ctypes.CDLL(tmp))  # it loads and has every function
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
 
-        atomic_write(target, compile_to)
-        for stale in target.parent.glob(f"auxk-{machine}-*.so"):
-            if stale != target:
-                stale.unlink(missing_ok=True)  # a process that loaded it keeps its copy
+            atomic_write(target, compile_to)
     return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the argument and result types of each kernel set (an AttributeError names one it lacks)."""
+    for name, signature in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes = [_CTYPES[c] for c in signature]
+        function.restype = ctypes.c_int64 if name == "saelib_group" else None
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (see ``unavailable()``); built once per process."""
     with _lock:
         if "lib" not in _state:
-            _state["lib"], _state["reason"] = None, None
-            compiler = os.environ.get("CC", "cc")
+            compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # CC may carry arguments ("ccache gcc")
             if os.environ.get("SAELIB_NATIVE", "1") == "0":
-                _state["reason"] = OFF
-            elif shutil.which(compiler) is None:
-                _state["reason"] = f"no C compiler `{compiler}` on PATH (install gcc, or set CC)"
+                lib, reason = None, OFF
+            elif shutil.which(compiler[0]) is None:
+                lib, reason = None, f"no C compiler `{compiler[0]}` on PATH (install gcc, or set CC)"
             else:
-                try:
-                    lib = ctypes.CDLL(str(_build(compiler)))
-                    for name, signature in SIGNATURES.items():
-                        function = getattr(lib, name)
-                        function.argtypes = [_CTYPES[c] for c in signature]
-                        function.restype = ctypes.c_int64 if name == "saelib_group" else None
-                    _state["lib"] = lib
-                except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-                    _state["reason"] = f"building them failed: {err}"
+                try:  # an interruption (Ctrl-C in the first build) leaves no state: the next call builds again
+                    lib, reason = _bind(ctypes.CDLL(str(_build(compiler)))), None
+                except Exception as err:  # noqa: BLE001 - any failure falls back to the torch ops, saying why
+                    lib, reason = None, f"building them failed: {err}"
+            _state["lib"], _state["reason"] = lib, reason
         return _state["lib"]
 
 

@@ -505,7 +505,9 @@ class TopKSAE(nn.Module):
         so top-k runs over that slice only. On the CPU the compiled kernels (``sparse_rows_decode``)
         take it while the kept latents are less than ``AUXK_NATIVE_SHARE`` of the dead ones; without
         them, torch's sparse ops below ``AUXK_DENSE_SHARE``; beyond, dense GEMMs over the dead rows
-        win. All give the same values and gradients.
+        win. All give the same values and gradients, up to which of several equal pre-activations is
+        kept (frequent with the bf16 encoder) and NaN pre-activations (the smallest value to the kernels,
+        the largest to ``torch.topk``; the loss is NaN either way).
         """
         tokens = x.reshape(-1, self.d_in)
         if k_aux < AUXK_NATIVE_SHARE * n_dead:

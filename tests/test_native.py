@@ -107,9 +107,10 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     native.reset()
     assert native.library() is not None
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "native").iterdir()] == [mtime]  # reused, no temporaries left
-    # a changed source (a newer saelib) builds anew and removes this machine's older build; another
-    # machine's build in the same folder stays
+    files = lambda: sorted(p for p in (tmp_path / "native").iterdir() if not p.name.endswith(".lock"))  # noqa: E731
+    assert [p.stat().st_mtime_ns for p in files()] == [mtime]  # reused, no temporaries left
+    # a changed source (a newer saelib) builds anew beside the older build, which a process of that
+    # version sharing the folder may still load; another machine's build stays too
     other_machine = tmp_path / "native" / "auxk-000000000000-000000000000.so"
     other_machine.write_bytes(b"")
     changed = tmp_path / "auxk.c"
@@ -117,8 +118,35 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "SOURCE", changed)
     native.reset()
     assert native.library() is not None
-    now = sorted(p.name for p in (tmp_path / "native").iterdir())
-    assert len(now) == 2 and other_machine.name in now and built[0].name not in now
+    assert len(files()) == 3 and other_machine in files() and built[0] in files()
+
+
+def test_an_interrupted_first_build_builds_again_and_cc_may_carry_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "env cc")  # a compiler command with arguments, as "ccache gcc"
+    build = native._build
+
+    def interrupted(compiler):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(native, "_build", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        native.library()
+    monkeypatch.setattr(native, "_build", build)
+    assert native.library() is not None and native.unavailable() is None  # not a silent fallback
+
+
+def test_the_kernels_refuse_arguments_that_do_not_fit():
+    W_enc, b_enc, W_dec, b_pre = _weights(64, 8, 0)
+    x, rows, pre = torch.randn(10, 8), torch.arange(20), torch.randn(10, 20)
+    with pytest.raises(ValueError, match=r"rows must be int64 latent ids, got torch.int32; pass rows.long\(\)"):
+        sparse_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows.int(), pre, 4)
+    with pytest.raises(ValueError, match=r"x has shape \(300, 8\), but W_dec \(64, 8\) and pre_rows \(10, 20\) need \(10, 8\)"):
+        sparse_rows_decode(torch.randn(300, 8), W_enc, b_enc, W_dec, b_pre, rows, pre, 4)
+    with pytest.raises(ValueError, match=r"rows has shape \(19,\)"):
+        sparse_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows[:19], pre, 4)
+    with pytest.raises(ValueError, match=r"latent ids in \[0, 64\), got 50 to 69"):
+        sparse_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows + 50, pre, 4)
 
 
 @pytest.mark.parametrize("compiler, reason", [("no-such-cc", "no C compiler `no-such-cc` on PATH"),
@@ -132,7 +160,7 @@ def test_without_the_kernels_auxk_falls_back_to_torch_ops_and_says_why(compiler,
     x = torch.randn(10, 8)
     with pytest.warns(RuntimeWarning, match="native CPU kernels are not in use .*AuxK runs on torch ops"):
         assert sparse_rows_decode(x, W_enc, b_enc, W_dec, b_pre, torch.arange(20), torch.randn(10, 20), 4) is None
-    assert not list((tmp_path / "native").glob("*"))  # a failed build leaves nothing behind
+    assert not [p for p in (tmp_path / "native").glob("*") if not p.name.endswith(".lock")]  # nothing built is left
 
 
 def test_the_kernels_apply_to_fp32_on_the_cpu_only():
