@@ -453,30 +453,31 @@ def _build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of,
     todo = [c for c in caches.values() if not c.complete]
     if not todo:
         return caches
-    done = {len(c.manifest["shards"]) for c in todo}
+    # where each unfinished cache stopped: the end of its last shard's contexts (shards written with
+    # another shard_contexts included)
+    done = {c.manifest["shards"][-1]["contexts"][1] if c.manifest["shards"] else 0 for c in todo}
     if len(done) != 1:  # layers got out of step (e.g. one was deleted): rebuild them separately
         for layer, c in caches.items():
             if not c.complete:
                 _build_cache(lm, contexts, [layer], site, key_of, rule, batch_size, shard_contexts, progress, None)
         return {layer: ActivationCache(c.folder) for layer, c in caches.items()}
-    first_shard = done.pop()
+    start, first_shard = done.pop(), len(todo[0].manifest["shards"])
     layers = [layer for layer in layers if not caches[layer].complete]  # complete caches are left alone
     for c in todo:
         c.folder.mkdir(parents=True, exist_ok=True)
-        if not first_shard or not (c.folder / "contexts.safetensors").exists():
+        if not start or not (c.folder / "contexts.safetensors").exists():
             atomic_write(c.folder / "contexts.safetensors", lambda tmp: save_file({"contexts": contexts.contiguous()}, tmp))
         elif not torch.equal(c.contexts(), contexts):  # its shards index contexts that this build would not extract
             raise ValueError(f"The unfinished activation cache at {c.folder} was begun on other contexts (the tokenizer "
                              f"or the corpus changed since); delete {c.folder} and extract again.")
-    written = 0
-    n_shards = -(-len(contexts) // shard_contexts)
-    for s in tqdm(range(first_shard, n_shards), desc="caching activations", unit="shard", disable=not progress,
-                  initial=first_shard, total=n_shards):
-        lo, hi = s * shard_contexts, min((s + 1) * shard_contexts, len(contexts))
+    written, starts = 0, range(start, len(contexts), shard_contexts)
+    for lo in tqdm(starts, desc="caching activations", unit="shard", disable=not progress, initial=first_shard,
+                   total=first_shard + len(starts)):
+        hi = min(lo + shard_contexts, len(contexts))
         batches = extract(lm, contexts[lo:hi], layers, site, batch_size, progress=False, dtype=key_of(layers[0]).lm_dtype)
         store_shard({layer: caches[layer] for layer in layers}, contexts, lo, hi, batches, lm.special_ids, rule)
         written += 1
-        if stop_after_shards is not None and written >= stop_after_shards and s + 1 < n_shards:
+        if stop_after_shards is not None and written >= stop_after_shards and hi < len(contexts):
             return caches
     for c in caches.values():
         if not c.complete:
@@ -525,7 +526,7 @@ class CachedSource:
 
     def _plan(self, seed: int, epoch: int) -> tuple[torch.Generator, list[list[int]]]:
         """The epoch's generator and its shard groups (shards permuted, then packed in order)."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)  # any int64 seed
         groups, current, size = [], [], 0
         for i in torch.randperm(len(self.cache.manifest["shards"]), generator=g).tolist():
             r = self.cache.manifest["shards"][i]["rows"]

@@ -80,7 +80,9 @@ def test_cache_round_trip_and_interrupted_build_resumes(lm, val_contexts, tmp_pa
     partial = A.build_cache(lm, ctx, [6, 12], "resid_post", key_of, shard_contexts=4, batch_size=4,
                             stop_after_shards=1, progress=False)
     assert not partial[12].complete and len(partial[12].manifest["shards"]) == 1
-    resumed = A.build_cache(lm, ctx, [6, 12], "resid_post", key_of, shard_contexts=4, batch_size=4, progress=False)
+    # resumed with shards of another size: it goes on from where the written shards end
+    resumed = A.build_cache(lm, ctx, [6, 12], "resid_post", key_of, shard_contexts=3, batch_size=4, progress=False)
+    assert [s["contexts"] for s in resumed[12].manifest["shards"]] == [[0, 4], [4, 7], [7, 10], [10, 12]]
     fresh = A.build_cache(lm, ctx, [6, 12], "resid_post", lambda L: _key("fresh", L), shard_contexts=4,
                           batch_size=4, progress=False)
     other = A.build_cache(lm, ctx[:8], [12], "resid_post", lambda L: _key("other", L), shard_contexts=4, batch_size=4,
@@ -92,7 +94,7 @@ def test_cache_round_trip_and_interrupted_build_resumes(lm, val_contexts, tmp_pa
         assert resumed[layer].complete
         rows = resumed[layer].all_rows()
         torch.testing.assert_close(rows, fresh[layer].all_rows(), rtol=0, atol=0)
-        index = torch.cat([resumed[layer].shard(i)["index"] for i in range(3)])
+        index = torch.cat([resumed[layer].shard(i)["index"] for i in range(len(resumed[layer].manifest["shards"]))])
         assert len(index) == len(set(index.tolist())) == resumed[layer].n_rows  # no duplicate or missing rows
         # the cached rows are exactly the extracted activations at the kept positions
         (_, acts), = list(A.extract(lm, ctx, [layer], batch_size=12, progress=False, dtype=key_of(layer).lm_dtype))

@@ -81,6 +81,11 @@ def test_an_sae_is_evaluated_on_the_share_of_its_corpus_it_trained_without(lm, m
     sae = TopKSAE(576, 64, 4, metadata={**META, "corpus": "wikipedia", "val_fraction": 0.3})
     assert trained_val_fraction(sae, "wikipedia") == 0.3 and trained_val_fraction(sae, "mix") == 0.1
     assert trained_val_fraction(TopKSAE(576, 64, 4, metadata=META), "wikipedia") == 0.1  # not recorded: the default
+    # mix holds Wikipedia's documents, split alike: an SAE trained on one with less held out is
+    # evaluated on the other's smaller validation split, which it never trained on
+    on_mix = TopKSAE(576, 64, 4, metadata={**META, "corpus": "mix", "val_fraction": 0.05})
+    assert trained_val_fraction(on_mix, "wikipedia") == 0.05 and trained_val_fraction(on_mix, "notes.txt") == 0.1
+    assert trained_val_fraction(TopKSAE(576, 64, 4, metadata={**META, "corpus": "austen", "val_fraction": 0.02}), "mix") == 0.02
     held = held_out(lm, LAYER, max_tokens=4 * 64, progress=False, val_fraction=0.3)
     assert torch.equal(held.ids, contexts("wikipedia", lm.tokenizer, "validation", max_tokens=4 * 64, val_fraction=0.3))
     assert not torch.equal(held.ids, contexts("wikipedia", lm.tokenizer, "validation", max_tokens=4 * 64))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..activations import ActivationCache, CacheKey, build_cache, cached_activations, extract, keep_mask
+from ..data import MIXES
 from ..files import digest
 from ..models import LM, model_digest
 
@@ -45,11 +46,17 @@ def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
 
 
 def trained_val_fraction(sae, corpus: str) -> float:
-    """The share of ``corpus`` that was held out when the SAE trained on it (``metadata["val_fraction"]``),
-    so that its validation split holds no training document; the default 0.1 for another corpus or an
-    SAE that does not record it."""
+    """The share of ``corpus`` to hold out for evaluating the SAE, so that its validation split holds
+    no training document: the SAE's own ``metadata["val_fraction"]`` for the corpus it trained on; for
+    a corpus that shares documents with it (``mix`` and its parts, which split each document alike),
+    the smaller of that and the default 0.1; the default for another corpus or an SAE that does not
+    record it."""
     meta = getattr(sae, "metadata", {}) or {}
-    return float(meta.get("val_fraction", 0.1)) if corpus == meta.get("corpus", "wikipedia") else 0.1
+    trained, recorded = meta.get("corpus", "wikipedia"), float(meta.get("val_fraction", 0.1))
+    if corpus == trained:
+        return recorded
+    parts = lambda name: {name, *MIXES.get(name, ())}  # noqa: E731
+    return min(0.1, recorded) if parts(corpus) & parts(trained) else 0.1
 
 
 def trained_prepend_bos(sae) -> bool:
