@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from .stats import paired_difference
+
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -35,7 +37,7 @@ def frontier(data: dict) -> str:
              f"{r['val_l0']:.1f}", f"{r['val_nmse']:.4f} ± {r['val_nmse_std']:.4f}",
              f"{r['delta_ce']:.3f} ± {r['delta_ce_std']:.3f}"]
             for r in sorted(data["summary"], key=lambda r: (r["arch"], r["val_l0"]))]
-    return _table(["architecture", "setting", "seeds", "L0", "validation NMSE", "Δ CE (nats)"], rows)
+    return _table(["architecture", "setting", "seeds", "L0", "validation NMSE (mean ± sd)", "Δ CE (nats, mean ± sd)"], rows)
 
 
 def dead_latents(data: dict) -> str:
@@ -74,13 +76,14 @@ def scaling(data: dict) -> str:
             f"`{d['corpus']}` corpus, of which {d['unique_tokens']:,} unique ({epochs:.2g} epoch{'s' * (epochs != 1)}), "
             f"in batches of {d['batch_size']:,} at {d['lr_multiplier']:g}x the paper's learning-rate rule; "
             f"the loss is NMSE on {d['validation_tokens']:,} held-out tokens.")
-    return _table(["fit", "coefficient", "ours", "95% bootstrap CI", "paper", "R²", "runs"], rows) + note
+    return _table(["fit", "coefficient", "ours", "95% bootstrap CI", "paper", "R²", "points"], rows) + note
 
 
 def metrics_vs_size(data: dict) -> str:
     """04 and 10: every evaluation metric of the paper's section 4 at each n (arrows: which way is better),
-    ± the 95% interval of the metrics averaged over a sample where the run recorded it; where the runs
-    record them (10), the tokens each SAE trained and the task-by-task probe-loss difference."""
+    ± the 95% interval of the metrics averaged over a sample where the run recorded it; the probe-loss and
+    delta CE differences between the largest and the smallest n, task by task and context by context
+    (:func:`saelib.stats.paired_difference`); where the runs record them (10), the tokens each SAE trained."""
     def cell(r: dict, metric: str, digits: int) -> str:
         ci = f" ± {r[metric + '_ci']:.{digits}f}" if metric + "_ci" in r else ""
         return f"{r[metric]:.{digits}f}{ci}"
@@ -94,10 +97,12 @@ def metrics_vs_size(data: dict) -> str:
     first, last = runs[0], runs[-1]
     note = (f"\n\nBaselines on the residual channels: probe loss {first['probe_loss_baseline']:.4f}, "
             f"ablation sparsity {first['ablation_sparsity_baseline']:.3f}.")
-    if "trend" in data:
-        probe = data["trend"]["probe_loss"]
-        note += (f" Probe loss, n {last['n_latents']:,} minus n {first['n_latents']:,} task by task over {probe['tasks']} "
-                 f"tasks: {probe['difference']:+.3f} ± {probe['ci']:.3f}.")
+    for key, name, items in (("probe_loss_by_task", "Probe loss", "task by task over {} tasks"),
+                             ("delta_ce_by_context", "Δ CE", "context by context over {} contexts")):
+        if first.get(key) and last.get(key):
+            shift, half, m = paired_difference(first[key], last[key])
+            note += (f" {name}, n {last['n_latents']:,} minus n {first['n_latents']:,} {items.format(m)}: "
+                     f"{shift:+.3f} ± {half:.3f}.")
     return _table(["n"] + (["tokens trained"] if trained else []) + ["NMSE ↓", "Δ CE (nats) ↓", "probe loss ↓",
                   "N2G precision ↑", "N2G recall ↑", "ablation sparsity ↓", "dead"], rows) + note
 
@@ -108,7 +113,7 @@ def progressive(data: dict) -> str:
     archs, ks = sorted({a for a, _ in by}, reverse=True), sorted({k for _, k in by})
     rows = [[f"k'={k}"] + [f"{by[a, k]['nmse']:.4f} ± {by[a, k]['nmse_std']:.4f}" if (a, k) in by else "–"
                            for a in archs] for k in ks]
-    return _table(["decoded latents"] + [f"{a} NMSE" for a in archs], rows)
+    return _table(["decoded latents"] + [f"{a} NMSE (mean ± sd)" for a in archs], rows)
 
 
 def ablation(data: dict) -> str:

@@ -50,15 +50,21 @@ def test_the_metrics_and_progressive_blocks_put_each_value_in_its_cell():
     with_intervals = results.metrics_vs_size({"runs": [dict(run, probe_loss_ci=0.05, n2g_precision_ci=0.02)]})
     assert "| 1,024 | 0.2500 | 0.500 | 0.300 ± 0.050 | 0.800 ± 0.020 | 0.400 | 0.600 | 1.0% |" in with_intervals
     assert "probe loss 0.3500, ablation sparsity 0.700" in text
-    converged = [dict(run, trained=4_098_048, short=False), dict(run, n_latents=4096, trained=15_456_256, short=True)]
-    trend = {"probe_loss": {"difference": -0.021, "ci": 0.013, "tasks": 30}}
-    text = results.metrics_vs_size({"runs": converged, "trend": trend})
+    # tasks paired across the two sizes: each moves by 0.02 to 0.04, far less than the tasks differ
+    small = {f"task{i}": 0.1 * i for i in range(4)}
+    large = {task: loss + 0.03 + (0.01 if i % 2 else -0.01) for i, (task, loss) in enumerate(small.items())}
+    converged = [dict(run, trained=4_098_048, short=False, probe_loss_by_task=small, delta_ce_by_context=[0.5, None, 0.3]),
+                 dict(run, n_latents=4096, trained=15_456_256, short=True, probe_loss_by_task={**large, "only_here": 0.5},
+                      delta_ce_by_context=[0.3, 0.2, 0.1])]
+    text = results.metrics_vs_size({"runs": converged})
+    assert "Δ CE, n 4,096 minus n 1,024 context by context over 2 contexts: -0.200 ± 0.000." in text
     assert "| 1,024 | 4.1M | 0.2500 |" in text and "| 4,096 | 15.5M (short of T) | 0.2500 |" in text
-    assert "n 4,096 minus n 1,024 task by task over 30 tasks: -0.021 ± 0.013" in text
+    # mean 0.03, sd 0.01155 over 4 tasks: half-width t(0.975, 3) 3.182 * 0.01155 / 2 = 0.018
+    assert "n 4,096 minus n 1,024 task by task over 4 tasks: +0.030 ± 0.018" in text
     summary = [dict(arch="topk", k_prime=8, nmse=0.3, nmse_std=0.01), dict(arch="multitopk", k_prime=8, nmse=0.28, nmse_std=0.02),
                dict(arch="multitopk", k_prime=64, nmse=0.2, nmse_std=0.0)]
     text = results.progressive({"summary": summary})
-    assert "| decoded latents | topk NMSE | multitopk NMSE |" in text
+    assert "| decoded latents | topk NMSE (mean ± sd) | multitopk NMSE (mean ± sd) |" in text
     assert "| k'=8 | 0.3000 ± 0.0100 | 0.2800 ± 0.0200 |" in text and "| k'=64 | – | 0.2000 ± 0.0000 |" in text
 
 
