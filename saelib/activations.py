@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import data
-from .files import atomic_write, atomic_write_text, exclusive, file_digest, read_json
+from .files import atomic_write, atomic_write_text, exclusive, file_digest, read_json, sha256_file
 from .kernels import fast_bf16
 from .models import LM, LM_DTYPES, SITES, load_lm, load_tokenizer, model_digest
 from .normalize import Normalizer
@@ -243,6 +243,7 @@ class Manifest(BaseModel):
     total_tokens: NonNegativeInt
     dropped: dict[str, NonNegativeInt]
     normalizer: NormalizerStats | None = None
+    contexts_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None  # of contexts.safetensors
     sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
 
 
@@ -353,8 +354,18 @@ class ActivationCache:
         return Normalizer.from_dict(self.manifest["normalizer"])
 
     def contexts(self) -> Tensor:
-        """``(n_ctx, T)`` token ids the cache was extracted from."""
-        return load_file(self.folder / "contexts.safetensors")["contexts"]
+        """``(n_ctx, T)`` token ids the cache was extracted from, checked against the SHA-256 the
+        manifest records (caches written before it was recorded are read as they are)."""
+        path, recorded = self.folder / "contexts.safetensors", self.manifest.get("contexts_sha256")
+        if recorded is not None and sha256_file(path) != recorded:
+            raise ValueError(f"{path} was edited or damaged (its SHA-256 is not the one {self.manifest_path} "
+                             f"records); delete {self.folder} and extract again (it is a cache).")
+        return load_file(path)["contexts"]
+
+    def write_contexts(self, contexts: Tensor) -> None:
+        """Write ``contexts.safetensors`` and record its SHA-256 (saved with the next shard)."""
+        path = atomic_write(self.folder / "contexts.safetensors", lambda tmp: save_file({"contexts": contexts.contiguous()}, tmp))
+        self.manifest["contexts_sha256"] = sha256_file(path)
 
     def shard(self, i: int, verify: bool = True) -> dict[str, Tensor]:
         """Shard ``i`` as ``{"acts": (rows, d), "index": (rows,)}``; ``verify=False`` skips the checksum
@@ -465,9 +476,13 @@ def _build_cache(lm: LM, contexts: Tensor, layers: list[int], site: str, key_of,
     layers = [layer for layer in layers if not caches[layer].complete]  # complete caches are left alone
     for c in todo:
         c.folder.mkdir(parents=True, exist_ok=True)
-        if not start or not (c.folder / "contexts.safetensors").exists():
-            atomic_write(c.folder / "contexts.safetensors", lambda tmp: save_file({"contexts": contexts.contiguous()}, tmp))
-        elif not torch.equal(c.contexts(), contexts):  # its shards index contexts that this build would not extract
+        if start and (c.folder / "contexts.safetensors").exists():
+            same = torch.equal(c.contexts(), contexts)
+        else:  # a new cache, or one whose contexts file was lost: the recorded digest says if they are the same
+            recorded = c.manifest.get("contexts_sha256") if start else None
+            c.write_contexts(contexts)
+            same = recorded in (None, c.manifest["contexts_sha256"])
+        if not same:  # its shards index contexts that this build would not extract
             raise ValueError(f"The unfinished activation cache at {c.folder} was begun on other contexts (the tokenizer "
                              f"or the corpus changed since); delete {c.folder} and extract again.")
     written, starts = 0, range(start, len(contexts), shard_contexts)

@@ -90,6 +90,13 @@ def test_cache_round_trip_and_interrupted_build_resumes(lm, val_contexts, tmp_pa
     with pytest.raises(ValueError, match=rf"The unfinished activation cache at {other.folder} was begun on other contexts"):
         A.build_cache(lm, ctx[4:12], [12], "resid_post", lambda L: _key("other", L), shard_contexts=4, batch_size=4,
                       progress=False)
+    # the contexts the shards index are checked too: other token ids there are an error, not a silent read
+    from safetensors.torch import save_file
+
+    assert fresh[12].manifest["contexts_sha256"]
+    save_file({"contexts": ctx.flip(0).contiguous()}, str(fresh[12].folder / "contexts.safetensors"))
+    with pytest.raises(ValueError, match=r"contexts.safetensors was edited or damaged .* delete .* and extract again"):
+        A.ActivationCache(fresh[12].folder).contexts()
     for layer in (6, 12):
         assert resumed[layer].complete
         rows = resumed[layer].all_rows()
