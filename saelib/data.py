@@ -201,6 +201,15 @@ def bos_prefix(tokenizer, prepend_bos: bool | None = None) -> list[int]:
     return [tokenizer.bos_token_id] if prepend_bos else []
 
 
+def separator(tokenizer) -> int:
+    """The id placed between packed documents: the tokenizer's end-of-text token, else its begin token."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if sep is None:
+        raise ValueError(f"The tokenizer {type(tokenizer).__name__} has neither an end-of-text nor a begin token to "
+                         "place between documents; pass separator_id.")
+    return sep
+
+
 def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None = None, max_contexts: int | None = None,
          prepend_bos: bool | None = None) -> Tensor:
     """Tokenise documents, join them with a separator token and cut into contexts.
@@ -209,7 +218,7 @@ def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None
         docs: documents, in order.
         tokenizer: a Hugging Face tokenizer.
         ctx_len: tokens per context (the paper: 64), the begin-of-sequence token included.
-        separator_id: token placed after every document (default: the tokenizer's EOS).
+        separator_id: token placed after every document (default: :func:`separator`).
         max_contexts: stop once this many contexts are filled.
         prepend_bos: start every context with the begin-of-sequence token, followed by
             ``ctx_len - 1`` tokens of the joined documents; ``None`` follows the model's convention
@@ -222,7 +231,7 @@ def pack(docs: list[str], tokenizer, ctx_len: int = 64, separator_id: int | None
         raise ValueError(f"Context length {ctx_len} is too short; use at least 2 tokens.")
     prefix = bos_prefix(tokenizer, prepend_bos)
     width = ctx_len - len(prefix)  # tokens of the joined documents per context
-    sep = tokenizer.eos_token_id if separator_id is None else separator_id
+    sep = separator(tokenizer) if separator_id is None else separator_id
     ids: list[int] = []
     limit = None if max_contexts is None else max_contexts * width
     for doc in docs:

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .data import separator
 from .files import atomic_write_text, exclusive, kept_json, remove, sha256_file, temp_path
 from .paths import cache_dir, packaged_file
 
@@ -121,12 +122,8 @@ class LM:
 
     @property
     def eos_id(self) -> int:
-        """The id placed between packed documents."""
-        tok = self.tokenizer
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
-        if eos is None:
-            raise ValueError(f"The tokenizer of {self.name} has neither an end-of-text nor a begin token.")
-        return eos
+        """The id placed between packed documents (:func:`saelib.data.separator`)."""
+        return separator(self.tokenizer)
 
 
 def _embedded_folder(name: str) -> Path:

@@ -241,6 +241,16 @@ def test_bad_input_errors(lm, val_contexts):
         list(A.extract(lm, torch.zeros(1, lm.max_context + 1, dtype=torch.long), [1], progress=False))
     with pytest.raises(ValueError, match="empty"):
         data.pack([], lm.tokenizer, 64)
+    # a tokenizer without an end-of-text token separates documents with its begin token; one with neither is refused
+    import copy
+
+    tok = copy.deepcopy(lm.tokenizer)
+    tok.eos_token, tok.bos_token = None, "<|im_start|>"
+    assert data.separator(tok) == tok.convert_tokens_to_ids("<|im_start|>") != lm.eos_id
+    assert (data.pack(["one document.", "another one."], tok, 4)[0] == data.separator(tok)).any()
+    tok.bos_token = None
+    with pytest.raises(ValueError, match="has neither an end-of-text nor a begin token to place between documents; pass separator_id"):
+        data.pack(["one document."], tok, 4)
     # NaN activations are named with their batch: break a real weight, then restore it
     w = lm.layers[2].mlp.down_proj.weight
     saved = w.detach().clone()
