@@ -238,6 +238,29 @@ def test_probe_builders_give_20_tasks_with_both_labels(lm):
     assert len(both) >= 20, both
 
 
+def test_the_probes_of_an_sae_read_no_document_it_trained_on(lm):
+    """An SAE trained on ``mix`` (every probe text) is probed on the validation split of each source;
+    one trained on Wikipedia on Wikipedia's validation split and every document of the others."""
+    from saelib.data import split_documents
+    from saelib.evals.heldout import probe_held_out
+
+    on_mix = TopKSAE(576, 64, 4, metadata={**META, "corpus": "mix", "val_fraction": 0.05})
+    assert probe_held_out(on_mix) == dict.fromkeys(probe_sources.TEXT_SOURCES, 0.05)
+    assert probe_held_out(TopKSAE(576, 64, 4, metadata={**META, "corpus": "wikipedia"})) == {"wikipedia": 0.1}
+    assert probe_held_out(TopKSAE(576, 64, 4, metadata={**META, "corpus": "notes.txt"})) == {}
+    loaded, _ = probes.available_sources()
+    ids, tags = probes.probe_contexts(lm.tokenizer, 64, per_source=64, held_out=probe_held_out(on_mix))
+    for name in ("wikipedia", "austen", "fortunes"):
+        if name not in loaded:
+            continue
+        texts = [text for text, _ in loaded[name]]
+        starts = lambda docs: {tuple(lm.tokenizer(d, add_special_tokens=False)["input_ids"][:64]) for d in docs}  # noqa: E731
+        validation = starts(split_documents(texts, "validation", 0.05))
+        used = [tuple(row) for row, tag in zip(ids.tolist(), tags) if tag["source"] == name]
+        assert used and all(u in validation for u in used), name
+        assert not set(used) <= starts(split_documents(texts, "train", 0.05)), name
+
+
 def test_missing_source_skips_its_tasks(monkeypatch):
     def gone():
         raise probe_sources.SourceUnavailable("install it")

@@ -43,7 +43,7 @@ from .. import config
 from ..loading import load
 from .ablation import ablation_sparsity
 from .downstream import downstream_loss, splice
-from .heldout import HeldOut, encode, held_out, trained_prepend_bos, trained_site, trained_val_fraction
+from .heldout import HeldOut, encode, held_out, probe_held_out, trained_prepend_bos, trained_site, trained_val_fraction
 from .n2g import n2g
 from .probes import TASKS, probe_loss, probe_results
 from .reconstruction import density_histogram, latent_density, reconstruction_metrics
@@ -97,7 +97,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
     report |= timed("downstream", downstream_loss, sae, lm, held.ids[:cfg["downstream_contexts"]], layer, site,
                     progress=progress)
     report |= timed("probes", probe_loss, sae, lm, layer, site, ctx_len=ctx_len, per_source=cfg["probe_per_source"],
-                    seed=seed, progress=progress, prepend_bos=prepend_bos)
+                    seed=seed, progress=progress, prepend_bos=prepend_bos, held_out=probe_held_out(sae))
     values, indices = encode(sae, held.acts)
     report |= timed("n2g", n2g, values, indices, held.ids, held.keep, sample=cfg["n2g_latents"], seed=seed,
                     progress=progress)

