@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import threading
 import time
 import warnings
@@ -117,9 +118,11 @@ def _write_png(fig: go.Figure, path: Path) -> bool:
 
 def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None = None) -> Path | None:
     """Write ``name.png``, ``name.html`` and, with ``data``, ``name.json`` into ``folder``; return the
-    PNG (None where no browser could draw it: see ``_start_png_server`` and ``_write_png``)."""
+    PNG (None where no browser could draw it: see ``_start_png_server`` and ``_write_png``; an older
+    ``name.png`` is removed then, so that no picture of other numbers stays beside the new ones)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.png").unlink(missing_ok=True)
     fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
     if data is not None:
         (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
@@ -181,8 +184,12 @@ def nice_log_axis(values) -> dict:
     """:func:`log_axis` for values that are measurements, not a small set of chosen sizes: ticks at the
     powers of ten that span ``values``, or at 1, 2 and 5 times them, or at 1, 1.5, 2, 3, 4, 5, 6 and 8
     times them: the first of these with at least 3 ticks inside the values' range (else 3 ticks spread
-    over it, to 2 significant digits)."""
-    lo, hi = min(float(v) for v in values if v > 0), max(float(v) for v in values)
+    over it, to 2 significant digits). Values that are not finite and positive (a diverged run's
+    NaN, a zero) are left out; with none left, the axis is plain log."""
+    shown = [float(v) for v in values if math.isfinite(float(v)) and float(v) > 0]
+    if not shown:
+        return dict(type="log")
+    lo, hi = min(shown), max(shown)
     decades = range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1)
     for mantissas in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
         ticks = [float(f"{m * 10.0**d:.3g}") for d in decades for m in mantissas]

@@ -54,6 +54,7 @@ def test_without_a_working_browser_figures_are_html_and_json_with_one_warning(tm
             "install chromium) or Chrome, or run kaleido_get_chrome."], caught
     """)
     env = {**os.environ, "BROWSER_PATH": browser if browser.startswith("/") else str(tmp_path / browser)}
+    (tmp_path / "a.png").write_bytes(b"a picture of an earlier run's numbers")  # removed: it would sit beside new ones
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "a.json", "b.html", "b.json", "plotly.min.js"]
@@ -122,6 +123,12 @@ def test_nice_log_axis_labels_at_least_three_ticks_inside_a_narrow_range(lo, hi)
     assert len(inside) >= 3, axis
     assert all(float(t.replace(",", "")) == pytest.approx(v) for v, t in inside)  # 1.5 reads "1.5", not "2"
     assert len(inside) <= 8  # wide ranges: a label per decade, not at every 1, 2 and 5
+
+
+def test_nice_log_axis_leaves_out_what_a_log_axis_cannot_show():
+    nan = float("nan")
+    assert plots.nice_log_axis([nan, 0.07, 0.0, 0.9]) == plots.nice_log_axis([0.07, 0.9])  # a diverged run, a zero
+    assert plots.nice_log_axis([0, nan]) == {"type": "log"}
 
 
 def test_nice_log_axis_uses_finer_mantissas_where_1_2_5_labels_one_tick():

@@ -115,6 +115,34 @@ def test_summary_is_cached_next_to_the_run_without_pickle(summary, run, lm, text
         summarize(run, lm, "ci", eval_token=3)
 
 
+def test_a_damaged_summary_is_built_again(run, lm, tmp_path, texts):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (folder,) = (copy / "viz_summary").iterdir()
+    good = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.safetensors").write_bytes(b"torn")
+    again = summarize(copy, lm, "ci", texts=texts, progress=False, **OPTIONS)
+    assert again.info == good and Summary.load(folder).info == good  # rebuilt, and written over the damaged one
+
+
+def test_the_final_norms_gain_is_read_from_its_output_whatever_its_form():
+    """RMSNorm multiplies by ``weight``, Gemma's by ``1 + weight``, LayerNorm by ``weight`` after
+    centring, and some norms have no weight: the promoted tokens need the gain each applies."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from saelib.viz.summary import _norm_gain
+
+    g = torch.Generator().manual_seed(0)
+    llama, gemma, layer = LlamaRMSNorm(8, eps=1e-6), GemmaRMSNorm(8, eps=1e-6), torch.nn.LayerNorm(8)
+    for norm in (llama, gemma, layer):
+        norm.weight.data = torch.randn(8, generator=g)
+    torch.testing.assert_close(_norm_gain(llama, 8), llama.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_norm_gain(gemma, 8), 1 + gemma.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_norm_gain(layer, 8), layer.weight.detach())
+    torch.testing.assert_close(_norm_gain(torch.nn.LayerNorm(8, elementwise_affine=False), 8), torch.ones(8))
+
+
 def test_without_a_preset_the_largest_current_summary_is_used(run, lm, tmp_path, monkeypatch):
     """A run that has a demo summary is shown with it when no preset is named (no LM is given: none
     could be built). Once the demo preset's values change, that summary is no longer current: it is
@@ -222,6 +250,25 @@ def test_site_search_lists_the_latents_of_a_token(site, summary, driver):
     assert found == [j for j, _ in summary.search("the", limit=50)]
     driver.find_element(By.CSS_SELECTOR, "#search-results li a").click()
     wait_for(driver, "#latent-title", f"Latent {found[0]}")
+
+
+def test_digits_are_searched_as_tokens_and_latent_addresses_are_read_as_ids(site, summary, driver):
+    from selenium.webdriver.common.by import By
+
+    digit = next(str(d) for d in range(10) if summary.search(str(d)))
+    driver.get((site / "index.html").as_uri())
+    wait_for(driver, "#latents")
+    submit(driver, "search-input", digit)  # a digit is a token: searched, not a jump to latent `digit`
+    wait_for(driver, "#search-results li")
+    found = [int(li.get_attribute("data-latent")) for li in driver.find_elements(By.CSS_SELECTOR, "#search-results li")]
+    assert found == [j for j, _ in summary.search(digit, limit=50)]
+    submit(driver, "search-input", "#3")  # with "#": the latent
+    wait_for(driver, "#latent-title", "Latent 3")
+    driver.get((site / "index.html").as_uri() + "#latent/007")  # a padded id is latent 7, at its own address
+    wait_for(driver, "#latent-title", "Latent 7")
+    assert driver.current_url.endswith("#latent/7")
+    driver.get((site / "index.html").as_uri() + "#latent/1e3")
+    wait_for(driver, "h1", "No such latent")
 
 
 def test_a_malformed_escape_in_the_address_is_searched_as_typed(site, driver):

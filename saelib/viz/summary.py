@@ -7,9 +7,10 @@ or your own ``texts``) and keeps, per latent (``n`` latents, over ``N`` kept tok
   histogram of its non-zero activations (``hist_bins`` bins from 0 to its max);
 - example contexts: the ``n_top`` top-activating tokens, then ``per_quantile`` random tokens from
   each of ``n_quantiles`` equal-count slices of its other firing tokens ranked by activation (those
-  outside the top examples' contexts, so no passage is shown twice; top examples alone mislead:
-  they hide what the latent does most of the time), each with the latent's activation on every
-  token of its context;
+  outside the top examples' contexts, so that a quantile sample never repeats a top passage; top
+  examples alone mislead: they hide what the latent does most of the time), each with the latent's
+  activation on every token of its context (two top examples, or two quantile samples, may be
+  tokens of one context);
 - output effect: the tokens its decoder direction promotes and suppresses through the
   unembedding (:func:`logit_effects`, direct logit attribution) and, for a few latents, the
   measured effect of ablating it (:func:`ablation_effects`);
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -330,8 +332,11 @@ def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str
         suffix = "-" + hashlib.blake2b(json.dumps(custom, sort_keys=True).encode(), digest_size=4).hexdigest() if custom else ""
         cache_folder = folder / SUMMARY_DIR / f"{preset}{suffix}"
         if (cache_folder / "summary.json").exists():
-            cached = Summary.load(cache_folder)
-            if _current(cached.info, sae, opts):
+            try:
+                cached = Summary.load(cache_folder)
+            except (OSError, ValueError, SafetensorError):  # damaged: built again below, and written over it
+                cached = None
+            if cached is not None and _current(cached.info, sae, opts):
                 return cached
     summary = build_summary(sae, lm, opts, texts=texts, progress=progress)
     if cache_folder is not None:
@@ -501,12 +506,26 @@ def _final_norm(lm):
 
 
 @torch.no_grad()
+def _norm_gain(norm, d: int) -> Tensor:
+    """``(d,)`` float32: the final norm's gain per channel. A LayerNorm's weight; for any other norm
+    (RMSNorm's ``weight``, Gemma's ``1 + weight``, a norm without weights), its output on a vector of
+    ones, whose RMS is 1, so that the gain is all that changes it."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        return torch.ones(d) if norm.weight is None else norm.weight.detach().float().cpu()
+    param = next(norm.parameters(), None)
+    ones = torch.ones(1, d, dtype=param.dtype if param is not None else torch.float32,
+                      device=param.device if param is not None else "cpu")
+    return norm(ones)[0].detach().float().cpu()
+
+
+@torch.no_grad()
 def logit_effects(sae, lm, top: int = 10, chunk: int = 512) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Direct logit attribution of each latent's decoder direction: the tokens it promotes and suppresses.
 
     For latent ``i``: ``u = lm_head(g * (scale * W_dec[i]))`` (``(V,)``), where ``scale`` maps the
     SAE's normalised scale back to the raw residual (:class:`saelib.normalize.Normalizer`) and ``g``
-    is the final norm's weight; with a LayerNorm the direction is centred first. ``u`` is then
+    is the final norm's gain per channel (:func:`_norm_gain`); with a LayerNorm the direction is
+    centred first. ``u`` is then
     centred over the vocabulary (softmax ignores a constant). The approximation: only the direct
     path from the SAE's layer to the logits (later layers are skipped), and the final norm is
     treated as linear (its division by the residual's RMS, a positive per-token factor, is left
@@ -516,13 +535,13 @@ def logit_effects(sae, lm, top: int = 10, chunk: int = 512) -> tuple[Tensor, Ten
     Returns ``(top_ids, top_values, bottom_ids, bottom_values)``, each ``(n_latents, top)``.
     """
     norm, head = _final_norm(lm), lm.model.get_output_embeddings()
-    weight = head.weight.detach().float()
+    weight, gain = head.weight.detach().float(), _norm_gain(norm, sae.d_in)
     out = []
     for s in range(0, sae.n_latents, chunk):
         d = sae.W_dec.detach()[s:s + chunk].float() * sae.normalizer.scale
         if isinstance(norm, torch.nn.LayerNorm):
             d = d - d.mean(-1, keepdim=True)
-        d = d * norm.weight.detach().float()
+        d = d * gain
         logits = d.to(weight.device) @ weight.T
         logits = (logits - logits.mean(-1, keepdim=True)).cpu()
         hi, lo = logits.topk(top, -1), logits.topk(top, -1, largest=False)

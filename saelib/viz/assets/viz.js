@@ -247,7 +247,8 @@ function search(query) {
 }
 
 function renderSearch(query) {
-  if (/^\s*#?\d+\s*$/.test(query)) { location.hash = "#latent/" + parseInt(query.replace("#", ""), 10); return; }
+  // "#12" jumps to latent 12; "12" searches, as digits are tokens too (the latent box takes plain ids)
+  if (/^\s*#\d+\s*$/.test(query)) { location.hash = "#latent/" + parseInt(query.replace("#", ""), 10); return; }
   const hits = search(query);
   setPage(`Search ${query}`,
     el("h1", {}, "Latents that fire most on ", el("span", { class: "tok", id: "search-query" }, query)),
@@ -264,7 +265,11 @@ function route() {
   let h = raw;
   // a hand-typed or truncated escape (#search/%E0%A4%A) is not valid UTF-8: search for the text as typed
   try { h = decodeURIComponent(raw); } catch (e) { if (!(e instanceof URIError)) throw e; }
-  if (h.startsWith("latent/")) loadLatent(Number(h.slice(7)));
+  if (h.startsWith("latent/")) {
+    const id = /^\d+$/.test(h.slice(7)) ? parseInt(h.slice(7), 10) : NaN;  // "007", "1e3" and "" are no ids
+    if (String(id) !== h.slice(7) && Number.isInteger(id)) { location.replace("#latent/" + id); return; }
+    loadLatent(id);
+  }
   else if (h.startsWith("search/")) {
     document.getElementById("search-input").value = h.slice(7);
     renderSearch(h.slice(7));
