@@ -111,6 +111,11 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
       (``Autoencoder.from_state_dict(torch.load(path, weights_only=True))``, then
       ``ae.normalize = False``: their loader switches on per-token layer norm for every TopK
       file, and this one is on the raw scale); topk, multitopk and relu.
+
+    An SAE that expects layer-normed tokens (``metadata["input_norm"]``, an import) is exported to
+    SAELens with ``normalize_activations: "layer_norm"`` and to OpenAI's format as it is (keep their
+    ``normalize``); sparsify has no such option and refuses it. A folder that holds a saelib SAE
+    (``config.json`` beside its weights) is never written into: its weights would be replaced.
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -120,11 +125,20 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
         rule = f"a {sae.arch} SAE" + (" with an inference threshold" if thresholded else "")
         raise ValueError(f"The {fmt} format cannot hold {rule}; it takes {', '.join(supported)} SAEs without a threshold"
                          + (" (SAELens also takes thresholded ones, as jumprelu)." if fmt != "saelens" else "."))
+    layer_normed = sae.metadata.get("input_norm") == "layer_norm"
+    if layer_normed and fmt == "sparsify":
+        raise ValueError("The sparsify format cannot hold an SAE that expects layer-normed tokens "
+                         "(metadata['input_norm'] is 'layer_norm'); export it as saelens or openai.")
     out_dir = writable_folder(out_dir, "out_dir")
     raw = raw_scale_tensors(sae)
     layer, site = sae.metadata.get("layer"), sae.metadata.get("site", "resid_post")
+    folder = out_dir / (SPARSIFY_HOOKS.get(site, "{}").format(layer) if layer is not None else "sae") \
+        if fmt == "sparsify" else out_dir
+    if (folder / "config.json").is_file():
+        raise ValueError(f"{folder} holds a saelib SAE or run (its config.json), whose files the {fmt} export "
+                         "would write over; choose another out folder.")
     if fmt == "saelens":
-        folder, weights_file = out_dir, SAELENS_WEIGHTS
+        weights_file = SAELENS_WEIGHTS
         folder.mkdir(parents=True, exist_ok=True)
         arch = "jumprelu" if thresholded else "standard" if sae.arch == "relu" else "topk"
         tensors = {"W_enc": raw["W_enc"].T.contiguous(), "b_enc": raw["b_enc"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
@@ -132,7 +146,8 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
             tensors["threshold"] = raw["threshold"].expand(sae.n_latents).contiguous()
         hook = SAELENS_HOOKS.get(site, "{}").format(layer) if layer is not None else None
         cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.n_latents, "dtype": "float32", "device": "cpu",
-               "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+               "apply_b_dec_to_input": True, "normalize_activations": "layer_norm" if layer_normed else "none",
+               "reshape_activations": "none",
                "metadata": {"model_name": sae.metadata.get("model"), "hook_name": hook,
                             "context_size": sae.metadata.get("ctx_len"), "saelib_metadata": sae.metadata}}
         if arch == "topk":
@@ -141,8 +156,7 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
         (folder / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=2))
         target = folder
     elif fmt == "sparsify":
-        hookpoint = SPARSIFY_HOOKS.get(site, "{}").format(layer) if layer is not None else "sae"
-        folder, weights_file = out_dir / hookpoint, SPARSIFY_WEIGHTS
+        weights_file = SPARSIFY_WEIGHTS
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"encoder.weight": raw["W_enc"], "encoder.bias": raw["b_enc"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
         cfg = {"activation": "topk", "expansion_factor": max(1, sae.n_latents // sae.d_in), "normalize_decoder": True,
@@ -152,7 +166,6 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
         (folder / SPARSIFY_CONFIG).write_text(json.dumps(cfg, indent=2))
         target = folder
     else:
-        folder = out_dir
         folder.mkdir(parents=True, exist_ok=True)
         weights_file = f"{layer if layer is not None else 'ae'}.pt"
         activation = "ReLU" if sae.arch == "relu" else "TopK"
@@ -240,6 +253,7 @@ class OpenAITopK(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     k: PositiveInt
+    postact_fn: Literal["ReLU"] = "ReLU"  # what follows the top-k; saelib applies ReLU (an "Identity" keeps negatives)
 
 
 # ---- import ---------------------------------------------------------------------------------

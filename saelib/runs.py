@@ -72,4 +72,16 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"No training log at {path}; is {run} a run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):  # a process killed mid-write leaves a partial last line: left out
+                break
+            raise ValueError(f"{path} line {number} is not a JSON row ({line[:60]!r}); delete that line, or the run "
+                             "folder to train again.") from None
+    return rows

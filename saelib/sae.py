@@ -738,6 +738,9 @@ def load_folder(path: str | os.PathLike) -> TopKSAE:
         raise FileNotFoundError(f"No SAE folder at {path}; pass a folder written by sae.save (config.json + sae.safetensors).")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
+            if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+                raise FileNotFoundError(f"{path} is a training run that has not finished (it has no sae/ folder yet); "
+                                        "run the same training command again to resume it, or wait for it to end.")
             raise FileNotFoundError(f"{path / name} is missing; an SAE folder needs both {CONFIG_FILE} and {WEIGHTS_FILE}.")
     fix = "restore the folder from where it came, or save or download the SAE again"
     config = read_json(path / CONFIG_FILE, SAEConfig, fix)

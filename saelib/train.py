@@ -240,8 +240,9 @@ def fit(
         return _train(source, sae, cfg, None, grid, progress, [])
     with _run_lock(run, grid), _deferred_signals() as stop:
         # every rank has read the run folder before rank 0 writes to it, and a refusal stops every rank
-        done, cfg, recorded = grid.together(lambda: _check_run_folder(run, cfg, source.d_in, fingerprint(source),
-                                                                      set(options)), f"check the run folder {run}")
+        given = {key for key, value in options.items() if value is not None}  # None: the default, as if not passed
+        done, cfg, recorded = grid.together(lambda: _check_run_folder(run, cfg, source.d_in, fingerprint(source), given),
+                                            f"check the run folder {run}")
         if not done:
             return _train(source, sae, cfg, run, grid, progress, stop)
         _say(progress and grid.rank == 0, f"{run} holds a finished run with this config; loading {run / 'sae'} without retraining.")

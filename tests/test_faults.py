@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from saelib.activations import SHARD_CHECKSUM, ActivationCache, CachedSource, CacheKey, shard_checksum
 from saelib import load
+from saelib.runs import read_metrics
 from saelib.files import sha256_file
 from saelib.sae import TopKSAE
 from saelib.train import fit, latest_checkpoint
@@ -292,9 +293,16 @@ def test_truncated_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
     batches = interrupted_run(tmp_path)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "tok')  # what kill -9 in the middle of a log write leaves
+    assert [row["step"] for row in read_metrics(tmp_path)] == list(range(1, 9))  # read as the rows before it
     fit(batches, 32, 4, out=tmp_path, checkpoint_every_tokens=4 * 32, geometric_median_samples=64, progress=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [*range(1, 9), 10, 12]  # the partial row is gone; log_every is 10 after the resume, the run is 12 steps
+
+
+def test_an_unfinished_run_is_named_as_one_where_an_sae_is_asked_for(tmp_path):
+    interrupted_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a training run that has not finished .* run the same training command again"):
+        load(tmp_path)
 
 
 def resume(run, batches):
@@ -363,6 +371,8 @@ def test_a_broken_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'metrics.jsonl'))} line 3 is not valid JSON .*; "
                                          "delete that line or the file"):
         resume(tmp_path, batches)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'metrics.jsonl'))} line 3 is not a JSON row"):
+        read_metrics(tmp_path)
 
 
 def small_cache(folder, n_shards=3, rows=40, d=8):

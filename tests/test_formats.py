@@ -295,6 +295,7 @@ def test_peer_configs_are_checked_by_name(tmp_path, fmt, edit, match):
     (lambda s: s.update(activation_state_dict={}), r"3.pt: activation_state_dict has no k"),
     (lambda s: s.update(activation_state_dict={"k": "4"}), r"activation_state_dict: k is wrong \(input should be a valid integer"),
     (lambda s: s.update(activation=3), r"3.pt: activation 3 has no saelib equivalent"),
+    (lambda s: s["activation_state_dict"].update(postact_fn="Identity"), r"activation_state_dict: postact_fn is wrong"),
     (lambda s: s.update({"encoder.weight": torch.zeros(3)}), r"3.pt is not an OpenAI autoencoder state dict"),
 ])
 def test_openai_state_dicts_are_checked_by_name(tmp_path, edit, match):
@@ -340,6 +341,31 @@ def test_native_folders_and_detection(tmp_path):
 def test_unsupported_exports_are_refused(tmp_path, fmt, sae, match):
     with pytest.raises(ValueError, match=match):
         formats.export(sae, fmt, tmp_path)
+
+
+def test_an_export_never_writes_over_a_saelib_sae(tmp_path):
+    """An SAE without a layer goes to sparsify's ``sae/`` folder: in a run folder, that is the SAE itself."""
+    sae = make_sae()
+    sae.metadata.pop("layer")
+    sae.save(tmp_path / "run" / "sae")
+    before = (tmp_path / "run" / "sae" / "sae.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"run/sae holds a saelib SAE or run \(its config.json\), whose files the sparsify "
+                                         r"export would write over; choose another out folder"):
+        formats.export(sae, "sparsify", tmp_path / "run")
+    with pytest.raises(ValueError, match="saelens export would write over"):
+        formats.export(sae, "saelens", tmp_path / "run" / "sae")
+    assert (tmp_path / "run" / "sae" / "sae.safetensors").read_bytes() == before
+
+
+def test_an_sae_that_expects_layer_normed_tokens_keeps_that_in_its_export(tmp_path):
+    sae = make_sae()
+    sae.metadata["input_norm"] = "layer_norm"
+    folder = formats.export(sae, "saelens", tmp_path / "saelens")
+    assert json.loads((folder / "cfg.json").read_text())["normalize_activations"] == "layer_norm"
+    (folder / "saelib.json").unlink()  # read as SAELens's own files: the layer norm comes back from them
+    assert formats.import_sae(folder).metadata["input_norm"] == "layer_norm"
+    with pytest.raises(ValueError, match="sparsify format cannot hold an SAE that expects layer-normed tokens"):
+        formats.export(sae, "sparsify", tmp_path / "sparsify")
 
 
 class RunsCode:

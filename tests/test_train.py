@@ -282,7 +282,11 @@ def test_a_constant_rate_run_extended_to_more_tokens_is_the_longer_run(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["tokens"] == 3072 and config["dead_tokens"] == 256  # kept from the first budget's default
-    with pytest.raises(ValueError, match="tokens: 3072 -> 2048.*not cut to fewer"):  # a shorter budget is another run
+    # options passed as None are defaults, as `saelib train` passes every trainer field: extended alike
+    unset = dict.fromkeys(("lr", "dead_tokens", "checkpoint_every_tokens"), None)
+    fit(x, 64, 4, tokens=4096, out=tmp_path / "run", progress=False, **options, **unset)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dead_tokens"] == 256
+    with pytest.raises(ValueError, match="tokens: 4096 -> 2048.*not cut to fewer"):  # a shorter budget is another run
         fit(x, 64, 4, tokens=2048, out=tmp_path / "run", progress=False, **options)
     fit(x, 64, 4, tokens=1024, out=tmp_path / "decaying", progress=False, batch_size=256)
     with pytest.raises(ValueError, match="only a run at a constant learning rate"):

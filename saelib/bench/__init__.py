@@ -258,14 +258,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the bench as parsed by ``add_arguments``; prints a table (or JSON with ``--json``)."""
+    if args.out is not None and (not args.out.strip() or os.path.isdir(args.out)):
+        raise ValueError(f"--out must name a file to write the rows to, got {args.out!r}.")
+    if args.out is not None and not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):  # before the runs
+        raise ValueError(f"--out {args.out!r} cannot be written: its folder {os.path.dirname(os.path.abspath(args.out))} "
+                         "does not exist or is not writable; create it or name another file.")
     if args.quality:
         from . import quality  # see add_arguments
 
         return quality.run_from_args(args)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}.")
-    if args.out is not None and (not args.out.strip() or os.path.isdir(args.out)):
-        raise ValueError(f"--out must name a file to write the rows to, got {args.out!r}.")
     resolve_device(args.device)  # an unknown or absent device is refused before anything runs
     if args.threads:
         torch.set_num_threads(args.threads)
