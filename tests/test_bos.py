@@ -168,4 +168,8 @@ def test_a_run_records_bos_for_its_evaluation(bos_lm, tmp_path, monkeypatch):
                          n_latents=128, k=4, batch_size=64, epochs=1.0, warmup_steps=1)
     sae = train_run(cfg, tmp_path / "run", progress=False)
     assert sae.metadata["prepend_bos"] is True and trained_prepend_bos(sae)
-    assert not trained_prepend_bos(TopKSAE(64, 128, 4, metadata={"layer": 1}))  # an SAE that does not record it
+    assert trained_prepend_bos(TopKSAE(64, 128, 4, metadata={"layer": 1})) is False  # a saelib SAE that does not record it
+    # a peer's SAE records nothing: its model's convention (the model's BOS where its tokenizer adds one)
+    imported = TopKSAE(64, 128, 4, metadata={"layer": 1, "source_format": "saelens"})
+    assert trained_prepend_bos(imported) is None
+    assert data.bos_prefix(load_tokenizer(bos_lm.name), trained_prepend_bos(imported)) != []

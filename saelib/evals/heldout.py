@@ -72,10 +72,15 @@ def _parts(corpus: str) -> set[str]:
     return {corpus, *MIXES.get(corpus, ())}
 
 
-def trained_prepend_bos(sae) -> bool:
+def trained_prepend_bos(sae) -> bool | None:
     """Whether the SAE's training contexts started with the begin-of-sequence token
-    (``metadata["prepend_bos"]``; False for SAEs that do not record it)."""
-    return bool((getattr(sae, "metadata", {}) or {}).get("prepend_bos", False))
+    (``metadata["prepend_bos"]``); for an SAE imported from a peer library, which does not record it,
+    None: the model's convention (:func:`saelib.data.tokenizer_adds_bos`, e.g. Gemma's BOS); False
+    for a saelib SAE that does not record it (saelib packed contexts without one before it did)."""
+    meta = getattr(sae, "metadata", {}) or {}
+    if "prepend_bos" in meta:
+        return bool(meta["prepend_bos"])
+    return None if "source_format" in meta else False
 
 
 @dataclass
