@@ -95,6 +95,10 @@ def test_summary_numbers_match_the_sparse_code(summary, run, lm):
     sim = W @ W[i]
     sim[i] = -2
     assert int(t["neighbours"][i, 0]) == int(sim.argmax())
+    # N2G says whether a latent was explained, so that a latent without patterns says why
+    explained = {int(j) for j in summary.info["n2g"]}
+    assert data["n2g"]["explained"] == (i in explained) and data["n2g"]["sampled"] is False  # ci: every live latent
+    assert summary.latent(next(j for j in range(n) if j not in explained))["n2g"]["explained"] is False
     # output effect: promoted logits are positive, suppressed negative, and ablation was measured
     assert data["promoted"][0][1] > 0 > data["suppressed"][0][1]
     assert len(t["ablation_latents"]) == OPTIONS["ablation_latents"]

@@ -151,7 +151,10 @@ class Summary:
             "promoted": self._logits("logit_top", i), "suppressed": self._logits("logit_bottom", i),
             "ablation": ablation,
             "n2g": {"patterns": ["".join(self.text(x) for x in p) for p in patterns],
-                    "precision": _finite(t["n2g_precision"][i]), "recall": _finite(t["n2g_recall"][i])},
+                    "precision": _finite(t["n2g_precision"][i]), "recall": _finite(t["n2g_recall"][i]),
+                    # explained: whether N2G ran on it (a latent that fires on the explanation half, and at
+                    # a preset with n2g_latents, one of that sample), so that no patterns says why
+                    "explained": str(i) in self.info["n2g"], "sampled": self.info.get("options", {}).get("n2g_latents") is not None},
             "neighbours": [[int(j), _short(float(c), 4)] for j, c in zip(t["neighbours"][i], t["neighbour_cos"][i])],
         }
 

@@ -200,7 +200,11 @@ function renderLatent(d) {
   const n2g = d.n2g.patterns.length
     ? el("div", {}, el("p", {}, `precision ${fmt(d.n2g.precision)}, recall ${fmt(d.n2g.recall)} (held-out half)`),
          el("div", { id: "n2g-patterns" }, ...d.n2g.patterns.map((p) => el("span", { class: "tok chip" }, shownToken(p)))))
-    : el("p", { class: "muted" }, "No N2G explanation (the latent does not fire on the explanation half).");
+    : el("p", { class: "muted", id: "n2g-none" }, d.n2g.explained
+        ? `No n-gram explains it: N2G found no pattern on the explanation half (recall ${fmt(d.n2g.recall)} on the held-out half).`
+        : d.n2g.sampled
+          ? "No N2G explanation: this preset explains a sample of the latents, and this one is not in it (or does not fire on the explanation half)."
+          : "No N2G explanation (the latent does not fire on the explanation half).");
   const effects = el("div", { class: "row" }, logitTable("promoted (direct logit attribution)", d.promoted, HELP.direct),
                      logitTable("suppressed", d.suppressed, HELP.direct));
   if (d.ablation) {
