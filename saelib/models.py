@@ -209,8 +209,9 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     """The tokenizer of the model :func:`load_lm` would load, without its weights."""
     from transformers import AutoTokenizer
 
+    source = _source(name)  # an embedded model's folder: a cache that cannot be written says so itself
     try:
-        return AutoTokenizer.from_pretrained(_source(name))
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from e
 
@@ -222,8 +223,9 @@ def text_config(name: str = DEFAULT_MODEL, local_only: bool = False):
     (instead of downloading it)."""
     from transformers import AutoConfig
 
+    source = _source(name)
     try:
-        return AutoConfig.from_pretrained(_source(name), local_files_only=local_only).get_text_config()
+        return AutoConfig.from_pretrained(source, local_files_only=local_only).get_text_config()
     except (OSError, ValueError) as e:
         if local_only and name not in EMBEDDED and not Path(name).exists():
             return None

@@ -15,14 +15,22 @@ from pathlib import Path
 def home() -> Path:
     """The cache root: ``$SAELIB_HOME`` or ``~/.cache/saelib``, created on first use."""
     root = Path(os.environ.get("SAELIB_HOME") or Path.home() / ".cache" / "saelib").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return _made(root)
 
 
 def cache_dir(*parts: str) -> Path:
     """A sub-folder of the cache root, created on first use."""
-    path = home().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    return _made(home().joinpath(*parts))
+
+
+def _made(path: Path) -> Path:
+    """``path``, created as a folder if missing; a cache folder that cannot be one (a file on the way,
+    no permission) is an OSError in one sentence naming it and ``SAELIB_HOME``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"Cannot use {path} as saelib's cache folder ({error.strerror or error}); set SAELIB_HOME to "
+                      "a writable folder.") from None
     return path
 
 

@@ -307,6 +307,15 @@ def test_bad_flags_of_every_command_are_one_sentence(capsys, tmp_path, monkeypat
     assert_one_sentence(err, needle)
 
 
+def test_a_cache_folder_that_cannot_be_one_is_one_sentence(capsys, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "a-file"))
+    code, _, err = run(["train", "--out", str(tmp_path / "run"), "--dry-run"], capsys)
+    assert code == 2
+    assert_one_sentence(err, f"Cannot use {tmp_path / 'a-file'} as saelib's cache folder (File exists); set SAELIB_HOME "
+                             "to a writable folder.")
+
+
 def test_version_is_printed(capsys):
     from saelib import __version__
 
