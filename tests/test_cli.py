@@ -298,6 +298,7 @@ def test_a_blank_out_or_an_existing_file_is_refused(capsys, tmp_path, command, m
     (["bench", "--preset", "quick", "--out", ""], "--out must name a file to write the rows to, got ''"),
     (["bench", "--preset", "quick", "--out", "no-such-folder/rows.json"], "--out 'no-such-folder/rows.json' cannot be written: its folder"),
     (["bench", "--quality", "--out", "no-such-folder/rows.json"], "--out 'no-such-folder/rows.json' cannot be written"),
+    (["bench", "--pipeline", "--quality"], "argument --quality: not allowed with argument --pipeline"),
     (["train", "--bogus-flag", "3", "--out", "x"], "saelib train: error: unrecognized arguments: --bogus-flag 3; see `saelib train --help`."),
 ])
 def test_bad_flags_of_every_command_are_one_sentence(capsys, tmp_path, monkeypatch, argv, needle):

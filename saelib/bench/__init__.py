@@ -241,14 +241,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with and without reading the next group ahead, and print how long the trainer waited")
     parser.add_argument("--drop-page-cache", action="store_true",
                         help="--supply-steps: drop the page cache before each run, so the shards come from the disk (root)")
-    parser.add_argument("--pipeline", action="store_true",
-                        help="time every stage from text to a train step instead (tokenise, forward, hook, cache write, "
-                             "cache read + shuffle, train step) and name the slowest; --preset quick: tiny sizes, seconds")
+    mode = parser.add_mutually_exclusive_group()  # the speed grid, or one of these instead
+    mode.add_argument("--pipeline", action="store_true",
+                      help="time every stage from text to a train step instead (tokenise, forward, hook, cache write, "
+                           "cache read + shuffle, train step) and name the slowest; --preset quick: tiny sizes, seconds")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list on stdout")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
-    parser.add_argument("--quality", action="store_true",
-                        help="instead of speed: reconstruction quality of saelib, sparsify and SAELens trained on the "
-                             "same activations at a grid of learning rates (saelib.bench.quality)")
+    mode.add_argument("--quality", action="store_true",
+                      help="instead of speed: reconstruction quality of saelib, sparsify and SAELens trained on the "
+                           "same activations at a grid of learning rates (saelib.bench.quality)")
     # imported here, not at the top: the peers' interpreter runs saelib.bench.quality as a script,
     # which must not find it imported already by its package
     from . import quality
