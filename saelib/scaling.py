@@ -369,20 +369,19 @@ def comparison_table(fits: dict[str, Fit]) -> list[dict]:
 # ---- the learning rate against the run's length -------------------------------------------------
 
 
-def best_multiple(multiples, loss, vertex: bool = True) -> tuple[float, float]:
+def best_multiple(multiples, loss) -> tuple[float, float]:
     """The loss-minimising learning-rate multiple of one run size, from a grid of runs.
 
     ``multiples``: the runs' learning rates as multiples of :func:`saelib.config.paper_lr`; ``loss``:
     their validation NMSE, NaN or infinite for a run that diverged (worse than any). The vertex of the
     parabola in ``log2(multiple)`` through the lowest run and its two neighbours; the lowest run itself
-    where it lies at an end of the grid or beside a run that diverged (or ``vertex=False``). Returns
-    ``(multiple, loss at it)``.
+    where it lies at an end of the grid or beside a run that diverged. Returns ``(multiple, loss at it)``.
     """
     m, y = _lr_grid(multiples, loss)
     if not np.isfinite(y).any():
         raise ValueError(f"Every run of the learning-rate grid {sorted(multiples)} diverged; try lower multiples.")
     i = int(np.argmin(y))
-    if not vertex or i in (0, len(y) - 1) or not np.isfinite(y[i - 1:i + 2]).all():
+    if i in (0, len(y) - 1) or not np.isfinite(y[i - 1:i + 2]).all():
         return float(2 ** m[i]), float(y[i])
     a, b, c = np.polyfit(m[i - 1:i + 2], y[i - 1:i + 2], 2)  # a > 0: the middle point is the lowest
     vertex = -b / (2 * a)
@@ -424,7 +423,7 @@ def lr_grid_table(rows: list[dict], rule: Callable[[int, int, int, int], float])
         multiples, losses = [r["lr_multiplier"] for r in grid], [r["val_nmse"] for r in grid]
         multiple, nmse = best_multiple(multiples, losses)
         default = rule(steps, n, k, batch)
-        at_default, best_run = loss_at_multiple(multiples, losses, default), best_multiple(multiples, losses, vertex=False)[1]
+        at_default, best_run = loss_at_multiple(multiples, losses, default), float(np.nanmin(losses))  # best_multiple refused a grid with none
         table.append(dict(n_latents=n, steps=steps, batch_size=batch, k=k, multiple=multiple, nmse=nmse,
                           best_run_nmse=best_run, default_multiple=default, default_nmse=at_default,
                           regret=at_default / best_run - 1))
