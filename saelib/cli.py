@@ -68,7 +68,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import launch, launched
     from .grid import rank_device
-    from .runs import check_model, train_activations, train_run
+    from .data import check_corpus
+    from .runs import check_model, check_out, train_activations, train_run
     from .train import Stopped
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
@@ -76,9 +77,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not check_model(cfg, local_only=True):
             print(f"saelib train: {cfg.model}'s config is not on this machine, so the layer and the SAE's size are "
                   "checked once it is downloaded.", file=sys.stderr)
+        if not check_corpus(cfg.corpus):
+            print(f"saelib train: {cfg.corpus!r} is not a local corpus, so it is looked up as a datasets name when "
+                  "the extraction starts.", file=sys.stderr)
+        check_out(cfg, args.out)
         print(json.dumps(dataclasses.asdict(cfg)))
         return 0
     if not launched():  # extract once, here, not by every rank
+        check_out(cfg, args.out)
         rank_device(config.resolve_device(cfg.device), args.nproc - 1)  # a GPU for each rank, before the extraction
         cache = train_activations(cfg)
         amount = "all" if cfg.max_tokens is None else f"at most {cfg.max_tokens:,} tokens"

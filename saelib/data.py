@@ -124,6 +124,7 @@ def _hub_dataset(corpus: str, streaming: bool = False):
     """A ``datasets`` name's (``"name"`` or ``"name:config"``) train split, whole or streamed."""
     import datasets
 
+    check_corpus(corpus)  # a missing file is said at once, not after the hub's retries
     name, _, config = corpus.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split="train", streaming=streaming)
@@ -148,6 +149,18 @@ def local_corpus(corpus: str) -> Path | None:
     path = Path(corpus)
     return path if corpus not in EMBEDDED and corpus not in MIXES and path.suffix in (".jsonl", ".json", ".txt") \
         and path.is_file() else None
+
+
+def check_corpus(corpus: str) -> bool:
+    """Whether ``corpus`` is at hand (embedded, a mix, or an existing local file): True; False for a
+    ``datasets`` name, which is looked up when it is read. A ``.txt``/``.jsonl``/``.json`` name that is
+    not a file is refused."""
+    if corpus in EMBEDDED or corpus in MIXES or local_corpus(corpus) is not None:
+        return True
+    if Path(corpus).suffix in (".jsonl", ".json", ".txt"):
+        raise ValueError(f"Corpus file {corpus!r} does not exist (or is not a file); give the path of a .txt, .jsonl or "
+                         f".json file, an embedded corpus ({', '.join([*EMBEDDED, *MIXES])}) or a datasets name.")
+    return False
 
 
 def corpus_sha256(corpus: str) -> str | None:

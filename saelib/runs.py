@@ -17,7 +17,8 @@ from .distributed import launched
 from .loading import load
 from .models import check_layer, text_config
 from .sae import TopKSAE, check_fits
-from .train import fit
+from .sources import cache_fingerprint
+from .train import check_free, fit
 
 # A run folder opens with saelib.load, which also takes SAE folders, shards and released names
 load_run = load
@@ -47,8 +48,26 @@ def check_model(cfg: config.TrainConfig, local_only: bool = False) -> bool:
     return True
 
 
+def check_out(cfg: config.TrainConfig, out: str | Path) -> None:
+    """Refuse, before anything is extracted, an ``out`` folder that another trainer holds or that holds
+    a run on activations of another model, layer, site or corpus; :func:`saelib.train.fit` checks the
+    rest (the config, the data's digest) once the activations are at hand."""
+    run = Path(out)
+    check_free(run)
+    try:
+        recorded = json.loads((run / "config.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: fit says which
+        return
+    given = cache_fingerprint(cfg.model, cfg.layer, cfg.site, cfg.corpus, "train")
+    if isinstance(recorded, str) and recorded.startswith("activation cache of ") and not recorded.startswith(given + ","):
+        raise ValueError(f"{run} was trained on other activations ({recorded}; given: {given}); use a new out folder, "
+                         "or give the run the data it was trained on.")
+
+
 def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -> TopKSAE:
     """Train the SAE a run configuration (:func:`saelib.config.resolve`) describes; return it."""
+    if not launched():  # a rank of `saelib train --nproc N` starts after the CLI checked
+        check_out(cfg, out)
     data_opts, train_opts = config.split(cfg)
     cache = train_activations(cfg, progress)
     source = CachedSource(cache)

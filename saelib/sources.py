@@ -109,10 +109,14 @@ def fingerprint(source: BatchSource) -> str | None:
     may differ from one pass to the next (a shuffling DataLoader)."""
     if isinstance(source, CachedSource):
         key = source.cache.manifest["key"]
-        return (f"activation cache of {key['model']} layer {key['layer']} {key['site']} on {key['corpus']} "
-                f"{key['split']}, manifest sha256 {manifest_digest(source.cache.manifest)[:16]}, "
-                f"{normaliser_digest(source.normalizer)}")
+        return (f"{cache_fingerprint(key['model'], key['layer'], key['site'], key['corpus'], key['split'])}, "
+                f"manifest sha256 {manifest_digest(source.cache.manifest)[:16]}, {normaliser_digest(source.normalizer)}")
     return getattr(source, "fingerprint", None)
+
+
+def cache_fingerprint(model: str, layer: int, site: str, corpus: str, split: str) -> str:
+    """How a run's recorded :func:`fingerprint` of an activation cache begins: what it was extracted from."""
+    return f"activation cache of {model} layer {layer} {site} on {corpus} {split}"
 
 
 def normaliser_digest(normalizer: Normalizer) -> str:

@@ -390,8 +390,7 @@ def _run_lock(run: Path, grid: Grid) -> Iterator[None]:
                 busy = True
         if grid.any(busy):
             f.seek(0)
-            raise BlockingIOError(f"{run} is in use by another trainer ({f.read().strip() or 'unknown process'}); "
-                                  "wait for it to finish or pass another out folder.")
+            raise _in_use(run, f.read())
         if grid.rank == 0:
             f.seek(0)
             f.truncate()
@@ -402,6 +401,25 @@ def _run_lock(run: Path, grid: Grid) -> Iterator[None]:
         finally:
             if grid.rank == 0:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_free(run: Path) -> None:
+    """Raise if a trainer holds ``run`` now (what :func:`fit` would refuse), taking no lock."""
+    try:
+        f = open(run / ".lock")
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(run, f.read()) from None
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _in_use(run: Path, holder: str) -> BlockingIOError:
+    return BlockingIOError(f"{run} is in use by another trainer ({holder.strip() or 'unknown process'}); "
+                           "wait for it to finish or pass another out folder.")
 
 
 class Stopped(SystemExit):

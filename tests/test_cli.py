@@ -83,6 +83,44 @@ def test_layer_out_of_range_names_the_valid_ones(lm, capsys, tmp_path, monkeypat
     assert_one_sentence(err, "no-such-org/no-such-model's config is not on this machine")
 
 
+def test_an_out_folder_in_use_or_of_other_activations_is_refused_before_any_extraction(lm, capsys, tmp_path, monkeypatch):
+    import fcntl
+
+    from saelib import paths
+
+    run_folder = str(tmp_path / "r")
+    code, _, err = run(["train", "--preset", "ci", "--out", run_folder], capsys)
+    assert code == 0, err
+    # a fresh cache root sharing only the converted model: a refusal that extracted first would fill it
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(paths.cache_dir("models"))
+    monkeypatch.setenv("SAELIB_HOME", str(home))
+    for dry in ([], ["--dry-run"]):
+        code, out, err = run(["train", "--preset", "ci", "--layer", "6", "--out", run_folder, *dry], capsys)
+        assert code == 2 and not out
+        assert_one_sentence(err, "was trained on other activations", "layer 12 resid_post", "given: activation cache "
+                            "of smollm2-135m layer 6 resid_post on wikipedia train")
+    with open(tmp_path / "r" / ".lock", "a+") as lock:  # another trainer holds the run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write("pid 4242")
+        lock.flush()
+        code, out, err = run(["train", "--preset", "ci", "--out", run_folder], capsys)
+        assert code == 2 and not out
+        assert_one_sentence(err, "is in use by another trainer (pid 4242)")
+    assert not (home / "activations").exists()
+    # a corpus file that does not exist: the dry run says so; a datasets name it leaves to the extraction
+    code, out, err = run(["train", "--preset", "ci", "--corpus", str(tmp_path / "missing.txt"), "--out", run_folder,
+                          "--dry-run"], capsys)
+    assert code == 2 and not out
+    assert_one_sentence(err, "missing.txt' does not exist")
+    code, out, err = run(["train", "--preset", "ci", "--corpus", "no-such-org/no-such-corpus", "--out", str(tmp_path / "s"),
+                          "--dry-run"], capsys)
+    assert code == 0 and json.loads(out)["corpus"] == "no-such-org/no-such-corpus"
+    assert_one_sentence(err, "looked up as a datasets name")
+
+
 def test_unknown_model_and_corpus_and_config_key(capsys, tmp_path):
     code, _, err = run(["extract", "--model", "no/such-model", "--layer", "1"], capsys)
     assert code == 2
