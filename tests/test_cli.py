@@ -459,3 +459,22 @@ def test_eval_prints_each_sampled_metric_with_its_interval(capsys, monkeypatch):
     lines = out.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["nmse", "probe_loss", "n2g_latents"]
     assert lines[1].split()[1:] == ["0.41", "±", "0.034"]
+
+
+def test_extract_then_train_then_eval_json_and_view_of_the_run(lm, capsys, tmp_path):
+    from saelib.activations import ActivationCache
+
+    code, out, err = run(["extract", "--preset", "ci"], capsys)
+    assert code == 0, err
+    extracted = json.loads(out)
+    cache = ActivationCache(extracted["cache"])
+    assert extracted["rows"] == cache.n_rows > 0 and extracted["dropped"] == cache.manifest["dropped"]
+    run_folder = str(tmp_path / "r")
+    assert run(["train", "--preset", "ci", "--out", run_folder], capsys)[0] == 0
+    code, out, err = run(["eval", run_folder, "--preset", "ci", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
+    assert 0 < report["nmse"] < 1 and report["l0"] <= 16 and report["ce_clean"] < report["ce_sae"]
+    code, out, err = run(["view", run_folder, "--preset", "ci", "--out", str(tmp_path / "viz")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "viz" / "index.html").is_file() and str(tmp_path / "viz" / "index.html") in out

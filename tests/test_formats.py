@@ -133,12 +133,8 @@ RAW_CASE = "saelens_raw_activations"  # a topk SAE with a random-mean, scale-3.5
 
 
 @pytest.fixture(scope="module")
-def peers(tmp_path_factory):
-    """Export every case, run the peer script once, return ``(saes, paths, x, peer outputs, native folder)``."""
-    if not PEERS_PYTHON.exists():
-        pytest.skip(f"{PEERS_PYTHON} is absent: build .venv-peers with the recipe in docs/interop.md to run the interop tests.")
-    # OpenAI's package is not on PyPI: CI's .venv-peers lacks it, and its cases are skipped there
-    has_openai = subprocess.run([str(PEERS_PYTHON), "-c", "import sparse_autoencoder.model"], capture_output=True).returncode == 0
+def exports(tmp_path_factory):
+    """Every case exported: ``(saes, paths, x, root)``; no peer library needed."""
     root = tmp_path_factory.mktemp("interop")
     x = raw_input()
     save_file({"x": x}, str(root / "x.safetensors"))
@@ -150,6 +146,17 @@ def peers(tmp_path_factory):
     g = torch.Generator().manual_seed(len(EXPORTS))
     saes[RAW_CASE] = make_sae(seed=len(EXPORTS), normalizer=Normalizer(2 * torch.randn(D_IN, generator=g), 3.5))
     paths[RAW_CASE] = formats.export(saes[RAW_CASE], "saelens", root / RAW_CASE)
+    return saes, paths, x, root
+
+
+@pytest.fixture(scope="module")
+def peers(exports):
+    """The peer script run once on the exports: ``(saes, paths, x, peer outputs, native folder)``."""
+    if not PEERS_PYTHON.exists():
+        pytest.skip(f"{PEERS_PYTHON} is absent: build .venv-peers with the recipe in docs/interop.md to run the interop tests.")
+    # OpenAI's package is not on PyPI: CI's .venv-peers lacks it, and its cases are skipped there
+    has_openai = subprocess.run([str(PEERS_PYTHON), "-c", "import sparse_autoencoder.model"], capture_output=True).returncode == 0
+    saes, paths, x, root = exports
     (root / "native").mkdir()
     job = {"x": str(root / "x.safetensors"), "out": str(root / "peer.safetensors"), "native": str(root / "native"),
            "n": N_LATENTS, "k": K, "openai": has_openai,
@@ -191,8 +198,8 @@ def test_sae_takes_the_same_raw_activations_as_its_saelens_export(peers):
 
 
 @pytest.mark.parametrize("name", [name for name, *_ in EXPORTS])
-def test_export_round_trip_is_exact(peers, name):
-    saes, paths, *_ = peers
+def test_export_round_trip_is_exact(exports, name):
+    saes, paths, *_ = exports
     assert_same_state(formats.import_sae(paths[name]), saes[name])
 
 
@@ -409,16 +416,14 @@ def test_a_model_folder_whose_weights_would_run_code_is_refused_in_one_sentence(
     and its refusal is one sentence, not an UnpicklingError."""
     from transformers import LlamaConfig
 
-    from saelib.models import load_lm
+    from saelib.models import _embedded_folder, load_lm
 
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("SAELIB_TEST_MARKER", str(marker))
     folder = tmp_path / "model"
     LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=2).save_pretrained(folder)
-    embedded = Path(os.environ.get("SAELIB_HOME", REPO / ".cache")) / "models" / "smollm2-135m"
-    if not (embedded / "tokenizer.json").is_file():
-        pytest.skip(f"the embedded model's tokenizer is not converted yet under {embedded}")
+    embedded = _embedded_folder("smollm2-135m")  # converted here if no test has yet
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(embedded / name, folder / name)
     with open(folder / "pytorch_model.bin", "wb") as f:

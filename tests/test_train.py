@@ -147,6 +147,26 @@ def test_fit_on_iterable_of_batches_and_ema():
     assert sae.normalizer.scale == 1.0  # non-tensor data is used as given
 
 
+def test_ema_returns_the_bias_corrected_average_of_the_steps_weights():
+    """At a constant learning rate a run of t steps is the first t steps of a longer one, so the
+    weights after each step are the t-step runs'; fit(ema=d) returns their bias-corrected average,
+    with the decoder rows folded back to unit norm."""
+    x, _ = toy_data(n=4096, d=16, n_features=64)
+    opts = dict(batch_size=256, decay="none", warmup_steps=0, dead_tokens=2048, lr=3e-3, progress=False)
+    steps, decay = 6, 0.7
+    weights = [fit(x, 64, 4, tokens=t * 256, **opts).state_dict() for t in range(1, steps + 1)]
+    by_hand = fit(x, 64, 4, tokens=steps * 256, **opts)
+    with torch.no_grad():
+        for name, p in by_hand.named_parameters():
+            average = sum(decay ** (steps - t) * (1 - decay) * w[name] for t, w in enumerate(weights, 1))
+            p.copy_(average / (1 - decay**steps))
+        by_hand.fold_decoder_norms()
+    ema = fit(x, 64, 4, tokens=steps * 256, ema=decay, **opts)
+    for name, p in ema.named_parameters():
+        torch.testing.assert_close(p, getattr(by_hand, name), rtol=1e-4, atol=1e-5, msg=name)
+    assert (ema.W_enc - weights[-1]["W_enc"]).abs().max() > 1e-3  # the average, not the last step's weights
+
+
 def test_a_trained_sae_is_returned_without_the_memory_its_steps_kept():
     from saelib import kernels
 
@@ -492,3 +512,27 @@ def test_an_empty_run_folder_name_is_refused(out, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"out must name a run folder, got {out!r}"):
         fit(torch.randn(512, 16), 64, 4, out=out, tokens=256, batch_size=128, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_b_pre_starts_at_the_samples_geometric_median_mean_or_zero():
+    x, _ = toy_data(n=2048, d=16, n_features=64)
+    x = x + 3.0 * torch.randn(16, generator=torch.Generator().manual_seed(1))  # far from the origin
+    starts = {"geometric_median": geometric_median(x), "mean": x.mean(0), "zero": torch.zeros(16)}
+    assert (starts["geometric_median"] - starts["mean"]).norm() > 1e-2
+    for how, start in starts.items():  # one step at a learning rate that cannot move b_pre measurably
+        sae = fit(x, 64, 4, tokens=256, batch_size=256, lr=1e-12, warmup_steps=0, normalize=False, b_pre_init=how,
+                  progress=False)
+        torch.testing.assert_close(sae.b_pre, start, rtol=0, atol=1e-4, msg=how)
+
+
+def test_grad_clip_bounds_the_gradient_norm_of_a_step_and_zero_turns_it_off():
+    from saelib.train import make_optimizer, train_step
+
+    x, _ = toy_data(n=512, d=16, n_features=64)
+    norms = {}
+    for clip in (1e-3, 0.0):
+        cfg = TrainConfig(n_latents=64, k=4, grad_clip=clip, lr=1e-3)
+        sae = TopKSAE(16, 64, 4, generator=torch.Generator().manual_seed(0))
+        train_step(sae, make_optimizer(sae, cfg), x[:256], None, cfg)
+        norms[clip] = float(torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()]))
+    assert norms[0.0] > 0.1 and norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
