@@ -439,3 +439,19 @@ def test_an_sae_off_the_cpu_is_refused_before_any_metric(sae, lm):
     with pytest.raises(ValueError, match=r"on the CPU to evaluate an SAE, but the SAE is on meta; pass an LM loaded on "
                                          r"the CPU \(load_lm\(name\), its default\) and sae.cpu\(\)\.$"):
         evaluate(elsewhere, lm, "ci", progress=False)
+
+
+def test_an_lm_other_than_the_one_the_sae_was_trained_on_is_refused_naming_both(sae, lm):
+    import copy
+
+    from saelib.sae import TopKSAE
+
+    other = copy.deepcopy(sae)
+    other.metadata = {**sae.metadata, "model": "HuggingFaceTB/SmolLM2-360M"}
+    with pytest.raises(ValueError, match=r"trained on HuggingFaceTB/SmolLM2-360M's activations but the LM given is "
+                                         r"smollm2-135m; pass load_lm\('HuggingFaceTB/SmolLM2-360M'\)"):
+        evaluate(other, lm, "ci", progress=False)
+    narrow = TopKSAE(64, 256, 8)
+    narrow.metadata = {"layer": LAYER}
+    with pytest.raises(ValueError, match=r"The SAE takes d_in=64 but smollm2-135m's activations have 576"):
+        evaluate(narrow, lm, "ci", progress=False)

@@ -38,6 +38,13 @@ def trained_site(sae, lm: LM | None, purpose: str) -> tuple[LM, int, str, int]:
         from ..models import DEFAULT_MODEL, load_lm
 
         lm = load_lm(meta.get("model", DEFAULT_MODEL))
+    elif meta.get("model") not in (None, lm.name):
+        raise ValueError(f"The SAE was trained on {meta['model']}'s activations but the LM given is {lm.name}; pass "
+                         f"load_lm({meta['model']!r}) (or lm=None), or set sae.metadata['model'] = {lm.name!r} if it is "
+                         "the same model under another name.")
+    if lm.d_model != sae.d_in:
+        raise ValueError(f"The SAE takes d_in={sae.d_in} but {lm.name}'s activations have {lm.d_model}; pass the LM "
+                         "it was trained on.")
     devices = {"the LM": lm.model.device, "the SAE": next(sae.parameters()).device}
     elsewhere = [f"{what} is on {device}" for what, device in devices.items() if device.type != "cpu"]
     if elsewhere:
