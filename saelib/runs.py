@@ -18,7 +18,7 @@ from .loading import load
 from .models import check_layer, text_config
 from .sae import TopKSAE, check_fits
 from .sources import cache_fingerprint
-from .train import check_free, fit
+from .train import check_free, fit, metrics_lines
 
 # A run folder opens with saelib.load, which also takes SAE folders, shards and released names
 load_run = load
@@ -87,20 +87,8 @@ def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    """The rows of ``RUN/metrics.jsonl``, in order."""
+    """The rows of ``RUN/metrics.jsonl``, in order (:func:`saelib.train.metrics_lines`)."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"No training log at {path}; is {run} a run folder?")
-    lines = path.read_text().split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):  # a process killed mid-write leaves a partial last line: left out
-                break
-            raise ValueError(f"{path} line {number} is not a JSON row ({line[:60]!r}); delete that line, or the run "
-                             "folder to train again.") from None
-    return rows
+    return [row for _, row in metrics_lines(path)]

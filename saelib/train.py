@@ -539,13 +539,20 @@ def _start_run_folder(run: Path, record: dict, step: int) -> None:
     atomic_write_text(run / "config.json", json.dumps(record, indent=2))
     metrics = run / "metrics.jsonl"
     if metrics.exists():
-        *lines, partial = metrics.read_bytes().split(b"\n")  # a process killed mid-write leaves a partial last line
-        kept = []
-        for number, line in enumerate(lines, 1):
-            try:
-                row = MetricsRow.model_validate_json(line)
-            except ValidationError as error:
-                raise ValueError(describe(f"{metrics} line {number}", error, "delete that line or the file, then run again")) from None
-            if row.step <= step:
-                kept.append(line.decode() + "\n")
-        atomic_write_text(metrics, "".join(kept))
+        atomic_write_text(metrics, "".join(line + "\n" for line, row in metrics_lines(metrics) if row["step"] <= step))
+
+
+def metrics_lines(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a ``metrics.jsonl`` with their rows, in order. A partial last line (a process
+    killed mid-write leaves one without its newline) is left out, blank lines are skipped, and any
+    other line that is not a row is an error naming it."""
+    *lines, _partial = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, MetricsRow.model_validate_json(line).model_dump()))
+        except ValidationError as error:
+            raise ValueError(describe(f"{path} line {number}", error, "delete that line or the file, then run again")) from None
+    return rows
