@@ -22,6 +22,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from .files import atomic_write_text
+
 
 # Presets whose figures are the published ones in ``figures/``; the others write to ``figures/<preset>/``
 PUBLISHED_PRESETS = ("demo", "full")
@@ -124,11 +126,29 @@ def save_figure(fig: go.Figure, folder: str | Path, name: str, data: dict | None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.png").unlink(missing_ok=True)
     fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
+    _current_plotlyjs(folder)
     if data is not None:
         (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
     if not (_start_png_server() and _write_png(fig, folder / f"{name}.png")):
         return None
     return folder / f"{name}.png"
+
+
+_PLOTLYJS_CHECKED: set[Path] = set()
+
+
+def _current_plotlyjs(folder: Path) -> None:
+    """Make ``folder/plotly.min.js`` the installed plotly's, once per folder and process: plotly writes
+    it only where it is absent, so a folder written by an older plotly would keep that version's."""
+    if folder in _PLOTLYJS_CHECKED:
+        return
+    from plotly.offline import get_plotlyjs
+
+    bundled = get_plotlyjs()
+    path = folder / "plotly.min.js"
+    if path.read_text(encoding="utf-8") != bundled:
+        atomic_write_text(path, bundled)
+    _PLOTLYJS_CHECKED.add(folder)
 
 
 # Where in a layer activations are read (:data:`saelib.models.SITES`), in words for titles

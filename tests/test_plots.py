@@ -24,6 +24,10 @@ def png_size(path):
 
 
 def test_save_figure_writes_png_html_and_json_through_one_kept_chromium(tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "plotly.min.js").write_text("/* an older plotly's bundle */")  # plotly keeps one it finds
     for i, height in enumerate((500, 320)):
         fig = go.Figure(go.Scatter(x=[1, 2, 3], y=[1, 3, 2]))
         fig.update_layout(height=height if i else None)
@@ -32,6 +36,7 @@ def test_save_figure_writes_png_html_and_json_through_one_kept_chromium(tmp_path
         assert "plotly" in (tmp_path / "figs" / f"fig{i}.html").read_text()
         assert json.loads((tmp_path / "figs" / f"fig{i}.json").read_text()) == {"points": 3}
     assert plots._png_server_started  # the second PNG went through the Chromium the first one started
+    assert (tmp_path / "figs" / "plotly.min.js").read_text(encoding="utf-8") == get_plotlyjs()  # what the HTML expects
 
 
 @pytest.mark.parametrize("browser, reason", [
