@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -647,6 +647,24 @@ def stream(lm: LM, contexts: Tensor, layer: int, site: str = "resid_post", rule:
         yield acts[layer][keep]
 
 
+def cache_keys(model: str, site: str, corpus: str, split: str, ctx_len: int, max_tokens: int | None,
+               val_fraction: float = 0.1, rule: Exclusion = Exclusion(), *, tokenizer=None, lm_dtype: str | None = None,
+               device: str | torch.device = "cpu", prepend_bos: bool | None = None) -> Callable[[int], CacheKey]:
+    """The key of each layer's cache (:func:`cached_activations`, whose arguments these are), without the
+    LM's weights: its tokenizer is loaded where ``prepend_bos`` is None and none is given."""
+    corpus_sha256 = data.corpus_sha256(corpus)
+    if prepend_bos is None:
+        prepend_bos = data.tokenizer_adds_bos(tokenizer if tokenizer is not None else load_tokenizer(model))
+    dtype = _check_dtype(extraction_dtype(device) if lm_dtype is None else lm_dtype)
+    weights = model_digest(model)
+
+    def key_of(L: int) -> CacheKey:
+        return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256,
+                        prepend_bos=prepend_bos, lm_dtype=dtype, model_digest=weights)
+
+    return key_of
+
+
 def cached_activations(model: str, layer: int | list[int], site: str = "resid_post", corpus: str = "wikipedia",
                        split: str = "train", ctx_len: int = 64, max_tokens: int | None = None,
                        val_fraction: float = 0.1, rule: Exclusion = Exclusion(), lm: LM | None = None,
@@ -665,17 +683,9 @@ def cached_activations(model: str, layer: int | list[int], site: str = "resid_po
     ``{layer: cache}`` dict is returned.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
-    corpus_sha256 = data.corpus_sha256(corpus)
-    if prepend_bos is None:
-        prepend_bos = data.tokenizer_adds_bos(lm.tokenizer if lm is not None else load_tokenizer(model))
-    dtype = _check_dtype(extraction_dtype(lm.model.device if lm is not None else device) if lm_dtype is None else lm_dtype)
-
-    weights = model_digest(model)
-
-    def key_of(L: int) -> CacheKey:
-        return CacheKey(model, L, site, corpus, split, ctx_len, max_tokens, val_fraction, asdict(rule), corpus_sha256,
-                        prepend_bos=prepend_bos, lm_dtype=dtype, model_digest=weights)
-
+    key_of = cache_keys(model, site, corpus, split, ctx_len, max_tokens, val_fraction, rule,
+                        tokenizer=lm.tokenizer if lm is not None else None,
+                        device=lm.model.device if lm is not None else device, lm_dtype=lm_dtype, prepend_bos=prepend_bos)
     caches = {L: ActivationCache(cache_dir("activations") / key_of(L).folder_name(), key_of(L)) for L in layers}
     if not all(c.complete for c in caches.values()):
         lm = lm or load_lm(model, device)

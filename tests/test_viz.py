@@ -129,6 +129,24 @@ def test_a_damaged_summary_is_built_again(run, lm, tmp_path, texts):
     assert again.info == good and Summary.load(folder).info == good  # rebuilt, and written over the damaged one
 
 
+def test_a_summary_is_built_again_when_its_held_out_text_changes(run, lm, tmp_path):
+    """The cached summary is kept under what fixes its contexts (the held-out cache's key): an SAE
+    trained on a local corpus file whose text has changed since gets a summary of the new text."""
+    from saelib.data import load_documents
+
+    corpus = tmp_path / "corpus.jsonl"
+    docs = load_documents("wikipedia")[:300]
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    sae = load_run(run)
+    sae.metadata = {**sae.metadata, "corpus": str(corpus)}
+    sae.save(tmp_path / "run" / "sae")
+    first = summarize(tmp_path / "run", lm, "ci", progress=False, **OPTIONS)
+    assert summarize(tmp_path / "run", None, "ci", progress=False, **OPTIONS).info == json.loads(json.dumps(first.info))
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs[150:] + load_documents("wikipedia")[300:450]))
+    again = summarize(tmp_path / "run", lm, "ci", progress=False, **OPTIONS)
+    assert not torch.equal(again.tensors["ids"], first.tensors["ids"]) and again.info["held_out"] != first.info["held_out"]
+
+
 def test_the_final_norms_gain_is_read_from_its_output_whatever_its_form():
     """RMSNorm multiplies by ``weight``, Gemma's by ``1 + weight``, LayerNorm by ``weight`` after
     centring, and some norms have no weight: the promoted tokens need the gain each applies."""
@@ -161,7 +179,7 @@ def test_without_a_preset_the_largest_current_summary_is_used(run, lm, tmp_path,
     assert again.info == json.loads(json.dumps(demo.info)) and again.info["options"]["preset"] == "demo"
     assert sorted(p.name for p in (copy / "viz_summary").iterdir()) == ["demo"]
     monkeypatch.setitem(S.PRESETS, "demo", {**S.PRESETS["demo"], "ablation_latents": 1})
-    assert S._cached_preset(copy, load_run(copy)) is None
+    assert S._cached_preset(copy, load_run(copy), None) is None
     rebuilt = summarize(copy, lm, "demo", progress=False)
     assert rebuilt.info["options"]["ablation_latents"] == 1 and len(rebuilt.tensors["ablation_latents"]) == 1
     assert summarize(copy, None, "demo", progress=False).info == json.loads(json.dumps(rebuilt.info))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..activations import ActivationCache, CacheKey, build_cache, cached_activations, extract, keep_mask
+from ..activations import ActivationCache, CacheKey, build_cache, cache_keys, cached_activations, extract, keep_mask
 from ..data import MIXES
 from ..files import digest
 from ..models import LM, model_digest
@@ -165,11 +165,23 @@ def held_out(lm: LM, layer: int, site: str = "resid_post", corpus: str = "wikipe
     ``prepend_bos``: start contexts with the begin-of-sequence token (:func:`saelib.data.pack`);
     ``None`` follows the model's convention, an SAE's evaluation passes :func:`trained_prepend_bos`.
     """
-    # float32 even where training extracts in bf16: metrics compare with the activations that splicing
-    # replaces in the float32 model
     cache = cached_activations(lm.name, layer, site, corpus, "validation", ctx_len, max_tokens, val_fraction=val_fraction,
-                               lm=lm, progress=progress, lm_dtype="float32", prepend_bos=prepend_bos)
+                               lm=lm, progress=progress, lm_dtype=HELD_OUT_DTYPE, prepend_bos=prepend_bos)
     return HeldOut.from_cache(cache)
+
+
+# float32 even where training extracts in bf16: metrics compare with the activations that splicing
+# replaces in the float32 model
+HELD_OUT_DTYPE = "float32"
+
+
+def held_out_key(model: str, layer: int, site: str, corpus: str, ctx_len: int, max_tokens: int | None,
+                 prepend_bos: bool | None, val_fraction: float, tokenizer=None) -> str:
+    """The folder name of :func:`held_out`'s activation cache for these arguments (which names what
+    fixes its contexts: the model's digest, the corpus file's, the split, the exclusion rule), computed
+    without the LM: what results computed on it are kept under."""
+    return cache_keys(model, site, corpus, "validation", ctx_len, max_tokens, val_fraction, tokenizer=tokenizer,
+                      lm_dtype=HELD_OUT_DTYPE, prepend_bos=prepend_bos)(layer).folder_name()
 
 
 @torch.no_grad()

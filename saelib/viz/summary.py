@@ -46,10 +46,12 @@ from tqdm.auto import tqdm
 from .. import config
 from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
-from ..evals.heldout import encode, held_out, site_activations, trained_prepend_bos, trained_site, trained_val_fraction
+from ..evals.heldout import (encode, held_out, held_out_key, site_activations, trained_prepend_bos, trained_site,
+                             trained_val_fraction)
 from ..evals.n2g import explain, score
 from ..files import atomic_write, digest
 from ..loading import load
+from ..models import DEFAULT_MODEL
 
 # 2: byte tokens as <0x..>, quantile examples outside the top contexts; 3: held-out text is the share of the
 # corpus the SAE trained without (its val_fraction)
@@ -243,7 +245,7 @@ class Summary:
         return cls(load_file(folder / "summary.safetensors"), json.loads((folder / "summary.json").read_text()))
 
 
-def _cached_preset(folder: Path, sae) -> str | None:
+def _cached_preset(folder: Path, sae, lm) -> str | None:
     """The largest preset whose current summary of this SAE ``folder`` already holds (:func:`_current`)."""
     for name in reversed(PRESETS):
         info = folder / SUMMARY_DIR / name / "summary.json"
@@ -251,16 +253,32 @@ def _cached_preset(folder: Path, sae) -> str | None:
             cached = json.loads(info.read_text())
         except (OSError, ValueError):
             continue  # none, or unreadable: it would be rebuilt anyway
-        if _current(cached, sae, resolve_options(name, {})):
+        opts = resolve_options(name, {})
+        if _current(cached, sae, opts, _held_out(sae, lm, opts, None)):
             return name
     return None
 
 
-def _current(info, sae, opts: dict) -> bool:
+def _current(info, sae, opts: dict, held: str | None) -> bool:
     """Whether a cached summary's ``info`` is of this SAE, written by this version, with these
-    resolved options (a preset whose values have changed since is rebuilt)."""
+    resolved options (a preset whose values have changed since is rebuilt), on these held-out
+    contexts (``held``: :func:`_held_out`)."""
     return (isinstance(info, dict) and info.get("fingerprint") == fingerprint(sae) and info.get("version") == FORMAT_VERSION
-            and info.get("options") == json.loads(json.dumps(opts)))
+            and info.get("options") == json.loads(json.dumps(opts)) and info.get("held_out") == held)
+
+
+def _held_out(sae, lm, opts: dict, texts: list[str] | None) -> str | None:
+    """What fixes the summary's text: the held-out cache's name (:func:`saelib.evals.heldout.held_out_key`:
+    the model's and corpus file's digests, the split...), or None for given ``texts`` (their hash names
+    the summary's folder) or an SAE that does not say where it was trained (refused when built)."""
+    meta = dict(getattr(sae, "metadata", {}) or {})
+    if texts is not None or "layer" not in meta:
+        return None
+    corpus = meta.get("corpus", "wikipedia")
+    return held_out_key(lm.name if lm is not None else meta.get("model", DEFAULT_MODEL), int(meta["layer"]),
+                        meta.get("site", "resid_post"), corpus, int(meta.get("ctx_len", 64)), opts["eval_tokens"],
+                        trained_prepend_bos(sae), trained_val_fraction(sae, corpus),
+                        tokenizer=lm.tokenizer if lm is not None else None)
 
 
 def normalise_query(text: str) -> str:
@@ -327,7 +345,7 @@ def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str
         overrides: any key of a preset, e.g. ``eval_tokens=8192``.
     """
     sae, folder = _as_sae(run_or_sae)
-    preset = preset or (folder is not None and _cached_preset(folder, sae)) or "ci"
+    preset = preset or (folder is not None and _cached_preset(folder, sae, lm)) or "ci"
     opts = resolve_options(preset, overrides)
     cache_folder = None
     if folder is not None and cache:
@@ -339,7 +357,7 @@ def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str
                 cached = Summary.load(cache_folder)
             except (OSError, ValueError, SafetensorError):  # damaged: built again below, and written over it
                 cached = None
-            if cached is not None and _current(cached.info, sae, opts):
+            if cached is not None and _current(cached.info, sae, opts, _held_out(sae, lm, opts, texts)):
                 return cached
     summary = build_summary(sae, lm, opts, texts=texts, progress=progress)
     if cache_folder is not None:
@@ -399,6 +417,7 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     info = {
         "version": FORMAT_VERSION, "options": opts, "metadata": meta, "n_latents": n, "k": sae.k,
         "n_tokens": n_tokens, "n_contexts": n_ctx, "fingerprint": fingerprint(sae), "groups": groups,
+        "held_out": _held_out(sae, lm, opts, texts),
         "tokens": {str(x): token_text(lm.tokenizer, x) for x in sorted(referenced)},
         "n2g": patterns,
     }
