@@ -43,8 +43,8 @@ from .stats import mean_interval
 from .train import fit
 
 # the keys a run name spells out, in order, with their short labels
-NAME_KEYS = {"arch": "", "n_latents": "n", "k": "k", "l1_coef": "l1", "auxk": "auxk", "tied_init": "tied",
-             "tokens": "T", "seed": "s"}
+NAME_KEYS = {"arch": "", "n_latents": "n", "k": "k", "l1_coef": "l1", "lr": "lr", "lr_multiplier": "lrx", "auxk": "auxk",
+             "tied_init": "tied", "tokens": "T", "seed": "s"}
 # where a run executes, not which run it is: left out of its folder name (a sweep resumes on a GPU)
 EXECUTION_KEYS = {"device"}
 RESULT_FILE = "sweep_result.json"
@@ -70,14 +70,16 @@ def _feasible(cfg: dict) -> bool:
 
 
 def run_name(cfg: dict) -> str:
-    """A folder name that identifies a config, e.g. ``topk-n1024-k32-s0`` (other keys hashed in)."""
+    """A folder name that identifies a config, e.g. ``topk-n1024-k32-lrx16-s0``: the values of
+    ``NAME_KEYS`` that are set (``l1_coef`` only for the ReLU SAE it acts on) and a hash of the others."""
+    named = {key: label for key, label in NAME_KEYS.items()
+             if cfg.get(key) is not None and (key != "l1_coef" or cfg.get("arch") == "relu")}
     parts = []
-    for key, label in NAME_KEYS.items():
-        if key in cfg:
-            value = cfg[key]
-            value = {True: "1", False: "0"}.get(value, value) if isinstance(value, bool) else value
-            parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{label}{value}")
-    rest = {key: cfg[key] for key in sorted(cfg) if key not in NAME_KEYS and key not in EXECUTION_KEYS}
+    for key, label in named.items():
+        value = cfg[key]
+        value = {True: "1", False: "0"}.get(value, value) if isinstance(value, bool) else value
+        parts.append(f"{label}{value:g}" if isinstance(value, float) else f"{label}{value}")
+    rest = {key: cfg[key] for key in sorted(cfg) if key not in named and key not in EXECUTION_KEYS}
     if rest:
         import hashlib
 

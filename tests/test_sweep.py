@@ -28,6 +28,11 @@ def test_grid_and_names():
     assert sweep.run_name(configs[0]) == "topk-n16-k4-s0"
     assert len(sweep.grid(n_latents=[16, 64], k=8, arch="multitopk")) == 1  # 4k <= n
     assert sweep.run_name({"n_latents": 8, "k": 2, "lr": 1e-3}) != sweep.run_name({"n_latents": 8, "k": 2, "lr": 2e-3})
+    # the learning rate shows in the name; an L1 coefficient only where it acts (ReLU), hashed in elsewhere
+    assert sweep.run_name({"arch": "topk", "n_latents": 8, "k": 2, "lr_multiplier": 4.0, "seed": 0}) == "topk-n8-k2-lrx4-s0"
+    assert sweep.run_name({"arch": "relu", "n_latents": 8, "l1_coef": 0.05, "lr": 1e-3}).startswith("relu-n8-l10.05-lr0.001")
+    topk = [sweep.run_name({"arch": "topk", "n_latents": 8, "k": 2, "l1_coef": c}) for c in (0.05, 0.1)]
+    assert all(name.startswith("topk-n8-k2-") and "l1" not in name for name in topk) and topk[0] != topk[1]
     # where a run trains is not which run it is: a sweep started on the CPU resumes on a GPU
     assert sweep.run_name({"n_latents": 8, "k": 2, "device": "cuda"}) == sweep.run_name({"n_latents": 8, "k": 2})
 
