@@ -112,8 +112,7 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
             with other shared options (a changed preset) gets its own folder.
         validation: held-out raw activations (a validation-split cache or an ``(N, d_in)``
             tensor) for the reconstruction metrics; without it the row has training metrics only.
-        progress: print one line per run, with the time left estimated from the training compute
-            (:func:`training_flops`) of the runs still to go at the rate of those trained so far.
+        progress: print one line per run, with the time left (:func:`_time_left`).
         shard: ``(i, N)``: train and return only configs ``i, i + N, i + 2N...``, so that N
             processes (GPUs, machines) sharing ``root`` split the sweep between them.
         **common: ``fit`` options shared by every run (``tokens``, ``batch_size``...); a config's
@@ -132,19 +131,18 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
     source = CachedSource(cache) if isinstance(cache, ActivationCache) else cache
     x_val = validation.all_rows() if isinstance(validation, ActivationCache) else validation
     root = Path(root)
-    table, trained_flops, trained_seconds = [], 0.0, 0.0
+    table, trained = [], []  # trained: (row, seconds) of the runs trained here, in order
     for i, options in enumerate(runs):
         folder = root / run_name(options)
         finished, start = (folder / RESULT_FILE).exists(), time.perf_counter()
         row = _run_one(source, options, folder, x_val)
         table.append(row)
         if not finished:
-            trained_flops, trained_seconds = trained_flops + row["flops"], trained_seconds + time.perf_counter() - start
+            trained.append((row, time.perf_counter() - start))
         if progress:
             shown = {key: row[key] for key in ("val_nmse", "val_l0", "dead_fraction") if key in row}
-            left = [training_flops(row["d_in"], o["n_latents"], o["tokens"]) for o in runs[i + 1:] if o.get("tokens")]
-            eta = (f"; about {_duration(sum(left) * trained_seconds / trained_flops)} left"
-                   if trained_flops and left and len(left) == len(runs) - i - 1 else "")
+            left = _time_left(trained, [{**o, "d_in": row["d_in"]} for o in runs[i + 1:]])
+            eta = f"; about {_duration(left)} left" if left is not None else ""
             print(f"[{i + 1}/{len(configs)}] {folder.name}: "
                   + (f"diverged ({row['diverged']})" if "diverged" in row else
                      ", ".join(f"{key} {value:.4g}" for key, value in shown.items()))
@@ -205,6 +203,21 @@ def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSourc
         T, (low, high), curve_fit = converged_at(t, nmse, tol=tol, after=0.05 * t[-1], n_boot=n_boot)
         table.append(row | dict(T=T, T_low=low, T_high=high, curve_fit=curve_fit, converged=converged))
     return table
+
+
+def _time_left(trained: list[tuple[dict, float]], to_go: list[dict]) -> float | None:
+    """Seconds the runs ``to_go`` (their options) should take, from the ``(row, seconds)`` of those trained so far:
+    a run of a size (``n_latents``, ``tokens``) trained before takes what the last such run took, any
+    other its training compute (:func:`training_flops`) at the rate of the runs trained so far; the
+    first run counts only while it is the only one (it carries the sweep's one-time costs: the first
+    read of the cache, building the kernels). None before any run or where a run to go gives no ``tokens``."""
+    if not trained or not to_go or any(not o.get("tokens") for o in to_go):
+        return None
+    rated = trained[1:] or trained
+    last = {(row["n_latents"], row["tokens"]): seconds for row, seconds in rated}
+    rate = sum(seconds for _, seconds in rated) / sum(row["flops"] for row, _ in rated)
+    return sum(last.get((o["n_latents"], o["tokens"]), rate * training_flops(o["d_in"], o["n_latents"], o["tokens"]))
+               for o in to_go)
 
 
 def _duration(seconds: float) -> str:
