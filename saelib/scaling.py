@@ -157,12 +157,17 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
         else:
             boots.append(t)
     q = [(1 - level) / 2, (1 + level) / 2]
-    # no interval without resamples (n_boot=0) or when most refits failed
+    # no interval without resamples (n_boot=0) or when most refits failed; nor for a coefficient that every
+    # resample gives alike: with a few points the resamples can hold nothing that moves it (a law through
+    # each of two points, or two points whose misfit the law cannot absorb), and a zero-width interval
+    # would claim it exact
     if not boots or len(boots) <= n_boot / 2:
         ci = {name: (float("nan"), float("nan")) for name in names}
     else:
         boots = np.array(boots)
-        ci = {name: tuple(float(v) for v in np.quantile(boots[:, i], q)) for i, name in enumerate(names)}
+        ci = {name: tuple(float(v) for v in np.quantile(boots[:, i], q))
+              if np.ptp(boots[:, i]) > 1e-9 * max(1.0, abs(theta[i])) else (float("nan"), float("nan"))
+              for i, name in enumerate(names)}
     return Fit(law, {name: float(v) for name, v in zip(names, theta)}, ci, r2, float(np.sqrt(np.mean(resid**2))),
                len(y), level, failures, bootstrap, model, np.array(boots) if len(boots) else None)
 

@@ -199,3 +199,17 @@ def test_the_k_and_batch_terms_are_recovered_and_the_default_follows_them(monkey
         assert config.lr_multiple(400, 4096, *args(hi * 2)) == config.lr_multiple(400, 4096, *args(hi))
     resolved = config.TrainConfig(n_latents=4096, k=8, batch_size=256, tokens=400 * 256).resolved(576, None)
     assert resolved.lr == pytest.approx(config.lr_multiple(400, 4096, 8, 256) * config.paper_lr(4096))
+
+
+def test_a_coefficient_every_resample_gives_alike_has_no_interval():
+    """Two points for one exponent: the resamples cannot move it, so a zero-width interval would claim
+    it exact; with a third point that disagrees, the interval has width and holds the estimate."""
+    import math
+
+    from saelib.scaling import fit_lr_term
+
+    for ratios in ([0.25**0.228, 4**0.228], [1.05 * 0.25**0.228, 4**0.228]):
+        assert all(math.isnan(v) for v in fit_lr_term([256, 4096], ratios, 1024, "e").ci["e"])
+    fit = fit_lr_term([256, 4096, 256], [1.05 * 0.25**0.228, 4**0.228, 0.25**0.2], 1024, "e")
+    low, high = fit.ci["e"]
+    assert low < fit.params["e"] < high
