@@ -737,7 +737,8 @@ LIBRARY_COLORS = {"saelib": "#1f77b4", "sparsify": "#ff7f0e", "sparsify-signum":
 def peers_quality(rows: list[dict], published: list[dict] | None = None) -> go.Figure:
     """``saelib bench --quality``: held-out NMSE and delta CE against the learning rate (a multiple
     of each library's rule), one line per library through the mean over seeds, with the seeds' range
-    as bars and the dead latents in the hover; ``published``: the published grid's rows, dotted grey.
+    as bars and the dead latents in the hover; ``published``: the published grid's rows, dotted and faded
+    in each library's colour.
 
     ``rows``: :func:`saelib.bench.quality.run_quality`'s (those that failed are left out)."""
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
@@ -756,8 +757,8 @@ def peers_quality(rows: list[dict], published: list[dict] | None = None) -> go.F
                 high = [max(r[key] for r in cells[m]) - m_ for m, m_ in zip(multiples, mean)]
                 dead = [f"{np.mean([r['dead_fraction'] for r in cells[m]]):.1%} dead, {len(cells[m])} seed(s)"
                         for m in multiples]
-                line = (dict(color=PUBLISHED["color"], dash=PUBLISHED["dash"]) if style == "published"
-                        else dict(color=LIBRARY_COLORS.get(library, "#444")))
+                line = dict(color=LIBRARY_COLORS.get(library, "#444"))  # the published grid: dotted and faded
+                line |= dict(dash=PUBLISHED["dash"]) if style == "published" else {}
                 fig.add_scatter(x=multiples, y=mean, text=dead, mode="lines+markers", line=line,
                                 error_y=dict(type="data", array=high, arrayminus=low, visible=style == "run"),
                                 name=library if style == "run" else f"{library}, {PUBLISHED['label']}",
