@@ -478,7 +478,7 @@ def convergence(runs: list[dict], fit, tol: float, published: dict | None = None
     JSON, whose ``T`` against n is drawn beside in grey."""
     from .scaling import PAPER, smooth
 
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.15, subplot_titles=(  # room for the right y title
         "learning curves (dotted: fitted; x: T)", "tokens to convergence T against n"))
     sizes = sorted(r["n_latents"] for r in runs)
     for r in sorted(runs, key=lambda r: r["n_latents"]):
