@@ -129,7 +129,11 @@ def _fit(law: str, names: list[str], model: Callable, xs: list[np.ndarray], y: n
             except ValueError:
                 continue
             if result.cost < best_cost:
-                best, best_cost = result.x, result.cost
+                # a coefficient at its bound is the bound, not the solver's 1e-20 beside it (an interval
+                # printed beside 1.9e-20 would seem to leave its own estimate out)
+                near = 1e-9 * max([1.0, *(abs(v) for v in np.ravel([lo, hi]) if np.isfinite(v))])
+                best = np.where(np.abs(result.x - lo) <= near, lo, np.where(np.abs(hi - result.x) <= near, hi, result.x))
+                best_cost = result.cost
         return best
 
     theta = solve(xs, y, starts)

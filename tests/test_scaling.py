@@ -213,3 +213,17 @@ def test_a_coefficient_every_resample_gives_alike_has_no_interval():
     fit = fit_lr_term([256, 4096, 256], [1.05 * 0.25**0.228, 4**0.228, 0.25**0.2], 1024, "e")
     low, high = fit.ci["e"]
     assert low < fit.params["e"] < high
+
+
+def test_a_coefficient_at_its_bound_is_the_bound_and_its_interval_holds_it():
+    """L(k) without an irreducible term: c sits at its bound 0, as 0 (not the solver's 1e-20 beside it,
+    which an interval starting at 5e-17 would seem to leave out)."""
+    import numpy as np
+
+    from saelib.scaling import fit_power_law
+
+    k = np.array([8, 16, 32, 64, 128.0])
+    y = np.exp(-0.46) * k**-0.24 * np.exp(np.random.default_rng(0).normal(0, 0.02, 5))
+    fit = fit_power_law(k, y)
+    low, high = fit.ci["c"]
+    assert fit.params["c"] == 0.0 and low == 0.0 < high
