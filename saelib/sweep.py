@@ -141,7 +141,7 @@ def run_sweep(configs: list[dict], cache: ActivationCache | BatchSource, root: s
             trained.append((row, time.perf_counter() - start))
         if progress:
             shown = {key: row[key] for key in ("val_nmse", "val_l0", "dead_fraction") if key in row}
-            left = _time_left(trained, [{**o, "d_in": row["d_in"]} for o in runs[i + 1:]])
+            left = _time_left(trained, runs[i + 1:], row["d_in"])
             eta = f"; about {_duration(left)} left" if left is not None else ""
             print(f"[{i + 1}/{len(configs)}] {folder.name}: "
                   + (f"diverged ({row['diverged']})" if "diverged" in row else
@@ -205,8 +205,8 @@ def run_until_converged(configs: list[dict], cache: ActivationCache | BatchSourc
     return table
 
 
-def _time_left(trained: list[tuple[dict, float]], to_go: list[dict]) -> float | None:
-    """Seconds the runs ``to_go`` (their options) should take, from the ``(row, seconds)`` of those trained so far:
+def _time_left(trained: list[tuple[dict, float]], to_go: list[dict], d_in: int) -> float | None:
+    """Seconds the runs ``to_go`` (their options, on data of width ``d_in``) should take, from the ``(row, seconds)`` of those trained so far:
     a run of a size (``n_latents``, ``tokens``) trained before takes what the last such run took, any
     other its training compute (:func:`training_flops`) at the rate of the runs trained so far; the
     first run counts only while it is the only one (it carries the sweep's one-time costs: the first
@@ -216,7 +216,7 @@ def _time_left(trained: list[tuple[dict, float]], to_go: list[dict]) -> float | 
     rated = trained[1:] or trained
     last = {(row["n_latents"], row["tokens"]): seconds for row, seconds in rated}
     rate = sum(seconds for _, seconds in rated) / sum(row["flops"] for row, _ in rated)
-    return sum(last.get((o["n_latents"], o["tokens"]), rate * training_flops(o["d_in"], o["n_latents"], o["tokens"]))
+    return sum(last.get((o["n_latents"], o["tokens"]), rate * training_flops(d_in, o["n_latents"], o["tokens"]))
                for o in to_go)
 
 

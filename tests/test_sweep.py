@@ -168,8 +168,8 @@ def test_time_left_reuses_a_sizes_own_time_and_leaves_out_the_first_runs_one_tim
     def row(n):
         return {"n_latents": n, "tokens": 1000, "d_in": 8, "flops": training_flops(8, n, 1000)}
 
-    to_go = [{"n_latents": n, "tokens": 1000, "d_in": 8} for n in (512, 2048)]
-    assert _time_left([(row(512), 26.0)], to_go) == pytest.approx(26.0 + 4 * 26.0)  # the only run: all there is
-    assert _time_left([(row(512), 26.0), (row(512), 8.0)], to_go) == pytest.approx(8.0 + 4 * 8.0)
-    assert _time_left([(row(512), 26.0), (row(512), 8.0), (row(2048), 12.0)], to_go) == pytest.approx(8.0 + 12.0)
-    assert _time_left([], to_go) is None and _time_left([(row(512), 8.0)], [{"n_latents": 512, "d_in": 8}]) is None
+    to_go = [{"n_latents": n, "tokens": 1000} for n in (512, 2048)]
+    assert _time_left([(row(512), 26.0)], to_go, 8) == pytest.approx(26.0 + 4 * 26.0)  # the only run: all there is
+    assert _time_left([(row(512), 26.0), (row(512), 8.0)], to_go, 8) == pytest.approx(8.0 + 4 * 8.0)
+    assert _time_left([(row(512), 26.0), (row(512), 8.0), (row(2048), 12.0)], to_go, 8) == pytest.approx(8.0 + 12.0)
+    assert _time_left([], to_go, 8) is None and _time_left([(row(512), 8.0)], [{"n_latents": 512}], 8) is None
