@@ -95,7 +95,7 @@ peers: $(PEERS_STAMP)
 # published ones in figures/
 demo: env
 	@mkdir -p runs
-	cd notebooks && ../$(BIN)/papermill 00_quickstart.ipynb ../runs/00_quickstart-demo.ipynb -p preset demo \
+	cd notebooks && ../$(BIN)/papermill --engine saelib 00_quickstart.ipynb ../runs/00_quickstart-demo.ipynb -p preset demo \
 	  -p figures_root ../runs/00_quickstart-demo/figures
 
 # Every notebook at its demo preset, one after another; each writes figures/NN_*.
@@ -106,7 +106,7 @@ figures: env peers
 	@mkdir -p runs
 	cd notebooks && for nb in $(NOTEBOOKS); do \
 	  extra=; [ $$nb = 08_performance ] && extra="-p bench_python $(CURDIR)/$(PEERS)/bin/python"; \
-	  ../$(BIN)/papermill $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo $$extra || exit 1; done
+	  ../$(BIN)/papermill --engine saelib $$nb.ipynb ../runs/$$nb-demo.ipynb -p preset demo $$extra || exit 1; done
 	$(BIN)/python -m saelib.results
 
 # Every notebook at its default, class-time preset (lesson), one after another, with each one's
@@ -114,7 +114,7 @@ figures: env peers
 lesson: env
 	@mkdir -p runs
 	@cd notebooks && for nb in $(NOTEBOOKS); do start=$$(date +%s); \
-	  ../$(BIN)/papermill --log-level WARNING $$nb.ipynb ../runs/$$nb-lesson.ipynb || exit 1; \
+	  ../$(BIN)/papermill --engine saelib --log-level WARNING $$nb.ipynb ../runs/$$nb-lesson.ipynb || exit 1; \
 	  echo "$$nb: $$(( $$(date +%s) - start )) s" | tee -a ../runs/lesson-times.txt; done
 
 # The released SAEs (saelib/saes/): train, convert to float16, evaluate, write the model card (about an hour)

@@ -102,15 +102,17 @@ def test_lab_never_asks_to_fetch_news(tmp_path):
 
 
 def test_papermill_injects_the_parameters_and_the_notebook_writes_its_figures(tmp_path):
-    """The path `make demo` and `make figures` take: papermill injects the parameters (the ci preset and
-    folders of the test's own) after the tagged cell, and the notebook trains and writes its figure.
+    """The path `make demo` and `make figures` take: papermill, with saelib's engine (found through its
+    entry point), injects the parameters (the ci preset and folders of the test's own) after the tagged
+    cell, and the notebook trains and writes its figure.
     Notebook 06 (planted features) is the shortest that trains and plots without widgets."""
     import json
     import subprocess
     import sys
 
     out, figures = tmp_path / "06.ipynb", tmp_path / "figures"
-    done = subprocess.run([sys.executable, "-m", "papermill", "--log-level", "WARNING", "06_toy_ground_truth.ipynb",
+    done = subprocess.run([sys.executable, "-m", "papermill", "--engine", "saelib", "--log-level", "WARNING",
+                           "06_toy_ground_truth.ipynb",
                            str(out), "-p", "preset", "ci", "-p", "figures_root", str(figures), "-p", "sweep_root",
                            str(tmp_path / "runs"), "-p", "seed", "1"],
                           cwd=NOTEBOOKS[0].parent, capture_output=True, text=True, timeout=600)
