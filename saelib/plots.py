@@ -346,8 +346,8 @@ def loss_curves(x, group, loss, fits: dict, x_title: str, group_name: str, title
                 published_rows: list[dict] | None = None, published_x: str = "n_latents",
                 published_group: str = "k") -> go.Figure:
     """Notebook 03: held-out NMSE against ``x`` (n or k, log axes), one colour per value of ``group``
-    (k or n) with its fitted law (``fits[value].predict``) dotted; the published demo runs at the same
-    group values as faded open markers. ``x``, ``group``, ``loss``: arrays of one value per run."""
+    (k or n) with its fitted law (``fits[value].predict``) as a thin solid line; the published demo runs
+    at the same group values dotted, faded, with open markers. ``x``, ``group``, ``loss``: arrays of one value per run."""
     x, group, loss = (np.asarray(v, dtype=float) for v in (x, group, loss))
     published_rows = published_rows or []
     fig = go.Figure()
@@ -358,7 +358,7 @@ def loss_curves(x, group, loss, fits: dict, x_title: str, group_name: str, title
         fig.add_scatter(x=x[sel], y=loss[sel], mode="markers", name=f"{group_name}={value:g}", marker_color=color,
                         legendgroup=str(value))
         grid = np.geomspace(x[sel].min(), x[sel].max(), 50)
-        fig.add_scatter(x=grid, y=fits[value].predict(grid), mode="lines", line=dict(color=color, dash="dot"),
+        fig.add_scatter(x=grid, y=fits[value].predict(grid), mode="lines", line=dict(color=color, width=1.5),
                         legendgroup=str(value), showlegend=False)
         demo = sorted((r for r in published_rows if r[published_group] == value), key=lambda r: r[published_x])
         if demo:

@@ -14,7 +14,7 @@ PACKAGE = Path(saelib.__file__).parent
 
 # bottom to top
 LAYERS = [
-    ["version", "paths", "files", "stats", "scaling"],
+    ["version", "paths", "files", "stats", "scaling", "notebook_engine"],
     ["normalize", "native", "kernels", "models", "texts", "data"],
     ["sae"],
     ["activations", "config", "sources"],

@@ -228,6 +228,8 @@ def test_loss_curves_draw_fits_and_the_demo_runs_of_the_same_k():
     fits = {kk: scaling.fit_power_law(n[k == kk], L[k == kk], n_boot=2) for kk in (8, 64)}
     fig = plots.loss_curves(n, k, L, fits, "n (latents)", "k", "t", published_rows=runs)
     assert legend_names(fig) == ["k=8", "k=8, published demo run", "k=64", "k=64, published demo run"]
+    fit_line, published_line = fig.data[1].line, fig.data[2].line  # the run's fit solid, the published run dotted
+    assert fit_line.dash is None and published_line.dash == "dot" and fit_line.color == published_line.color
     assert list(fig.layout.xaxis.ticktext) == ["256", "512", "1,024", "2,048", "4,096"]
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.minor.ticks == ""
 
