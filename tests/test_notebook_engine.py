@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from queue import Empty
 
 import pytest
 
@@ -16,9 +17,10 @@ from saelib.notebook_engine import SLICE_S, SlicedChannel  # noqa: E402
 
 
 async def _reply_after_a_missed_wake_up(channel_class, wait_s: float):
-    """A kernel's reply reaches the client's socket while its poll waits, and something else reads the
-    socket's events first (as pyzmq's own bookkeeping can): the edge-triggered notification the poll
-    waits for is gone. Returns the message, or None when ``wait_s`` seconds pass without it."""
+    """A kernel's reply reaches the client's socket while its poll waits, and another reader of the
+    socket's events takes the edge-triggered notification the poll waits for: the state papermill's
+    client was found in when it hung (the reply in its socket, its poll asleep). Returns the message,
+    or None when ``wait_s`` seconds pass without it."""
     ctx = zmq.asyncio.Context()
     client = ctx.socket(zmq.DEALER)
     kernel = zmq.Context.instance().socket(zmq.DEALER)
@@ -40,6 +42,7 @@ async def _reply_after_a_missed_wake_up(channel_class, wait_s: float):
     finally:
         client.close(0)
         kernel.close(0)
+        ctx.term()
 
 
 def test_the_sliced_channel_finds_a_reply_whose_wake_up_was_missed():
@@ -54,8 +57,6 @@ def test_the_sliced_channel_finds_a_reply_whose_wake_up_was_missed():
 def test_the_sliced_channel_keeps_the_timeout():
     """``get_msg(timeout)`` still ends in ``Empty`` after about ``timeout`` seconds, shorter or longer
     than a slice, when nothing comes."""
-    from queue import Empty
-
     async def empty_after(timeout):
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.DEALER)
@@ -67,6 +68,7 @@ def test_the_sliced_channel_keeps_the_timeout():
             return time.monotonic() - start
         finally:
             sock.close(0)
+            ctx.term()
 
     assert asyncio.run(empty_after(0)) < 0.1
     assert 0.25 <= asyncio.run(empty_after(0.3)) < 0.3 + SLICE_S
