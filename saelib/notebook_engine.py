@@ -1,10 +1,15 @@
 """The papermill engine the notebooks run with: ``papermill --engine saelib NB OUT -p preset demo``.
 
-It is papermill's own engine (nbclient) with one change: its kernel client never waits more than a
-second on a socket before looking at it again. papermill's client waits for a cell's reply through
-pyzmq's asyncio poll, with no time limit unless ``--execution-timeout`` sets one, and that poll can
-miss its wake-up (the socket's edge-triggered notification goes unseen). The kernel has sent the
-reply and gone idle; the client waits until its poll times out, for ever without a limit.
+It is papermill's own engine (nbclient) with two changes:
+
+- its kernel client never waits more than a second on a socket before looking at it again.
+  papermill's client waits for a cell's reply through pyzmq's asyncio poll, with no time limit unless
+  ``--execution-timeout`` sets one, and that poll can miss its wake-up (the socket's edge-triggered
+  notification goes unseen). The kernel has sent the reply and gone idle; the client waits until its
+  poll times out, for ever without a limit.
+- the kernel's messages are encrypted (CurveZMQ keys provisioned by the kernel manager) where pyzmq
+  supports it, as its wheels do; ipykernel warns at every start of a kernel reached over plain TCP.
+
 ``make demo``, ``make figures`` and ``make lesson`` use this engine, and the package registers it
 under papermill's ``papermill.engine`` entry point as ``saelib``.
 """
@@ -14,11 +19,12 @@ from __future__ import annotations
 import time
 from queue import Empty
 
+import zmq
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.channels import AsyncZMQSocketChannel
 from jupyter_client.manager import AsyncKernelManager
 from papermill.engines import NBClientEngine
-from traitlets import DottedObjectName, Type
+from traitlets import DottedObjectName, Type, default
 
 SLICE_S = 1.0  # the longest one poll of a socket waits; a missed wake-up costs at most this
 
@@ -49,10 +55,16 @@ class KernelClient(AsyncKernelClient):
 
 
 class KernelManager(AsyncKernelManager):
-    """jupyter_client's asynchronous kernel manager, handing out ``KernelClient``s."""
+    """jupyter_client's asynchronous kernel manager, handing out ``KernelClient``s and encrypting the
+    kernel's messages where it can."""
 
     client_class = DottedObjectName(f"{__name__}.KernelClient")
     client_factory = Type(KernelClient, klass=AsyncKernelClient)  # what `client()` builds
+
+    @default("transport_encryption")
+    def _encrypt_where_possible(self) -> str:
+        """CurveZMQ for the kernel's sockets where pyzmq has it (when the kernel declares support)."""
+        return "auto" if zmq.has("curve") else "disabled"
 
 
 class Engine(NBClientEngine):

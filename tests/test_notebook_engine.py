@@ -75,12 +75,14 @@ def test_the_sliced_channel_keeps_the_timeout():
     assert 1.45 <= asyncio.run(empty_after(1.5)) < 1.5 + SLICE_S
 
 
-def test_the_engine_hands_papermill_a_kernel_manager_whose_clients_use_the_sliced_channel():
+def test_the_engine_hands_papermill_a_kernel_manager_that_encrypts_and_whose_clients_use_the_sliced_channel():
     from papermill.engines import papermill_engines
 
     from saelib.notebook_engine import Engine, KernelClient, KernelManager
 
     assert papermill_engines.get_engine("saelib") is Engine  # the entry point `--engine saelib` finds
-    client = KernelManager().client()
+    manager = KernelManager()
+    assert manager.transport_encryption == ("auto" if zmq.has("curve") else "disabled")
+    client = manager.client()
     assert isinstance(client, KernelClient)
     assert all(getattr(client, f"{name}_channel_class") is SlicedChannel for name in ("shell", "iopub", "stdin", "control"))
