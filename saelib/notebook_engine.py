@@ -24,7 +24,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.channels import AsyncZMQSocketChannel
 from jupyter_client.manager import AsyncKernelManager
 from papermill.engines import NBClientEngine
-from traitlets import DottedObjectName, Type, default
+from traitlets import Type, default
 
 SLICE_S = 1.0  # the longest one poll of a socket waits; a missed wake-up costs at most this
 
@@ -58,7 +58,6 @@ class KernelManager(AsyncKernelManager):
     """jupyter_client's asynchronous kernel manager, handing out ``KernelClient``s and encrypting the
     kernel's messages where it can."""
 
-    client_class = DottedObjectName(f"{__name__}.KernelClient")
     client_factory = Type(KernelClient, klass=AsyncKernelClient)  # what `client()` builds
 
     @default("transport_encryption")
