@@ -55,7 +55,7 @@ def measure(step: Step, batches: list[Tensor], warmup: int, steps: int) -> tuple
 def _saelib(cfg: BenchConfig, w: dict[str, Tensor], dead: Tensor | None, encoder_dtype: str = "float32") -> Step:
     device = w["W_enc"].device
     if encoder_dtype == "bfloat16" and not fast_bf16(device):
-        missing = "this GPU has no fast bf16 matmul" if device.type == "cuda" else "this CPU has no fast bf16 matmul (AMX)"
+        missing = "this GPU has no fast bf16 matmul" if device.type == "cuda" else "this CPU has no fast bf16 matmul (AMX or AVX512_BF16)"
         raise Unavailable(f"{missing}: fp32 stays the default here")
     sae = TopKSAE(cfg.d_in, cfg.n_latents, cfg.k, encoder_dtype=encoder_dtype).to(device)
     sae.load_state_dict({**sae.state_dict(), **w})
