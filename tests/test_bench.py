@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,38 @@ def test_rows_say_where_they_ran_and_a_missing_gpu_is_named(capsys):
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or the first on a machine without
     assert bench.main(["--preset", "quick", "--impl", "saelib", "--steps", "1", "--device", missing]) == 2
     assert f"device '{missing}' was asked for" in capsys.readouterr().err
+
+
+FAULTS = """
+import json, resource, sys, torch
+from saelib import bench
+if sys.argv[1] == "reuse":
+    bench.reuse_heap()
+counts = []
+for _ in range(3):  # a 64 MB block, every page touched, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults": counts, "heap": bench.machine()["heap"]}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux (glibc's malloc)")
+def test_a_reused_heap_serves_a_freed_block_again_without_page_faults():
+    pages = 64 * 2**20 // 4096
+    runs = {heap: json.loads(subprocess.run([sys.executable, "-c", FAULTS, heap], capture_output=True, text=True,
+                                            check=True).stdout) for heap in bench.HEAPS}
+    assert runs["reuse"]["heap"] == "reuse" and runs["default"]["heap"] == "default"
+    assert runs["reuse"]["faults"][-1] < pages / 100  # the freed block's pages are still mapped
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[always]" not in thp.read_text():  # 4 KB pages: every page of a fresh mapping faults
+        assert runs["default"]["faults"][-1] > pages / 2
+    rows = json.loads(subprocess.run([sys.executable, "-m", "saelib.bench", "--preset", "quick", "--impl", "saelib",
+                                      "--warmup", "0", "--steps", "1", "--heap", "reuse", "--json"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert {r["heap"] for r in rows} == {"reuse"}
+    with pytest.raises(ValueError, match="heap must be one of default, reuse"):
+        bench.run_elsewhere(sys.executable, heap="fast")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
