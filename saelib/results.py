@@ -214,10 +214,13 @@ def throughput(data: dict) -> str:
     note = (f"\n\nTokens/s of one full training step, k {data['rows'][0]['k']}; in brackets saelib's ratio to the "
             f"faster of sparsify and SAELens in the same row; dead > 0 turns AuxK on. {m['cpu']}, {m['threads']} "
             f"threads, torch {m['torch_version']}, load average {m['load_avg_1m']:.1f} at the start.")
-    note += (" glibc's heap reused for every block (`--heap reuse`): no implementation paid page faults for memory it "
-             "allocates afresh at each step." if m.get("heap") == "reuse" else
-             " glibc's default heap: an implementation that allocates large temporaries afresh at each step pays their "
-             "page faults (`--heap reuse` removes them).")
+    heaps = {r.get("heap") for r in data["rows"]}  # None: a JSON from before the bench recorded it, no sentence
+    if heaps == {"reuse"}:
+        note += (" glibc's heap reused for every block (`--heap reuse`): no implementation paid page faults for memory "
+                 "it allocates afresh at each step.")
+    elif heaps == {"default"}:
+        note += (" glibc's default heap: an implementation that allocates large temporaries afresh at each step pays "
+                 "their page faults (`--heap reuse` removes them).")
     if m.get("native_kernels"):
         native = m["native_kernels"]
         note += " saelib's AuxK ran on its compiled CPU kernels." if native == "in use" else \

@@ -8,6 +8,7 @@ compute saelib's reconstruction loss on the same weights and learn too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -215,7 +216,7 @@ from saelib import bench
 if sys.argv[1] == "reuse":
     bench.reuse_heap()
 counts = []
-for _ in range(3):  # a 64 MB block, every page touched, then freed
+for _ in range(8):  # a 64 MB block, every page touched, then freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 * 2**20)
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -225,14 +226,16 @@ print(json.dumps({"faults": counts, "heap": bench.machine()["heap"]}))
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux (glibc's malloc)")
 def test_a_reused_heap_serves_a_freed_block_again_without_page_faults():
-    pages = 64 * 2**20 // 4096
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     runs = {heap: json.loads(subprocess.run([sys.executable, "-c", FAULTS, heap], capture_output=True, text=True,
                                             check=True).stdout) for heap in bench.HEAPS}
     assert runs["reuse"]["heap"] == "reuse" and runs["default"]["heap"] == "default"
-    assert runs["reuse"]["faults"][-1] < pages / 100  # the freed block's pages are still mapped
+    # once the heap holds the blocks (an aligned block may not fit the freed one: a second is faulted
+    # in), every later one reuses mapped pages
+    assert sum(runs["reuse"]["faults"][-3:]) < pages / 100, runs
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not thp.exists() or "[always]" not in thp.read_text():  # 4 KB pages: every page of a fresh mapping faults
-        assert runs["default"]["faults"][-1] > pages / 2
+    if not thp.exists() or "[always]" not in thp.read_text():  # small pages: each page of a fresh mapping faults
+        assert min(runs["default"]["faults"][-3:]) > pages / 2, runs
     rows = json.loads(subprocess.run([sys.executable, "-m", "saelib.bench", "--preset", "quick", "--impl", "saelib",
                                       "--warmup", "0", "--steps", "1", "--heap", "reuse", "--json"],
                                      capture_output=True, text=True, check=True).stdout)

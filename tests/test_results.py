@@ -109,7 +109,9 @@ def test_the_throughput_block_has_one_row_per_configuration_and_saelibs_ratio():
               for dtype, nmse, rel in (("float32", 0.4, 0.0), ("bfloat16", 0.401, 0.0025))]
     text = results.throughput({"rows": rows, "machine": machine, "supply": supply, "bf16_parity": parity})
     assert "248 steps of 1,024 SmolLM2 tokens" in text and "NMSE 0.40100 with the bf16 encoder against 0.40000 in fp32 (+0.25%)" in text
-    assert "compiled CPU kernels" not in text  # an older JSON without the field: no sentence
+    assert "compiled CPU kernels" not in text and "heap" not in text  # an older JSON without the fields: no sentence
+    for heap, says in (("reuse", "glibc's heap reused for every block"), ("default", "glibc's default heap")):
+        assert says in results.throughput({"rows": [dict(r, heap=heap) for r in rows], "machine": machine})
     machine["native_kernels"] = "in use"
     assert "saelib's AuxK ran on its compiled CPU kernels." in results.throughput({"rows": rows, "machine": machine})
     machine["native_kernels"] = "no C compiler `cc` on PATH (install gcc, or set CC)"
