@@ -80,8 +80,8 @@ from .report import COLUMNS, _format_row, markdown_table
 # what notebooks, tests and the CLI use as saelib.bench.<name>
 __all__ = ["IMPLS", "PEERS", "PRESETS", "BenchConfig", "grid", "synthetic_activations", "initial_weights", "dead_mask",
            "NaiveTopK", "Unavailable", "make_step", "machine", "HEAPS", "reuse_heap", "supply_rate", "input_wait",
-           "bf16_parity", "COLUMNS", "markdown_table", "measure", "run_bench", "pipeline_rates", "pipeline_table", "run_elsewhere", "add_arguments",
-           "run_from_args", "main"]
+           "bf16_parity", "COLUMNS", "markdown_table", "measure", "run_bench", "pipeline_rates", "pipeline_table",
+           "run_elsewhere", "add_arguments", "run_from_args", "main"]
 
 
 def run_bench(

@@ -24,11 +24,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
 def reuse_heap() -> None:
     """Make glibc's malloc serve every block from its heap, reused once freed, for the rest of this
     process: no block gets a fresh mapping (``mallopt(M_MMAP_MAX, 0)``) and freed memory is not
-    returned to the OS (``M_TRIM_THRESHOLD``). By default a block over the mmap threshold (at most
-    32 MB) gets a new mapping, and every page of it faults on first touch, so a step that allocates
-    its ``(B, n)`` and ``(B, d_in)`` temporaries afresh pays those faults at every step: on 2 cores
-    of an AMD EPYC (Zen 4, a virtual machine) sparsify's step ran 1.5x faster and the GEMM
-    roofline 1.15x with the heap reused, saelib's, which keeps its large buffers, 1.0-1.05x. The
+    returned to the OS (``M_TRIM_THRESHOLD``). By default a block over the mmap threshold (128 KB,
+    rising to at most 32 MB as such blocks are freed) gets a new mapping, and every page of it faults
+    on first touch, so a step that allocates its ``(B, n)`` and ``(B, d_in)`` temporaries afresh pays
+    those faults at every step: on 2 cores of an AMD EPYC (Zen 4, a virtual machine) sparsify's step
+    ran 1.33-1.52x faster and the GEMM roofline 1.12-1.14x with the heap reused, saelib's, which
+    keeps its large buffers, 1.0-1.05x. The
     bench's ``--heap reuse`` calls it before any implementation runs, so that each runs at its best.
 
     Raises ValueError where the C library is not glibc (no ``mallopt``).
@@ -37,10 +38,11 @@ def reuse_heap() -> None:
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        raise ValueError("--heap reuse sets glibc's malloc options, and this system's C library is not glibc; "
-                         "run with --heap default.") from None
+        raise ValueError("reuse_heap (--heap reuse) sets glibc's malloc options, and this system's C library is not "
+                         "glibc; measure with the default heap (--heap default).") from None
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
-        raise ValueError("glibc's mallopt refused the options of --heap reuse; run with --heap default.")
+        raise ValueError("glibc's mallopt refused the options of reuse_heap (--heap reuse); measure with the default heap "
+                         "(--heap default).")
     _heap = "reuse"
 
 
