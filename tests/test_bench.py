@@ -236,11 +236,12 @@ def test_a_reused_heap_serves_a_freed_block_again_without_page_faults():
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[always]" not in thp.read_text():  # small pages: each page of a fresh mapping faults
         assert min(runs["default"]["faults"][-3:]) > pages / 2, runs
+    # the command's default, auto, reuses glibc's heap
     rows = json.loads(subprocess.run([sys.executable, "-m", "saelib.bench", "--preset", "quick", "--impl", "saelib",
-                                      "--warmup", "0", "--steps", "1", "--heap", "reuse", "--json"],
+                                      "--warmup", "0", "--steps", "1", "--json"],
                                      capture_output=True, text=True, check=True).stdout)
-    assert {r["heap"] for r in rows} == {"reuse"}
-    with pytest.raises(ValueError, match="heap must be one of default, reuse"):
+    assert {r["heap"] for r in rows} == {"reuse"} and bench.resolve_heap("auto") == "reuse"
+    with pytest.raises(ValueError, match="heap must be one of auto, default, reuse, got 'fast'"):
         bench.run_elsewhere(sys.executable, heap="fast")
 
 

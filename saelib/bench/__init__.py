@@ -29,11 +29,12 @@ Rows: ``impl, d_in, n_latents, k, batch_size, dead_fraction, tokens_per_s`` (med
 timed steps after warm-up), ``ratio_to_best_peer`` (to the fastest of sparsify / SAELens on
 the same configuration), ``ratio_to_roofline``, ``peak_rss_mb`` (the process's peak resident
 memory while that implementation ran, reset before each), plus versions, threads and CPU.
-``--device cuda`` runs them all on a GPU; rows then also give ``peak_device_mb``. ``--heap reuse``
-has glibc's malloc reuse its heap for every block (``memory.reuse_heap``): by default a large block
-is mapped afresh and its pages fault on first touch, which a step that allocates its temporaries
-anew pays at every step, and that costs some implementations far more than others; ``heap`` in
-each row says which ran.
+``--device cuda`` runs them all on a GPU; rows then also give ``peak_device_mb``. The bench has
+glibc's malloc reuse its heap for every block (``memory.reuse_heap``; ``--heap auto``, the default,
+where the C library is glibc, or ``--heap reuse``): glibc's default maps a large block afresh and its
+pages fault on first touch, which a step that allocates its temporaries anew pays at every step, and
+that costs some implementations far more than others, so each runs at its best; ``--heap default``
+measures glibc's default, and ``heap`` in each row says which ran.
 ``--pipeline`` times the whole pipeline instead, stage by stage, from text to a train step
 (:mod:`.pipeline`: tokenise, forward, nnsight's hook, cache write, cache read + shuffle, train step),
 and names the slowest stage; ``--preset quick`` runs it in seconds.
@@ -42,7 +43,7 @@ and names the slowest stage; ``--preset quick`` runs it in seconds.
 next group ahead (``input_wait``).
 
     saelib bench --preset quick --json
-    saelib bench --heap reuse
+    saelib bench --heap default
     saelib bench --pipeline
     python -m saelib.bench --d-in 576 --n-latents 4608 18432 --dead-fraction 0.25 0 --out bench.json
 
@@ -72,16 +73,17 @@ from ..activations import ActivationCache, CachedSource
 from ..config import resolve_device
 from .cases import IMPLS, PEERS, PRESETS, BenchConfig, dead_mask, grid, initial_weights, synthetic_activations
 from .experiments import bf16_parity, input_wait, supply_rate
-from .memory import HEAPS, _available_gb, _needed_gb, _peak_memory_mb, _reset_peak_memory, machine, reuse_heap
+from .memory import (HEAPS, _available_gb, _needed_gb, _peak_memory_mb, _reset_peak_memory, machine, resolve_heap,
+                     reuse_heap)
 from .peers import BUILDERS, NaiveTopK, Unavailable, _version, make_step, measure
 from .pipeline import pipeline_rates, pipeline_table
 from .report import COLUMNS, _format_row, markdown_table
 
 # what notebooks, tests and the CLI use as saelib.bench.<name>
 __all__ = ["IMPLS", "PEERS", "PRESETS", "BenchConfig", "grid", "synthetic_activations", "initial_weights", "dead_mask",
-           "NaiveTopK", "Unavailable", "make_step", "machine", "HEAPS", "reuse_heap", "supply_rate", "input_wait",
-           "bf16_parity", "COLUMNS", "markdown_table", "measure", "run_bench", "pipeline_rates", "pipeline_table",
-           "run_elsewhere", "add_arguments", "run_from_args", "main"]
+           "NaiveTopK", "Unavailable", "make_step", "machine", "HEAPS", "reuse_heap", "resolve_heap", "supply_rate",
+           "input_wait", "bf16_parity", "COLUMNS", "markdown_table", "measure", "run_bench", "pipeline_rates",
+           "pipeline_table", "run_elsewhere", "add_arguments", "run_from_args", "main"]
 
 
 def run_bench(
@@ -207,15 +209,14 @@ def _add_ratios(group: list[dict]) -> None:
 
 
 def run_elsewhere(python: str, preset: str = "default", *, warmup: int = 2, steps: int = 5,
-                  interleave: bool = False, heap: str = "default") -> list[dict]:
+                  interleave: bool = False, heap: str = "auto") -> list[dict]:
     """``run_bench`` over ``PRESETS[preset]`` in another interpreter, e.g. the one with the peers
-    installed (``make peers``: ``.venv-peers/bin/python``); its rows, as ``saelib bench --json`` prints them.
-    ``heap="reuse"`` runs it with ``reuse_heap`` (which would change this process for good). Its
-    progress goes to this process's stderr."""
+    installed (``make peers``: ``.venv-peers/bin/python``), with ``heap`` as ``saelib bench --heap``
+    takes it (which ``reuse_heap`` would change in this process for good); its rows, as ``saelib bench
+    --json`` prints them. Its progress goes to this process's stderr."""
     if not os.path.exists(python):
         raise ValueError(f"Interpreter {python} does not exist; `make peers` creates .venv-peers/bin/python.")
-    if heap not in HEAPS:
-        raise ValueError(f"heap must be one of {', '.join(HEAPS)}, got {heap!r}.")
+    resolve_heap(heap)  # a wrong name is refused here, before the other interpreter starts
     cmd = [python, "-m", "saelib.bench", "--preset", preset, "--warmup", str(warmup), "--steps", str(steps),
            "--heap", heap, "--json"]
     result = subprocess.run(cmd + ["--interleave"] * interleave, stdout=subprocess.PIPE, text=True)
@@ -239,9 +240,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="time the impls of a config in turn, a step each per round (fair under a changing load)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--heap", default="default", choices=HEAPS,
+    parser.add_argument("--heap", default="auto", choices=("auto", *HEAPS),
                         help="reuse: glibc's malloc serves every block from its reused heap, so no implementation pays "
-                             "page faults for memory it allocates afresh each step (memory.reuse_heap; each at its best)")
+                             "page faults for memory it allocates afresh each step (memory.reuse_heap; each at its best); "
+                             "default: glibc's default; auto (the default): reuse where the C library is glibc")
     parser.add_argument("--device", default="cpu", help="where every impl runs: cpu (default), cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--supply", metavar="CACHE",
@@ -285,10 +287,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # an unknown or absent device is refused before anything runs
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.heap == "reuse":
-        reuse_heap()
-    if args.pipeline:
+    if args.pipeline:  # the stages as a training process runs them, with glibc's default heap
         return _run_pipeline(args)
+    if resolve_heap(args.heap) == "reuse":
+        reuse_heap()
     axes = dict(PRESETS[args.preset])
     for name in ("d_in", "n_latents", "k", "batch_size", "dead_fraction"):
         if getattr(args, name) is not None:

@@ -21,6 +21,22 @@ _heap = "default"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
 
 
+def _mallopt():
+    """glibc's ``mallopt``, or None where the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+def resolve_heap(heap: str) -> str:
+    """``"auto"``: ``"reuse"`` where the C library is glibc (:func:`reuse_heap`), else ``"default"``;
+    ``"reuse"`` and ``"default"`` as they are."""
+    if heap not in ("auto", *HEAPS):
+        raise ValueError(f"heap must be one of auto, {', '.join(HEAPS)}, got {heap!r}.")
+    return ("reuse" if _mallopt() else "default") if heap == "auto" else heap
+
+
 def reuse_heap() -> None:
     """Make glibc's malloc serve every block from its heap, reused once freed, for the rest of this
     process: no block gets a fresh mapping (``mallopt(M_MMAP_MAX, 0)``) and freed memory is not
@@ -30,16 +46,16 @@ def reuse_heap() -> None:
     those faults at every step: on 2 cores of an AMD EPYC (Zen 4, a virtual machine) sparsify's step
     ran 1.33-1.52x faster and the GEMM roofline 1.12-1.14x with the heap reused, saelib's, which
     keeps its large buffers, 1.0-1.05x. The
-    bench's ``--heap reuse`` calls it before any implementation runs, so that each runs at its best.
+    bench calls it before any implementation runs (``--heap reuse``, and ``auto``, the default, where
+    the C library is glibc), so that each runs at its best.
 
     Raises ValueError where the C library is not glibc (no ``mallopt``).
     """
     global _heap
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         raise ValueError("reuse_heap (--heap reuse) sets glibc's malloc options, and this system's C library is not "
-                         "glibc; measure with the default heap (--heap default).") from None
+                         "glibc; measure with the default heap (--heap default or auto).")
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
         raise ValueError("glibc's mallopt refused the options of reuse_heap (--heap reuse); measure with the default heap "
                          "(--heap default).")
