@@ -273,7 +273,8 @@ def _row(folder: Path, seconds: float) -> dict:
     """A run's configuration, training compute, time and learning curve, from its folder."""
     config = json.loads((folder / "config.json").read_text())
     return {"run": str(folder), **{key: config[key] for key in ("n_latents", "k", "arch", "seed", "auxk", "tied_init",
-                                                                  "l1_coef", "tokens", "batch_size", "lr")},
+                                                                  "l1_coef", "tokens", "batch_size", "lr",
+                                                                  "warmup_steps")},
             "d_in": config["d_in"], "flops": training_flops(config["d_in"], config["n_latents"], config["tokens"]),
             "dead_tokens": config["dead_tokens"], "train_seconds": seconds,
             "curve": read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []}  # none: diverged before a log
