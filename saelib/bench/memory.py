@@ -45,9 +45,8 @@ def reuse_heap() -> None:
     on first touch, so a step that allocates its ``(B, n)`` and ``(B, d_in)`` temporaries afresh pays
     those faults at every step: on 2 cores of an AMD EPYC (Zen 4, a virtual machine) sparsify's step
     ran 1.33-1.52x faster and the GEMM roofline 1.12-1.14x with the heap reused, saelib's, which
-    keeps its large buffers, 1.0-1.05x. The
-    bench calls it before any implementation runs (``--heap reuse``, and ``auto``, the default, where
-    the C library is glibc), so that each runs at its best.
+    keeps its large buffers, 1.0-1.05x. The bench calls it before any implementation runs (``--heap
+    reuse``, and ``auto``, the default, where the C library is glibc), so that each runs at its best.
 
     Raises ValueError where the C library is not glibc (no ``mallopt``).
     """
