@@ -21,10 +21,10 @@ _heap = "default"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
 
 
-def _mallopt():
-    """glibc's ``mallopt``, or None where the C library is not glibc."""
+def _glibc(name: str):
+    """glibc's function ``name`` (``mallopt``, ``malloc_trim``), or None where the C library is not glibc."""
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
@@ -34,7 +34,7 @@ def resolve_heap(heap: str) -> str:
     ``"reuse"`` and ``"default"`` as they are."""
     if heap not in ("auto", *HEAPS):
         raise ValueError(f"heap must be one of auto, {', '.join(HEAPS)}, got {heap!r}.")
-    return ("reuse" if _mallopt() else "default") if heap == "auto" else heap
+    return ("reuse" if _glibc("mallopt") else "default") if heap == "auto" else heap
 
 
 def reuse_heap() -> None:
@@ -51,7 +51,7 @@ def reuse_heap() -> None:
     Raises ValueError where the C library is not glibc (no ``mallopt``).
     """
     global _heap
-    mallopt = _mallopt()
+    mallopt = _glibc("mallopt")
     if mallopt is None:
         raise ValueError("reuse_heap (--heap reuse) sets glibc's malloc options, and this system's C library is not "
                          "glibc; measure with the default heap (--heap default or auto).")
@@ -80,10 +80,9 @@ def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    try:  # with reuse_heap too: the next impl's warm-up steps fault the pages in again
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim:  # with reuse_heap too: the next impl's warm-up steps fault the pages in again
+        malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
