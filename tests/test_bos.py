@@ -65,7 +65,7 @@ def test_clean_loss_is_that_of_a_plain_forward_of_the_text(bos_lm):
 
     sae = TopKSAE(64, 128, 4)
     saelib_ce = downstream_loss(sae, bos_lm, ids, 1, progress=False)
-    _, keep = splice(bos_lm, ids, 1, "resid_post")
+    keep = splice(bos_lm, ids, 1, "resid_post").keep
     scored = scored_positions(ids, keep, bos_lm.special_ids)
     assert not scored[0, 0] and int(scored.sum()) == saelib_ce["downstream_tokens"] >= n - 4  # the BOS's prediction is not scored
     with torch.no_grad():

@@ -13,7 +13,7 @@ os.environ.setdefault("SAELIB_HOME", str(Path(__file__).resolve().parents[1] / "
 from saelib.evals import evaluate  # noqa: E402
 from saelib.evals import probe_sources, probes  # noqa: E402
 from saelib.evals.ablation import ablation_sparsity  # noqa: E402
-from saelib.evals.downstream import downstream_loss, scored_positions, splice  # noqa: E402
+from saelib.evals.downstream import downstream_loss, resumes, scored_positions, splice  # noqa: E402
 from saelib.evals.heldout import cached_contexts, encode, held_out, site_activations  # noqa: E402
 from saelib.evals.n2g import n2g  # noqa: E402
 from saelib.evals.reconstruction import density_histogram, latent_density, reconstruction_metrics  # noqa: E402
@@ -147,14 +147,37 @@ def test_reconstruction_metrics(sae, held):
 
 def test_identity_splice_changes_nothing_and_exclusions_stay_clean(lm, held):
     ids = held.ids[:2]
-    clean, keep = splice(lm, ids, LAYER, "resid_post")
-    same, _ = splice(lm, ids, LAYER, "resid_post", lambda x: x, keep)
+    clean, keep, _ = splice(lm, ids, LAYER, "resid_post")
+    same, _, _ = splice(lm, ids, LAYER, "resid_post", lambda x: x, keep)
     assert torch.allclose(clean, same, atol=1e-4)
-    zeroed, _ = splice(lm, ids, LAYER, "resid_post", torch.zeros_like, keep)
+    zeroed, _, _ = splice(lm, ids, LAYER, "resid_post", torch.zeros_like, keep)
     assert not keep[:, 0].any()
     # position 0 is excluded, so its logits (which see only position 0) stay clean
     assert torch.allclose(clean[:, 0], zeroed[:, 0], atol=1e-4)
     assert not torch.allclose(clean[:, 1:], zeroed[:, 1:], atol=1e-2)
+
+
+def test_a_splice_from_the_clean_activations_skips_the_blocks_before_and_gives_the_same_logits(lm, held):
+    """Given a splice's clean activations, a later splice of the same contexts at resid_post starts
+    from them: block 0 does not run (its MLP is never called) and the logits are the full forward's,
+    bit for bit. Inside a block (mlp_out) there is no such start, and the forward runs whole."""
+    ids = held.ids[:2]
+
+    def reconstruct(x):
+        return 0.9 * x
+
+    calls = []
+    handle = lm.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for site, block_0_runs in (("resid_post", False), ("mlp_out", True)):
+            full = splice(lm, ids, LAYER, site, reconstruct)
+            assert resumes(lm, ids, LAYER)  # checked once per model and layer, on one context
+            calls.clear()
+            again = splice(lm, ids, LAYER, site, reconstruct, full.keep, full.acts)
+            assert bool(calls) == block_0_runs, site
+            assert torch.equal(again.logits, full.logits) and torch.equal(again.acts, full.acts), site
+    finally:
+        handle.remove()
 
 
 def test_zero_reconstruction_equals_zero_ablation(lm, held):
@@ -174,7 +197,7 @@ def test_zero_reconstruction_equals_zero_ablation(lm, held):
     by_context = m["delta_ce_by_context"]
     assert len(by_context) == 2 and all(d > 1 for d in by_context)
     ids = held.ids[:2]
-    _, keep = splice(lm, ids, LAYER, "resid_post")
+    keep = splice(lm, ids, LAYER, "resid_post").keep
     counts = scored_positions(ids, keep, lm.special_ids).sum(-1).tolist()
     assert sum(d * c for d, c in zip(by_context, counts)) / sum(counts) == pytest.approx(m["delta_ce"], rel=1e-5)
 

@@ -63,8 +63,8 @@ def _sparsities(lm, held: HeldOut, contexts: list[int], delta: Tensor, reconstru
         ctx = torch.tensor(contexts[start:start + batch_size])
         d = delta[start:start + batch_size]
         ids, keep = held.ids[ctx], held.keep[ctx]
-        base, _ = splice(lm, ids, held.layer, held.site, reconstruct, keep)
-        ablated, _ = splice(lm, ids, held.layer, held.site, _minus(reconstruct, d), keep)
+        base, _, acts = splice(lm, ids, held.layer, held.site, reconstruct, keep)
+        ablated = splice(lm, ids, held.layer, held.site, _minus(reconstruct, d), keep, acts).logits
         first = (d != 0).any(-1).int().argmax(-1).tolist()  # the ablated position of each row
         out += [effect_sparsity(base[r, p:], ablated[r, p:]) for r, p in enumerate(first)]
     return out

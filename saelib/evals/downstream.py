@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import NamedTuple
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,20 @@ def _site_envoy(model, lm: LM, layer: int, site: str):
     return model
 
 
-@torch.inference_mode()
+class Spliced(NamedTuple):
+    """What :func:`splice` returns."""
+
+    logits: Tensor  # (b, T, vocab), float32
+    keep: Tensor  # (b, T) bool: where the reconstruction went in
+    acts: Tensor  # (b, T, d): the clean activations at the site, for a later splice of the same ids
+
+
+# nn.Module -> {layer: whether a splice at that layer's resid_post can resume from the clean activations}
+_RESUMES: WeakKeyDictionary = WeakKeyDictionary()
+
+
 def splice(lm: LM, ids: Tensor, layer: int, site: str, reconstruct: Reconstruct | None = None,
-           keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+           keep: Tensor | None = None, acts: Tensor | None = None) -> Spliced:
     """Logits of the LM on ``ids (b, T)`` with ``site`` at ``layer`` replaced by ``reconstruct``.
 
     Args:
@@ -48,26 +61,61 @@ def splice(lm: LM, ids: Tensor, layer: int, site: str, reconstruct: Reconstruct 
             the clean model.
         keep: ``(b, T)`` bool, where to splice; default :func:`~saelib.activations.keep_mask` of
             the clean activations (excluded tokens keep their clean value).
+        acts: ``(b, T, d)``, the clean activations at the site: a previous splice's ``acts`` for
+            the same ``ids``. At ``resid_post`` the splice then starts from them and skips the
+            blocks up to ``layer`` (about a third of SmolLM2's forward at layer 12), where
+            :func:`resumes` finds that this gives the full forward's logits.
 
     Returns:
-        ``(logits (b, T, vocab), keep (b, T))``.
+        ``Spliced(logits, keep, acts)``.
     """
+    resume = acts is not None and site == "resid_post" and resumes(lm, ids, layer)
+    return _trace(lm, ids, layer, site, reconstruct, keep, acts if resume else None)
+
+
+@torch.inference_mode()
+def _trace(lm: LM, ids: Tensor, layer: int, site: str, reconstruct: Reconstruct | None, keep: Tensor | None,
+           start: Tensor | None) -> Spliced:
+    """:func:`splice`, from the embeddings or (``start`` given, at ``resid_post``) from ``start``."""
     import nnsight
     from nnsight import NNsight
 
     model = NNsight(lm.model)
     envoy = _site_envoy(model, lm, layer, site)
     ids = ids.to(lm.model.device)
+    if start is not None:
+        x = start.to(lm.model.device)
     with model.trace(ids):
-        out = envoy.output
-        x = out[0] if isinstance(out, tuple) else out
+        if start is None:
+            out = envoy.output
+            x = nnsight.save(out[0] if isinstance(out, tuple) else out)
+        else:
+            for i in range(layer):  # the blocks before: not run (their outputs go nowhere)
+                _site_envoy(model, lm, i, site).skip(x)
         if keep is None:
             keep = nnsight.save(keep_mask(ids, x, lm.special_ids)[0])
-        if reconstruct is not None:
-            new = torch.where(keep[..., None].to(x.device), reconstruct(x).to(x.dtype), x)
+        new = x if reconstruct is None else torch.where(keep[..., None].to(x.device), reconstruct(x).to(x.dtype), x)
+        if start is not None:
+            envoy.skip(new)
+        elif reconstruct is not None:
             envoy.output = (new, *out[1:]) if isinstance(out, tuple) else new
         logits = model.output.logits.save()
-    return logits.float(), keep.cpu()
+    return Spliced(logits.float(), keep.cpu(), x)
+
+
+def resumes(lm: LM, ids: Tensor, layer: int) -> bool:
+    """Whether a splice at ``resid_post`` of ``layer`` can start from the clean activations: checked
+    once per model and layer, on the first context of ``ids``, against the full forward's logits (a
+    model whose blocks return tuples, or pass state from block to block, runs the full forward)."""
+    known = _RESUMES.setdefault(lm.model, {})
+    if layer not in known:
+        full = _trace(lm, ids[:1], layer, "resid_post", None, None, None)
+        try:
+            resumed = _trace(lm, ids[:1], layer, "resid_post", None, full.keep, full.acts)
+            known[layer] = torch.allclose(full.logits, resumed.logits, rtol=1e-4, atol=1e-4)
+        except Exception:  # noqa: BLE001 - the full forward is always right, only slower
+            known[layer] = False
+    return known[layer]
 
 
 def sae_reconstruct(sae) -> Reconstruct:
@@ -82,9 +130,13 @@ def scored_positions(ids: Tensor, keep: Tensor, special_ids: list[int]) -> Tenso
     return keep[:, :-1] & ~torch.isin(ids[:, 1:], torch.tensor(special_ids, dtype=ids.dtype))
 
 
-def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+def _log_probs(logits: Tensor) -> Tensor:
+    """``(b, T-1, vocab)`` next-token log-probabilities from ``logits (b, T, vocab)``."""
+    return F.log_softmax(logits[:, :-1], -1)
+
+
+def _ce(logp: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """``(b,)`` each context's summed next-token cross-entropy over ``mask (b, T-1)``."""
-    logp = F.log_softmax(logits[:, :-1], -1)
     return -(logp.gather(-1, ids[:, 1:, None])[..., 0] * mask).sum(-1)
 
 
@@ -116,20 +168,19 @@ def downstream_loss(sae, lm: LM, ids: Tensor, layer: int, site: str = "resid_pos
     n, by_context = 0, []
     for start in tqdm(range(0, len(ids), batch_size), desc="downstream loss", disable=not progress, leave=False):
         batch = ids[start:start + batch_size]
-        clean, keep = splice(lm, batch, layer, site)
+        clean, keep, acts = splice(lm, batch, layer, site)
         mask = scored_positions(batch, keep, lm.special_ids)
         counts = mask.sum(-1).tolist()  # scored predictions per context
         n += sum(counts)
-        clean_ce = _ce(clean, batch, mask)
+        p = _log_probs(clean)
+        clean_ce = _ce(p, batch, mask)
         totals["clean"] += float(clean_ce.sum())
         for name, fn in ablations.items():
-            logits, _ = splice(lm, batch, layer, site, fn, keep)
-            ce = _ce(logits, batch, mask)
+            q = _log_probs(splice(lm, batch, layer, site, fn, keep, acts).logits)
+            ce = _ce(q, batch, mask)
             totals[name] += float(ce.sum())
             if name == "sae":
                 by_context += [float(d) / c if c else None for d, c in zip(ce - clean_ce, counts)]
-                p = F.log_softmax(clean[:, :-1], -1)
-                q = F.log_softmax(logits[:, :-1], -1)
                 totals["kl"] += float((p.exp() * (p - q)).sum(-1)[mask].sum())
     if n == 0:
         raise ValueError("No scored positions in the downstream-loss contexts; pass more (or longer) contexts.")

@@ -661,8 +661,8 @@ def ablation_effects(sae, lm, held, values: Tensor, indices: Tensor, latents: li
             out[r, p] -= delta.to(out)
             return out
 
-        base, _ = splice(lm, ids, held.layer, held.site, reconstruct, keep)
-        without, _ = splice(lm, ids, held.layer, held.site, ablated, keep)
+        base, _, acts = splice(lm, ids, held.layer, held.site, reconstruct, keep)
+        without = splice(lm, ids, held.layer, held.site, ablated, keep, acts).logits
         effect = (base[r, p] - without[r, p]).float()
         rows.append(effect - effect.mean(-1, keepdim=True))
     effect = torch.cat(rows) if rows else torch.zeros(0, lm.model.get_output_embeddings().weight.shape[0])
