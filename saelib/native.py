@@ -79,12 +79,24 @@ def _build(compiler: list[str]) -> Path:
     return target
 
 
+def _no_scratch(result: int, function, args) -> int:
+    """ctypes' ``errcheck`` of the kernels that allocate scratch memory: -1 says they could not."""
+    if result < 0:
+        raise MemoryError(f"saelib's CPU kernel {function.__name__} could not allocate its scratch memory (a few "
+                          "numbers per dead latent, per thread); free some memory, run on fewer threads, or set "
+                          "SAELIB_NATIVE=0 to use torch's ops instead.")
+    return result
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with the argument and result types of each kernel set (an AttributeError names one it lacks)."""
     for name, signature in SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes = [_CTYPES[c] for c in signature]
-        function.restype = ctypes.c_int64 if name == "saelib_group" else None
+        allocates = name != "saelib_decode"  # the others return -1 when their scratch memory cannot be had
+        function.restype = ctypes.c_int64 if allocates else None
+        if allocates:
+            function.errcheck = _no_scratch
     return lib
 
 

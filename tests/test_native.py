@@ -2,6 +2,10 @@
 the torch ops and torch.topk, and the loader's fallback when they cannot be built."""
 
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +153,31 @@ def test_the_kernels_refuse_arguments_that_do_not_fit():
         sparse_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows[:19], pre, 4)
     with pytest.raises(ValueError, match=r"latent ids in \[0, 64\), got 50 to 69"):
         sparse_rows_decode(x, W_enc, b_enc, W_dec, b_pre, rows + 50, pre, 4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the address space's size from /proc")
+def test_a_kernel_without_memory_for_its_scratch_raises_memory_error():
+    """Under an address-space limit that leaves 256 MB free, selecting 32 of 50M dead latents (600 MB
+    of scratch in the kernel's thread) raises a MemoryError that says what to do, instead of writing
+    through a null pointer. In a child process, so that the limit binds it alone."""
+    script = textwrap.dedent("""
+        import resource, torch
+        from saelib import native
+        lib = native.library()
+        r = 50_000_000
+        pre, idx, val = torch.zeros(1, r), torch.empty(1, 32, dtype=torch.long), torch.empty(1, 32)
+        size = next(line for line in open("/proc/self/status") if line.startswith("VmSize:"))
+        free = int(size.split()[1]) * 1024 + (256 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (free, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        try:
+            lib.saelib_select(pre.data_ptr(), 0, 1, r, r, 32, idx.data_ptr(), val.data_ptr(), 1)
+        except MemoryError as err:
+            print("MemoryError:", err)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("MemoryError: saelib's CPU kernel saelib_select could not allocate its scratch"), run.stdout
+    assert "SAELIB_NATIVE=0" in run.stdout
 
 
 @pytest.mark.parametrize("compiler, reason", [("no-such-cc", "no C compiler `no-such-cc` on PATH"),

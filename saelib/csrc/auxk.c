@@ -13,6 +13,9 @@
  *   saelib_backward: dz = (W_dec[row] . g[b]) over the entries; adds val * g[b] into G_dec[row],
  *                    dz * xc[b] into G_enc[row] and dz into gb[row]
  *
+ * saelib_select, saelib_group and saelib_backward return -1 when their scratch memory cannot be had
+ * (what they write is then not to be read), which native.py turns into a MemoryError.
+ *
  * Shapes: pre (B, ld) fp32 or bf16, of which the first r columns are the dead latents; idx (B, k)
  * int64 in [0, r); val, dz (B, k); rows (r,) int64, the latent of each column; W, G (n, d);
  * g, xc, out (B, d); gb (n,). Everything fp32 unless said, row-major and contiguous.
@@ -145,16 +148,25 @@ typedef struct {
     int64_t ld, r, k;
     int64_t *idx;
     float *val;
+    int failed; /* set by a thread whose scratch memory could not be had */
 } select_t;
 
 static void select_rows(void *arg, int64_t lo, int64_t hi) {
-    const select_t *s = (const select_t *)arg;
+    select_t *s = (select_t *)arg;
     const int64_t r = s->r, k = s->k;
     float *wide = malloc(sizeof(float) * (2 * r + 16 + SAMPLE));
-    float *vals = wide + r, *sample = vals + r + 16;
     int32_t *cols = malloc(sizeof(int32_t) * (r + 16));
     int64_t *kept_idx = malloc(sizeof(int64_t) * (k + 1));  /* + 1: the branch-free loop writes one past */
     float *kept_val = malloc(sizeof(float) * (k + 1));
+    if (!wide || !cols || !kept_idx || !kept_val) {
+        __atomic_store_n(&s->failed, 1, __ATOMIC_RELAXED);
+        free(wide);
+        free(cols);
+        free(kept_idx);
+        free(kept_val);
+        return;
+    }
+    float *vals = wide + r, *sample = vals + r + 16;
     /* a threshold from every step-th column: the sample's value of this rank leaves about
      * k + 3 standard deviations of the row's values at or above it */
     const int64_t step = (r + SAMPLE - 1) / SAMPLE, m = r / step; /* m <= SAMPLE */
@@ -190,10 +202,11 @@ static void select_rows(void *arg, int64_t lo, int64_t hi) {
     free(kept_val);
 }
 
-void saelib_select(const void *pre, int bf16, int64_t B, int64_t ld, int64_t r, int64_t k, int64_t *idx, float *val,
-                   int nthreads) {
-    select_t s = {pre, bf16, ld, r, k, idx, val};
+int64_t saelib_select(const void *pre, int bf16, int64_t B, int64_t ld, int64_t r, int64_t k, int64_t *idx,
+                      float *val, int nthreads) {
+    select_t s = {pre, bf16, ld, r, k, idx, val, 0};
     parallel_for(nthreads, B, NULL, select_rows, &s);
+    return s.failed ? -1 : 0;
 }
 
 /* ---- group -------------------------------------------------------------------------------- */
@@ -204,12 +217,17 @@ typedef struct {
     int64_t B, k, r, T;
     int32_t *start, *entries;
     const int64_t *offset;
+    int failed; /* set by a thread whose scratch memory could not be had */
 } group_t;
 
 static void group_blocks(void *arg, int64_t lo, int64_t hi) {
-    const group_t *g = (const group_t *)arg;
+    group_t *g = (group_t *)arg;
     const int64_t k = g->k, r = g->r;
     int32_t *fill = malloc(sizeof(int32_t) * r);
+    if (!fill) {
+        __atomic_store_n(&g->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
     for (int64_t blk = lo; blk < hi; blk++) {
         const int64_t p0 = blk * g->T * k, p1 = (blk + 1) * g->T < g->B ? (blk + 1) * g->T * k : g->B * k;
         int32_t *start = g->start + blk * (r + 1), *out = g->entries + g->offset[blk];
@@ -226,7 +244,7 @@ static void group_blocks(void *arg, int64_t lo, int64_t hi) {
 /* Per block of T tokens (blk): the entries of latent i are entries[offset[blk] + start[blk * (r + 1) + i]]
  * up to the next start, as positions b * k + j from the block's first token, b increasing; only the
  * entries with val > 0 (the others add nothing). start: n_blocks * (r + 1) slots, offset:
- * n_blocks + 1, entries: B * k. Returns the number of entries kept. */
+ * n_blocks + 1, entries: B * k. Returns the number of entries kept (-1: no scratch memory). */
 int64_t saelib_group(const int64_t *idx, const float *val, int64_t B, int64_t k, int64_t r, int64_t T, int32_t *start,
                      int32_t *entries, int64_t *offset, int nthreads) {
     const int64_t n_blocks = (B + T - 1) / T;
@@ -237,9 +255,9 @@ int64_t saelib_group(const int64_t *idx, const float *val, int64_t B, int64_t k,
         for (int64_t p = blk * T * k; p < p1; p++) n += val[p] > 0;
         offset[blk + 1] = offset[blk] + n;
     }
-    group_t g = {idx, val, B, k, r, T, start, entries, offset};
+    group_t g = {idx, val, B, k, r, T, start, entries, offset, 0};
     parallel_for(nthreads, n_blocks, NULL, group_blocks, &g);
-    return offset[n_blocks];
+    return g.failed ? -1 : offset[n_blocks];
 }
 
 /* ---- decode ------------------------------------------------------------------------------- */
@@ -329,15 +347,16 @@ static void backward_latents(void *arg, int64_t lo, int64_t hi) {
 /* dz (B, k): the gradients of the grouped entries' values (the others are left as they are); adds
  * into the rows rows[i] of G_dec, G_enc and gb. Each thread owns a range of latents with about
  * equal entries, so no two write one row. */
-void saelib_backward(const float *val, const float *W_dec, const float *g, const float *xc, const int64_t *rows,
-                     int64_t B, int64_t k, int64_t r, int64_t T, int64_t d, const int32_t *start,
-                     const int32_t *entries, const int64_t *offset, float *dz, float *G_dec, float *G_enc, float *gb,
-                     int nthreads) {
+int64_t saelib_backward(const float *val, const float *W_dec, const float *g, const float *xc, const int64_t *rows,
+                        int64_t B, int64_t k, int64_t r, int64_t T, int64_t d, const int32_t *start,
+                        const int32_t *entries, const int64_t *offset, float *dz, float *G_dec, float *G_enc,
+                        float *gb, int nthreads) {
     backward_t s = {val, W_dec, g, xc, rows, B, k, r, T, d, start, entries, offset, dz, G_dec, G_enc, gb};
     nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
     const int64_t n_blocks = (B + T - 1) / T, total = offset[n_blocks];
     int64_t bounds[MAX_THREADS + 1], t = 1, seen = 0;
     int64_t *count = calloc(r + 1, sizeof(int64_t));
+    if (!count) return -1;
     for (int64_t blk = 0; blk < n_blocks; blk++)
         for (int64_t i = 0; i < r; i++) count[i] += start[blk * (r + 1) + i + 1] - start[blk * (r + 1) + i];
     bounds[0] = 0;
@@ -348,4 +367,5 @@ void saelib_backward(const float *val, const float *W_dec, const float *g, const
     while (t <= nthreads) bounds[t++] = r;
     free(count);
     parallel_for(nthreads, r, bounds, backward_latents, &s);
+    return 0;
 }
