@@ -101,7 +101,11 @@ def test_run_elsewhere_returns_the_rows_of_another_interpreter(tmp_path):
 @pytest.mark.parametrize("argv, named", [(["--n-latents", "0"], "--n-latents"), (["--dead-fraction", "1"], "--dead-fraction"),
                                          (["--k", "600", "--n-latents", "512"], "k=600"),
                                          (["--supply", "x", "--memory-gb", "0"], "--memory-gb positive, got 0 and 0.0"),
-                                         (["--supply-steps", "5"], "name the cache folder")])
+                                         (["--supply-steps", "5"], "name the cache folder"),
+                                         (["--pipeline", "--heap", "reuse"], "--heap does not apply to --pipeline"),
+                                         (["--quality", "--d-in", "768", "--steps", "3"],
+                                          "--d-in, --steps do not apply to --quality"),
+                                         (["--budget", "ci"], "--budget does not apply to the speed grid")])
 def test_bad_flags_exit_2_naming_the_value(argv, named, capsys):
     assert bench.main(argv) == 2
     assert named in capsys.readouterr().err

@@ -37,7 +37,9 @@ that costs some implementations far more than others, so each runs at its best; 
 measures glibc's default, and ``heap`` in each row says which ran.
 ``--pipeline`` times the whole pipeline instead, stage by stage, from text to a train step
 (:mod:`.pipeline`: tokenise, forward, nnsight's hook, cache write, cache read + shuffle, train step),
-and names the slowest stage; ``--preset quick`` runs it in seconds.
+and names the slowest stage; ``--preset quick`` runs it in seconds. It runs with glibc's default
+heap, as ``saelib train`` does; it reads ``--preset``, ``--threads``, ``--device`` and ``--seed``
+(``MODE_FLAGS``), and a grid flag given with it (``--heap reuse``) is refused, not ignored.
 ``--supply CACHE`` also times reading and shuffling an activation cache (``supply_rate``), and
 ``--supply-steps N`` how long a trainer on it waits for batches, with and without reading the
 next group ahead (``input_wait``).
@@ -271,8 +273,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_arguments(parser)
 
 
+# the flags each mode reads (beside --out and --json): one that another mode reads, set, is refused
+# rather than ignored
+MODE_FLAGS = {
+    "the speed grid": {"preset", "d_in", "n_latents", "k", "batch_size", "dead_fraction", "impl", "warmup", "steps",
+                       "interleave", "threads", "heap", "device", "seed", "supply", "memory_gb", "supply_steps",
+                       "drop_page_cache"},
+    "--pipeline": {"preset", "threads", "device", "seed"},
+    "--quality": {"budget", "scale", "lr_multipliers", "seeds", "libraries", "peers_python", "eval_preset"},
+}
+
+
+def _check_mode_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag set away from its default that the chosen mode would not read."""
+    mode = "--quality" if args.quality else "--pipeline" if args.pipeline else "the speed grid"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    other = set().union(*MODE_FLAGS.values()) - MODE_FLAGS[mode]
+    unread = [f"--{name.replace('_', '-')}" for name in sorted(other) if getattr(args, name, None) != defaults[name]]
+    if unread:
+        reads = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(MODE_FLAGS[mode]))
+        raise ValueError(f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to {mode}, which reads "
+                         f"{reads}; drop {'it' if len(unread) == 1 else 'them'}.")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the bench as parsed by ``add_arguments``; prints a table (or JSON with ``--json``)."""
+    _check_mode_flags(args)
     if args.out is not None and (not args.out.strip() or os.path.isdir(args.out)):
         raise ValueError(f"--out must name a file to write the rows to, got {args.out!r}.")
     if args.out is not None and not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):  # before the runs
@@ -287,7 +315,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # an unknown or absent device is refused before anything runs
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.pipeline:  # the stages as a training process runs them, with glibc's default heap
+    if args.pipeline:  # the stages as a training process runs them, with glibc's default heap (no --heap)
         return _run_pipeline(args)
     if resolve_heap(args.heap) == "reuse":
         reuse_heap()
