@@ -12,7 +12,8 @@ not a special token:
 The two ablations' losses depend on the LM, the contexts and the normaliser's mean, not on the
 SAE: they are computed once and kept under ``$SAELIB_HOME/downstream/``, so every later SAE with
 the same normaliser (every SAE trained on one activation cache) scored on the same contexts runs
-two forward passes per batch instead of four.
+two forward passes per batch instead of four. Every spliced forward starts from the clean one's
+activations at the site (``splice(..., acts=)``): the blocks before it are not run again.
 """
 
 from __future__ import annotations
