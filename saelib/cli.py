@@ -99,10 +99,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if launched() or stopped.signal is None:
             raise  # a rank: status 0, as torchrun expects
         return 128 + signal.Signals[stopped.signal]
-    if launched():  # the rank's process group, which fit joined; NCCL warns at exit about one left open
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"SAE written to {args.out}/sae; evaluate it with `saelib eval {args.out} --json`.")
     return 0

@@ -30,6 +30,7 @@ See ``docs/distributed.md`` for the layout of a run of the paper's size.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -142,13 +143,22 @@ def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _destroy_at_exit() -> None:
+    """Destroy the process group :func:`init_grid` started, if it is still there, before the interpreter
+    exits: left to C++'s exit-time destructors, a rank of a finished gloo run could end with SIGABRT
+    ("terminate called without an active exception") instead of status 0."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> Grid:
     """Join (or start) the process group and split it into data and latent groups.
 
     Under torchrun the group comes from the environment; a plain process starts a world of one.
     A group started here follows ``device``: NCCL with one GPU per rank (:func:`rank_device`) for
-    a CUDA device, gloo on the CPU otherwise; a group the caller started keeps its backend, and the
-    ranks of an NCCL group take their GPUs.
+    a CUDA device, gloo on the CPU otherwise, and it stays for later calls until the interpreter
+    exits, which destroys it (:func:`_destroy_at_exit`); a group the caller started keeps its
+    backend, and the ranks of an NCCL group take their GPUs.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
@@ -158,6 +168,7 @@ def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> G
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        atexit.register(_destroy_at_exit)
     else:
         device = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu", local_rank)
     world, rank = dist.get_world_size(), dist.get_rank()
