@@ -8,7 +8,10 @@ an interrupted ``out`` resumes; on a finished one it loads the result.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from pathlib import Path
 
 from . import config
@@ -49,10 +52,23 @@ def check_model(cfg: config.TrainConfig, local_only: bool = False) -> bool:
 
 
 def check_out(cfg: config.TrainConfig, out: str | Path) -> None:
-    """Refuse, before anything is extracted, an ``out`` folder that another trainer holds or that holds
-    a run on activations of another model, layer, site or corpus; :func:`saelib.train.fit` checks the
-    rest (the config, the data's digest) once the activations are at hand."""
+    """Refuse, before anything is extracted, an ``out`` folder that cannot be made or written, that
+    another trainer holds or that holds a run on activations of another model, layer, site or corpus;
+    :func:`saelib.train.fit` checks the rest (the config, the data's digest) once the activations are
+    at hand. The folders it makes to find out are removed again."""
     run = Path(out)
+    missing = [folder for folder in (run, *run.parents) if not folder.exists()]  # the deepest first
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        if not os.access(run, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as err:
+        raise ValueError(f"The out folder {str(run)!r} cannot be written ({err.strerror}); name a folder you can "
+                         "write to.") from None
+    finally:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     check_free(run)
     try:
         recorded = json.loads((run / "config.json").read_text()).get("data")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -344,6 +345,16 @@ def test_bad_flags_of_every_command_are_one_sentence(capsys, tmp_path, monkeypat
     code, _, err = run(argv, capsys)
     assert code == 2
     assert_one_sentence(err, needle)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no folder can be made")
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_extraction(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "home"))  # an empty cache: nothing extracted yet
+    code, _, err = run(["train", "--preset", "ci", "--out", "/proc/saelib-run"], capsys)
+    assert code == 2
+    assert_one_sentence(err, "saelib train: error: The out folder '/proc/saelib-run' cannot be written (No such file "
+                             "or directory); name a folder you can write to.")
+    assert not (tmp_path / "home" / "activations").exists()
 
 
 def test_a_cache_folder_that_cannot_be_one_is_one_sentence(capsys, tmp_path, monkeypatch):
