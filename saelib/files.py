@@ -10,12 +10,13 @@ naming the file, the key and the value, never a traceback or a silent acceptance
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -47,14 +48,26 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
 
 
 def writable_folder(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a folder to write into, refused in one sentence if it is blank or if it, or a
-    folder above it, is a file. ``what`` names the argument in the message."""
+    """``path`` as a folder to write into, refused in one sentence if it is blank, if it or a folder
+    above it is a file, or if it cannot be made or written. ``what`` names the argument in the
+    message. The folders it makes to find out are removed again."""
     if not str(path).strip():
         raise ValueError(f"{what} must name a folder, got {str(path)!r}.")
     path = Path(path)
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise ValueError(f"{what} {str(path)!r} cannot be a folder: {part} is a file; name a folder.")
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]  # the deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be written ({err.strerror}); name a folder you can write to.") from None
+    finally:
+        for folder in missing:
+            with suppress(OSError):
+                folder.rmdir()
     return path
 
 

@@ -8,15 +8,13 @@ an interrupted ``out`` resumes; on a finished one it loads the result.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
 from pathlib import Path
 
 from . import config
 from .activations import ActivationCache, CachedSource, cached_activations
 from .distributed import launched
+from .files import writable_folder
 from .loading import load
 from .models import check_layer, text_config
 from .sae import TopKSAE, check_fits
@@ -55,20 +53,8 @@ def check_out(cfg: config.TrainConfig, out: str | Path) -> None:
     """Refuse, before anything is extracted, an ``out`` folder that cannot be made or written, that
     another trainer holds or that holds a run on activations of another model, layer, site or corpus;
     :func:`saelib.train.fit` checks the rest (the config, the data's digest) once the activations are
-    at hand. The folders it makes to find out are removed again."""
-    run = Path(out)
-    missing = [folder for folder in (run, *run.parents) if not folder.exists()]  # the deepest first
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        if not os.access(run, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-    except OSError as err:
-        raise ValueError(f"The out folder {str(run)!r} cannot be written ({err.strerror}); name a folder you can "
-                         "write to.") from None
-    finally:
-        for folder in missing:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+    at hand."""
+    run = writable_folder(out, "out")
     check_free(run)
     try:
         recorded = json.loads((run / "config.json").read_text()).get("data")

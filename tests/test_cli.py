@@ -352,8 +352,8 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_the_extraction(caps
     monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "home"))  # an empty cache: nothing extracted yet
     code, _, err = run(["train", "--preset", "ci", "--out", "/proc/saelib-run"], capsys)
     assert code == 2
-    assert_one_sentence(err, "saelib train: error: The out folder '/proc/saelib-run' cannot be written (No such file "
-                             "or directory); name a folder you can write to.")
+    assert_one_sentence(err, "saelib train: error: out '/proc/saelib-run' cannot be written (No such file or "
+                             "directory); name a folder you can write to.")
     assert not (tmp_path / "home" / "activations").exists()
 
 

@@ -506,6 +506,13 @@ def test_a_file_where_the_run_folder_goes_is_refused_naming_it(tmp_path):
     assert taken.read_text() == "not a folder"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no folder can be made")
+def test_a_run_folder_that_cannot_be_made_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"^out '/proc/saelib-run' cannot be written \(No such file or directory\); "
+                                         r"name a folder you can write to\.$"):
+        fit(torch.randn(512, 16), 64, 4, out="/proc/saelib-run", tokens=256, batch_size=128, progress=False)
+
+
 @pytest.mark.parametrize("out", ["", "  "])
 def test_an_empty_run_folder_name_is_refused(out, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty name would otherwise train into the current folder
