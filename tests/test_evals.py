@@ -15,7 +15,7 @@ from saelib.evals import probe_sources, probes  # noqa: E402
 from saelib.evals.ablation import ablation_sparsity  # noqa: E402
 from saelib.evals.downstream import downstream_loss, resumes, scored_positions, splice  # noqa: E402
 from saelib.evals.heldout import cached_contexts, encode, held_out, site_activations  # noqa: E402
-from saelib.evals.n2g import n2g  # noqa: E402
+from saelib.evals.n2g import explain_and_score, firing, n2g  # noqa: E402
 from saelib.evals.reconstruction import density_histogram, latent_density, reconstruction_metrics  # noqa: E402
 from saelib.normalize import Normalizer  # noqa: E402
 from saelib.sae import TopKSAE  # noqa: E402
@@ -356,8 +356,61 @@ def test_n2g_is_exact_for_a_latent_that_detects_one_token(held):
     values, indices = encode(sae, held.acts)
     fires = ((values > 0) & (indices == 0)).any(-1) & held.keep
     assert torch.equal(fires, (held.ids == token) & held.keep)
-    m = n2g(values, indices, held.ids, held.keep, sample=4, progress=False)
+    m = n2g(values, indices, held.ids, held.keep, sample=4)
     assert m == {"n2g_precision": 1.0, "n2g_recall": 1.0, "n2g_latents": 1, "n2g_precision_ci": 0.0, "n2g_recall_ci": 0.0}
+
+
+def _n2g_by_scanning(ids, acts, keep, top=16, max_n=4, min_precision=0.5):
+    """N2G of one latent as its definition reads: each n-gram found by scanning the text for it."""
+    half = len(ids) // 2
+
+    def ends(part, pattern):
+        match = part == pattern[-1]
+        for back, token in enumerate(reversed(pattern[:-1]), start=1):
+            match &= torch.cat([torch.zeros_like(match[:, :back]), part[:, :-back] == token], 1)
+        return match
+
+    fires = (acts > 0) & keep
+    explained = []
+    score = acts[:half].masked_fill(~fires[:half], 0).flatten()
+    for flat in score.topk(min(top, int(fires[:half].sum()))).indices.tolist():
+        c, t = divmod(flat, ids.shape[1])
+        for n in range(1, min(max_n, t + 1) + 1):
+            pattern = tuple(ids[c, t - n + 1:t + 1].tolist())
+            if pattern in explained:
+                break
+            if fires[:half][ends(ids[:half], pattern) & keep[:half]].float().mean() >= min_precision:
+                explained.append(pattern)
+                break
+    predicted = torch.zeros_like(keep[half:])
+    for pattern in explained:
+        predicted |= ends(ids[half:], pattern)
+    predicted &= keep[half:]
+    hits = int((predicted & fires[half:]).sum())
+    return (explained, hits / int(predicted.sum()) if predicted.any() else math.nan,
+            hits / int(fires[half:].sum()) if fires[half:].any() else math.nan)
+
+
+def test_n2g_of_every_latent_at_once_is_what_scanning_the_text_per_latent_gives(sae, held):
+    """The n-gram ids (all latents in one pass) against the definition, latent by latent: on the
+    real code of held-out text, and on a small text with excluded tokens, repeated n-grams and a
+    latent that fires only in the second half."""
+    values, indices = encode(sae, held.acts)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 3, (6, 5), generator=g)
+    acts = torch.rand(6, 5, 3, generator=g) * (torch.rand(6, 5, 3, generator=g) > 0.5)
+    acts[:3, :, 2] = 0  # latent 2 never fires in the first half
+    small = (ids, torch.rand(6, 5, generator=g) > 0.2, acts.topk(2).values, acts.topk(2).indices)
+    for ids, keep, values, indices in ((held.ids, held.keep, values, indices), small):
+        code = firing(values, indices)
+        latents = sorted(set(code[1].tolist()))
+        for options in ({}, {"top": 3, "max_n": 2, "min_precision": 0.8}):
+            found, precision, recall = explain_and_score(ids, keep, *code, latents, **options)
+            for i, latent in enumerate(latents):
+                acts = (values * (indices == latent)).sum(-1)
+                expected = _n2g_by_scanning(ids, acts, keep, **options)
+                assert found[i] == expected[0], latent
+                assert [precision[i].item(), recall[i].item()] == pytest.approx(expected[1:], rel=0, abs=0, nan_ok=True)
 
 
 def test_ablation_sparsity_in_unit_interval(sae, lm, held):

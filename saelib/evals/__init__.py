@@ -99,8 +99,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
     report |= timed("probes", probe_loss, sae, lm, layer, site, ctx_len=ctx_len, per_source=cfg["probe_per_source"],
                     seed=seed, progress=progress, prepend_bos=prepend_bos, held_out=probe_held_out(sae))
     values, indices = encode(sae, held.acts)
-    report |= timed("n2g", n2g, values, indices, held.ids, held.keep, sample=cfg["n2g_latents"], seed=seed,
-                    progress=progress)
+    report |= timed("n2g", n2g, values, indices, held.ids, held.keep, sample=cfg["n2g_latents"], seed=seed)
     report |= timed("ablation", ablation_sparsity, sae, lm, held, sample=cfg["ablation_latents"], seed=seed,
                     progress=progress)
     return {**report, **timings}

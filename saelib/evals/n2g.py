@@ -10,6 +10,10 @@ explanation predicts "fires" wherever one of its n-grams ends, and is scored by
 - recall: fraction of firing tokens that were predicted (undefined if it never fires).
 
 Means are over the sampled latents where each is defined. "Fires" means a non-zero activation.
+
+Every latent is explained and scored at once: each n-gram of the text gets an id
+(:func:`ngram_ids`), so that an n-gram's occurrences, and those where a latent fires, are counts
+over ids rather than a scan of the text per n-gram.
 """
 
 from __future__ import annotations
@@ -18,66 +22,135 @@ import random
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..stats import mean_interval
 
 
-def ngram_matches(ids: Tensor, pattern: tuple[int, ...]) -> Tensor:
-    """``(n, T)`` bool: where ``pattern`` (oldest token first) ends."""
-    match = ids == pattern[-1]
-    for back, token in enumerate(reversed(pattern[:-1]), start=1):
-        shifted = torch.zeros_like(match)
-        shifted[:, back:] = ids[:, :-back] == token
-        match &= shifted
-    return match
+def ngram_ids(ids: Tensor, max_n: int) -> Tensor:
+    """``(max_n, n_ctx * T)`` int64: at each position, an id of the n-gram ending there (its length n
+    and tokens, for n = 1 .. ``max_n``), the same for equal n-grams and distinct across lengths;
+    -1 where the context holds fewer than n tokens up to the position. ``ids``: ``(n_ctx, T)``."""
+    n_ctx, T = ids.shape
+    ids = ids.long()
+    out = torch.full((max_n, n_ctx, T), -1, dtype=torch.long)
+    vocab, offset, prev = int(ids.max()) + 1 if ids.numel() else 1, 0, None
+    for n in range(1, min(max_n, T) + 1):
+        # the (n-1)-gram ending one position earlier, extended by this position's token
+        key = ids if n == 1 else prev[:, :-1] * vocab + ids[:, n - 1:]
+        uniq, prev = torch.unique(key, return_inverse=True)
+        out[n - 1, :, n - 1:] = prev + offset
+        offset += len(uniq)
+    return out.view(max_n, -1)
 
 
-def explain(ids: Tensor, acts: Tensor, keep: Tensor, top: int = 16, max_n: int = 4,
-            min_precision: float = 0.5) -> list[tuple[int, ...]]:
-    """N-gram explanation of one latent from ``ids``, its activations ``acts`` and ``keep``, each ``(n, T)``."""
-    fires = (acts > 0) & keep
-    score = acts.masked_fill(~fires, 0).flatten()
-    patterns: list[tuple[int, ...]] = []
-    for flat in score.topk(min(top, int(fires.sum()))).indices.tolist():
-        c, t = divmod(flat, ids.shape[1])
-        for n in range(1, min(max_n, t + 1) + 1):
-            pattern = tuple(ids[c, t - n + 1:t + 1].tolist())
-            if pattern in patterns:
+def _sorted_counts(keys: Tensor, queries: Tensor) -> Tensor:
+    """How many of ``keys`` (sorted) equal each of ``queries``."""
+    return torch.searchsorted(keys, queries, right=True) - torch.searchsorted(keys, queries)
+
+
+def explain_and_score(ids: Tensor, keep: Tensor, tok: Tensor, lat: Tensor, val: Tensor, latents: list[int],
+                      top: int = 16, max_n: int = 4, min_precision: float = 0.5) -> tuple[list[list[tuple[int, ...]]], Tensor, Tensor]:
+    """N2G explanations of ``latents`` from the first half of the contexts, scored on the second.
+
+    Args:
+        ids, keep: ``(n_ctx, T)`` token ids and kept-token mask.
+        tok, lat, val: ``(f,)`` where the code fires: the token (flat index into ``ids``), the latent
+            and its activation (> 0), in any order; tokens ``keep`` excludes are ignored.
+        latents: the latents to explain, each at most once.
+        top: top-activating tokens of the first half that each get an n-gram.
+        max_n: longest n-gram.
+        min_precision: share of an n-gram's occurrences in the first half where the latent must fire.
+
+    Returns:
+        each latent's n-grams (token ids, oldest first; in the order its top tokens found them), and
+        its precision and recall ``(len(latents),)`` float64, NaN where undefined.
+    """
+    n_ctx, T = ids.shape
+    split, n_pos, n_sel = n_ctx // 2 * T, n_ctx * T, len(latents)
+    grams = ngram_ids(ids, max_n)
+    n_grams = int(grams.max()) + 1
+    flat_keep = keep.flatten()
+    slot = torch.full((max(int(lat.max()) if len(lat) else 0, max(latents, default=0)) + 1,), -1)
+    slot[torch.as_tensor(latents, dtype=torch.long)] = torch.arange(n_sel)
+    chosen = (slot[lat] >= 0) & flat_keep[tok]
+    j, tok, val = slot[lat[chosen]], tok[chosen].long(), val[chosen]
+
+    # explain: each latent's top tokens of the first half, best first (ties: earlier token first)
+    first = tok < split
+    jA, tA, vA = j[first], tok[first], val[first]
+    order = torch.argsort(tA, stable=True)
+    order = order[torch.argsort(-vA[order], stable=True)]
+    order = order[torch.argsort(jA[order], stable=True)]
+    jA, tA = jA[order], tA[order]
+    starts = torch.cumsum(torch.bincount(jA, minlength=n_sel), 0) - torch.bincount(jA, minlength=n_sel)
+    best = torch.arange(len(jA)) - starts[jA] < top
+    jc, tc = jA[best], tA[best]
+    gc = grams[:, tc].T  # (candidates, max_n)
+    # an n-gram's kept occurrences in the first half, and those where the latent fires
+    occurs = grams[:, :split][:, flat_keep[:split]]
+    occurs = torch.bincount(occurs[occurs >= 0], minlength=n_grams)
+    fired = grams[:, tA]
+    fired = (jA * n_grams + fired)[fired >= 0].sort().values
+    valid = gc >= 0
+    fires = _sorted_counts(fired, (jc[:, None] * n_grams + gc)[valid])
+    precise = torch.zeros_like(valid)
+    precise[valid] = (fires.float() / occurs[gc[valid]].float()) >= min_precision
+    found: list[list[int]] = [[] for _ in range(n_sel)]
+    where: dict[int, tuple[int, int]] = {}  # n-gram id -> (n, a position where it ends)
+    for latent, t, row, ok in zip(jc.tolist(), tc.tolist(), gc.tolist(), precise.tolist()):
+        patterns = found[latent]
+        for n, (g, good) in enumerate(zip(row, ok), start=1):
+            if g < 0 or g in patterns:
                 break
-            match = ngram_matches(ids, pattern) & keep
-            if fires[match].float().mean() >= min_precision:
-                patterns.append(pattern)
+            if good:
+                patterns.append(g)
+                where.setdefault(g, (n, t))
                 break
-    return patterns
+
+    # score: where the explanation's n-grams end among the second half's kept tokens
+    second = grams[:, split:].clone()
+    second[:, ~flat_keep[split:]] = -1
+    g2, p2 = second.flatten(), torch.arange(split, n_pos).repeat(max_n)
+    g2, sort = g2.sort()
+    p2 = p2[sort]
+    pj = torch.tensor([i for i, patterns in enumerate(found) for _ in patterns], dtype=torch.long)
+    pg = torch.tensor([g for patterns in found for g in patterns], dtype=torch.long)
+    lo, hi = torch.searchsorted(g2, pg), torch.searchsorted(g2, pg, right=True)
+    size = hi - lo
+    run = torch.repeat_interleave(size)
+    at = torch.repeat_interleave(lo, size) + torch.arange(len(run)) - torch.repeat_interleave(torch.cumsum(size, 0) - size, size)
+    predicted = torch.unique(pj[run] * n_pos + p2[at])
+    B = ~first
+    firing = (j[B] * n_pos + tok[B]).sort().values
+    hit = _sorted_counts(firing, predicted) > 0
+    n_predicted = torch.bincount(predicted // n_pos, minlength=n_sel).double()
+    hits = torch.bincount(predicted[hit] // n_pos, minlength=n_sel).double()
+    n_fires = torch.bincount(j[B], minlength=n_sel).double()
+    precision = torch.where(n_predicted > 0, hits / n_predicted, float("nan"))
+    recall = torch.where(n_fires > 0, hits / n_fires, float("nan"))
+
+    flat_ids = ids.flatten().tolist()
+    explained = [[tuple(flat_ids[where[g][1] - where[g][0] + 1:where[g][1] + 1]) for g in patterns] for patterns in found]
+    return explained, precision, recall
 
 
-def score(patterns: list[tuple[int, ...]], ids: Tensor, acts: Tensor, keep: Tensor) -> tuple[float | None, float | None]:
-    """``(precision, recall)`` of an explanation on ``ids``/``acts``/``keep`` ``(n, T)``; ``None`` where undefined."""
-    predicted = torch.zeros_like(keep)
-    for pattern in patterns:
-        predicted |= ngram_matches(ids, pattern)
-    predicted &= keep
-    fires = (acts > 0) & keep
-    hits = int((predicted & fires).sum())
-    precision = hits / int(predicted.sum()) if predicted.any() else None
-    recall = hits / int(fires.sum()) if fires.any() else None
-    return precision, recall
+def firing(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``tok, lat, val (f,)``: where a sparse code ``(n_ctx, T, m)`` fires (flat token index, latent,
+    activation), the input of :func:`explain_and_score`."""
+    fires = values > 0
+    tok = torch.arange(fires.shape[0] * fires.shape[1]).view(*fires.shape[:2], 1).expand_as(fires)[fires]
+    return tok, indices[fires], values[fires]
 
 
-def latent_activations(values: Tensor, indices: Tensor, latent: int) -> Tensor:
-    """``(...)`` activation of one latent from a sparse code ``(..., m)``."""
-    return (values * (indices == latent)).sum(-1)
-
-
-def n2g(values: Tensor, indices: Tensor, ids: Tensor, keep: Tensor, sample: int = 32,
-        seed: int = 0, progress: bool = True, **explain_options) -> dict:
+def n2g(values: Tensor, indices: Tensor, ids: Tensor, keep: Tensor, sample: int = 32, seed: int = 0,
+        **explain_options) -> dict:
     """Mean N2G precision and recall over a random sample of latents that fire in the first half.
 
     Args:
         values, indices: the SAE's sparse code of the held-out tokens, ``(n_ctx, T, m)`` each.
         ids, keep: ``(n_ctx, T)`` token ids and kept-token mask.
         sample: how many latents to explain.
+        explain_options: ``top``, ``max_n``, ``min_precision`` of :func:`explain_and_score`.
 
     Returns ``n2g_precision, n2g_recall, n2g_latents`` (latents explained), and each mean's 95%
     interval over the sampled latents (``n2g_precision_ci``, ``n2g_recall_ci``: half-widths).
@@ -87,15 +160,7 @@ def n2g(values: Tensor, indices: Tensor, ids: Tensor, keep: Tensor, sample: int 
         raise ValueError(f"N2G needs at least 2 contexts (got {len(ids)}): one half to explain, one to score.")
     fired = indices[:half][(values[:half] > 0) & keep[:half, :, None]].unique().tolist()
     latents = random.Random(seed).sample(fired, min(sample, len(fired)))
-    precisions, recalls = [], []
-    for latent in tqdm(latents, desc="N2G explanations", disable=not progress, leave=False):
-        acts = latent_activations(values, indices, latent)
-        patterns = explain(ids[:half], acts[:half], keep[:half], **explain_options)
-        p, r = score(patterns, ids[half:], acts[half:], keep[half:])
-        if p is not None:
-            precisions.append(p)
-        if r is not None:
-            recalls.append(r)
-    (precision, precision_ci), (recall, recall_ci) = mean_interval(precisions), mean_interval(recalls)
-    return {"n2g_precision": precision, "n2g_precision_ci": precision_ci, "n2g_recall": recall,
-            "n2g_recall_ci": recall_ci, "n2g_latents": len(latents)}
+    _, precision, recall = explain_and_score(ids, keep, *firing(values, indices), latents, **explain_options)
+    (p, p_ci), (r, r_ci) = (mean_interval([x for x in v.tolist() if x == x]) for v in (precision, recall))
+    return {"n2g_precision": p, "n2g_precision_ci": p_ci, "n2g_recall": r, "n2g_recall_ci": r_ci,
+            "n2g_latents": len(latents)}

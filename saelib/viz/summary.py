@@ -48,7 +48,7 @@ from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
 from ..evals.heldout import (encode, held_out, held_out_key, site_activations, trained_prepend_bos, trained_site,
                              trained_val_fraction)
-from ..evals.n2g import explain, score
+from ..evals.n2g import explain_and_score
 from ..files import atomic_write, digest
 from ..loading import load
 from ..models import DEFAULT_MODEL
@@ -403,7 +403,7 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     steps.update()
     tensors |= _token_search(tok, lat, val, held.ids, held.keep, n, opts["search_latents"])
     steps.update()
-    patterns, tensors["n2g_precision"], tensors["n2g_recall"] = _n2g(tok, lat, val, counts, starts, held, opts, progress)
+    patterns, tensors["n2g_precision"], tensors["n2g_recall"] = _n2g(tok, lat, val, n, held, opts)
     steps.update()
     alive = (counts > 0).nonzero().flatten().tolist()
     chosen = sorted(random.Random(opts["seed"]).sample(alive, min(opts["ablation_latents"], len(alive))))
@@ -607,28 +607,18 @@ def _token_search(tok: Tensor, lat: Tensor, val: Tensor, ids: Tensor, keep: Tens
     return {"search_ids": uniq.int(), "search_latents": out_lat, "search_scores": out_score}
 
 
-def _n2g(tok, lat, val, counts, starts, held, opts, progress) -> tuple[dict, Tensor, Tensor]:
-    """N2G explanation (:func:`saelib.evals.n2g.explain` on the first half of the contexts) and its
-    precision/recall (:func:`saelib.evals.n2g.score` on the second half), per latent."""
-    n, (n_ctx, T) = len(counts), held.ids.shape
-    precision, recall = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
-    half = n_ctx // 2
-    if half == 0:
-        return {}, precision, recall
-    first = (tok < half * T)
-    alive = torch.bincount(lat[first], minlength=n).nonzero().flatten().tolist()
+def _n2g(tok, lat, val, n, held, opts) -> tuple[dict, Tensor, Tensor]:
+    """N2G explanation of every latent that fires in the first half of the contexts (a sample of
+    ``n2g_latents`` of them where set), and its precision/recall ``(n,)`` on the second half
+    (:func:`saelib.evals.n2g.explain_and_score`; NaN for the latents not explained)."""
+    n_ctx, T = held.ids.shape
+    alive = torch.unique(lat[tok < n_ctx // 2 * T]).tolist()
     if opts["n2g_latents"] is not None:
         alive = sorted(random.Random(opts["seed"]).sample(alive, min(opts["n2g_latents"], len(alive))))
-    patterns = {}
-    for i in tqdm(alive, desc="N2G explanations", disable=not progress, leave=False):
-        s, c = int(starts[i]), int(counts[i])
-        acts = torch.zeros(n_ctx * T).index_put_((tok[s:s + c],), val[s:s + c]).view(n_ctx, T)
-        found = explain(held.ids[:half], acts[:half], held.keep[:half])
-        p, r = score(found, held.ids[half:], acts[half:], held.keep[half:])
-        patterns[str(i)] = [list(x) for x in found]
-        precision[i] = float("nan") if p is None else p
-        recall[i] = float("nan") if r is None else r
-    return patterns, precision, recall
+    precision, recall = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    found, p, r = explain_and_score(held.ids, held.keep, tok, lat, val, alive)
+    precision[alive], recall[alive] = p.float(), r.float()
+    return {str(i): [list(x) for x in f] for i, f in zip(alive, found)}, precision, recall
 
 
 @torch.no_grad()
