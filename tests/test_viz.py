@@ -85,6 +85,12 @@ def test_summary_numbers_match_the_sparse_code(summary, run, lm):
     act = float((values[0, p] * (indices[0, p] == i)).sum())
     assert act == pytest.approx(float(t["max_act"][i]), rel=1e-3)
     assert float(t["ex_acts"][i, 0, p]) == pytest.approx(act, rel=1e-2)
+    # every example's activations over its whole context, re-derived from the code of all the text
+    every = site_activations(lm, t["ids"].long(), LAYER, "resid_post", progress=False)
+    values, indices = encode(sae, every.acts)
+    ctx = t["ex_ctx"].long().clamp_min(0)
+    acts = ((values * every.keep[..., None])[ctx] * (indices[ctx] == torch.arange(n)[:, None, None, None])).sum(-1)
+    assert torch.equal(t["ex_acts"], (acts * (t["ex_ctx"] >= 0)[..., None]).half())
     # quantile examples are ordered: each slice's activations are below the top ones
     data = summary.latent(i)
     top = [ex["acts"][ex["center"]] for ex in data["examples"] if ex["group"] == "top activations"]

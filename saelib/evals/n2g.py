@@ -48,6 +48,14 @@ def _sorted_counts(keys: Tensor, queries: Tensor) -> Tensor:
     return torch.searchsorted(keys, queries, right=True) - torch.searchsorted(keys, queries)
 
 
+def sorted_join(keys: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Every pair ``(q, k)`` with ``queries[q] == keys[k]``, ``keys`` sorted: ``(pairs,)`` each."""
+    lo = torch.searchsorted(keys, queries)
+    size = torch.searchsorted(keys, queries, right=True) - lo
+    q = torch.repeat_interleave(size)
+    return q, torch.repeat_interleave(lo - torch.cumsum(size, 0) + size, size) + torch.arange(len(q))
+
+
 def explain_and_score(ids: Tensor, keep: Tensor, tok: Tensor, lat: Tensor, val: Tensor, latents: list[int],
                       top: int = 16, max_n: int = 4, min_precision: float = 0.5) -> tuple[list[list[tuple[int, ...]]], Tensor, Tensor]:
     """N2G explanations of ``latents`` from the first half of the contexts, scored on the second.
@@ -115,11 +123,8 @@ def explain_and_score(ids: Tensor, keep: Tensor, tok: Tensor, lat: Tensor, val: 
     p2 = p2[sort]
     pj = torch.tensor([i for i, patterns in enumerate(found) for _ in patterns], dtype=torch.long)
     pg = torch.tensor([g for patterns in found for g in patterns], dtype=torch.long)
-    lo, hi = torch.searchsorted(g2, pg), torch.searchsorted(g2, pg, right=True)
-    size = hi - lo
-    run = torch.repeat_interleave(size)
-    at = torch.repeat_interleave(lo, size) + torch.arange(len(run)) - torch.repeat_interleave(torch.cumsum(size, 0) - size, size)
-    predicted = torch.unique(pj[run] * n_pos + p2[at])
+    pattern, at = sorted_join(g2, pg)
+    predicted = torch.unique(pj[pattern] * n_pos + p2[at])
     B = ~first
     firing = (j[B] * n_pos + tok[B]).sort().values
     hit = _sorted_counts(firing, predicted) > 0

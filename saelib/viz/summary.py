@@ -48,7 +48,7 @@ from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
 from ..evals.heldout import (encode, held_out, held_out_key, site_activations, trained_prepend_bos, trained_site,
                              trained_val_fraction)
-from ..evals.n2g import explain_and_score
+from ..evals.n2g import explain_and_score, sorted_join
 from ..files import atomic_write, digest
 from ..loading import load
 from ..models import DEFAULT_MODEL
@@ -395,7 +395,7 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     tensors = _activation_stats(lat, val, counts, n, n_tokens, opts["hist_bins"])
     ex_ctx, ex_pos, groups = _pick_examples(tok, lat, counts, starts, T, opts)
     tensors |= {"ids": held.ids.int(), "ex_ctx": ex_ctx, "ex_pos": ex_pos,
-                "ex_acts": _example_acts(values, indices, ex_ctx, T)}
+                "ex_acts": _example_acts(tok, lat, val, ex_ctx, n_ctx, T)}
     steps.update()
     tensors |= dict(zip(("logit_top_ids", "logit_top", "logit_bottom_ids", "logit_bottom"),
                         logit_effects(sae, lm, opts["n_logits"])))
@@ -504,16 +504,19 @@ def _sample_ranks(tok: Tensor, counts: Tensor, starts: Tensor, ranks: Tensor, T:
     return torch.where(valid, flat // T, -1).int(), torch.where(valid, flat % T, -1).int()
 
 
-def _example_acts(values: Tensor, indices: Tensor, ex_ctx: Tensor, T: int, chunk: int = 256) -> Tensor:
-    """``(n, E, T)`` float16: each latent's activation over each of its example contexts."""
+def _example_acts(tok: Tensor, lat: Tensor, val: Tensor, ex_ctx: Tensor, n_ctx: int, T: int) -> Tensor:
+    """``(n, E)`` example contexts ``ex_ctx`` (-1: none) -> ``(n, E, T)`` float16: each latent's
+    activation over each of its example contexts, from where the code fires (``tok``, ``lat``,
+    ``val``: flat token index, latent, activation)."""
     n, E = ex_ctx.shape
-    out = torch.zeros(n, E, T, dtype=torch.float16)
-    for s in range(0, n, chunk):
-        ctx = ex_ctx[s:s + chunk].clamp_min(0).long()
-        lat = torch.arange(s, min(s + chunk, n))[:, None, None, None]
-        acts = (values[ctx] * (indices[ctx] == lat)).sum(-1)  # (chunk, E, T)
-        out[s:s + chunk] = (acts * (ex_ctx[s:s + chunk, :, None] >= 0)).half()
-    return out
+    out = torch.zeros(n * E * T, dtype=torch.float16)
+    slot_keys = (torch.arange(n)[:, None] * n_ctx + ex_ctx.long()).flatten()
+    slot_keys[ex_ctx.flatten() < 0] = -1
+    slot_keys, slots = slot_keys.sort()
+    # each firing token goes to every example slot of its latent that shows its context
+    entry, at = sorted_join(slot_keys, lat.long() * n_ctx + tok // T)
+    out[slots[at] * T + tok[entry] % T] = val[entry].half()
+    return out.view(n, E, T)
 
 
 def _final_norm(lm):
