@@ -74,37 +74,47 @@ def explain_and_score(ids: Tensor, keep: Tensor, tok: Tensor, lat: Tensor, val: 
         its precision and recall ``(len(latents),)`` float64, NaN where undefined.
     """
     n_ctx, T = ids.shape
-    split, n_pos, n_sel = n_ctx // 2 * T, n_ctx * T, len(latents)
-    grams = ngram_ids(ids, max_n)
-    n_grams = int(grams.max()) + 1
-    flat_keep = keep.flatten()
+    split = n_ctx // 2 * T
+    grams, flat_keep = ngram_ids(ids, max_n), keep.flatten()
     slot = torch.full((max(int(lat.max()) if len(lat) else 0, max(latents, default=0)) + 1,), -1)
-    slot[torch.as_tensor(latents, dtype=torch.long)] = torch.arange(n_sel)
+    slot[torch.as_tensor(latents, dtype=torch.long)] = torch.arange(len(latents))
     chosen = (slot[lat] >= 0) & flat_keep[tok]
-    j, tok, val = slot[lat[chosen]], tok[chosen].long(), val[chosen]
-
-    # explain: each latent's top tokens of the first half, best first (ties: earlier token first)
+    j, tok, val = slot[lat[chosen]], tok[chosen].long(), val[chosen]  # j: the latent's place in latents
     first = tok < split
-    jA, tA, vA = j[first], tok[first], val[first]
-    order = torch.argsort(tA, stable=True)
-    order = order[torch.argsort(-vA[order], stable=True)]
-    order = order[torch.argsort(jA[order], stable=True)]
-    jA, tA = jA[order], tA[order]
-    starts = torch.cumsum(torch.bincount(jA, minlength=n_sel), 0) - torch.bincount(jA, minlength=n_sel)
-    best = torch.arange(len(jA)) - starts[jA] < top
-    jc, tc = jA[best], tA[best]
-    gc = grams[:, tc].T  # (candidates, max_n)
-    # an n-gram's kept occurrences in the first half, and those where the latent fires
-    occurs = grams[:, :split][:, flat_keep[:split]]
+    found, where = _explain(grams, flat_keep[:split], j[first], tok[first], val[first], len(latents), top, min_precision)
+    precision, recall = _score(grams, flat_keep, split, j[~first], tok[~first], found)
+    flat_ids = ids.flatten().tolist()
+    return [[tuple(flat_ids[where[g][1] - where[g][0] + 1:where[g][1] + 1]) for g in f] for f in found], precision, recall
+
+
+def _explain(grams: Tensor, keep: Tensor, j: Tensor, tok: Tensor, val: Tensor, n_sel: int, top: int,
+             min_precision: float) -> tuple[list[list[int]], dict[int, tuple[int, int]]]:
+    """The explaining half: each latent's n-gram ids, and for each n-gram ``(n, a position where it
+    ends)``. ``grams (max_n, P)`` from :func:`ngram_ids`; ``keep (split,)`` the half's kept tokens;
+    ``j, tok, val`` where the latents (their places ``j`` < ``n_sel``) fire in the half."""
+    split = len(keep)
+    # each latent's top tokens, best first (ties: earlier token first)
+    order = torch.argsort(tok, stable=True)
+    order = order[torch.argsort(-val[order], stable=True)]
+    order = order[torch.argsort(j[order], stable=True)]
+    j, tok = j[order], tok[order]
+    count = torch.bincount(j, minlength=n_sel)
+    best = torch.arange(len(j)) - (torch.cumsum(count, 0) - count)[j] < top
+    jc, tc = j[best], tok[best]
+    gc = grams[:, tc].T  # (candidates, max_n): the n-grams ending at each top token, shortest first
+    # each n-gram's kept occurrences in the half, and those where the latent fires
+    n_grams = int(grams.max()) + 1
+    occurs = grams[:, :split][:, keep]
     occurs = torch.bincount(occurs[occurs >= 0], minlength=n_grams)
-    fired = grams[:, tA]
-    fired = (jA * n_grams + fired)[fired >= 0].sort().values
+    fired = grams[:, tok]
+    fired = (j * n_grams + fired)[fired >= 0].sort().values
     valid = gc >= 0
     fires = _sorted_counts(fired, (jc[:, None] * n_grams + gc)[valid])
     precise = torch.zeros_like(valid)
     precise[valid] = (fires.float() / occurs[gc[valid]].float()) >= min_precision
+    # for each top token in turn, the shortest precise n-gram that no earlier token found
     found: list[list[int]] = [[] for _ in range(n_sel)]
-    where: dict[int, tuple[int, int]] = {}  # n-gram id -> (n, a position where it ends)
+    where: dict[int, tuple[int, int]] = {}
     for latent, t, row, ok in zip(jc.tolist(), tc.tolist(), gc.tolist(), precise.tolist()):
         patterns = found[latent]
         for n, (g, good) in enumerate(zip(row, ok), start=1):
@@ -114,29 +124,27 @@ def explain_and_score(ids: Tensor, keep: Tensor, tok: Tensor, lat: Tensor, val: 
                 patterns.append(g)
                 where.setdefault(g, (n, t))
                 break
+    return found, where
 
-    # score: where the explanation's n-grams end among the second half's kept tokens
+
+def _score(grams: Tensor, keep: Tensor, split: int, j: Tensor, tok: Tensor, found: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """The scoring half (positions ``split`` on): precision and recall ``(len(found),)`` float64 of
+    each latent's n-grams ``found``, from where it fires there (``j``, ``tok``)."""
+    n_sel, n_pos = len(found), grams.shape[1]
     second = grams[:, split:].clone()
-    second[:, ~flat_keep[split:]] = -1
-    g2, p2 = second.flatten(), torch.arange(split, n_pos).repeat(max_n)
-    g2, sort = g2.sort()
-    p2 = p2[sort]
+    second[:, ~keep[split:]] = -1
+    g2, order = second.flatten().sort()
+    p2 = torch.arange(split, n_pos).repeat(grams.shape[0])[order]
     pj = torch.tensor([i for i, patterns in enumerate(found) for _ in patterns], dtype=torch.long)
     pg = torch.tensor([g for patterns in found for g in patterns], dtype=torch.long)
     pattern, at = sorted_join(g2, pg)
-    predicted = torch.unique(pj[pattern] * n_pos + p2[at])
-    B = ~first
-    firing = (j[B] * n_pos + tok[B]).sort().values
-    hit = _sorted_counts(firing, predicted) > 0
+    predicted = torch.unique(pj[pattern] * n_pos + p2[at])  # (latent, position) pairs, each once
+    hit = _sorted_counts((j * n_pos + tok).sort().values, predicted) > 0
     n_predicted = torch.bincount(predicted // n_pos, minlength=n_sel).double()
     hits = torch.bincount(predicted[hit] // n_pos, minlength=n_sel).double()
-    n_fires = torch.bincount(j[B], minlength=n_sel).double()
-    precision = torch.where(n_predicted > 0, hits / n_predicted, float("nan"))
-    recall = torch.where(n_fires > 0, hits / n_fires, float("nan"))
-
-    flat_ids = ids.flatten().tolist()
-    explained = [[tuple(flat_ids[where[g][1] - where[g][0] + 1:where[g][1] + 1]) for g in patterns] for patterns in found]
-    return explained, precision, recall
+    n_fires = torch.bincount(j, minlength=n_sel).double()
+    return (torch.where(n_predicted > 0, hits / n_predicted, float("nan")),
+            torch.where(n_fires > 0, hits / n_fires, float("nan")))
 
 
 def firing(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
