@@ -139,7 +139,7 @@ def _score(grams: Tensor, keep: Tensor, split: int, j: Tensor, tok: Tensor, foun
     pg = torch.tensor([g for patterns in found for g in patterns], dtype=torch.long)
     pattern, at = sorted_join(g2, pg)
     predicted = torch.unique(pj[pattern] * n_pos + p2[at])  # (latent, position) pairs, each once
-    hit = _sorted_counts((j * n_pos + tok).sort().values, predicted) > 0
+    hit = torch.isin(predicted, j * n_pos + tok)  # pairs where the latent fires
     n_predicted = torch.bincount(predicted // n_pos, minlength=n_sel).double()
     hits = torch.bincount(predicted[hit] // n_pos, minlength=n_sel).double()
     n_fires = torch.bincount(j, minlength=n_sel).double()
@@ -171,9 +171,10 @@ def n2g(values: Tensor, indices: Tensor, ids: Tensor, keep: Tensor, sample: int 
     half = len(ids) // 2
     if half == 0:
         raise ValueError(f"N2G needs at least 2 contexts (got {len(ids)}): one half to explain, one to score.")
-    fired = indices[:half][(values[:half] > 0) & keep[:half, :, None]].unique().tolist()
+    tok, lat, val = firing(values, indices)
+    fired = torch.unique(lat[(tok < half * ids.shape[1]) & keep.flatten()[tok]]).tolist()
     latents = random.Random(seed).sample(fired, min(sample, len(fired)))
-    _, precision, recall = explain_and_score(ids, keep, *firing(values, indices), latents, **explain_options)
+    _, precision, recall = explain_and_score(ids, keep, tok, lat, val, latents, **explain_options)
     (p, p_ci), (r, r_ci) = (mean_interval([x for x in v.tolist() if x == x]) for v in (precision, recall))
     return {"n2g_precision": p, "n2g_precision_ci": p_ci, "n2g_recall": r, "n2g_recall_ci": r_ci,
             "n2g_latents": len(latents)}
