@@ -62,7 +62,7 @@ from .normalize import Normalizer
 from .version import __version__
 
 ARCHS = ("topk", "multitopk", "batchtopk", "relu")
-# dtype of the encoder's (B, n_latents) GEMM; bfloat16 pays only where fast_bf16() (AMX, GPUs)
+# dtype of the encoder's (B, n_latents) GEMM; bfloat16 pays only where fast_bf16() (AMX, AVX512_BF16, GPUs)
 ENCODER_DTYPES = ("float32", "bfloat16")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
