@@ -48,7 +48,7 @@ from ..data import pack
 from ..evals.downstream import sae_reconstruct, splice
 from ..evals.heldout import (encode, held_out, held_out_key, site_activations, trained_prepend_bos, trained_site,
                              trained_val_fraction)
-from ..evals.n2g import explain_and_score, sorted_join
+from ..evals.n2g import explain_and_score, firing, sorted_join
 from ..files import atomic_write, digest
 from ..loading import load
 from ..models import DEFAULT_MODEL
@@ -386,9 +386,7 @@ def build_summary(sae, lm, opts: dict, texts: list[str] | None = None, progress:
     n, (n_ctx, T) = sae.n_latents, held.ids.shape
     n_tokens = int(held.keep.sum())
 
-    fired = values > 0
-    tok = torch.arange(n_ctx * T)[:, None].expand(-1, values.shape[-1]).reshape(n_ctx, T, -1)[fired]
-    lat, val = indices[fired], values[fired]
+    tok, lat, val = firing(values, indices)
     order, counts, starts = _rank_by_group(lat, val, n)
     tok, lat, val = tok[order], lat[order], val[order]
 
