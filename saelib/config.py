@@ -135,7 +135,7 @@ class TrainConfig:
                              "its mean or zero", choices=B_PRE_INITS)
     encoder_init_scale: float = option(1.0, "scale of the encoder rows at init (1: the paper's tied init)",
                                        bound="positive")
-    # not saved with the SAE; NMSE parity in docs/performance.md
+    # not saved with the SAE; its NMSE and delta CE against float32's in docs/performance.md
     encoder_dtype: str = option("float32", "dtype of the encoder GEMM; bfloat16 is fast where kernels.fast_bf16() "
                                 "(CPUs with AMX or AVX512_BF16, CUDA GPUs of compute capability 8 or later)", choices=ENCODER_DTYPES)
     # Not part of the run's identity: a run started on one device resumes on another. (Under

@@ -21,7 +21,8 @@ Maths (rows of ``W_enc`` and ``W_dec`` are latents; shapes in brackets)::
 
 ``encoder_dtype="bfloat16"`` computes ``pre`` (the step's one dense GEMM) in bf16: it chooses
 the latents and gives their values (bf16-rounded); the decoder, the loss and every gradient stay
-in fp32. It is an execution setting, not saved with the SAE (a loaded SAE encodes in fp32).
+in fp32. It is an execution setting, not saved with the SAE (a loaded SAE encodes in fp32, as
+does the SAE ``fit`` returns).
 
 Any SAE can be given an inference-time JumpReLU-style threshold,
 ``sae.set_threshold_for_l0(x, l0)``: then ``z = pre * (pre > threshold)`` with a single global

@@ -360,6 +360,7 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
     if run is not None:
         write_shared_folder(run / "sae", grid, sae.save)
     sae.release_buffers()
+    sae.encoder_dtype = "float32"  # how the steps ran, not the SAE: it encodes as a loaded one does
     return sae.cpu().eval()
 
 

@@ -404,10 +404,13 @@ def test_bf16_encoder_run_trains_and_resumes_with_either_dtype(tmp_path):
     options = dict(tokens=8192, batch_size=256, out=tmp_path / "run", progress=False)
     sae = fit(x, 64, 4, encoder_dtype="bfloat16", **options)
     reference = fit(x, 64, 4, tokens=8192, batch_size=256, progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["encoder_dtype"] == "bfloat16"
     with torch.no_grad():
-        assert sae.encoder_dtype == "bfloat16" and float(reference(x).nmse) < 0.5
+        # the encoder dtype is how the steps ran, not the SAE: fit's SAE encodes in fp32, as a loaded one
+        assert sae.encoder_dtype == reference.encoder_dtype == "float32" and float(reference(x).nmse) < 0.5
         assert float(sae(x).nmse) == pytest.approx(float(reference(x).nmse), rel=0.05)
-    # the encoder dtype is how a step is computed, not the recipe: the finished run loads under fp32
+        assert not torch.equal(sae.W_enc, reference.W_enc)
+    # nor the recipe: the finished run loads under another dtype
     again = fit(x, 64, 4, **options)
     assert again.encoder_dtype == "float32" and torch.equal(again.W_enc, sae.W_enc)
     with pytest.raises(ValueError, match="encoder_dtype must be one of float32, bfloat16, got 'fp8'"):

@@ -72,7 +72,7 @@ def bf16_parity(train, validation: Tensor, n_latents: int, k: int, *, batch_size
     """Does the bf16 encoder train as well as fp32? The same SAE trained twice on the activation
     cache ``train`` (an ``activations.ActivationCache``: same seed, same batches), with the encoder
     GEMM in float32 and in bfloat16, then each scored on the raw held-out activations
-    ``validation (N, d_in)``, encoded in fp32 as a loaded SAE is.
+    ``validation (N, d_in)``, encoded in fp32 (``fit`` returns the SAE encoding as a loaded one does).
 
     One row per encoder dtype: ``evals.reconstruction_metrics`` (``nmse``...), ``fit_seconds`` and
     ``rel_nmse_diff``, the NMSE relative to the fp32 run's (parity: within 1%).
@@ -85,7 +85,6 @@ def bf16_parity(train, validation: Tensor, n_latents: int, k: int, *, batch_size
         sae = fit(CachedSource(train), n_latents, k, normalizer=train.normalizer, tokens=steps * batch_size,
                   batch_size=batch_size, seed=seed, encoder_dtype=dtype, progress=False)
         seconds = time.perf_counter() - start
-        sae.encoder_dtype = "float32"
         metrics = reconstruction_metrics(sae, validation)
         rows.append({"encoder_dtype": dtype, "n_latents": n_latents, "k": k, "batch_size": batch_size, "steps": steps,
                      "train_tokens": train.n_rows, "validation_tokens": len(validation), **metrics,
