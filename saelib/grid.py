@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
@@ -124,12 +123,6 @@ class Grid:
         return value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_device(device: str | torch.device, local_rank: int) -> torch.device:
     """Where the rank ``local_rank`` of this machine trains when the run asks for ``device``: its own
     GPU, ``cuda:local_rank``, for a CUDA device; the CPU otherwise. Refused in one sentence where the
@@ -167,7 +160,7 @@ def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> G
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # no port to pick
         atexit.register(_destroy_at_exit)
     else:
         device = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu", local_rank)
@@ -183,6 +176,10 @@ def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> G
     d, l = divmod(rank, L)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world > 1:
+        # new_group can return on one rank while others still connect to it; were that rank then to
+        # refuse the run and exit, they would wait for it until the timeout (or fail to recv)
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     return Grid(rank, d, D, l, L, data_groups[l] if data_groups else None, latent_groups[d] if latent_groups else None, device)
 
 

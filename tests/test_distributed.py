@@ -1,13 +1,12 @@
 """Distributed training: 2- and 4-rank gloo runs on CPU match the one-process trainer.
 
-Every rank is a process started with torch.multiprocessing (spawn) on a free port, one thread
-each. Two launches (world 2, then world 4) run all the distributed jobs; the tests compare
+Every rank is a process started with torch.multiprocessing (spawn), one thread each, joining a
+store this process hosts as torchrun's agent does. Two launches (world 2, then world 4) run all the distributed jobs; the tests compare
 their run folders with ``saelib.fit``'s.
 """
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from saelib.grid import RankSlice, init_shard, rank_device
 from saelib import load
 from saelib.sae import TopKSAE
 from saelib.train import TensorSource, fit, latest_checkpoint
+from conftest import agent_store, rank_env
 
 D_IN, N_LATENTS, K, BATCH, STEPS = 8, 32, 4, 64, 8
 # dead after one batch without firing, so AuxK is on from the second step; checkpoints every 2 steps
@@ -57,9 +57,8 @@ class StopsAt(TensorSource):
             yield x
 
 
-def _worker(rank, world, port, jobs, errors_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank, world, env, jobs, errors_file):
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     x, errors = activations(), {}
     for name, latent_parallel, out, n_latents in jobs:
@@ -80,14 +79,12 @@ def _worker(rank, world, port, jobs, errors_file):
 
 
 def _spawn(world, jobs, folder):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = agent_store()  # held until every rank has ended
     errors_file = folder / f"errors_{world}.json"
     threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.spawn(_worker, args=(world, port, jobs, str(errors_file)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, rank_env(store, 0, world), jobs, str(errors_file)), nprocs=world, join=True)
     finally:
         os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.update(OMP_NUM_THREADS=threads)
     return json.loads(errors_file.read_text())

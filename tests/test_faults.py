@@ -11,7 +11,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from saelib.activations import SHARD_CHECKSUM, ActivationCache, CachedSource, CacheKey, shard_checksum
 from saelib import load
 from saelib.runs import read_metrics
+from conftest import agent_store, rank_env
 from saelib.files import sha256_file
 from saelib.sae import TopKSAE
 from saelib.train import fit, latest_checkpoint
@@ -125,14 +125,14 @@ fit = functools.partial(fit, latent_parallel=2)""")
 
 def start_ranks(out, delay=0.0, world=2):
     """The ranks of a 2-process, 2-latent-shard run, started as torchrun starts them (one process each)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [subprocess.Popen([sys.executable, "-c", DISTRIBUTED_TRAINER, str(out), str(delay), "-1"], cwd=REPO, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                  "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
-            for rank in range(world)]
+    store = agent_store()
+    ranks = [subprocess.Popen([sys.executable, "-c", DISTRIBUTED_TRAINER, str(out), str(delay), "-1"], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **rank_env(store, rank, world)})
+             for rank in range(world)]
+    for proc in ranks:
+        proc.store = store  # the store lives as long as its ranks are waited for
+    return ranks
 
 
 def test_distributed_run_survives_kill_9_and_sigterm(tmp_path):
