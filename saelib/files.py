@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 from contextlib import contextmanager, suppress
 from functools import lru_cache
@@ -28,6 +29,9 @@ import torch
 from torch import Tensor
 
 from .paths import cache_dir
+
+# tries of writable_folder's check (each process checking the same folder can fail it once)
+WRITABLE_TRIES = 100
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -55,13 +59,22 @@ def writable_folder(path: str | os.PathLike, what: str) -> Path:
         raise ValueError(f"{what} must name a folder, got {str(path)!r}.")
     path = Path(path)
     for part in (path, *path.parents):
-        if part.exists() and not part.is_dir():
-            raise ValueError(f"{what} {str(path)!r} cannot be a folder: {part} is a file; name a folder.")
+        with suppress(OSError):  # one stat: a folder another process removes is not taken for a file
+            if not stat.S_ISDIR(part.stat().st_mode):
+                raise ValueError(f"{what} {str(path)!r} cannot be a folder: {part} is a file; name a folder.")
     missing = [folder for folder in (path, *path.parents) if not folder.exists()]  # the deepest first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        # Another process checking the same folder (a rank of the same run) removes what it made, at
+        # most once each: a failure then is looked at again, up to the bound, before it counts.
+        for attempt in range(WRITABLE_TRIES):
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                if not os.access(path, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                break
+            except OSError:
+                if attempt == WRITABLE_TRIES - 1:
+                    raise
     except OSError as err:
         raise ValueError(f"{what} {str(path)!r} cannot be written ({err.strerror}); name a folder you can write to.") from None
     finally:

@@ -7,6 +7,7 @@ flipped or missing bytes.
 
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -485,3 +486,31 @@ def test_every_invalid_training_option_is_one_sentence_naming_the_value(option):
     message = str(error.value)
     assert (repr(value) in message or str(value) in message), message
     assert message.count(". ") == 0 and message.endswith("."), message  # one sentence
+
+
+def _check_out(path, start, refusals):
+    from saelib.files import writable_folder
+
+    start.wait()
+    try:
+        writable_folder(path, "out")
+    except ValueError as err:
+        refusals.put(str(err))
+
+
+def test_ranks_checking_one_new_run_folder_at_once_all_find_it_writable(tmp_path):
+    """Every rank of a launch checks ``out`` before the ranks meet, and each removes the folders it
+    made to find out: that must not fail another rank's check (that rank would refuse the run while
+    the others waited for it at their first collective)."""
+    context = multiprocessing.get_context("fork")  # plain Python in the children: no threads to lose
+    refusals = context.Queue()
+    for attempt in range(40):
+        start = context.Barrier(4)
+        ranks = [context.Process(target=_check_out, args=(tmp_path / str(attempt) / "runs" / "sae", start, refusals))
+                 for _ in range(4)]
+        for rank in ranks:
+            rank.start()
+        for rank in ranks:
+            rank.join(timeout=60)
+        assert [rank.exitcode for rank in ranks] == [0] * 4
+    assert refusals.empty(), refusals.get()
