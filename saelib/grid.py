@@ -176,10 +176,6 @@ def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> G
     d, l = divmod(rank, L)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
-        # new_group can return on one rank while others still connect to it; were that rank then to
-        # refuse the run and exit, they would wait for it until the timeout (or fail to recv)
-        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     return Grid(rank, d, D, l, L, data_groups[l] if data_groups else None, latent_groups[d] if latent_groups else None, device)
 
 
