@@ -1,12 +1,13 @@
 """Distributed training: 2- and 4-rank gloo runs on CPU match the one-process trainer.
 
 Every rank is a process started with torch.multiprocessing (spawn), one thread each, joining a
-store this process hosts as torchrun's agent does. Two launches (world 2, then world 4) run all the distributed jobs; the tests compare
-their run folders with ``saelib.fit``'s.
+store this process hosts as torchrun's agent does. Two launches (world 2, then world 4) run all
+the distributed jobs; the tests compare their run folders with ``saelib.fit``'s.
 """
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from saelib.grid import RankSlice, init_shard, rank_device
 from saelib import load
 from saelib.sae import TopKSAE
 from saelib.train import TensorSource, fit, latest_checkpoint
-from conftest import agent_store, rank_env
+from rendezvous import agent_store, rank_env
 
 D_IN, N_LATENTS, K, BATCH, STEPS = 8, 32, 4, 64, 8
 # dead after one batch without firing, so AuxK is on from the second step; checkpoints every 2 steps
@@ -28,6 +29,7 @@ OPTIONS = dict(batch_size=BATCH, tokens=STEPS * BATCH, lr=1e-2, warmup_steps=2, 
                checkpoint_every_tokens=2 * BATCH, log_every=1, seed=3, geometric_median_samples=4 * BATCH,
                device="cpu")  # gloo on the CPU, on a machine with GPUs too
 INTERRUPT_AT = 5  # batch index at which the interrupted run stops (its last checkpoint: step 4)
+LAUNCH_SECONDS = 300  # a launch takes 10-30 s on 2 loaded cores
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls gain nothing from threads
@@ -84,7 +86,16 @@ def _spawn(world, jobs, folder):
     threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.spawn(_worker, args=(world, rank_env(store, 0, world), jobs, str(errors_file)), nprocs=world, join=True)
+        launch = mp.spawn(_worker, args=(world, rank_env(store, 0, world), jobs, str(errors_file)), nprocs=world,
+                          join=False)
+        deadline = time.monotonic() + LAUNCH_SECONDS
+        while not launch.join(timeout=1):  # raises where a rank failed
+            if time.monotonic() > deadline:  # a rank waits for another that will never come
+                codes = [process.exitcode for process in launch.processes]
+                for process in launch.processes:
+                    process.kill()
+                pytest.fail(f"the {world}-rank launch did not end within {LAUNCH_SECONDS} s; the ranks' exit codes: "
+                            f"{codes} (None: still waiting)")
     finally:
         os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.update(OMP_NUM_THREADS=threads)
     return json.loads(errors_file.read_text())

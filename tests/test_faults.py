@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from saelib.activations import SHARD_CHECKSUM, ActivationCache, CachedSource, CacheKey, shard_checksum
 from saelib import load
 from saelib.runs import read_metrics
-from conftest import agent_store, rank_env
+from rendezvous import agent_store, rank_env
 from saelib.files import sha256_file
 from saelib.sae import TopKSAE
 from saelib.train import fit, latest_checkpoint
