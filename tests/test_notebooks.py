@@ -71,30 +71,30 @@ def test_lab_opens_a_notebook_unmodified(path, lab_metadata):
 def test_lab_never_asks_to_fetch_news(tmp_path):
     """The set-up's JupyterLab (a room may have no network) starts without the news question."""
     import json
-    import socket
+    import os
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+    runtime = tmp_path / "runtime"  # where the server writes its port (port 0: the OS picks a free one)
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--port=0",
                             "--ServerApp.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/lab/api/settings/@jupyterlab/apputils-extension:notification"
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)})
     try:
         for _ in range(120):
             try:
+                port = json.loads(next(runtime.glob("jpserver-*.json")).read_text())["port"]
+                url = f"http://127.0.0.1:{port}/lab/api/settings/@jupyterlab/apputils-extension:notification"
                 with urllib.request.urlopen(url, timeout=5) as reply:
                     # Lab applies the set-up's overrides as the settings' defaults
                     settings = {k: v.get("default") for k, v in json.load(reply)["schema"]["properties"].items()}
                 break
-            except OSError:
+            except (StopIteration, ValueError, KeyError, OSError):  # not started, or its file half written
                 time.sleep(0.5)
         else:
-            pytest.fail(f"JupyterLab did not answer on port {port} within a minute")
+            pytest.fail("JupyterLab did not answer within a minute")
     finally:
         lab.terminate()
         lab.wait(timeout=30)
