@@ -183,7 +183,7 @@ class CacheKey:
     max_tokens: int | None
     val_fraction: float = 0.1
     exclusion: dict = field(default_factory=lambda: asdict(Exclusion()))
-    corpus_sha256: str | None = None  # of a local corpus file, whose path alone says nothing of its text
+    corpus_sha256: str | None = None  # data.corpus_sha256: of what the corpus name leaves open (a local file, a mix's Debian texts)
     format: int = CACHE_FORMAT
     prepend_bos: bool = False  # contexts start with the begin-of-sequence token (see saelib.data.pack)
     lm_dtype: str = "float32"  # of the LM's forward (see extract)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, digest, file_digest, sha256_file
 from .paths import cache_dir, packaged_file
-from .texts import TEXTS
+from .texts import SOURCE_FILES, TEXTS
 
 DEFAULT_CORPUS = "wikipedia"
 
@@ -164,8 +164,13 @@ def check_corpus(corpus: str) -> bool:
 
 
 def corpus_sha256(corpus: str) -> str | None:
-    """SHA-256 of a local corpus file's bytes, so that anything computed from an edited file is not
-    reused; None for the embedded corpora and ``datasets`` names, which their name fixes."""
+    """SHA-256 of what a corpus's name leaves open, so that anything computed from changed text is not
+    reused: a local file's bytes; for a mix, the bytes of the files its offline texts are read from
+    (Debian's packages of Austen's novels and the fortunes change with the release). None for the
+    embedded corpora (their pinned package fixes them) and ``datasets`` names."""
+    if corpus in MIXES:
+        return digest(*(file_digest(path) for part in MIXES[corpus] if part not in EMBEDDED
+                        for path in SOURCE_FILES[part]()))
     path = local_corpus(corpus)
     return None if path is None else sha256_file(path)
 

@@ -62,9 +62,7 @@ def austen() -> list[tuple[str, dict]]:
     Reading the R data takes seconds; its documents are kept as JSON under ``$SAELIB_HOME/texts/``,
     named by the digests of the files read and of the code that reads and chunks them, so later
     processes read them in milliseconds and a changed chunking is not served stale."""
-    rdx, rdb = AUSTEN_DIR / "Rdata.rdx", AUSTEN_DIR / "Rdata.rdb"
-    if not rdx.exists():
-        raise SourceUnavailable("Austen's novels need `apt-get install r-cran-janeaustenr`.")
+    rdx, rdb = _austen_files()
     code = "".join(_source_of(f) for f in (_read_austen, _paragraphs))
     path, kept = kept_json("texts", "austen", file_digest(rdx), file_digest(rdb), code)
     ok = isinstance(kept, list) and all(isinstance(d, list) and len(d) == 2 and all(isinstance(s, str) for s in d)
@@ -73,6 +71,14 @@ def austen() -> list[tuple[str, dict]]:
         kept = _read_austen(rdx, rdb)
         atomic_write_text(path, json.dumps(kept))
     return [(chunk, {"source": "austen", "book": book}) for chunk, book in kept]
+
+
+def _austen_files() -> list[Path]:
+    """janeaustenr's R lazy-load database: its index (.rdx) and its objects (.rdb)."""
+    files = [AUSTEN_DIR / "Rdata.rdx", AUSTEN_DIR / "Rdata.rdb"]
+    if not all(f.is_file() for f in files):
+        raise SourceUnavailable("Austen's novels need `apt-get install r-cran-janeaustenr`.")
+    return files
 
 
 def _source_of(function) -> str:
@@ -152,17 +158,26 @@ def milton() -> list[tuple[str, dict]]:
 @lru_cache(maxsize=1)
 def fortunes() -> list[tuple[str, dict]]:
     """BSD fortune cookies, grouped into documents per category (tagged ``category``)."""
-    if not FORTUNES_DIR.is_dir():
-        raise SourceUnavailable("Fortune cookies need `apt-get install fortunes`.")
     docs = []
-    for category in FORTUNE_CATEGORIES:
-        path = FORTUNES_DIR / category
-        if path.is_file():
-            cookies = [c.strip() for c in path.read_text("utf-8", "replace").split("\n%\n") if c.strip()]
-            docs += [(c, {"source": "fortunes", "category": category}) for c in _paragraphs("\n\n".join(cookies))]
+    for path in _fortune_files():
+        cookies = [c.strip() for c in path.read_text("utf-8", "replace").split("\n%\n") if c.strip()]
+        docs += [(c, {"source": "fortunes", "category": path.name}) for c in _paragraphs("\n\n".join(cookies))]
     if not docs:
-        raise SourceUnavailable(f"No fortune files found in {FORTUNES_DIR}; run `apt-get install fortunes`.")
+        raise SourceUnavailable(f"No fortune cookies found in {FORTUNES_DIR}; run `apt-get install fortunes`.")
     return docs
 
 
+def _fortune_files() -> list[Path]:
+    """The files of the categories in :data:`FORTUNE_CATEGORIES` that the fortunes package holds."""
+    if not FORTUNES_DIR.is_dir():
+        raise SourceUnavailable("Fortune cookies need `apt-get install fortunes`.")
+    files = [FORTUNES_DIR / category for category in FORTUNE_CATEGORIES if (FORTUNES_DIR / category).is_file()]
+    if not files:
+        raise SourceUnavailable(f"No fortune files found in {FORTUNES_DIR}; run `apt-get install fortunes`.")
+    return files
+
+
 TEXTS = {"austen": austen, "shakespeare": shakespeare, "milton": milton, "fortunes": fortunes}
+# the files each text is read from (SourceUnavailable where they are absent)
+SOURCE_FILES = {"austen": _austen_files, "shakespeare": lambda: [_shakespeare_tarball()],
+                "milton": lambda: [_shakespeare_tarball()], "fortunes": _fortune_files}

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import threading
 import time
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from saelib import activations as A
-from saelib import data
+from saelib import data, texts
 from saelib.normalize import Normalizer
 
 
@@ -392,6 +393,24 @@ def test_a_local_corpus_is_cached_by_its_content_not_its_path(lm, tmp_path, monk
     assert after.manifest["key"]["corpus_sha256"] == data.corpus_sha256(str(corpus)) != before.manifest["key"]["corpus_sha256"]
     assert not torch.equal(after.all_rows(), before.all_rows())
     assert data.corpus_sha256("wikipedia") is None
+
+
+def test_the_mix_is_cached_by_the_files_of_its_debian_texts_not_its_name(lm, tmp_path, monkeypatch):
+    # Austen's novels and the fortunes come from Debian's packages, which a release may change
+    key = lambda: A.cache_keys("smollm2-135m", "resid_post", "mix", "train", 64, 4096,  # noqa: E731
+                               tokenizer=lm.tokenizer)(12)
+    before = key()
+    assert len(before.corpus_sha256) == 64 and key() == before
+    fortunes = tmp_path / "fortunes"
+    shutil.copytree(texts.FORTUNES_DIR, fortunes, symlinks=True)
+    monkeypatch.setattr(texts, "FORTUNES_DIR", fortunes)
+    assert key() == before  # the same files elsewhere: the same key
+    science = fortunes / "science"
+    science.write_bytes(science.read_bytes() + b"%\nA cookie the next release adds.\n")
+    after = key()
+    assert after.corpus_sha256 != before.corpus_sha256 and after.folder_name() != before.folder_name()
+    science.unlink()
+    assert key().corpus_sha256 not in (before.corpus_sha256, after.corpus_sha256)
 
 
 def test_bf16_extraction_is_close_to_float32(lm, val_contexts):
