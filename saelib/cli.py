@@ -67,13 +67,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .distributed import launch, launched
-    from .grid import rank_device
+    from .grid import check_split, rank_device
     from .data import check_corpus
     from .runs import check_model, check_out, train_activations, train_run
     from .train import Stopped
 
     cfg = config.resolve(args.preset, args.config, **_overrides(args))
+    if args.nproc > 1:  # before any extraction (each rank checks its grid again)
+        check_split(args.nproc, cfg.latent_parallel, n_latents=cfg.n_latents, batch_size=cfg.batch_size, arch=cfg.arch)
     if args.dry_run:
+        cfg.check_one_batch()
         if not check_model(cfg, local_only=True):
             print(f"saelib train: {cfg.model}'s config is not on this machine, so the layer and the SAE's size are "
                   "checked once it is downloaded.", file=sys.stderr)
@@ -104,14 +107,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nan_to_null(value):
+    """``value`` with every float NaN in it, inside dicts and lists too, replaced by None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(item) for item in value]
+    return value
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evals import evaluate
     from .runs import load_run
 
     # progress goes to stderr, so --json's standard output stays one JSON object
     report = evaluate(load_run(args.run), preset=args.preset, progress=True)
-    if args.json:  # strict JSON: a metric that could not be computed (NaN) is null
-        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report.items()}))
+    if args.json:  # strict JSON: a metric that could not be computed (NaN), here or inside a list, is null
+        print(json.dumps(_nan_to_null(report), allow_nan=False))
     else:
         width = max(map(len, report))
         for key, value in report.items():  # a metric's 95% interval (key_ci, a half-width) beside it
@@ -194,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="the paper's metrics of a trained SAE on held-out text")
-    p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
+    p.add_argument("run", help="a run folder (RUN/sae inside), an SAE folder or a released SAE's name")
     p.add_argument("--preset", default="demo", choices=sorted(config.PRESETS),
                    help="evaluation scale: ci (seconds; too few tokens for stable numbers), lesson (16,384 held-out "
                         "tokens), demo (the default: 65,536 held-out tokens, minutes on 2 cores) or full; the JSON "
@@ -203,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("view", help="write a static, offline HTML visualizer of a trained SAE's latents")
-    p.add_argument("run", help="a run folder (RUN/sae inside) or an SAE folder")
+    p.add_argument("run", help="a run folder (RUN/sae inside), an SAE folder or a released SAE's name")
     p.add_argument("--out", required=True, type=out_folder, help="folder for the site (index.html inside)")
     p.add_argument("--preset", choices=sorted(config.PRESETS),
                    help="how many tokens to summarise (default: the largest summary the run already has, else ci)")

@@ -157,8 +157,21 @@ class TrainConfig:
         """The values of one field group (``"data"``, ``"train"`` or ``"run"``) as a dict."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == name}
 
+    def check_one_batch(self) -> None:
+        """Refuse, in one sentence, a budget of less than one batch: ``tokens`` or, without it,
+        ``max_tokens`` times ``epochs`` (the most an extraction can give), against ``batch_size``. What
+        runs it before extracting does so; ``fit`` checks once an iterable's batches set the size."""
+        if self.tokens is not None and self.tokens < self.batch_size:
+            raise ConfigError(("tokens", "batch_size"), f"tokens={self.tokens} is less than one batch of batch_size="
+                              f"{self.batch_size}; raise tokens or lower batch_size.")
+        if self.tokens is None and self.max_tokens is not None and self.max_tokens * self.epochs < self.batch_size:
+            raise ConfigError(("max_tokens", "epochs", "batch_size"), f"max_tokens={self.max_tokens} times epochs="
+                              f"{self.epochs} is less than one batch of batch_size={self.batch_size}; raise max_tokens "
+                              "or lower batch_size.")
+
     def resolved(self, d_in: int, n_tokens: int | None) -> TrainConfig:
         """A copy with every ``None`` replaced by the value it stands for."""
+        self.check_one_batch()
         B = self.batch_size
         tokens = self.tokens if self.tokens is not None else (n_tokens // B * B if n_tokens else None)
         if tokens is not None and tokens < B:

@@ -144,6 +144,26 @@ def _destroy_at_exit() -> None:
         dist.destroy_process_group()
 
 
+def check_split(world: int, latent_parallel: int, *, n_latents: int | None = None, batch_size: int | None = None,
+                arch: str = "topk") -> None:
+    """Refuse, in one sentence, a run that ``world`` processes cannot split: ``latent_parallel`` must
+    divide ``world`` and ``n_latents`` (equal shards of latents), the ``world / latent_parallel``
+    data-parallel ranks must divide ``batch_size``, and only ``arch="topk"`` trains on several."""
+    L = latent_parallel
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1 or world % L:
+        raise ValueError(f"latent_parallel={L!r} must be a positive divisor of the world size {world}; "
+                         f"choose one of {[i for i in range(1, world + 1) if world % i == 0]}.")
+    if world > 1 and arch != "topk":
+        raise ValueError(f"Training on {world} processes supports arch='topk' only, got arch={arch!r}; "
+                         "train other archs in one process.")
+    if n_latents is not None and n_latents % L:
+        raise ValueError(f"n_latents={n_latents} does not split into latent_parallel={L} equal shards; "
+                         f"choose a latent_parallel that divides it.")
+    if batch_size is not None and batch_size % (world // L):
+        raise ValueError(f"batch_size={batch_size} does not split over {world // L} data-parallel ranks; "
+                         f"choose a batch_size divisible by {world // L}.")
+
+
 def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> Grid:
     """Join (or start) the process group and split it into data and latent groups.
 
@@ -166,9 +186,7 @@ def init_grid(latent_parallel: int = 1, device: str | torch.device = "cpu") -> G
         device = rank_device("cuda" if dist.get_backend() == "nccl" else "cpu", local_rank)
     world, rank = dist.get_world_size(), dist.get_rank()
     L = latent_parallel
-    if isinstance(L, bool) or not isinstance(L, int) or L < 1 or world % L:
-        raise ValueError(f"latent_parallel={L!r} must be a positive divisor of the world size {world}; "
-                         f"choose one of {[i for i in range(1, world + 1) if world % i == 0]}.")
+    check_split(world, L)
     D = world // L
     # every rank must create every group, in the same order
     latent_groups = [dist.new_group(list(range(d * L, (d + 1) * L))) for d in range(D)] if L > 1 else None

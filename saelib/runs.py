@@ -29,10 +29,11 @@ def train_activations(cfg: config.TrainConfig, progress: bool = True) -> Activat
     """The train split's activations of a run configuration, extracted on first use by the LM on the
     device the SAE trains on (in bf16 where that is fast: :func:`saelib.activations.extraction_dtype`).
 
-    A layer the model does not have, or an SAE too large for this machine's memory, is refused first,
-    from the model's config, not after the extraction; a rank of a launched run checks only the part
-    of the SAE it builds, as it builds it."""
+    A budget of less than one batch, a layer the model does not have, or an SAE too large for this
+    machine's memory (from the model's config) is refused first, not after the extraction; a rank of
+    a launched run checks only the part of the SAE it builds, as it builds it."""
     if not launched():
+        cfg.check_one_batch()
         check_model(cfg)
     return cached_activations(**cfg.group("data"), split="train", progress=progress, device=config.resolve_device(cfg.device))
 

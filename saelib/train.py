@@ -59,7 +59,7 @@ from .checkpoint import (TrainState, finished, latest_checkpoint, load_checkpoin
 # paper_lr and resolve_device are imported by their old path, saelib.train, in notebooks and user code
 from .config import BOOKKEEPING, TRAINER_FIELDS, TrainConfig, extends, paper_lr, resolve_device  # noqa: F401
 from .files import atomic_write_text, describe, read_json, remove, writable_folder
-from .grid import Grid, RankSlice, all_reduce, init_grid, init_shard, sharded_forward, sync_and_clip
+from .grid import Grid, RankSlice, all_reduce, check_split, init_grid, init_shard, sharded_forward, sync_and_clip
 from .normalize import Normalizer
 from .sae import ForwardOutput, TopKSAE
 from .sources import (BatchSource, InputClock, IterableSource, TensorSource, as_source, check_batch,  # noqa: F401
@@ -260,15 +260,7 @@ def fit(
 
 def _make_sae(d_in: int, cfg: TrainConfig, grid: Grid, normalizer: Normalizer, metadata: dict | None) -> TopKSAE:
     """The SAE (its latent shard on a grid), initialised from the seed where it is whole."""
-    if grid.world_size > 1 and cfg.arch != "topk":
-        raise ValueError(f"Training on {grid.world_size} processes supports arch='topk' only, got arch={cfg.arch!r}; "
-                         "train other archs in one process.")
-    if cfg.n_latents % grid.latent_size:
-        raise ValueError(f"n_latents={cfg.n_latents} does not split into latent_parallel={grid.latent_size} equal shards; "
-                         f"choose a latent_parallel that divides it.")
-    if cfg.batch_size % grid.data_size:
-        raise ValueError(f"batch_size={cfg.batch_size} does not split over {grid.data_size} data-parallel ranks; "
-                         f"choose a batch_size divisible by {grid.data_size}.")
+    check_split(grid.world_size, grid.latent_size, n_latents=cfg.n_latents, batch_size=cfg.batch_size, arch=cfg.arch)
     if grid.latent_size == 1:
         return TopKSAE(d_in, cfg.n_latents, cfg.k, arch=cfg.arch, tied_init=cfg.tied_init, normalizer=normalizer,
                        metadata=metadata, generator=torch.Generator().manual_seed(cfg.seed), encoder_dtype=cfg.encoder_dtype)

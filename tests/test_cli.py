@@ -459,6 +459,38 @@ def test_epochs_beyond_what_a_run_can_count_are_refused_naming_epochs(capsys, tm
     assert "Traceback" not in err and not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--nproc", "3", "--latent-parallel", "2"], "latent_parallel=2 must be a positive divisor of the world size 3"),
+    (["--nproc", "3"], "batch_size=1024 does not split over 3 data-parallel ranks"),
+    (["--nproc", "2", "--latent-parallel", "2", "--n-latents", "1151"], "n_latents=1151 does not split into latent_parallel=2"),
+    (["--nproc", "2", "--arch", "relu"], "Training on 2 processes supports arch='topk' only"),
+    (["--tokens", "5"], "tokens=5 is less than one batch of batch_size=1024"),
+    (["--batch-size", "100000"], "max_tokens=16384 times epochs=2.0 is less than one batch of batch_size=100000"),
+])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_run_that_cannot_take_one_step_or_split_over_its_ranks_is_refused_before_any_extraction(
+        capsys, tmp_path, monkeypatch, argv, needle, dry_run):
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "home"))  # where an extraction would write
+    code, _, err = run(["train", "--preset", "ci", *argv, *(["--dry-run"] if dry_run else []), "--out",
+                        str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert_one_sentence(err, needle)
+    assert not (tmp_path / "home" / "activations").exists() and not (tmp_path / "r").exists()
+
+
+def test_eval_json_is_strict_with_nan_inside_lists_and_dicts(capsys, monkeypatch):
+    from saelib import evals, runs
+
+    report = {"nmse": math.nan, "l0": 16, "delta_ce_by_context": [0.1, math.nan, None],
+              "probe_loss_by_task": {"austen": math.nan, "fortunes": 0.5}}
+    monkeypatch.setattr(runs, "load_run", lambda path: None)
+    monkeypatch.setattr(evals, "evaluate", lambda sae, **options: report)
+    code, out, _ = run(["eval", "some-run", "--json"], capsys)
+    assert code == 0
+    assert json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON")) == {
+        "nmse": None, "l0": 16, "delta_ce_by_context": [0.1, None, None], "probe_loss_by_task": {"austen": None, "fortunes": 0.5}}
+
+
 def test_eval_prints_each_sampled_metric_with_its_interval(capsys, monkeypatch):
     from saelib import evals, runs
 

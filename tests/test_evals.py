@@ -531,3 +531,32 @@ def test_an_lm_other_than_the_one_the_sae_was_trained_on_is_refused_naming_both(
     narrow.metadata = {"layer": LAYER}
     with pytest.raises(ValueError, match=r"The SAE takes d_in=64 but smollm2-135m's activations have 576"):
         evaluate(narrow, lm, "ci", progress=False)
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("eval_tokens", 64, "eval_tokens must be an integer of at least 128 (two contexts of 64 tokens"),
+    ("eval_tokens", 0, "eval_tokens must be an integer of at least 128"),
+    ("downstream_contexts", 0, "downstream_contexts must be an integer of at least 1, got 0."),
+    ("n2g_latents", 1.5, "n2g_latents must be an integer of at least 0, got 1.5."),
+    ("ablation_latents", -1, "ablation_latents must be an integer of at least 0, got -1."),
+])
+def test_an_eval_option_that_gives_no_metric_is_refused_before_any_work(sae, lm, monkeypatch, option, value, needle):
+    import saelib.evals as evals
+
+    monkeypatch.setattr(evals, "held_out", lambda *args, **kwargs: pytest.fail("the held-out text was read"))
+    with pytest.raises(ValueError) as error:
+        evaluate(sae, lm, "ci", progress=False, **{option: value})
+    assert needle in str(error.value) and str(error.value).count(". ") == 0
+
+
+def test_ablation_sparsity_of_no_latents_is_nan(sae, lm, held):
+    report = ablation_sparsity(sae, lm, held, sample=0, progress=False)
+    assert report["ablation_latents"] == 0
+    assert math.isnan(report["ablation_sparsity"]) and math.isnan(report["ablation_sparsity_baseline"])
+
+
+def test_latent_density_counts_tokens_whatever_the_leading_shape(sae, held):
+    x = held.acts[:4]  # (contexts, positions, d)
+    density = latent_density(sae, x)
+    assert torch.allclose(density, latent_density(sae, x.reshape(-1, x.shape[-1])))
+    assert 0 < float(density.max()) <= 1 and float(density.sum()) <= sae.k + 1e-4  # at most k latents a token

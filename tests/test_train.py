@@ -145,6 +145,11 @@ def test_fit_on_iterable_of_batches_and_ema():
     sae = fit(list(x.split(256)), 64, 4, ema=0.9, progress=False)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
     assert sae.normalizer.scale == 1.0  # non-tensor data is used as given
+    # the batches set the step size: a budget under the default batch_size is still two steps of 256
+    short = fit(list(x.split(256)), 64, 4, tokens=512, out=None, progress=False)
+    assert not torch.equal(short.W_dec, sae.W_dec)
+    with pytest.raises(ValueError, match=r"^tokens=128 is less than one batch of batch_size=256; raise tokens"):
+        fit(list(x.split(256)), 64, 4, tokens=128, progress=False)
 
 
 def test_ema_returns_the_bias_corrected_average_of_the_steps_weights():

@@ -153,6 +153,17 @@ def test_a_summary_is_built_again_when_its_held_out_text_changes(run, lm, tmp_pa
     assert not torch.equal(again.tensors["ids"], first.tensors["ids"]) and again.info["held_out"] != first.info["held_out"]
 
 
+def test_a_released_sae_is_summarised_by_its_name(lm, texts):
+    from saelib.loading import RELEASED
+
+    name = "smollm2-135m/resid_4/n3072_k32"
+    package = RELEASED / name
+    before = sorted(package.rglob("*"))
+    summary = summarize(name, lm, "ci", texts=texts[:8], progress=False, eval_tokens=8 * 64, ablation_latents=1)
+    assert summary.n_latents == 3072 and summary.info["metadata"]["layer"] == 4
+    assert sorted(package.rglob("*")) == before  # nothing kept inside the package
+
+
 def test_the_final_norms_gain_is_read_from_its_output_whatever_its_form():
     """RMSNorm multiplies by ``weight``, Gemma's by ``1 + weight``, LayerNorm by ``weight`` after
     centring, and some norms have no weight: the promoted tokens need the gain each applies."""

@@ -77,6 +77,7 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
     if isinstance(sae, (str, os.PathLike)):
         sae = load(sae)
     lm, layer, site, ctx_len = trained_site(sae, lm, "evaluate")
+    _check_options(cfg, ctx_len)
     corpus = corpus or sae.metadata.get("corpus", "wikipedia")
     prepend_bos = trained_prepend_bos(sae)
     sae.eval()
@@ -103,3 +104,16 @@ def evaluate(sae, lm=None, preset: str = "ci", *, corpus: str | None = None, see
     report |= timed("ablation", ablation_sparsity, sae, lm, held, sample=cfg["ablation_latents"], seed=seed,
                     progress=progress)
     return {**report, **timings}
+
+
+def _check_options(cfg: dict, ctx_len: int) -> None:
+    """Refuse, in one sentence, an option of :func:`evaluate` that no metric can be computed from."""
+    least = {"eval_tokens": 2 * ctx_len, "downstream_contexts": 1, "probe_per_source": 1, "n2g_latents": 0,
+             "ablation_latents": 0}
+    for key, value in cfg.items():
+        if key == "eval_tokens" and value is None:  # the whole validation split
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least[key]:
+            why = f" (two contexts of {ctx_len} tokens: N2G explains on one half and scores on the other)" \
+                if key == "eval_tokens" else ""
+            raise ValueError(f"{key} must be an integer of at least {least[key]}{why}, got {value!r}.")

@@ -60,7 +60,7 @@ def _sparsities(lm, held: HeldOut, contexts: list[int], delta: Tensor, reconstru
     """Sparsity of the effect of subtracting ``delta[j] (T, d)`` in context ``contexts[j]``."""
     out = []
     for start in tqdm(range(0, len(contexts), batch_size), desc=desc, disable=not progress, leave=False):
-        ctx = torch.tensor(contexts[start:start + batch_size])
+        ctx = torch.tensor(contexts[start:start + batch_size], dtype=torch.long)
         d = delta[start:start + batch_size]
         ids, keep = held.ids[ctx], held.keep[ctx]
         base, _, acts = splice(lm, ids, held.layer, held.site, reconstruct, keep)
@@ -102,7 +102,7 @@ def ablation_sparsity(sae, lm, held: HeldOut, sample: int = 16, seed: int = 0, b
     delta = torch.zeros(sample, T, d)
     for j, ((c, t), ch) in enumerate(zip(tokens, channels)):
         delta[j, t, ch] = held.acts[c, t, ch] - sae.normalizer.mean[ch]
-    ctx = torch.tensor(contexts)
+    ctx = torch.tensor(contexts, dtype=torch.long)
     kept_file, channel_sparsity = kept_json("ablation", [model_id(lm.name), held.layer, held.site, batch_size, METHOD],
                                             held.ids[ctx], held.keep[ctx], delta)
     if not (isinstance(channel_sparsity, list) and len(channel_sparsity) == sample):

@@ -22,14 +22,14 @@ DENSE_THRESHOLD = 0.1
 
 @torch.no_grad()
 def latent_density(sae, x_raw: Tensor) -> Tensor:
-    """``(n_latents,)`` fraction of the tokens ``x_raw (N, d)`` on which each latent is non-zero."""
+    """``(n_latents,)`` fraction of the tokens ``x_raw (..., d)`` on which each latent is non-zero."""
     return _density(*encode(sae, x_raw), sae.n_latents)
 
 
 def _density(values: Tensor, indices: Tensor, n_latents: int) -> Tensor:
     fired = values > 0
     counts = torch.zeros(n_latents).index_add_(0, indices[fired], torch.ones(int(fired.sum())))
-    return counts / len(values)
+    return counts / values.shape[:-1].numel()  # tokens, whatever the leading shape
 
 
 def density_histogram(density: Tensor, bins: int = 50) -> tuple[Tensor, Tensor]:

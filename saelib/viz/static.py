@@ -46,7 +46,8 @@ def write_site(sae_or_run, out_dir: str | Path, lm=None, preset: str | None = No
     """Write the static visualizer of an SAE into ``out_dir``; return the path of ``index.html``.
 
     Args:
-        sae_or_run: a run folder, an SAE folder or a loaded SAE (see :func:`saelib.viz.summarize`).
+        sae_or_run: a run folder, an SAE folder, a released SAE's name or a loaded SAE (see
+            :func:`saelib.viz.summarize`).
         out_dir: where to write; existing visualizer files in it are replaced.
         lm: the loaded LM; loaded from the SAE's metadata when a summary must be computed.
         preset: ``"ci"``, ``"lesson"``, ``"demo"`` or ``"full"``: how many held-out tokens and examples (``None``: the

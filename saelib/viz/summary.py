@@ -307,12 +307,11 @@ def fingerprint(sae) -> str:
 
 
 def _as_sae(run_or_sae):
-    """``(sae, run folder or None)`` from an SAE, an SAE folder or a run folder."""
+    """``(sae, folder or None)`` from an SAE, an SAE folder, a run folder or a released SAE's name (whose
+    summary is not kept: it has no folder of its own to keep it in)."""
     if isinstance(run_or_sae, (str, os.PathLike)):
         path = Path(run_or_sae)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is neither a run folder nor an SAE folder; train one with `saelib train --out {path}`.")
-        return load(path), path
+        return load(run_or_sae), path if path.exists() else None
     return run_or_sae, None
 
 
@@ -333,8 +332,9 @@ def summarize(run_or_sae, lm=None, preset: str | None = None, *, texts: list[str
     """The visualizer summary of an SAE over held-out text (computed once, then read from the cache).
 
     Args:
-        run_or_sae: a run folder (``saelib train --out RUN``), an SAE folder, or a loaded SAE whose
-            ``metadata`` names ``model``, ``layer``, ``site``, ``ctx_len`` and ``corpus``.
+        run_or_sae: a run folder (``saelib train --out RUN``), an SAE folder, a released SAE's name
+            (``saelib.load``), or a loaded SAE whose ``metadata`` names ``model``, ``layer``, ``site``,
+            ``ctx_len`` and ``corpus``.
         lm: the loaded LM (:func:`saelib.models.load_lm`); loaded from the SAE's metadata if None.
         preset: ``"ci"``, ``"lesson"``, ``"demo"`` or ``"full"`` (see :data:`PRESETS`); ``None``: the largest one
             a run folder already has a summary of for this SAE, else ``"ci"``.
