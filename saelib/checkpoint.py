@@ -211,11 +211,13 @@ def write_shared_folder(target: Path, grid: Grid, write: Callable[[Path], object
     if grid.data_rank == 0:
         try:
             write(tmp if grid.latent_size == 1 else tmp / shard_name(grid.latent_rank, grid.latent_size))
-        except (OSError, SafetensorError) as error:
+        except Exception as error:  # noqa: BLE001 - every rank learns of it, and the folder goes
             failure = error
     if grid.any(failure is not None):
         if grid.rank == 0:
             remove(tmp)
+        if failure is not None and not isinstance(failure, (OSError, SafetensorError)):
+            raise failure
         raise OSError(f"Could not write {target} ({failure or 'on another rank'})") from failure
     grid.together(lambda: replace(tmp, target) if grid.rank == 0 else None, f"move {tmp} to {target}")
 
@@ -260,7 +262,7 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
         raise OSError(f"Could not write the checkpoint of step {state.step} to {final} ({error.__cause__ or error}); "
                       f"{kept}. Free disk space and run again to resume.") from error
     def remove_older() -> None:
-        for old in [*sorted(root.glob("step_*"))[:-1], *root.glob(".*.tmp-*")]:  # older and half-written ones
+        for old in [*_by_step(root)[:-1], *root.glob(".*.tmp-*")]:  # older and half-written ones
             remove(old)
 
     grid.together(remove_older if grid.rank == 0 else lambda: None, f"remove the checkpoints older than {final}")
@@ -270,9 +272,15 @@ def save_checkpoint(run: Path, sae: TopKSAE, opt: torch.optim.Optimizer, state: 
 # ---- reading --------------------------------------------------------------------------------
 
 
+def _by_step(root: Path) -> list[Path]:
+    """The ``root/step_<n>`` folders in the order of ``n`` (their names' zero padding ends at 10**9)."""
+    steps = [(int(folder.name[5:]), folder) for folder in root.glob("step_*") if folder.name[5:].isdigit()]
+    return [folder for _, folder in sorted(steps)]
+
+
 def latest_checkpoint(run: Path) -> Path | None:
     """The newest complete ``run/checkpoints/step_*`` folder (temporary folders are ignored)."""
-    folders = sorted((run / "checkpoints").glob("step_*"))
+    folders = _by_step(run / "checkpoints")
     return folders[-1] if folders else None
 
 

@@ -173,9 +173,10 @@ class TrainConfig:
         """A copy with every ``None`` replaced by the value it stands for."""
         self.check_one_batch()
         B = self.batch_size
+        if n_tokens is not None and n_tokens < B:
+            raise ValueError(f"The data has {n_tokens} tokens, fewer than one batch of batch_size={B}; give more data "
+                             "or lower batch_size.")
         tokens = self.tokens if self.tokens is not None else (n_tokens // B * B if n_tokens else None)
-        if tokens is not None and tokens < B:
-            raise ValueError(f"The run has {tokens} tokens, fewer than one batch of {B}; give more data or lower batch_size.")
         steps = tokens // B if tokens else None
         typical_gap = 10 * self.n_latents // self.k if self.k else 0
         return replace(

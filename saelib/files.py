@@ -55,14 +55,19 @@ def writable_folder(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a folder to write into, refused in one sentence if it is blank, if it or a folder
     above it is a file, or if it cannot be made or written. ``what`` names the argument in the
     message. The folders it makes to find out are removed again."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise ValueError(f"{what} must be a folder's path (a str or a Path), got {type(path).__name__} {shorten(repr(path))}.")
     if not str(path).strip():
         raise ValueError(f"{what} must name a folder, got {str(path)!r}.")
+    if "\0" in str(path):
+        raise ValueError(f"{what} {shorten(repr(str(path)))} holds a NUL character, which no path can; name a folder.")
     path = Path(path)
     for part in (path, *path.parents):
         with suppress(OSError):  # one stat: a folder another process removes is not taken for a file
             if not stat.S_ISDIR(part.stat().st_mode):
                 raise ValueError(f"{what} {str(path)!r} cannot be a folder: {part} is a file; name a folder.")
-    missing = [folder for folder in (path, *path.parents) if not folder.exists()]  # the deepest first
+    # the deepest first; os.path.exists is False where the OS refuses to look (a name too long)
+    missing = [folder for folder in (path, *path.parents) if not os.path.exists(folder)]
     try:
         # Another process checking the same folder (a rank of the same run) removes what it made, at
         # most once each: a failure then is looked at again, up to the bound, before it counts.

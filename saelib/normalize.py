@@ -49,7 +49,8 @@ class Normalizer:
         for a in chunks:
             a = a.double().reshape(len(a), -1)
             total = a.sum(0) if total is None else total.add_(a.sum(0))
-            sumsq += torch.dot(a.view(-1), a.view(-1)).item()
+            flat = a.reshape(-1)  # a copy where the rows are a strided view (a transposed tensor)
+            sumsq += torch.dot(flat, flat).item()
             n += len(a)
         if not n:
             raise ValueError("Normalizer.fit_chunks needs at least one row.")

@@ -79,6 +79,9 @@ def train_run(cfg: config.TrainConfig, out: str | Path, progress: bool = True) -
         if tokens >= 2**63:
             raise ValueError(f"epochs={cfg.epochs!r} over the {source.n_tokens:,} extracted tokens is {tokens:.3g} tokens, "
                              "more than a run can count; choose fewer epochs or give tokens.")
+        if tokens < cfg.batch_size:
+            raise ValueError(f"epochs={cfg.epochs!r} over the {source.n_tokens:,} extracted tokens is {int(tokens):,} tokens, "
+                             f"less than one batch of batch_size={cfg.batch_size}; choose more epochs or give tokens.")
         train_opts["tokens"] = int(tokens)
     # evaluation packs its contexts as training did, begin-of-sequence token or not
     metadata = {**data_opts, "prepend_bos": cache.manifest["key"].get("prepend_bos", False),

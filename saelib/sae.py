@@ -213,6 +213,11 @@ class TopKSAE(nn.Module):
             raise ValueError(f"encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {encoder_dtype!r}.")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"metadata must be a dict (saved in {CONFIG_FILE}), got {type(metadata).__name__} {metadata!r}.")
+        try:
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as error:  # refused now, not when the finished SAE is saved
+            raise ValueError(f"metadata cannot be saved in {CONFIG_FILE} ({error}); keep to strings, finite numbers, "
+                             "booleans, None, lists and dicts.") from None
         check_fits(d_in, n_latents)
         self.d_in, self.n_latents, self.k, self.arch = d_in, n_latents, k, arch
         self.encoder_dtype = encoder_dtype

@@ -71,8 +71,10 @@ class IterableSource:
 
     A re-iterable (list, DataLoader) is replayed each epoch; a one-shot iterator gives one
     epoch. The first ``head_rows`` rows are read ahead (for ``d_in`` and the ``b_pre`` sample)
-    and replayed. ``batch_size`` is the first batch's; ``n_tokens`` is known for sized
-    re-iterables. Resuming skips batches, which is exact only if the iterable repeats itself.
+    and replayed. ``batch_size`` is the first batch's; every batch must have the run's
+    ``batch_size`` rows, but for a shorter last one, which is dropped (as a tensor's partial tail
+    is). ``n_tokens`` is known for sized re-iterables. Resuming skips batches, which is exact only
+    if the iterable repeats itself.
     """
 
     n_tokens = None
@@ -88,17 +90,37 @@ class IterableSource:
                 break
         if not self._head:
             raise ValueError("The iterable of activation batches is empty.")
-        _check_dtype(self._head[0], "The first batch has")
-        self.d_in, self.batch_size = self._head[0].shape[-1], len(self._head[0])
+        first = self._head[0]
+        _check_dtype(first, "The first batch has")
+        if first.ndim != 2 or not len(first):
+            raise ValueError(f"The first batch has shape {tuple(first.shape)}; give (B, d_in) batches of activations, B > 0.")
+        self.d_in, self.batch_size = first.shape[-1], len(first)
         if not self._one_shot and hasattr(iterable, "__len__"):
-            self.n_tokens = len(iterable) * self.batch_size
+            short_end = isinstance(iterable, (list, tuple)) and len(iterable[-1]) < self.batch_size  # dropped
+            self.n_tokens = (len(iterable) - short_end) * self.batch_size
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, start: int = 0) -> Iterator[Tensor]:
         if self._one_shot:
             stream = chain(self._head, self._rest) if epoch == 0 else iter(())
         else:
             stream = iter(self._iterable)
-        return (x.to(torch.float32) for x in islice(stream, start, None))
+        return _full_batches((x.to(torch.float32) for x in islice(stream, start, None)), batch_size, epoch, start)
+
+
+def _full_batches(stream: Iterator[Tensor], batch_size: int, epoch: int, start: int) -> Iterator[Tensor]:
+    """The batches of ``stream`` (the first being batch ``start`` of ``epoch``), each of ``batch_size``
+    rows: a shorter last one is dropped, any other batch of another size refused, naming it."""
+    short = None  # (index, rows) of a shorter batch, which must be the last
+    for index, x in enumerate(stream, start):
+        if short is not None or len(x) > batch_size:
+            at, rows = short or (index, len(x))
+            raise ValueError(f"Batch {at} of epoch {epoch} has {rows} rows where batch_size is {batch_size}; give "
+                             "batches of batch_size rows (a shorter last one is dropped), or leave batch_size out to "
+                             "take the first batch's.")
+        if len(x) < batch_size:
+            short = (index, len(x))
+        else:
+            yield x
 
 
 def fingerprint(source: BatchSource) -> str | None:

@@ -312,8 +312,9 @@ def _train(source: BatchSource, sae: TopKSAE, cfg: TrainConfig, run: Path | None
         try:
             result = train_step(sae, opt, x, dead if cfg.auxk else None, cfg, grid)
         except FloatingPointError as error:
-            raise FloatingPointError(f"{error} at step {state.step} (batch {index} of epoch {epoch}); lower lr (now {lr:.3g}). "
-                                     "The last checkpoint is intact.") from None
+            where = "" if run is None else f" and a new out folder ({run} keeps the settings it started with)"
+            raise FloatingPointError(f"{error} at step {state.step} (batch {index} of epoch {epoch}); train again with a "
+                                     f"lower lr (now {lr:.3g}){where}.") from None
 
         if state.ema is not None:
             ema_update(state.ema, sae, cfg.ema)
@@ -500,7 +501,8 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None,
         raise ValueError(f"{run} was trained on other activations ({trained_on}; given: {data}); use a new out folder, "
                          "or give the run the data it was trained on.")
     constant = extends(saved, {"decay": cfg.decay, "tokens": cfg.tokens})
-    extend = constant and (saved["tokens"] or 0) < (cfg.tokens or 0)
+    # a run without a budget trained until its data ended: how far it got is no budget to extend
+    extend = constant and saved["tokens"] is not None and saved["tokens"] < (cfg.tokens or 0)
     if constant:  # loading or extending a run that may have been extended before
         cfg = replace(cfg, **{key: saved[key] for key, names in BUDGET_DEFAULTS.items() if not names & given})
     current = _config_record(cfg, d_in)
@@ -509,9 +511,11 @@ def _check_run_folder(run: Path, cfg: TrainConfig, d_in: int, data: str | None,
     if changed:
         diff = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
         hint = "."
-        if changed == ["tokens"]:
+        if changed == ["tokens"] and saved["tokens"] is None:
+            hint = " (a run that trained until its data ended cannot be given a budget)."
+        elif changed == ["tokens"]:
             hint = (" (only a run at a constant learning rate, decay='none', can be extended to more tokens)."
-                    if (saved["tokens"] or 0) < (cfg.tokens or 0) else " (a run can be extended to more tokens, not cut to fewer).")
+                    if saved["tokens"] < (cfg.tokens or 0) else " (a run can be extended to more tokens, not cut to fewer).")
         raise ValueError(f"{run} holds a run with a different config ({diff}); use a new out folder or the same options{hint}")
     return not extend and finished(run), cfg, trained_on
 

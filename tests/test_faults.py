@@ -488,6 +488,67 @@ def test_every_invalid_training_option_is_one_sentence_naming_the_value(option):
     assert message.count(". ") == 0 and message.endswith("."), message  # one sentence
 
 
+def one_sentence(message: str) -> bool:
+    return message.count(". ") == 0 and message.endswith(".") and "\n" not in message
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("runs/a\0b", "holds a NUL character"),
+    (b"runs/bytes", "out must be a folder's path (a str or a Path), got bytes"),
+    (123, "out must be a folder's path (a str or a Path), got int 123."),
+    ("x" * 300, "cannot be written (File name too long)"),
+])
+def test_an_out_that_no_folder_can_have_is_one_sentence(tmp_path, monkeypatch, out, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as error:
+        fit(X, 32, 4, batch_size=64, out=out, progress=False)
+    assert needle in str(error.value) and one_sentence(str(error.value)), error.value
+
+
+@pytest.mark.parametrize("data, options, needle", [
+    (X[:100], dict(batch_size=128, tokens=1024), "The data has 100 tokens, fewer than one batch of batch_size=128"),
+    ([X[:0], X], {}, "The first batch has shape (0, 8); give (B, d_in) batches"),
+    (list(X.split(100)), dict(batch_size=50), "Batch 0 of epoch 0 has 100 rows where batch_size is 50"),
+    ([X[:64], X[:32], X[:64]], {}, "Batch 1 of epoch 0 has 32 rows where batch_size is 64"),
+    (X, dict(batch_size=64, metadata={"when": object()}), "metadata cannot be saved in config.json (Object of type object"),
+    (X, dict(batch_size=64, metadata={"score": math.nan}), "metadata cannot be saved in config.json (Out of range float"),
+])
+def test_data_a_run_cannot_take_is_one_sentence_before_any_step(tmp_path, data, options, needle):
+    with pytest.raises(ValueError) as error:
+        fit(data, 32, 4, out=tmp_path / "run", progress=False, **options)
+    assert needle in str(error.value) and one_sentence(str(error.value)), error.value
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_iterable_trains_on_its_full_batches_and_drops_a_shorter_last_one(tmp_path):
+    batches = [*X[:192].split(64), X[192:224]]  # 3 of 64 rows, then 32
+    fit(batches, 32, 4, tokens=6 * 64, out=tmp_path / "run", progress=False, log_every=1)
+    rows = read_metrics(tmp_path / "run")
+    assert [row["tokens"] for row in rows] == [64 * step for step in range(1, 7)]  # 2 epochs of 3 full batches
+
+
+def test_a_transposed_tensor_trains_as_its_contiguous_copy():
+    x = X.T.contiguous().T  # (256, 8) with strides (1, 256)
+    assert not x.is_contiguous()
+    opts = dict(batch_size=64, tokens=256, seed=0, progress=False)
+    for a, b in zip(fit(x, 32, 4, **opts).state_dict().values(), fit(X.clone(), 32, 4, **opts).state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)  # up to the order of float sums
+
+
+def test_a_run_that_trained_until_its_data_ended_is_not_given_a_budget(tmp_path):
+    opts = dict(decay="none", batch_size=64, out=tmp_path / "run", progress=False)
+    fit((b for b in X.split(64)), 32, 4, **opts)  # a generator: no budget, 4 steps
+    with pytest.raises(ValueError, match=r"tokens: None -> 128\); use a new out folder or the same options \(a run that "
+                                         r"trained until its data ended cannot be given a budget\)\.$"):
+        fit((b for b in X.split(64)), 32, 4, tokens=128, **opts)
+
+
+def test_the_newest_checkpoint_is_the_one_of_the_most_steps_past_a_billion(tmp_path):
+    for step in (999_999_999, 1_000_000_000):
+        (tmp_path / "checkpoints" / f"step_{step:09d}").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path).name == "step_1000000000"
+
+
 def _check_out(path, start, refusals):
     from saelib.files import writable_folder
 
