@@ -111,7 +111,10 @@ def _load_dataset(corpus: str):
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # a local file reads in seconds; a hub corpus keeps its download bars
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+            # datasets knows a file by its path and time stamp: a folder per content, so that a file
+            # replaced with its time stamp kept (cp -p, rsync -t, tar) is not read as its old text
+            content = cache_dir("datasets") / sha256_file(path)[:32]
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(content), **extra)
         except Exception as e:  # malformed JSON and the like
             raise ValueError(f"Cannot read corpus file {path} as {builder}: {e}") from e
         finally:

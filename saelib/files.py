@@ -96,10 +96,25 @@ def temp_path(target: Path, tag: str | None = None) -> Path:
 
 
 def replace(tmp: Path, target: Path) -> None:
-    """Rename the finished ``tmp`` to ``target`` (a folder replaces a folder of the same name)."""
+    """Rename the finished ``tmp`` to ``target`` (a folder replaces a folder of the same name), durably:
+    what ``tmp`` holds reaches the disk before the rename, and the rename before this returns, so a
+    power cut leaves the old ``target`` or the whole new one (a checkpoint's predecessor is removed
+    only after this)."""
+    for path in [*sorted(tmp.rglob("*")), tmp] if tmp.is_dir() else [tmp]:
+        _fsync(path)
     if tmp.is_dir() and target.is_dir():
         remove(target)  # os.replace renames a folder only onto an empty one
     os.replace(tmp, target)
+    _fsync(target.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

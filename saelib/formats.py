@@ -168,6 +168,13 @@ def export(sae: TopKSAE, fmt: str, out_dir: str | os.PathLike) -> Path:
     else:
         folder.mkdir(parents=True, exist_ok=True)
         weights_file = f"{layer if layer is not None else 'ae'}.pt"
+        try:
+            held = json.loads((folder / SIDECAR_CONFIG).read_text()).get("weights_file")
+        except (OSError, ValueError, AttributeError):  # no sidecar yet, or not one of ours
+            held = None
+        if held not in (None, weights_file):  # one sidecar per folder: it would stop describing held
+            raise ValueError(f"{folder} holds saelib's export of {held} (its {SIDECAR_CONFIG}), which an export of "
+                             f"{weights_file} would make unreadable; export each layer to a folder of its own.")
         activation = "ReLU" if sae.arch == "relu" else "TopK"
         state = {"pre_bias": raw["b_dec"], "encoder.weight": raw["W_enc"], "latent_bias": raw["b_enc"],
                  "decoder.weight": raw["W_dec"].T.contiguous(),

@@ -134,9 +134,11 @@ class ForwardOutput(NamedTuple):
 
 
 def nmse(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Normalised MSE over a batch: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
-    x = x.reshape(-1, x.shape[-1])
-    return (x - x_hat.reshape(x.shape)).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    """Normalised MSE over a batch: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, in float32 at least
+    (float16's sums of squares overflow within a few tokens of raw activations)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    return (x - x_hat.reshape(x.shape).to(dtype)).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 def _check_size(name: str, value, hint: str) -> None:

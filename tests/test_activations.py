@@ -395,6 +395,19 @@ def test_a_local_corpus_is_cached_by_its_content_not_its_path(lm, tmp_path, monk
     assert data.corpus_sha256("wikipedia") is None
 
 
+def test_a_local_corpus_replaced_with_its_time_stamp_kept_is_read_as_its_new_text(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("SAELIB_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "notes.jsonl"
+    corpus.write_text('{"text": "The cat sat on the mat."}\n')
+    stamp = corpus.stat().st_mtime_ns
+    assert data.load_documents(str(corpus)) == ["The cat sat on the mat."]
+    corpus.write_text('{"text": "A dog ran by the river."}\n{"text": "Boats passed under the bridge."}\n')
+    os.utime(corpus, ns=(stamp, stamp))  # as cp -p, rsync -t or tar leave it
+    assert data.load_documents(str(corpus)) == ["A dog ran by the river.", "Boats passed under the bridge."]
+
+
 def test_the_mix_is_cached_by_the_files_of_its_debian_texts_not_its_name(lm, tmp_path, monkeypatch):
     # Austen's novels and the fortunes come from Debian's packages, which a release may change
     key = lambda: A.cache_keys("smollm2-135m", "resid_post", "mix", "train", 64, 4096,  # noqa: E731

@@ -549,6 +549,22 @@ def test_the_newest_checkpoint_is_the_one_of_the_most_steps_past_a_billion(tmp_p
     assert latest_checkpoint(tmp_path).name == "step_1000000000"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads which file each descriptor is from /proc")
+def test_a_checkpoint_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+
+    def observed(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", observed)
+    fit(X, 32, 4, batch_size=64, tokens=256, checkpoint_every_tokens=128, out=tmp_path / "run", progress=False)
+    folder = str(tmp_path / "run" / "checkpoints" / ".step_000000004.tmp-shared")
+    written = synced.index(f"{folder}/state.safetensors")
+    assert f"{folder}/state.json" in synced and synced.index(folder) > written  # the files, then their folder
+    assert str(tmp_path / "run" / "checkpoints") in synced[synced.index(folder):]  # then the rename
+
+
 def _check_out(path, start, refusals):
     from saelib.files import writable_folder
 

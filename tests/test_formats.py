@@ -364,6 +364,18 @@ def test_an_export_never_writes_over_a_saelib_sae(tmp_path):
     assert (tmp_path / "run" / "sae" / "sae.safetensors").read_bytes() == before
 
 
+def test_an_openai_export_of_another_layer_is_refused_where_one_lies(tmp_path):
+    """The OpenAI layout names its file by layer, but the sidecar is one per folder."""
+    first, second = make_sae(seed=0), make_sae(seed=1)
+    second.metadata["layer"] = 5
+    formats.export(first, "openai", tmp_path)
+    with pytest.raises(ValueError, match=r"holds saelib's export of 3.pt \(its saelib.json\), which an export of 5.pt "
+                                         r"would make unreadable; export each layer to a folder of its own\.$"):
+        formats.export(second, "openai", tmp_path)
+    assert torch.equal(formats.import_sae(tmp_path / "3.pt").W_enc, first.W_enc) and not (tmp_path / "5.pt").exists()
+    formats.export(first, "openai", tmp_path)  # the same layer again writes over its own export
+
+
 def test_an_sae_that_expects_layer_normed_tokens_keeps_that_in_its_export(tmp_path):
     sae = make_sae()
     sae.metadata["input_norm"] = "layer_norm"

@@ -730,3 +730,14 @@ def test_the_cli_refuses_an_sae_that_cannot_fit_in_one_sentence(lm, tmp_path, mo
     assert not (home / "activations").exists() and not (tmp_path / "run").exists()
     assert cli.main(["train", "--preset", "ci", "--n-latents", "2147483648", "--out", str(tmp_path / "run")]) == 2
     assert "n_latents must be at most 2147483647" in capsys.readouterr().err  # refused by the config, before extraction
+
+
+def test_the_loss_of_half_precision_input_is_the_float32_one():
+    """float16's sums of squares overflow within a few tokens of raw activations (norms near 100)."""
+    x = torch.randn(2000, 64, generator=torch.Generator().manual_seed(0)) * 10
+    sae = TopKSAE(64, 256, 8)  # the identity normaliser of an imported peer SAE
+    full = sae(x)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = sae(x.to(dtype))
+        assert out.nmse.dtype == torch.float32
+        assert float(out.nmse) == pytest.approx(float(full.nmse), rel=1e-3) and float(out.loss) == pytest.approx(float(full.loss), rel=1e-3)
