@@ -615,6 +615,8 @@ def shuffle(batches: Iterable[Tensor], batch_size: int, capacity: int = 262_144,
     emitted as ``(batch_size, d)`` batches, so each batch mixes tokens from many contexts.
     The stream's tail is shuffled and emitted the same way (last partial batch dropped).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if capacity < 2 * batch_size:
         raise ValueError(f"Shuffle capacity {capacity} must be at least twice the batch size {batch_size}.")
     g = torch.Generator().manual_seed(seed)

@@ -275,6 +275,10 @@ def contexts(corpus: str, tokenizer, split: str = "train", ctx_len: int = 64, ma
     are filled, so a bounded run downloads what it packs, not the whole split (terabytes for a web
     corpus); the contexts are those of the whole split of the same revision. Where it cannot be
     streamed (offline), the whole split is read, from ``datasets``' own cache where it has one."""
+    if isinstance(ctx_len, bool) or not isinstance(ctx_len, int) or ctx_len < 2:
+        raise ValueError(f"ctx_len must be an integer >= 2, got {ctx_len!r}.")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < ctx_len):
+        raise ValueError(f"max_tokens must be at least one context ({ctx_len} tokens), got {max_tokens!r}.")
     max_contexts = None if max_tokens is None else max(1, max_tokens // ctx_len)
     if max_tokens is not None and corpus not in EMBEDDED and corpus not in MIXES and local_corpus(corpus) is None:
         try:

@@ -418,6 +418,8 @@ class TopKSAE(nn.Module):
     def decode(self, z: Latents | Tensor) -> Tensor:
         """``Latents`` (sparse decode, sparse backward) or dense ``(..., n_latents)`` -> raw
         activations ``(..., d_in)``: ``normalizer.invert`` of ``W_dec^T z + b_pre``."""
+        if not isinstance(z, (Latents, Tensor)):
+            raise ValueError(f"decode takes the Latents of encode or a dense (..., n_latents) tensor, got {type(z).__name__}.")
         if isinstance(z, Latents) and z.indices.numel() and (
                 z.indices.is_floating_point() or not 0 <= int(z.indices.min()) <= int(z.indices.max()) < self.n_latents):
             raise ValueError(f"Latents indices must be integers in [0, {self.n_latents}) for this SAE, got "
@@ -432,8 +434,9 @@ class TopKSAE(nn.Module):
         """``decode`` on the normalised scale."""
         if isinstance(z, Latents):
             return sparse_decode(z.values, z.indices, self.W_dec, z.pattern) + self.b_pre
-        if z.shape[-1] != self.n_latents:
-            raise ValueError(f"Dense code has last dimension {z.shape[-1]} but this SAE has n_latents={self.n_latents}.")
+        if z.ndim == 0 or z.shape[-1] != self.n_latents:
+            raise ValueError(f"A dense code must have shape (..., {self.n_latents}) for this SAE's n_latents, got "
+                             f"{tuple(z.shape)}.")
         return z @ self.W_dec + self.b_pre
 
     # ---- training loss --------------------------------------------------------------------
@@ -580,6 +583,8 @@ class TopKSAE(nn.Module):
         if not 0 < l0 <= self.n_latents:
             raise ValueError(f"target L0 must be in (0, n_latents={self.n_latents}], got {l0}.")
         pre = self._preacts(self._normalised(x).reshape(-1, self.d_in))
+        if not len(pre):
+            raise ValueError(f"set_threshold_for_l0 needs a sample of at least one token, got shape {tuple(x.shape)}.")
         flat = pre.flatten()
         n_keep = min(max(int(round(l0 * pre.shape[0])), 1), flat.numel() - 1)
         value = max(float(flat.topk(n_keep + 1).values[-1]), 0.0)

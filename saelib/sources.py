@@ -91,6 +91,9 @@ class IterableSource:
         if not self._head:
             raise ValueError("The iterable of activation batches is empty.")
         first = self._head[0]
+        if not isinstance(first, Tensor):
+            raise ValueError(f"The first batch is a {type(first).__name__}; give torch tensors (torch.from_numpy for "
+                             "NumPy arrays).")
         _check_dtype(first, "The first batch has")
         if first.ndim != 2 or not len(first):
             raise ValueError(f"The first batch has shape {tuple(first.shape)}; give (B, d_in) batches of activations, B > 0.")
@@ -104,7 +107,8 @@ class IterableSource:
             stream = chain(self._head, self._rest) if epoch == 0 else iter(())
         else:
             stream = iter(self._iterable)
-        return _full_batches((x.to(torch.float32) for x in islice(stream, start, None)), batch_size, epoch, start)
+        stream = (x.to(torch.float32) if isinstance(x, Tensor) else x for x in islice(stream, start, None))  # checked later
+        return _full_batches(stream, batch_size, epoch, start)
 
 
 def _full_batches(stream: Iterator[Tensor], batch_size: int, epoch: int, start: int) -> Iterator[Tensor]:
@@ -189,6 +193,8 @@ def as_source(data, normalizer: Normalizer | None, normalize: bool | None, head_
 
 def check_batch(x: Tensor, d_in: int, epoch: int, index: int) -> Tensor:
     """``x`` if it is a finite ``(B, d_in)`` batch, else a ValueError naming the batch."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"Batch {index} of epoch {epoch} is a {type(x).__name__}; give torch tensors.")
     if x.ndim != 2 or x.shape[1] != d_in:
         raise ValueError(f"Batch {index} of epoch {epoch} has shape {tuple(x.shape)}; expected (B, {d_in}).")
     _check_dtype(x, f"Batch {index} of epoch {epoch} has")

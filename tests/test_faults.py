@@ -520,6 +520,29 @@ def test_data_a_run_cannot_take_is_one_sentence_before_any_step(tmp_path, data, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_more_bad_input_of_the_library_is_one_sentence():
+    import numpy as np
+
+    from saelib.activations import shuffle
+    from saelib.data import contexts
+
+    sae = TopKSAE(8, 32, 4)
+    cases = [
+        (lambda: sae.decode(torch.tensor(1.0)), "A dense code must have shape (..., 32) for this SAE's n_latents, got ()."),
+        (lambda: sae.decode([1, 2]), "decode takes the Latents of encode or a dense (..., n_latents) tensor, got list."),
+        (lambda: sae.set_threshold_for_l0(X[:0], 2), "set_threshold_for_l0 needs a sample of at least one token, got shape (0, 8)."),
+        (lambda: fit([b.numpy() for b in X.split(64)], 32, 4, progress=False), "The first batch is a ndarray; give torch tensors"),
+        (lambda: fit([X[:64], X[64:128].numpy()], 32, 4, progress=False), "Batch 1 of epoch 0 is a ndarray; give torch tensors."),
+        (lambda: contexts("wikipedia", None, ctx_len=0), "ctx_len must be an integer >= 2, got 0."),
+        (lambda: contexts("wikipedia", None, max_tokens=0), "max_tokens must be at least one context (64 tokens), got 0."),
+        (lambda: list(shuffle([X], 0)), "batch_size must be a positive integer, got 0."),
+    ]
+    for call, needle in cases:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert needle in str(error.value) and one_sentence(str(error.value)), error.value
+
+
 def test_an_iterable_trains_on_its_full_batches_and_drops_a_shorter_last_one(tmp_path):
     batches = [*X[:192].split(64), X[192:224]]  # 3 of 64 rows, then 32
     fit(batches, 32, 4, tokens=6 * 64, out=tmp_path / "run", progress=False, log_every=1)

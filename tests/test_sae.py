@@ -736,8 +736,8 @@ def test_the_loss_of_half_precision_input_is_the_float32_one():
     """float16's sums of squares overflow within a few tokens of raw activations (norms near 100)."""
     x = torch.randn(2000, 64, generator=torch.Generator().manual_seed(0)) * 10
     sae = TopKSAE(64, 256, 8)  # the identity normaliser of an imported peer SAE
-    full = sae(x)
-    for dtype in (torch.float16, torch.bfloat16):
-        out = sae(x.to(dtype))
+    with torch.no_grad():
+        full, outs = sae(x), {dtype: sae(x.to(dtype)) for dtype in (torch.float16, torch.bfloat16)}
+    for out in outs.values():
         assert out.nmse.dtype == torch.float32
         assert float(out.nmse) == pytest.approx(float(full.nmse), rel=1e-3) and float(out.loss) == pytest.approx(float(full.loss), rel=1e-3)
