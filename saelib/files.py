@@ -109,10 +109,13 @@ def replace(tmp: Path, target: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's entries to the disk."""
+    """Flush a file's or a folder's entries to the disk (where the file system syncs folders at all)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF) or not path.is_dir():
+            raise
     finally:
         os.close(fd)
 
